@@ -1,0 +1,246 @@
+"""`vera-engine bench-step`: time one denoising step of a named Vera size and report its FLOPs and memory.
+
+FLOPs are counted analytically from the config (matrix multiplies and the attention core; norms, RoPE and
+element-wise work are left out, as is usual for utilisation figures), so "achieved TFLOP/s" is the same measure
+whatever the backend. For reference the same count is made for one Wan transformer of the same size.
+"""
+
+import json
+import resource
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from .presets import build_random_transformer, get_preset
+
+# Codec strides of each preset's real codec: the Wan VAE (4 frames, 8x8 pixels) or the tiny space-to-depth codec.
+WAN_VAE_STRIDES = (4, 8)
+
+
+@dataclass
+class StepFlops:
+    """FLOPs of one transformer forward, split by where they go."""
+
+    linear: float
+    attention_core: float
+
+    @property
+    def total(self) -> float:
+        return self.linear + self.attention_core
+
+
+def step_flops(
+    config: dict[str, Any], tokens_per_stream: int, text_len: int, batch: int, streams: int = 3
+) -> StepFlops:
+    """Analytic FLOPs of one forward of `streams` Wan-shaped branches with joint self-attention.
+
+    Per layer and branch: QKV + output projections (4 D² per token), cross-attention query/output (2 D² per
+    token) and key/value over the text (2 D² per text token), FFN (2 D·F per token); one multiply-add = 2 FLOPs.
+    Joint attention core per layer: QKᵀ and AV over the concatenated sequence, 2 · 2 · (streams·L)² · D.
+    `streams=1` is a plain Wan transformer.
+    """
+    dim = config["num_attention_heads"] * config["attention_head_dim"]
+    ffn = config["ffn_dim"]
+    layers = config["num_layers"]
+    patch = 1
+    for p in config["patch_size"]:
+        patch *= p
+    tokens = tokens_per_stream
+    per_branch_layer = 2 * tokens * (6 * dim * dim + 2 * dim * ffn) + 2 * text_len * 2 * dim * dim
+    cross_core = 2 * 2 * tokens * text_len * dim
+    embed_and_head = (
+        2 * tokens * dim * config["in_channels"] * patch * 2 + 2 * text_len * config["text_dim"] * dim
+    )
+    # Vera adds the source (composite) and mask (alpha) patch embeddings.
+    conditions = 2 * 2 * tokens * dim * config["in_channels"] * patch if streams == 3 else 0
+    linear = layers * streams * per_branch_layer + streams * embed_and_head + conditions
+    joint_core = layers * (2 * 2 * (streams * tokens) ** 2 * dim + streams * cross_core)
+    return StepFlops(linear=batch * linear, attention_core=batch * joint_core)
+
+
+def cast_keeping_fp32_modules(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast a diffusers model to `dtype` but keep its `_keep_in_fp32_modules` (norms, time embedder) in float32.
+
+    This is what `from_pretrained(torch_dtype=...)` does for loaded weights; random-weight models need it by hand.
+    """
+    if dtype == torch.float32:
+        return model
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    for name, module in model.named_modules():
+        if keep.intersection(name.split(".")):
+            module.float()
+        else:
+            for param_name, param in module.named_parameters(recurse=False):
+                if not keep.intersection({param_name}):
+                    param.data = param.data.to(dtype)
+    return model
+
+
+@dataclass
+class BenchResult:
+    """What `bench-step` prints (also as JSON with --json)."""
+
+    config: str
+    model: str
+    device: str
+    dtype: str
+    attention_backend: str
+    frames: int
+    height: int
+    width: int
+    latent_shape: tuple[int, ...]
+    tokens_per_stream: int
+    batch: int
+    tflop_per_step: float
+    attention_share: float
+    seconds_per_step: float
+    achieved_tflops: float
+    peak_memory_gib: float
+
+
+def _peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    # ru_maxrss is KiB on Linux: the whole process's peak, which is the honest CPU figure.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def bench_step(
+    config: str = "tiny",
+    *,
+    frames: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    device: str | None = None,
+    dtype: str = "float32",
+    cfg: bool = True,
+    attention_backend: str | None = None,
+    reference_wan: bool = False,
+    repeats: int = 3,
+    text_len: int | None = None,
+    seed: int = 0,
+) -> BenchResult:
+    """Time one denoising step (one transformer forward, CFG batched) of a random-weight model of `config`."""
+    preset = get_preset(config)
+    torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+    if torch_dtype is None:
+        raise ValueError(f"--dtype {dtype!r}; expected float32, bfloat16 or float16")
+    if preset.codec_spatial_factor is None and torch_device.type != "cuda":
+        raise ValueError(
+            f"--config {config!r} is a full-size model (billions of parameters): run it on a GPU (--device cuda). "
+            "On a CPU, use --config tiny."
+        )
+    frames = frames or preset.native_frames
+    height = height or preset.native_height
+    width = width or preset.native_width
+    if preset.codec_spatial_factor is None:
+        temporal, spatial = WAN_VAE_STRIDES
+        latent_frames = (frames - 1) // temporal + 1
+    else:
+        temporal, spatial = 1, preset.codec_spatial_factor
+        latent_frames = frames
+    tconf = dict(preset.transformer)
+    latent_shape = (tconf["in_channels"], latent_frames, height // spatial, width // spatial)
+    p_t, p_h, p_w = tconf["patch_size"]
+    tokens = (latent_frames // p_t) * (latent_shape[2] // p_h) * (latent_shape[3] // p_w)
+    text_len = text_len or preset.max_sequence_length
+    batch = 2 if cfg else 1
+
+    torch.manual_seed(seed)
+    if reference_wan:
+        from diffusers import WanTransformer3DModel
+
+        model = WanTransformer3DModel(**{k: v for k, v in tconf.items()})
+        streams = 1
+    else:
+        model = build_random_transformer(preset, seed=seed)
+        streams = 3
+    model = cast_keeping_fp32_modules(model.to(torch_device), torch_dtype).eval()
+    if attention_backend:
+        model.set_attention_backend(attention_backend)
+
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=generator).to(device=torch_device, dtype=torch_dtype)
+
+    latents = [randn(batch, *latent_shape) for _ in range(4)]
+    text = randn(batch, text_len, tconf["text_dim"])
+    timestep = torch.full((batch,), 500.0, device=torch_device)
+
+    def step() -> None:
+        if reference_wan:
+            model(latents[0], timestep, text, return_dict=False)
+        else:
+            model(
+                latents[0],
+                latents[1],
+                latents[2],
+                timestep,
+                text,
+                source_latents=latents[3],
+                return_dict=False,
+            )
+
+    if torch_device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(torch_device)
+    times = []
+    with torch.inference_mode():
+        step()  # warm-up: allocator, kernels, lazy initialisation
+        for _ in range(max(1, repeats)):
+            if torch_device.type == "cuda":
+                torch.cuda.synchronize(torch_device)
+            start = time.perf_counter()
+            step()
+            if torch_device.type == "cuda":
+                torch.cuda.synchronize(torch_device)
+            times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    flops = step_flops(tconf, tokens, text_len, batch, streams)
+    return BenchResult(
+        config=config,
+        model="WanTransformer3DModel (reference)" if reference_wan else "VeraTransformer3DModel",
+        device=torch.cuda.get_device_name(torch_device) if torch_device.type == "cuda" else "cpu",
+        dtype=dtype,
+        attention_backend=attention_backend or "native",
+        frames=frames,
+        height=height,
+        width=width,
+        latent_shape=(batch, *latent_shape),
+        tokens_per_stream=tokens,
+        batch=batch,
+        tflop_per_step=flops.total / 1e12,
+        attention_share=flops.attention_core / flops.total,
+        seconds_per_step=seconds,
+        achieved_tflops=flops.total / seconds / 1e12,
+        peak_memory_gib=_peak_memory_gib(torch_device),
+    )
+
+
+def print_result(result: BenchResult, as_json: bool = False) -> None:
+    """Print a `BenchResult` as aligned text, or one JSON object."""
+    if as_json:
+        print(json.dumps(asdict(result)))
+        return
+    rows = [
+        ("model", f"{result.model} [{result.config}]"),
+        ("device / dtype", f"{result.device} / {result.dtype}, attention {result.attention_backend}"),
+        ("input", f"{result.frames} frames {result.width}x{result.height}, latents {result.latent_shape}"),
+        ("tokens per stream", f"{result.tokens_per_stream}"),
+        ("batch (CFG)", f"{result.batch}"),
+        (
+            "FLOPs per step",
+            f"{result.tflop_per_step:.4g} TFLOP ({result.attention_share:.0%} attention core)",
+        ),
+        ("seconds per step", f"{result.seconds_per_step:.4g}"),
+        ("achieved", f"{result.achieved_tflops:.4g} TFLOP/s"),
+        ("peak memory", f"{result.peak_memory_gib:.3g} GiB"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}", file=sys.stdout)

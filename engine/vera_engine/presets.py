@@ -1,0 +1,158 @@
+"""Named Vera configurations: the Wan2.1 sizes (for benchmarks and conversion checks) and a tiny one for CPUs.
+
+A preset is data: the transformer's constructor arguments (its config) plus, for the tiny one, the small text
+encoder and the lossless codec it runs with. `build_random_pipeline` makes a complete random-weight pipeline from a
+preset, which is what tests and the tiny benchmark run on.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class VeraPreset:
+    """One Vera size: transformer config, native sampling size, and (tiny only) text encoder and codec settings."""
+
+    name: str
+    transformer: dict[str, Any]
+    native_height: int
+    native_width: int
+    native_frames: int
+    max_sequence_length: int = 512
+    # Tiny checkpoints only: a small T5 encoder over bytes (ByT5 tokenizer: no vocabulary file to ship) and the
+    # space-to-depth codec. Full-size presets use umT5-XXL and the Wan VAE from a real Wan folder.
+    text_encoder: dict[str, Any] = field(default_factory=dict)
+    codec_spatial_factor: int | None = None
+
+
+WAN_1_3B = VeraPreset(
+    name="wan-1.3b",
+    transformer=dict(
+        patch_size=(1, 2, 2),
+        num_attention_heads=12,
+        attention_head_dim=128,
+        in_channels=16,
+        out_channels=16,
+        text_dim=4096,
+        freq_dim=256,
+        ffn_dim=8960,
+        num_layers=30,
+    ),
+    native_height=480,
+    native_width=832,
+    native_frames=49,
+)
+
+WAN_14B = VeraPreset(
+    name="wan-14b",
+    transformer=dict(
+        patch_size=(1, 2, 2),
+        num_attention_heads=40,
+        attention_head_dim=128,
+        in_channels=16,
+        out_channels=16,
+        text_dim=4096,
+        freq_dim=256,
+        ffn_dim=13824,
+        num_layers=40,
+    ),
+    native_height=480,
+    native_width=832,
+    native_frames=49,
+)
+
+TINY = VeraPreset(
+    name="tiny",
+    transformer=dict(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=12,
+        out_channels=12,
+        text_dim=32,
+        freq_dim=32,
+        ffn_dim=64,
+        num_layers=2,
+        rope_max_seq_len=64,
+    ),
+    native_height=32,
+    native_width=32,
+    native_frames=4,
+    max_sequence_length=96,
+    text_encoder=dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4),
+    codec_spatial_factor=2,
+)
+
+PRESETS: dict[str, VeraPreset] = {preset.name: preset for preset in (TINY, WAN_1_3B, WAN_14B)}
+
+
+def get_preset(name: str) -> VeraPreset:
+    """The preset called `name`, or a `ValueError` listing the known ones."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"preset={name!r} is not known; expected one of {sorted(PRESETS)}") from None
+
+
+def build_random_transformer(preset: "str | VeraPreset", seed: int = 0, **overrides: Any):
+    """A `VeraTransformer3DModel` of the preset's shape with seeded random weights."""
+    from .models.transformer_vera import VeraTransformer3DModel
+
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    torch.manual_seed(seed)
+    return VeraTransformer3DModel(**{**preset.transformer, **overrides})
+
+
+def build_random_pipeline(preset: "str | VeraPreset" = "tiny", seed: int = 0, scheduler: str = "unipc"):
+    """A complete `VeraPipeline` with random weights (tiny presets only: they need no downloaded parts).
+
+    The text encoder is a small T5 over bytes, the codec is lossless space-to-depth: everything is created here.
+    """
+    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+
+    from .models.space_to_depth_codec import SpaceToDepthCodec
+    from .pipeline_vera import VeraPipeline, make_scheduler
+
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    if preset.codec_spatial_factor is None:
+        raise ValueError(
+            f"preset {preset.name!r} is a full Wan size: its pipeline needs the umT5 encoder and the Wan VAE from a "
+            "real Wan2.1 folder (use `vera-engine convert-wan`); random pipelines exist for tiny presets only"
+        )
+    tokenizer = ByT5Tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer),
+            d_model=preset.text_encoder["d_model"],
+            d_kv=preset.text_encoder["d_kv"],
+            d_ff=preset.text_encoder["d_ff"],
+            num_layers=preset.text_encoder["num_layers"],
+            num_heads=preset.text_encoder["num_heads"],
+            feed_forward_proj="gated-gelu",
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    ).eval()
+    codec = SpaceToDepthCodec(spatial_factor=preset.codec_spatial_factor)
+    transformer = build_random_transformer(preset, seed=seed + 1)
+    if codec.latent_channels != transformer.config.in_channels:
+        raise ValueError(
+            f"preset {preset.name!r}: codec makes {codec.latent_channels} latent channels but the transformer takes "
+            f"{transformer.config.in_channels}"
+        )
+    pipe = VeraPipeline(
+        transformer=transformer.eval(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        vae=codec,
+        scheduler=make_scheduler(scheduler),
+        native_height=preset.native_height,
+        native_width=preset.native_width,
+        native_frames=preset.native_frames,
+        max_sequence_length=preset.max_sequence_length,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

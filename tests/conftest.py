@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny, seeded model configurations that run on a CPU in milliseconds."""
+
+import os
+
+import pytest
+
+# The host side and the engine never reach a model hub; make any accidental attempt fail fast.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+TINY_WAN_CONFIG = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=2,
+    attention_head_dim=12,
+    in_channels=4,
+    out_channels=4,
+    text_dim=16,
+    freq_dim=32,
+    ffn_dim=32,
+    num_layers=2,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    rope_max_seq_len=32,
+)
+
+
+@pytest.fixture
+def tiny_wan():
+    """A seeded random `WanTransformer3DModel` of a tiny Wan2.1 T2V shape."""
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    return WanTransformer3DModel(**TINY_WAN_CONFIG).eval()
+
+
+def make_tiny_wan_pipeline_parts(seed: int = 0) -> dict:
+    """Components of a tiny diffusers-format Wan2.1 T2V pipeline: Wan transformer, Wan VAE, umT5, tokenizer."""
+    import torch
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel
+
+    from vera_engine.pipeline_vera import make_scheduler
+
+    torch.manual_seed(seed)
+    tokenizer = ByT5Tokenizer()
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=len(tokenizer),
+            d_model=16,
+            d_kv=4,
+            d_ff=32,
+            num_layers=1,
+            num_heads=4,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    ).eval()
+    vae = AutoencoderKLWan(
+        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    ).eval()
+    transformer = WanTransformer3DModel(**{**TINY_WAN_CONFIG, "in_channels": 16, "out_channels": 16}).eval()
+    return dict(
+        transformer=transformer,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=make_scheduler("unipc"),
+    )

@@ -1,0 +1,209 @@
+"""VeraPipeline end to end on tiny configurations: codecs, schedulers, padding, determinism, guidance, interrupt."""
+
+import numpy as np
+import pytest
+import torch
+
+from vera_engine import VeraInterrupted, VeraPipeline, VeraTransformer3DModel
+from vera_engine.pipeline_vera import make_scheduler
+from vera_engine.presets import build_random_pipeline
+
+from .conftest import make_tiny_wan_pipeline_parts
+
+
+def _video(frames=5, height=30, width=34, seed=0):
+    return np.random.default_rng(seed).random((frames, height, width, 3), dtype=np.float32)
+
+
+def _wan_vae_pipeline():
+    parts = make_tiny_wan_pipeline_parts()
+    parts["transformer"] = VeraTransformer3DModel.from_wan(parts["transformer"]).eval()
+    pipe = VeraPipeline(**parts, native_height=32, native_width=32, native_frames=5, max_sequence_length=32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _count_forwards(pipe):
+    batches = []
+    handle = pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: batches.append(kwargs["edit_latents"].shape[0]), with_kwargs=True
+    )
+    return batches, handle
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    return build_random_pipeline("tiny", seed=0)
+
+
+@pytest.mark.parametrize("scheduler", ["unipc", "euler"])
+def test_space_to_depth_pipeline_runs_and_trims(tiny_pipe, scheduler):
+    tiny_pipe.use_scheduler(scheduler)
+    video = _video(frames=5, height=30, width=34)
+    mask = np.zeros((5, 30, 34), np.float32)
+    mask[:, 10:20, 8:20] = 1
+    out = tiny_pipe(
+        video,
+        "add a red ball",
+        mask=mask,
+        num_inference_steps=3,
+        guidance_scale=2.0,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert out.edit.shape == (5, 30, 34, 3) and out.composite.shape == (5, 30, 34, 3)
+    assert out.alpha.shape == (5, 30, 34)
+    for layer in (out.edit, out.alpha, out.composite):
+        assert layer.dtype == np.float32 and layer.min() >= 0 and layer.max() <= 1
+    assert (
+        type(tiny_pipe.scheduler).__name__
+        == {"unipc": "UniPCMultistepScheduler", "euler": "FlowMatchEulerDiscreteScheduler"}[scheduler]
+    )
+    tiny_pipe.use_scheduler("unipc")
+
+
+def test_wan_vae_pipeline_pads_to_4k_plus_1_frames_and_trims():
+    pipe = _wan_vae_pipeline()
+    assert pipe.padded_shape(6, 20, 18) == (9, 32, 32)
+    assert pipe.padded_shape(5, 32, 32) == (5, 32, 32)
+    out = pipe(
+        _video(frames=6, height=20, width=18),
+        "add a ball",
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert out.edit.shape == (6, 20, 18, 3) and out.alpha.shape == (6, 20, 18)
+    assert out.composite.shape == (6, 20, 18, 3)
+
+
+def test_space_to_depth_codec_is_lossless(tiny_pipe):
+    video = torch.rand(1, 3, 5, 8, 12) * 2 - 1
+    latents = tiny_pipe.encode_video(video)
+    assert latents.shape == (1, 12, 5, 4, 6)
+    assert torch.equal(tiny_pipe.decode_latents(latents), video)
+
+
+def test_same_seed_same_result_other_seed_differs(tiny_pipe):
+    video = _video()
+    runs = [
+        tiny_pipe(video, "add a ball", num_inference_steps=2, generator=torch.Generator().manual_seed(seed))
+        for seed in (7, 7, 8)
+    ]
+    for layer in ("edit", "alpha", "composite"):
+        assert np.array_equal(getattr(runs[0], layer), getattr(runs[1], layer))
+    assert not np.array_equal(runs[0].edit, runs[2].edit)
+
+
+def test_guidance_batches_both_passes_in_one_forward_and_guidance_1_runs_one(tiny_pipe):
+    batches, handle = _count_forwards(tiny_pipe)
+    try:
+        tiny_pipe(_video(), "add a ball", num_inference_steps=3, guidance_scale=4.0)
+        assert batches == [2, 2, 2]
+        batches.clear()
+        tiny_pipe(_video(), "add a ball", num_inference_steps=3, guidance_scale=1.0)
+        assert batches == [1, 1, 1]
+    finally:
+        handle.remove()
+
+
+def test_negative_prompt_changes_the_guided_result(tiny_pipe):
+    def run(negative):
+        return tiny_pipe(
+            _video(),
+            "add a ball",
+            negative_prompt=negative,
+            num_inference_steps=2,
+            guidance_scale=3.0,
+            generator=torch.Generator().manual_seed(0),
+        ).edit
+
+    assert not np.array_equal(run(None), run("blurry, low quality"))
+
+
+def test_interrupt_stops_within_one_step(tiny_pipe):
+    batches, handle = _count_forwards(tiny_pipe)
+
+    def stop_after_second(pipe, step, timestep, kwargs):
+        if step == 1:
+            pipe.interrupt = True
+        return {}
+
+    try:
+        with pytest.raises(VeraInterrupted) as error:
+            tiny_pipe(_video(), "add a ball", num_inference_steps=10, callback_on_step_end=stop_after_second)
+    finally:
+        handle.remove()
+    assert len(batches) == 2 and error.value.step == 2 and error.value.total == 10
+    # The next call starts afresh.
+    out = tiny_pipe(_video(), "add a ball", num_inference_steps=2)
+    assert out.edit.shape == (5, 30, 34, 3)
+
+
+def test_step_callback_gives_progress_and_a_decodable_preview(tiny_pipe):
+    seen = []
+
+    def callback(pipe, step, timestep, kwargs):
+        preview = pipe.decode_preview(kwargs["composite_x0"])
+        seen.append((step, float(timestep), preview.shape, kwargs["latents"].shape))
+        return {}
+
+    tiny_pipe(
+        _video(frames=3, height=17, width=19),
+        "add a ball",
+        num_inference_steps=3,
+        callback_on_step_end=callback,
+        callback_on_step_end_tensor_inputs=["latents", "composite_x0"],
+    )
+    assert [s[0] for s in seen] == [0, 1, 2]
+    assert seen[0][1] > seen[1][1] > seen[2][1]  # timesteps go from noise towards data
+    assert all(s[2] == (3, 17, 19, 3) for s in seen)
+    assert seen[0][3][1] == 3 * tiny_pipe.transformer.config.in_channels
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(video=np.zeros((4, 32, 32), np.float32)), r"video has shape \(4, 32, 32\)"),
+        (dict(video=np.full((2, 32, 32, 3), 1.5, np.float32)), r"video has values in \[1.5, 1.5\]"),
+        (dict(video=np.full((2, 32, 32, 3), np.nan, np.float32)), "video contains NaN"),
+        (dict(video=np.zeros((2, 32, 32, 3), np.uint8)), "video has dtype"),
+        (dict(video=np.zeros((2, 2, 32, 3), np.float32)), "at least 4x4"),
+        (dict(prompt="  "), "prompt='  '"),
+        (
+            dict(mask=np.zeros((2, 16, 32), np.float32)),
+            r"mask has shape \(2, 16, 32\); expected \(2, 32, 32\)",
+        ),
+        (dict(num_inference_steps=0), "num_inference_steps=0"),
+        (dict(guidance_scale=0.5), "guidance_scale=0.5"),
+        (dict(negative_prompt=3), "negative_prompt=3"),
+        (dict(callback_on_step_end_tensor_inputs=["noise"]), "callback_on_step_end_tensor_inputs"),
+    ],
+)
+def test_bad_inputs_are_named(tiny_pipe, kwargs, message):
+    call = dict(video=np.zeros((2, 32, 32, 3), np.float32), prompt="add a ball", num_inference_steps=1)
+    call.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        tiny_pipe(**call)
+
+
+def test_pipeline_folder_round_trip(tiny_pipe, tmp_path):
+    tiny_pipe.save_pretrained(tmp_path / "model")
+    loaded = VeraPipeline.from_pretrained(tmp_path / "model")
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.native_size == tiny_pipe.native_size and loaded.native_frames == tiny_pipe.native_frames
+    assert not list((tmp_path / "model").rglob("*.bin"))
+    a = tiny_pipe(_video(), "add a ball", num_inference_steps=2, generator=torch.Generator().manual_seed(3))
+    b = loaded(_video(), "add a ball", num_inference_steps=2, generator=torch.Generator().manual_seed(3))
+    np.testing.assert_allclose(a.edit, b.edit, atol=1e-5)
+    np.testing.assert_allclose(a.alpha, b.alpha, atol=1e-5)
+
+
+def test_from_pretrained_refuses_anything_but_a_local_pipeline_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="local folders only"):
+        VeraPipeline.from_pretrained("someone/vera-1.3b")
+    with pytest.raises(FileNotFoundError, match=r"no model_index\.json"):
+        VeraPipeline.from_pretrained(tmp_path)
+
+
+def test_unknown_scheduler_is_named():
+    with pytest.raises(ValueError, match="scheduler='ddim'"):
+        make_scheduler("ddim")

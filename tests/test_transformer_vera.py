@@ -1,0 +1,218 @@
+"""VeraTransformer3DModel: Wan equivalence, joint attention, conditioning and checkpoints (tiny, CPU, float32)."""
+
+import math
+
+import pytest
+import torch
+from diffusers import WanTransformer3DModel
+
+from vera_engine import VeraTransformer3DModel
+from vera_engine.models.transformer_vera import (
+    BRANCHES,
+    VERA_ONLY_PARAMETERS,
+    apply_rotary_emb,
+    wan_key_to_vera,
+)
+
+from .conftest import TINY_WAN_CONFIG
+
+
+def _inputs(seed: int = 0, channels: int = 4, frames: int = 3, size: int = 8):
+    generator = torch.Generator().manual_seed(seed)
+    latents = [torch.randn(1, channels, frames, size, size, generator=generator) for _ in range(5)]
+    text = torch.randn(1, 7, TINY_WAN_CONFIG["text_dim"], generator=generator)
+    timestep = torch.tensor([637.0])
+    return latents, text, timestep
+
+
+def _randomise(model: torch.nn.Module, seed: int = 1, scale: float = 0.2) -> torch.nn.Module:
+    # A trained model's Vera-only parameters are not zero; give every parameter a seeded random value.
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * scale)
+    return model
+
+
+@pytest.mark.parametrize("branch", BRANCHES)
+def test_each_branch_alone_reproduces_wan(tiny_wan, branch):
+    vera = VeraTransformer3DModel.from_wan(tiny_wan).eval()
+    (x, *_), text, timestep = _inputs()
+    with torch.no_grad():
+        expected = tiny_wan(x, timestep, text).sample
+        got = vera.forward_branch(branch, x, timestep, text)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_branch_weights_load_back_into_wan(tiny_wan):
+    vera = _randomise(VeraTransformer3DModel.from_wan(tiny_wan))
+    wan = WanTransformer3DModel(**TINY_WAN_CONFIG)
+    wan.load_state_dict(vera.branch_state_dict("alpha"), strict=True)
+    for key, tensor in wan.state_dict().items():
+        assert torch.equal(tensor, vera.state_dict()[wan_key_to_vera(key, "alpha")])
+
+
+def test_wan_key_mapping():
+    assert wan_key_to_vera("blocks.3.attn1.to_q.weight", "edit") == "blocks.3.edit.attn1.to_q.weight"
+    assert wan_key_to_vera("patch_embedding.weight", "alpha") == "branches.alpha.patch_embedding.weight"
+    with pytest.raises(ValueError, match="branch='mask'"):
+        wan_key_to_vera("proj_out.weight", "mask")
+
+
+def test_joint_attention_matches_explicit_softmax_reference(tiny_wan):
+    vera = _randomise(VeraTransformer3DModel.from_wan(tiny_wan)).eval()
+    block = vera.blocks[0]
+    generator = torch.Generator().manual_seed(3)
+    frames, height, width = 2, 3, 4
+    seq_len = frames * height * width
+    dim = vera.config.num_attention_heads * vera.config.attention_head_dim
+    states = [torch.randn(2, seq_len, dim, generator=generator) for _ in BRANCHES]
+    rotary = vera.rope(torch.zeros(1, 4, frames, height * 2, width * 2))
+    with torch.no_grad():
+        got = block.joint_self_attention(states, BRANCHES, rotary)
+
+        # Reference: per-branch q/k/v, then one softmax over the concatenated keys, in float64.
+        heads = vera.config.num_attention_heads
+        qs, ks, vs = [], [], []
+        for name, x in zip(BRANCHES, states, strict=True):
+            attn = getattr(block, name).attn1
+            q = attn.norm_q(attn.to_q(x)).unflatten(2, (heads, -1))
+            k = attn.norm_k(attn.to_k(x)).unflatten(2, (heads, -1))
+            qs.append(apply_rotary_emb(q, *rotary))
+            ks.append(apply_rotary_emb(k, *rotary))
+            vs.append(attn.to_v(x).unflatten(2, (heads, -1)))
+        q, k, v = (torch.cat(t, dim=1).double().transpose(1, 2) for t in (qs, ks, vs))
+        weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
+        out = (weights @ v).transpose(1, 2).flatten(2, 3).float()
+        for index, name in enumerate(BRANCHES):
+            attn = getattr(block, name).attn1
+            expected = attn.to_out[0](out[:, index * seq_len : (index + 1) * seq_len])
+            torch.testing.assert_close(got[index], expected, atol=1e-5, rtol=0)
+
+
+def test_branches_interact_through_joint_attention(tiny_wan):
+    vera = _randomise(VeraTransformer3DModel.from_wan(tiny_wan)).eval()
+    (edit, alpha, composite, source, _), text, timestep = _inputs()
+    with torch.no_grad():
+        first = vera(edit, alpha, composite, timestep, text, source_latents=source)
+        second = vera(edit, alpha + 1.0, composite, timestep, text, source_latents=source)
+    assert (first.edit - second.edit).abs().max() > 1e-3
+    assert (first.composite - second.composite).abs().max() > 1e-3
+
+
+def test_fresh_model_ignores_source_and_mask_exactly_and_learns_them(tiny_wan):
+    vera = VeraTransformer3DModel.from_wan(tiny_wan)
+    for name in VERA_ONLY_PARAMETERS:
+        assert not vera.get_parameter(name).any(), name
+    (edit, alpha, composite, source, mask), text, timestep = _inputs()
+    with torch.no_grad():
+        plain = vera(edit, alpha, composite, timestep, text, source_latents=torch.zeros_like(source))
+        conditioned = vera(edit, alpha, composite, timestep, text, source_latents=source, mask_latents=mask)
+    for layer in BRANCHES:
+        assert torch.equal(getattr(plain, layer), getattr(conditioned, layer)), layer
+
+    out = vera(edit, alpha, composite, timestep, text, source_latents=source, mask_latents=mask)
+    (out.edit.square().mean() + out.alpha.square().mean() + out.composite.square().mean()).backward()
+    for name in VERA_ONLY_PARAMETERS:
+        grad = vera.get_parameter(name).grad
+        assert grad is not None and grad.abs().sum() > 0, f"no gradient reaches {name}"
+
+
+def test_no_mask_equals_dropped_mask(tiny_wan):
+    vera = _randomise(VeraTransformer3DModel.from_wan(tiny_wan)).eval()
+    (edit, alpha, composite, source, mask), text, timestep = _inputs()
+    with torch.no_grad():
+        without = vera(edit, alpha, composite, timestep, text, source_latents=source)
+        dropped = vera(
+            edit,
+            alpha,
+            composite,
+            timestep,
+            text,
+            source_latents=source,
+            mask_latents=mask,
+            mask_keep=torch.zeros(1),
+        )
+        kept = vera(edit, alpha, composite, timestep, text, source_latents=source, mask_latents=mask)
+    assert torch.equal(without.alpha, dropped.alpha)
+    assert not torch.equal(without.alpha, kept.alpha)
+
+
+def test_save_and_load_round_trip_is_bit_exact(tiny_wan, tmp_path):
+    vera = _randomise(VeraTransformer3DModel.from_wan(tiny_wan)).eval()
+    vera.save_pretrained(tmp_path / "vera")
+    assert (tmp_path / "vera" / "diffusion_pytorch_model.safetensors").is_file()
+    assert not list((tmp_path / "vera").glob("*.bin"))
+    loaded = VeraTransformer3DModel.from_pretrained(tmp_path / "vera").eval()
+    for key, value in vera.config.items():
+        if not key.startswith("_"):
+            assert loaded.config[key] == (list(value) if isinstance(value, tuple) else value), key
+    saved, restored = vera.state_dict(), loaded.state_dict()
+    assert saved.keys() == restored.keys()
+    for key in saved:
+        assert torch.equal(saved[key], restored[key]), key
+    (edit, alpha, composite, source, mask), text, timestep = _inputs()
+    with torch.no_grad():
+        a = vera(edit, alpha, composite, timestep, text, source_latents=source, mask_latents=mask)
+        b = loaded(edit, alpha, composite, timestep, text, source_latents=source, mask_latents=mask)
+    # Weights are bit-identical (above); outputs may differ in the last bits only because BLAS kernels pick
+    # paths by memory alignment, which loading from a memory-mapped file changes.
+    for layer in BRANCHES:
+        torch.testing.assert_close(getattr(a, layer), getattr(b, layer), atol=1e-5, rtol=0)
+
+
+def test_from_wan_accepts_a_folder_and_rejects_image_to_video(tiny_wan, tmp_path):
+    tiny_wan.save_pretrained(tmp_path / "wan")
+    vera = VeraTransformer3DModel.from_wan(tmp_path / "wan")
+    assert torch.equal(vera.branch_state_dict("composite")["proj_out.weight"], tiny_wan.proj_out.weight)
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        VeraTransformer3DModel.from_wan(tmp_path / "missing")
+    i2v = WanTransformer3DModel(**{**TINY_WAN_CONFIG, "image_dim": 8, "added_kv_proj_dim": 24})
+    with pytest.raises(ValueError, match="image-to-video"):
+        VeraTransformer3DModel.from_wan(i2v)
+
+
+def test_bad_latent_shapes_are_named(tiny_wan):
+    vera = VeraTransformer3DModel.from_wan(tiny_wan)
+    (edit, alpha, composite, source, _), text, timestep = _inputs()
+    with pytest.raises(ValueError, match="alpha_latents has shape"):
+        vera(edit, alpha[:, :, :2], composite, timestep, text, source_latents=source)
+    with pytest.raises(ValueError, match=r"source_latents has shape .* expected \(batch, 4"):
+        vera(edit, alpha, composite, timestep, text, source_latents=source[:, :3])
+    with pytest.raises(ValueError, match="multiples of the patch size"):
+        vera(
+            *(t[..., :7, :7] for t in (edit, alpha, composite)),
+            timestep,
+            text,
+            source_latents=source[..., :7, :7],
+        )
+
+
+def test_attention_backend_is_dispatched_through_diffusers(tiny_wan):
+    vera = _randomise(VeraTransformer3DModel.from_wan(tiny_wan)).eval()
+    (edit, alpha, composite, source, _), text, timestep = _inputs()
+    with torch.no_grad():
+        native = vera(edit, alpha, composite, timestep, text, source_latents=source).edit
+        vera.set_attention_backend("_native_math")
+        assert vera.blocks[0].edit.attn1.processor._attention_backend.value == "_native_math"
+        math_backend = vera(edit, alpha, composite, timestep, text, source_latents=source).edit
+    torch.testing.assert_close(native, math_backend, atol=1e-5, rtol=0)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_wan):
+    vera = _randomise(VeraTransformer3DModel.from_wan(tiny_wan))
+    (edit, alpha, composite, source, _), text, timestep = _inputs()
+
+    def grads():
+        vera.zero_grad()
+        out = vera(edit, alpha, composite, timestep, text, source_latents=source)
+        out.alpha.square().mean().backward()
+        return [p.grad.clone() for p in vera.parameters() if p.grad is not None]
+
+    plain = grads()
+    vera.enable_gradient_checkpointing()
+    checkpointed = grads()
+    assert len(plain) == len(checkpointed)
+    for a, b in zip(plain, checkpointed, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
