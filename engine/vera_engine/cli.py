@@ -97,6 +97,88 @@ def _run_bench_step(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train(subparsers: argparse._SubParsersAction) -> None:
+    from .train import DEFAULT_BRANCH_LR_SCALES, DEFAULT_MASK_DROPOUT
+
+    parser = subparsers.add_parser(
+        "train",
+        help="train Vera on a layered dataset (flow matching on all three layers)",
+        description="Vera's recipe: flow matching on edit, alpha and composite with equal weights, per-branch "
+        "learning rates, mask dropout per task, warm-up, EMA. Run under torchrun for DDP on several GPUs.",
+    )
+    parser.add_argument("--data", required=True, help="layered dataset folder (docs/DATASET.md)")
+    parser.add_argument(
+        "--out", required=True, help="pipeline folder to write (checkpoints replace it atomically)"
+    )
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--init", help="pipeline folder to start from (convert-wan output, or a trained Vera)")
+    start.add_argument(
+        "--preset", default="tiny", help="random-weight tiny preset to start from (default: tiny)"
+    )
+    parser.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=4, help="clips per process and step")
+    parser.add_argument("--lr", type=float, default=1e-5, help="base learning rate (paper: 1e-5)")
+    scales = ",".join(f"{k}={v:g}" for k, v in DEFAULT_BRANCH_LR_SCALES.items())
+    parser.add_argument(
+        "--branch-lr", default=scales, help=f"per-branch multipliers of --lr (default: {scales})"
+    )
+    dropout = ",".join(f"{k}={v:g}" for k, v in DEFAULT_MASK_DROPOUT.items())
+    parser.add_argument("--mask-dropout", default=dropout, help=f"mask dropout per task (default: {dropout})")
+    parser.add_argument("--warmup-steps", type=int, default=200)
+    parser.add_argument("--ema-decay", type=float, default=0.999)
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument(
+        "--mixed-precision",
+        choices=("auto", "no", "bf16"),
+        default="auto",
+        help="auto: bf16 autocast on CUDA, float32 on CPU",
+    )
+    parser.add_argument("--frames", type=int, help="frames per training crop (default: whole clips)")
+    parser.add_argument(
+        "--size", type=int, nargs=2, metavar=("H", "W"), help="spatial crop (default: full frames)"
+    )
+    parser.add_argument("--save-every", type=int, default=500)
+    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.set_defaults(handler=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, parse_branch_lr_scales, parse_mask_dropout, train
+
+    config = TrainConfig(
+        data=args.data,
+        out=args.out,
+        init=args.init,
+        preset=args.preset,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        branch_lr_scales=parse_branch_lr_scales(args.branch_lr),
+        mask_dropout=parse_mask_dropout(args.mask_dropout),
+        warmup_steps=args.warmup_steps,
+        ema_decay=args.ema_decay,
+        gradient_checkpointing=args.gradient_checkpointing,
+        mixed_precision=args.mixed_precision,
+        frames=args.frames,
+        size=tuple(args.size) if args.size else None,
+        save_every=args.save_every,
+        log_every=args.log_every,
+        seed=args.seed,
+        num_workers=args.num_workers,
+    )
+    summary = train(config, resume=args.resume, progress=args.progress)
+    if summary.get("rank", 0) == 0:
+        print(
+            f"trained to step {summary['steps']} ({summary['seconds_per_step']:.3g} s/step), "
+            f"loss {summary['last'].get('loss', float('nan')):.4f}; pipeline in {summary['out']}"
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `vera-engine` argument parser with all its subcommands."""
     from . import __version__
@@ -104,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vera-engine", description="Vera Edit engine.")
     parser.add_argument("--version", action="version", version=f"vera-engine {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_convert_wan, _add_bench_step):
+    for add in (_add_convert_wan, _add_bench_step, _add_train):
         add(subparsers)
     return parser
 

@@ -1,0 +1,505 @@
+"""`vera-engine train`: Vera's training recipe (paper §4.1.1, App. A.2) on a layered dataset.
+
+Flow matching on all three layers with equally weighted losses, per-branch learning rates (edit 0.1×, alpha 10×,
+composite 10× the base by default), mask dropout per task (0.3 background change, 0.9 object addition), linear
+warm-up, EMA of the weights, optional gradient checkpointing, bf16 autocast on GPUs. One process on a CPU;
+DDP under `torchrun` on GPUs (or on CPUs with gloo).
+
+Conventions are diffusers' (those of the Wan weights and schedulers): `x_t = (1 − σ)·x_0 + σ·noise`, the model
+predicts `v = noise − x_0` at timestep `1000·σ`. The paper writes the same flow with time reversed.
+
+Output: a pipeline folder (`VeraPipeline.from_pretrained` loads it; the transformer holds the EMA weights) plus
+`training/` beside it with what resuming needs (raw weights in safetensors, optimiser, EMA, step, RNG) and
+`training/log.jsonl` with the losses.
+"""
+
+import json
+import os
+import random
+import shutil
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .models.transformer_vera import BRANCHES, VeraTransformer3DModel
+
+DEFAULT_BRANCH_LR_SCALES: dict[str, float] = {"edit": 0.1, "alpha": 10.0, "composite": 10.0}
+DEFAULT_MASK_DROPOUT: dict[str, float] = {"object_addition": 0.9, "background_change": 0.3}
+
+# Vera-only parameters train with the branch whose tokens they are added to.
+_CONDITION_OWNERS = {
+    "source_embedding": "composite",
+    "composite_layer_embedding": "composite",
+    "mask_embedding": "alpha",
+    "alpha_layer_embedding": "alpha",
+}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run is defined by; saved in `training/config.json` and checked on resume."""
+
+    data: str
+    out: str
+    init: str | None = None
+    preset: str = "tiny"
+    steps: int = 1000
+    batch_size: int = 4
+    learning_rate: float = 1e-5
+    branch_lr_scales: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_BRANCH_LR_SCALES))
+    mask_dropout: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MASK_DROPOUT))
+    warmup_steps: int = 200
+    ema_decay: float = 0.999
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "auto"  # auto: bf16 autocast on CUDA, float32 elsewhere; or "no" / "bf16"
+    frames: int | None = None
+    size: tuple[int, int] | None = None
+    save_every: int = 500
+    log_every: int = 10
+    seed: int = 0
+    num_workers: int = 0
+    max_grad_norm: float = 1.0
+
+
+def branch_of_parameter(name: str) -> str:
+    """The branch (edit / alpha / composite) a `VeraTransformer3DModel` parameter belongs to."""
+    parts = name.split(".")
+    if parts[0] == "branches":
+        return parts[1]
+    if parts[0] == "blocks":
+        return parts[2]
+    if parts[0] in _CONDITION_OWNERS:
+        return _CONDITION_OWNERS[parts[0]]
+    raise ValueError(
+        f"parameter {name!r} belongs to no branch; VeraTransformer3DModel has a new parameter kind"
+    )
+
+
+def branch_parameter_groups(
+    model: torch.nn.Module, learning_rate: float, scales: Mapping[str, float]
+) -> list[dict[str, Any]]:
+    """Optimiser parameter groups, one per branch, at `learning_rate × scales[branch]` (paper Table 5)."""
+    unknown = set(scales) - set(BRANCHES)
+    if unknown or set(scales) != set(BRANCHES):
+        raise ValueError(f"branch_lr_scales={dict(scales)}; expected one scale for each of {BRANCHES}")
+    groups: dict[str, list[torch.nn.Parameter]] = {name: [] for name in BRANCHES}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            # FSDP and DDP prefix names (`module.`, `_fsdp_wrapped_module.`): strip what is not ours.
+            clean = name.replace("_fsdp_wrapped_module.", "").removeprefix("module.")
+            groups[branch_of_parameter(clean)].append(param)
+    return [
+        {
+            "params": params,
+            "lr": learning_rate * scales[name],
+            "name": name,
+            "initial_lr": learning_rate * scales[name],
+        }
+        for name, params in groups.items()
+    ]
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """Linear warm-up to the full learning rate over `warmup_steps`, then constant (the paper's schedule)."""
+    if warmup_steps <= 0:
+        return 1.0
+    return min(1.0, (step + 1) / warmup_steps)
+
+
+def _parse_mapping(text: str, keys: tuple[str, ...], what: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if key not in keys or not value:
+            raise ValueError(f"{what} item {item!r}; expected KEY=NUMBER with KEY one of {keys}")
+        out[key] = float(value)
+    return out
+
+
+def parse_branch_lr_scales(text: str) -> dict[str, float]:
+    """`edit=0.1,alpha=10,composite=10` -> dict; every branch must be named."""
+    scales = {**DEFAULT_BRANCH_LR_SCALES, **_parse_mapping(text, BRANCHES, "--branch-lr")}
+    return scales
+
+
+def parse_mask_dropout(text: str) -> dict[str, float]:
+    """`object_addition=0.9,background_change=0.3` -> dict of probabilities in [0, 1]."""
+    rates = {**DEFAULT_MASK_DROPOUT, **_parse_mapping(text, tuple(DEFAULT_MASK_DROPOUT), "--mask-dropout")}
+    for task, rate in rates.items():
+        if not 0 <= rate <= 1:
+            raise ValueError(f"--mask-dropout {task}={rate}; expected a probability in [0, 1]")
+    return rates
+
+
+class _Distributed:
+    """Rank, world size and device of this process; initialises torch.distributed under torchrun."""
+
+    def __init__(self) -> None:
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        if self.world_size > 1 and not torch.distributed.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            torch.distributed.init_process_group(backend=backend)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+    def mean(self, value: float) -> float:
+        if self.world_size == 1:
+            return value
+        tensor = torch.tensor([value], device=self.device, dtype=torch.float64)
+        torch.distributed.all_reduce(tensor)
+        return float(tensor) / self.world_size
+
+    def close(self) -> None:
+        if self.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _load_or_build_pipeline(config: TrainConfig):
+    from .pipeline_vera import VeraPipeline
+    from .presets import build_random_pipeline
+
+    if config.init:
+        pipe = VeraPipeline.from_pretrained(config.init)
+    else:
+        pipe = build_random_pipeline(config.preset, seed=config.seed)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+class PromptCache:
+    """Text-encoder states per instruction: the encoder is frozen (as in the paper), so each is computed once."""
+
+    def __init__(self, pipe: Any, device: torch.device, dtype: torch.dtype) -> None:
+        self.pipe, self.device, self.dtype = pipe, device, dtype
+        self._states: dict[str, torch.Tensor] = {}
+
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        for prompt in prompts:
+            if prompt not in self._states:
+                with torch.no_grad():
+                    self._states[prompt] = self.pipe.encode_prompt(prompt, self.device, self.dtype)[0]
+        return torch.stack([self._states[prompt] for prompt in prompts])
+
+
+def flow_matching_loss(
+    model: torch.nn.Module,
+    batch: Mapping[str, torch.Tensor],
+    text: torch.Tensor,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Equally weighted flow-matching loss of the three layers for a batch of encoded latents.
+
+    `batch` holds latents `edit`, `alpha`, `composite`, `source`, `mask` (B, C, f, h, w) and `mask_keep` (B,).
+    """
+    clean = torch.cat([batch["edit"], batch["alpha"], batch["composite"]], dim=1)
+    size = clean.shape[0]
+    device = clean.device
+    noise = torch.randn(clean.shape, generator=generator, device="cpu").to(device)
+    sigma = torch.rand(size, generator=generator, device="cpu").to(device)
+    sigma_b = sigma.view(-1, 1, 1, 1, 1)
+    noisy = (1 - sigma_b) * clean + sigma_b * noise
+    target = noise - clean
+    edit, alpha, composite = noisy.chunk(3, dim=1)
+    out = model(
+        edit_latents=edit,
+        alpha_latents=alpha,
+        composite_latents=composite,
+        timestep=sigma * 1000,
+        encoder_hidden_states=text,
+        source_latents=batch["source"],
+        mask_latents=batch["mask"],
+        mask_keep=batch["mask_keep"],
+        return_dict=False,
+    )
+    losses = {
+        name: F.mse_loss(prediction.float(), layer_target.float())
+        for name, prediction, layer_target in zip(BRANCHES, out, target.chunk(3, dim=1), strict=True)
+    }
+    loss = sum(losses.values()) / len(losses)
+    return loss, {name: float(value.detach()) for name, value in losses.items()}
+
+
+def encode_batch(
+    pipe: Any,
+    batch: Mapping[str, Any],
+    mask_dropout: Mapping[str, float],
+    generator: torch.Generator,
+    device: torch.device,
+) -> dict[str, torch.Tensor]:
+    """Latents of a loader batch (videos in [0, 1], channels first) and the per-sample mask keep flags."""
+
+    def encode(video: torch.Tensor) -> torch.Tensor:
+        video = video.to(device)
+        if video.shape[1] == 1:
+            video = video.expand(-1, 3, -1, -1, -1)  # alpha and mask: 3-channel grey video (paper §3.1.1)
+        with torch.no_grad():
+            return pipe.encode_video(video * 2 - 1)
+
+    drop = torch.tensor([mask_dropout.get(task, 0.0) for task in batch["task"]])
+    keep = (torch.rand(len(drop), generator=generator) >= drop) & batch["has_mask"].cpu()
+    return {
+        "edit": encode(batch["edit"]),
+        "alpha": encode(batch["alpha"]),
+        "composite": encode(batch["composite"]),
+        "source": encode(batch["input"]),
+        "mask": encode(batch["mask"]),
+        "mask_keep": keep.to(device=device, dtype=torch.float32),
+    }
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def _save_checkpoint(
+    pipe: Any,
+    model: torch.nn.Module,
+    ema: Any,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    config: TrainConfig,
+    generator: torch.Generator,
+) -> None:
+    """Write the pipeline folder (EMA weights) and the resume state, each folder swapped in atomically."""
+    out = Path(config.out)
+    staging = out.with_name(out.name + ".saving")
+    if staging.exists():
+        shutil.rmtree(staging)
+    ema.store(model.parameters())
+    ema.copy_to(model.parameters())
+    try:
+        pipe.save_pretrained(staging, safe_serialization=True)
+    finally:
+        ema.restore(model.parameters())
+    training = staging / "training"
+    training.mkdir()
+    model.save_pretrained(training / "raw_transformer", safe_serialization=True)
+    # Optimiser and EMA state hold tensors and numbers only: torch.load(weights_only=True) reads them safely.
+    torch.save(
+        {
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "ema": ema.state_dict(),
+            "generator": generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+        },
+        training / "state.pt",
+    )
+    _write_json_atomic(training / "config.json", asdict(config))
+    old_log = out / "training" / "log.jsonl"
+    if old_log.exists():
+        shutil.copy2(old_log, training / "log.jsonl")
+    # Keep whatever else the user put in the folder (model card, figures); replace what training owns.
+    if out.exists():
+        for extra in out.iterdir():
+            if not (staging / extra.name).exists():
+                shutil.move(str(extra), staging / extra.name)
+        backup = out.with_name(out.name + ".previous")
+        if backup.exists():
+            shutil.rmtree(backup)
+        out.rename(backup)
+        staging.rename(out)
+        shutil.rmtree(backup)
+    else:
+        staging.rename(out)
+
+
+def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) a training run; returns a summary with the final losses and timing."""
+    from diffusers.training_utils import EMAModel
+    from tqdm.auto import tqdm
+
+    from .data.dataset import LayeredVideoDataset, collate_layered
+
+    dist = _Distributed()
+    out = Path(config.out)
+    state_path = out / "training" / "state.pt"
+    if resume:
+        if not state_path.is_file():
+            raise FileNotFoundError(f"--resume: {state_path} does not exist; start without --resume")
+        saved = json.loads((out / "training" / "config.json").read_text())
+        for key in ("data", "preset", "batch_size", "frames", "size"):
+            value = getattr(config, key)
+            saved_value = tuple(saved[key]) if isinstance(saved[key], list) else saved[key]
+            if value != saved_value:
+                raise ValueError(
+                    f"--resume: {key}={value!r} differs from the run being resumed ({saved_value!r})"
+                )
+        config.init = str(out)
+    elif (out / "training").exists():
+        raise FileExistsError(f"--out {out} already holds a training run; pass --resume to continue it")
+
+    random.seed(config.seed + dist.rank)
+    np.random.seed(config.seed + dist.rank)
+    torch.manual_seed(config.seed + dist.rank)
+    pipe = _load_or_build_pipeline(config)
+    if resume:
+        from diffusers.models.model_loading_utils import load_state_dict
+
+        raw = load_state_dict(
+            str(out / "training" / "raw_transformer" / "diffusion_pytorch_model.safetensors")
+        )
+        pipe.transformer.load_state_dict(raw, strict=True)
+    pipe.to(dist.device)
+    model: VeraTransformer3DModel = pipe.transformer
+    model.train()
+    pipe.text_encoder.requires_grad_(False).eval()
+    if config.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+
+    use_bf16 = config.mixed_precision == "bf16" or (
+        config.mixed_precision == "auto" and dist.device.type == "cuda"
+    )
+    ema = EMAModel(
+        model.parameters(),
+        decay=config.ema_decay,
+        model_cls=VeraTransformer3DModel,
+        model_config=model.config,
+    )
+    groups = branch_parameter_groups(model, config.learning_rate, config.branch_lr_scales)
+    train_model: torch.nn.Module = model
+    if dist.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(
+            model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None
+        )
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-8)
+
+    generator = torch.Generator().manual_seed(config.seed * 1009 + dist.rank)
+    start_step = 0
+    if resume:
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        ema.load_state_dict(state["ema"])
+        ema.to(dist.device)
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        start_step = int(state["step"])
+    if start_step >= config.steps:
+        raise ValueError(
+            f"--steps {config.steps}: the run is already at step {start_step}; ask for more steps"
+        )
+
+    dataset = LayeredVideoDataset(
+        config.data, "train", frames=config.frames, size=config.size, seed=config.seed
+    )
+    sampler = None
+    if dist.world_size > 1:
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, seed=config.seed)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=config.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        drop_last=True,
+        collate_fn=collate_layered,
+        num_workers=config.num_workers,
+        generator=torch.Generator().manual_seed(config.seed),
+    )
+    if len(loader) == 0:
+        raise ValueError(
+            f"--batch-size {config.batch_size} is larger than the {len(dataset)} training clips per process; "
+            "use a smaller batch or more data"
+        )
+    prompts = PromptCache(pipe, dist.device, model.dtype)
+    log_path = out / "training" / "log.jsonl"
+    pending_log: list[dict[str, Any]] = []
+    bar = tqdm(total=config.steps, initial=start_step, disable=not (progress and dist.is_main), desc="train")
+    step = start_step
+    epoch = start_step // len(loader)
+    started = time.perf_counter()
+    last: dict[str, float] = {}
+    while step < config.steps:
+        dataset.set_epoch(epoch)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        for batch in loader:
+            if step >= config.steps:
+                break
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * warmup_factor(step, config.warmup_steps)
+            latents = encode_batch(pipe, batch, config.mask_dropout, generator, dist.device)
+            text = prompts(batch["instruction"])
+            with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss, parts = flow_matching_loss(train_model, latents, text, generator)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            optimizer.step()
+            ema.step(model.parameters())
+            step += 1
+            last = {"loss": dist.mean(float(loss.detach())), **{k: dist.mean(v) for k, v in parts.items()}}
+            bar.update()
+            bar.set_postfix(loss=f"{last['loss']:.4f}")
+            if dist.is_main and (step % config.log_every == 0 or step == config.steps):
+                pending_log.append(
+                    {
+                        "step": step,
+                        **last,
+                        "grad_norm": float(grad_norm),
+                        "lr": optimizer.param_groups[0]["lr"],
+                        "time": time.time(),
+                    }
+                )
+            if step % config.save_every == 0 or step == config.steps:
+                if dist.is_main:
+                    _save_checkpoint(pipe, model, ema, optimizer, step, config, generator)
+                    log_path.parent.mkdir(parents=True, exist_ok=True)
+                    with log_path.open("a") as log:
+                        for row in pending_log:
+                            log.write(json.dumps(row) + "\n")
+                    pending_log.clear()
+                dist.barrier()
+        epoch += 1
+    bar.close()
+    elapsed = time.perf_counter() - started
+    dist.close()
+    return {
+        "steps": step,
+        "seconds": elapsed,
+        "last": last,
+        "out": str(out),
+        "seconds_per_step": elapsed / max(1, step - start_step),
+    }
+
+
+def read_log(out: "str | os.PathLike[str]") -> list[dict[str, Any]]:
+    """The logged losses of a training run (`training/log.jsonl`)."""
+    path = Path(out) / "training" / "log.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def smoothed(values: list[float], window: int = 10) -> list[float]:
+    """Moving average used when a loss curve is summarised (model card, tests)."""
+    out = []
+    for index in range(len(values)):
+        chunk = values[max(0, index - window + 1) : index + 1]
+        out.append(sum(chunk) / len(chunk))
+    return out

@@ -1,0 +1,220 @@
+"""`vera-engine train`: the recipe's pieces, a short run that lowers the loss, checkpoints, resume and DDP."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from vera_engine import VeraPipeline
+from vera_engine.cli import main
+from vera_engine.data import generate_dataset
+from vera_engine.data.dataset import LayeredVideoDataset, collate_layered
+from vera_engine.presets import build_random_pipeline
+from vera_engine.train import (
+    BRANCHES,
+    TrainConfig,
+    branch_of_parameter,
+    branch_parameter_groups,
+    encode_batch,
+    flow_matching_loss,
+    parse_branch_lr_scales,
+    parse_mask_dropout,
+    read_log,
+    train,
+    warmup_factor,
+)
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("layered")
+    generate_dataset(root, {"train": 8, "heldout": 2}, frames=4, height=32, width=32, seed=5)
+    return root
+
+
+def _fixed_batch_loss(pipe, dataset_dir) -> float:
+    # The same clips, crops, noise and timesteps every time: a loss that can only move if the weights do.
+    dataset = LayeredVideoDataset(dataset_dir, "train", random_crop=False, hflip=False)
+    batch = collate_layered([dataset[i] for i in range(4)])
+    generator = torch.Generator().manual_seed(123)
+    latents = encode_batch(
+        pipe, batch, {"object_addition": 0.0, "background_change": 0.0}, generator, torch.device("cpu")
+    )
+    text = torch.stack(
+        [pipe.encode_prompt(p, torch.device("cpu"), torch.float32)[0] for p in batch["instruction"]]
+    )
+    pipe.transformer.eval()
+    with torch.no_grad():
+        loss, _ = flow_matching_loss(pipe.transformer, latents, text, torch.Generator().manual_seed(7))
+    return float(loss)
+
+
+def test_every_parameter_belongs_to_exactly_one_branch_group():
+    model = build_random_pipeline("tiny").transformer
+    groups = branch_parameter_groups(model, 1e-5, {"edit": 0.1, "alpha": 10.0, "composite": 10.0})
+    assert [g["name"] for g in groups] == list(BRANCHES)
+    assert [g["lr"] for g in groups] == pytest.approx([1e-6, 1e-4, 1e-4])
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    assert branch_of_parameter("blocks.1.alpha.attn1.to_q.weight") == "alpha"
+    assert branch_of_parameter("branches.edit.proj_out.weight") == "edit"
+    assert branch_of_parameter("source_embedding.weight") == "composite"
+    assert branch_of_parameter("mask_embedding.bias") == "alpha"
+    with pytest.raises(ValueError, match="expected one scale for each"):
+        branch_parameter_groups(model, 1e-5, {"edit": 1.0})
+
+
+def test_options_parse_and_reject_nonsense():
+    assert parse_branch_lr_scales("alpha=5") == {"edit": 0.1, "alpha": 5.0, "composite": 10.0}
+    assert parse_mask_dropout("object_addition=0.5")["object_addition"] == 0.5
+    with pytest.raises(ValueError, match="--branch-lr item 'mask=2'"):
+        parse_branch_lr_scales("mask=2")
+    with pytest.raises(ValueError, match="expected a probability"):
+        parse_mask_dropout("background_change=1.5")
+    assert warmup_factor(0, 200) == pytest.approx(1 / 200) and warmup_factor(500, 200) == 1.0
+
+
+def test_mask_dropout_follows_the_task_and_needs_a_mask(dataset_dir):
+    pipe = build_random_pipeline("tiny")
+    dataset = LayeredVideoDataset(dataset_dir, "train", random_crop=False, hflip=False)
+    batch = collate_layered([dataset[i] for i in range(len(dataset))])
+    generator = torch.Generator().manual_seed(0)
+    never = encode_batch(
+        pipe, batch, {"object_addition": 0.0, "background_change": 0.0}, generator, torch.device("cpu")
+    )
+    assert never["mask_keep"].tolist() == [float(m) for m in batch["has_mask"]]
+    always = encode_batch(
+        pipe, batch, {"object_addition": 1.0, "background_change": 1.0}, generator, torch.device("cpu")
+    )
+    assert not always["mask_keep"].any()
+    assert never["alpha"].shape == never["edit"].shape == never["source"].shape
+
+
+def test_short_run_lowers_the_loss_reloads_and_resumes(dataset_dir, tmp_path):
+    out = tmp_path / "run"
+    config = TrainConfig(
+        data=str(dataset_dir),
+        out=str(out),
+        preset="tiny",
+        steps=12,
+        batch_size=4,
+        learning_rate=2e-3,
+        branch_lr_scales={"edit": 1.0, "alpha": 1.0, "composite": 1.0},
+        warmup_steps=2,
+        ema_decay=0.0,
+        save_every=6,
+        log_every=2,
+        seed=1,
+    )
+    before = _fixed_batch_loss(build_random_pipeline("tiny", seed=1), dataset_dir)
+    summary = train(config, progress=False)
+    assert summary["steps"] == 12
+    trained = VeraPipeline.from_pretrained(out)
+    after = _fixed_batch_loss(trained, dataset_dir)
+    assert after < 0.9 * before, (before, after)
+
+    log = read_log(out)
+    assert [row["step"] for row in log] == [2, 4, 6, 8, 10, 12]
+    assert {"loss", "edit", "alpha", "composite", "lr"} <= set(log[0])
+    assert not list(out.rglob("*.bin")) and not (tmp_path / "run.saving").exists()
+
+    with pytest.raises(FileExistsError, match="pass --resume"):
+        train(config, progress=False)
+    config.steps = 14
+    assert train(config, resume=True, progress=False)["steps"] == 14
+    assert [row["step"] for row in read_log(out)][-2:] == [12, 14]
+    config.batch_size = 2
+    with pytest.raises(ValueError, match="batch_size=2 differs"):
+        train(config, resume=True, progress=False)
+
+
+def test_per_branch_learning_rates_really_differ_in_the_optimiser(dataset_dir, tmp_path):
+    # With Adam, the first update of each parameter is about lr in size: the branches must move by their own lr.
+    config = TrainConfig(
+        data=str(dataset_dir),
+        out=str(tmp_path / "run"),
+        preset="tiny",
+        steps=1,
+        batch_size=2,
+        learning_rate=1e-3,
+        warmup_steps=0,
+        ema_decay=0.0,
+        save_every=1,
+    )
+    start = build_random_pipeline("tiny", seed=0).transformer.state_dict()
+    train(config, progress=False)
+    raw = VeraPipeline.from_pretrained(tmp_path / "run").transformer.state_dict()
+    moved = {}
+    for branch in BRANCHES:
+        key = f"blocks.0.{branch}.ffn.net.2.weight"
+        moved[branch] = float((raw[key] - start[key]).abs().max())
+    assert moved["alpha"] == pytest.approx(1e-2, rel=0.05)
+    assert moved["composite"] == pytest.approx(1e-2, rel=0.05)
+    assert moved["edit"] == pytest.approx(1e-4, rel=0.05)
+
+
+def test_train_cli_errors_are_clear(dataset_dir, tmp_path, capsys):
+    code = main(
+        [
+            "train",
+            "--data",
+            str(dataset_dir),
+            "--out",
+            str(tmp_path / "o"),
+            "--steps",
+            "1",
+            "--batch-size",
+            "64",
+            "--no-progress",
+        ]
+    )
+    assert code == 2 and "larger than the 8 training clips" in capsys.readouterr().err
+    assert (
+        main(["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "o2"), "--no-progress"]) == 2
+    )
+
+
+@pytest.mark.slow
+def test_ddp_with_two_gloo_processes(dataset_dir, tmp_path):
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    assert torchrun, "torchrun comes with torch"
+    out = tmp_path / "ddp"
+    run = subprocess.run(
+        [
+            torchrun,
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "vera_engine.cli",
+            "train",
+            "--data",
+            str(dataset_dir),
+            "--out",
+            str(out),
+            "--steps",
+            "3",
+            "--batch-size",
+            "2",
+            "--lr",
+            "1e-3",
+            "--save-every",
+            "3",
+            "--log-every",
+            "1",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert [row["step"] for row in read_log(out)] == [1, 2, 3]
+    config = json.loads((out / "training" / "config.json").read_text())
+    assert config["batch_size"] == 2
+    VeraPipeline.from_pretrained(out)
