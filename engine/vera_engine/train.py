@@ -9,7 +9,7 @@ Conventions are diffusers' (those of the Wan weights and schedulers): `x_t = (1 
 predicts `v = noise − x_0` at timestep `1000·σ`. The paper writes the same flow with time reversed.
 
 Output: a pipeline folder (`VeraPipeline.from_pretrained` loads it; the transformer holds the EMA weights) plus
-`training/` beside it with what resuming needs (raw weights in safetensors, optimiser, EMA, step, RNG) and
+`training/` inside it with what resuming needs (raw weights, optimiser, EMA, step, RNG: safetensors + JSON) and
 `training/log.jsonl` with the losses.
 """
 
@@ -55,6 +55,8 @@ class TrainConfig:
     branch_lr_scales: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_BRANCH_LR_SCALES))
     mask_dropout: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MASK_DROPOUT))
     warmup_steps: int = 200
+    # Instructions replaced by "" this often, so the unconditional pass of classifier-free guidance is trained.
+    text_dropout: float = 0.1
     ema_decay: float = 0.999
     gradient_checkpointing: bool = False
     mixed_precision: str = "auto"  # auto: bf16 autocast on CUDA, float32 elsewhere; or "no" / "bf16"
@@ -267,6 +269,55 @@ def encode_batch(
     }
 
 
+def save_state(stem: Path, state: Any) -> None:
+    """Save a nested state (dicts, lists, tensors, numbers) as `stem.safetensors` + `stem.json`, never pickle.
+
+    Tensors go to the safetensors file under their path in the structure; the JSON keeps the structure with
+    `{"__tensor__": key}` where a tensor was. The engine refuses pickle anywhere in a model folder, and this
+    state lives in one.
+    """
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+
+    def encode(value: Any, path: str) -> Any:
+        if isinstance(value, torch.Tensor):
+            tensors[path] = value.detach().cpu().contiguous()
+            return {"__tensor__": path}
+        if isinstance(value, Mapping):
+            return {
+                "__dict__": [
+                    [encode(k, f"{path}.k{i}"), encode(v, f"{path}.{i}")]
+                    for i, (k, v) in enumerate(value.items())
+                ]
+            }
+        if isinstance(value, (list, tuple)):
+            return [encode(v, f"{path}.{i}") for i, v in enumerate(value)]
+        return value
+
+    structure = encode(state, "state")
+    save_file(tensors, str(stem) + ".safetensors")
+    Path(str(stem) + ".json").write_text(json.dumps(structure))
+
+
+def load_state(stem: Path) -> Any:
+    """Read a state written by `save_state`."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(stem) + ".safetensors")
+
+    def decode(value: Any) -> Any:
+        if isinstance(value, dict) and "__tensor__" in value:
+            return tensors[value["__tensor__"]]
+        if isinstance(value, dict) and "__dict__" in value:
+            return {decode(k): decode(v) for k, v in value["__dict__"]}
+        if isinstance(value, list):
+            return [decode(v) for v in value]
+        return value
+
+    return decode(json.loads(Path(str(stem) + ".json").read_text()))
+
+
 def _write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
@@ -296,8 +347,8 @@ def _save_checkpoint(
     training = staging / "training"
     training.mkdir()
     model.save_pretrained(training / "raw_transformer", safe_serialization=True)
-    # Optimiser and EMA state hold tensors and numbers only: torch.load(weights_only=True) reads them safely.
-    torch.save(
+    save_state(
+        training / "state",
         {
             "step": step,
             "optimizer": optimizer.state_dict(),
@@ -305,7 +356,6 @@ def _save_checkpoint(
             "generator": generator.get_state(),
             "torch_rng": torch.get_rng_state(),
         },
-        training / "state.pt",
     )
     _write_json_atomic(training / "config.json", asdict(config))
     old_log = out / "training" / "log.jsonl"
@@ -335,7 +385,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
 
     dist = _Distributed()
     out = Path(config.out)
-    state_path = out / "training" / "state.pt"
+    state_path = out / "training" / "state.safetensors"
     if resume:
         if not state_path.is_file():
             raise FileNotFoundError(f"--resume: {state_path} does not exist; start without --resume")
@@ -391,7 +441,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     generator = torch.Generator().manual_seed(config.seed * 1009 + dist.rank)
     start_step = 0
     if resume:
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        state = load_state(out / "training" / "state")
         optimizer.load_state_dict(state["optimizer"])
         ema.load_state_dict(state["ema"])
         ema.to(dist.device)
@@ -444,7 +494,10 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
             for group in optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * warmup_factor(step, config.warmup_steps)
             latents = encode_batch(pipe, batch, config.mask_dropout, generator, dist.device)
-            text = prompts(batch["instruction"])
+            drop_text = torch.rand(len(batch["instruction"]), generator=generator) < config.text_dropout
+            text = prompts(
+                ["" if drop else p for p, drop in zip(batch["instruction"], drop_text, strict=True)]
+            )
             with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 loss, parts = flow_matching_loss(train_model, latents, text, generator)
             optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,64 @@
+"""Where models come from: a local pipeline folder, or `default` — the checkpoint shipped in the repository.
+
+No hub, no downloads: a model is a folder on disk (`model_index.json` + component folders, safetensors only).
+`$VERA_MODEL` overrides what `default` means, e.g. to make a studio's own fine-tune the default.
+"""
+
+import os
+from pathlib import Path
+from typing import Any
+
+DEFAULT_MODEL_NAME = "vera-tiny"
+SHIPPED_MODEL_DIR = Path(__file__).resolve().parent / "checkpoints" / DEFAULT_MODEL_NAME
+
+# Pickle-based weight formats: loading them runs code, so a model folder holding any is refused.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def resolve_model_dir(model: "str | os.PathLike[str]" = "default") -> Path:
+    """The pipeline folder for `model`: a folder path, or 'default' ($VERA_MODEL, else the shipped checkpoint)."""
+    if os.fspath(model) == "default":
+        override = os.environ.get("VERA_MODEL")
+        path = Path(override) if override else SHIPPED_MODEL_DIR
+        if not (path / "model_index.json").is_file():
+            where = f"$VERA_MODEL={override}" if override else str(SHIPPED_MODEL_DIR)
+            raise FileNotFoundError(
+                f"model 'default': no pipeline folder at {where}; pass a folder written by save_pretrained, "
+                "`vera-engine convert-wan` or `vera-engine train`"
+            )
+        return path
+    path = Path(model)
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"model {os.fspath(model)!r} is not a Vera pipeline folder (no model_index.json); pass a folder written "
+            "by save_pretrained, `vera-engine convert-wan` or `vera-engine train`, or 'default'"
+        )
+    return path
+
+
+def check_safetensors_only(folder: Path) -> list[Path]:
+    """The folder's safetensors files; a `ValueError` if it holds pickle weights anywhere."""
+    pickles = [p for p in folder.rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES]
+    if pickles:
+        names = ", ".join(str(p.relative_to(folder)) for p in pickles[:5])
+        raise ValueError(
+            f"{folder}: contains pickle weight files ({names}); the engine loads safetensors only: re-save the "
+            "model with save_pretrained(safe_serialization=True)"
+        )
+    weights = sorted(folder.rglob("*.safetensors"))
+    if not weights:
+        raise ValueError(f"{folder}: no .safetensors weights found")
+    return weights
+
+
+def load_pipeline(model: "str | os.PathLike[str]" = "default", device: str | None = None) -> Any:
+    """Load a `VeraPipeline` from `model` (see `resolve_model_dir`), refusing pickle weights."""
+    from .pipeline_vera import VeraPipeline
+
+    folder = resolve_model_dir(model)
+    check_safetensors_only(folder)
+    pipe = VeraPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    if device:
+        pipe.to(device)
+    return pipe

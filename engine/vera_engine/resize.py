@@ -1,0 +1,232 @@
+"""Resolution: fit plates of any size and aspect to the model's resolution and map results back.
+
+:func:`fit_mapping` records how a plate was scaled (aspect kept) and padded (to the codec's multiple) so the
+model's output can be cropped and upsampled back exactly onto the plate's pixel grid. Colour goes through
+OpenImageIO's antialiased resize; the matte is upsampled edge-aware with a colour guided filter
+(He, Sun & Tang 2013, in its fast form: coefficients solved at the matte's resolution, applied at the
+plate's) guided by the full-resolution plate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import OpenImageIO as oiio
+
+__all__ = [
+    "FitMapping",
+    "box_filter",
+    "fit_frames",
+    "fit_mapping",
+    "guided_upsample",
+    "resize_frames",
+    "unfit_frames",
+    "upsample_bilinear",
+]
+
+
+@dataclass(frozen=True)
+class FitMapping:
+    """How a plate of ``source_size`` (H, W) maps onto the model's ``canvas_size``.
+
+    The plate is scaled to ``scaled_size`` (aspect kept) and placed at ``offset`` (top, left) on the canvas;
+    the rest of the canvas is edge padding, cropped away on the way back.
+    """
+
+    source_size: tuple[int, int]
+    scaled_size: tuple[int, int]
+    canvas_size: tuple[int, int]
+    offset: tuple[int, int]
+
+    def to_dict(self) -> dict[str, list[int]]:
+        """The mapping as plain lists, for metadata and logs."""
+        return {k: list(v) for k, v in asdict(self).items()}
+
+    @property
+    def scale(self) -> float:
+        """Model pixels per plate pixel (the mean of both axes; they differ by rounding only)."""
+        return (self.scaled_size[0] / self.source_size[0] + self.scaled_size[1] / self.source_size[1]) / 2
+
+
+def fit_mapping(
+    source_size: tuple[int, int],
+    target_size: tuple[int, int],
+    *,
+    multiple: int = 16,
+    pad_to_target: bool = False,
+) -> FitMapping:
+    """Fit ``source_size`` (H, W) inside ``target_size`` (H, W) keeping the aspect ratio.
+
+    The canvas is the scaled size rounded up to ``multiple`` (what the latent codec needs), or the whole
+    target with ``pad_to_target=True``. The scaled image is centred on the canvas.
+    """
+    (src_h, src_w), (tgt_h, tgt_w) = (int(v) for v in source_size), (int(v) for v in target_size)
+    if min(src_h, src_w) < 1:
+        raise ValueError(f"source_size={source_size!r}: expected a positive (height, width)")
+    if min(tgt_h, tgt_w) < multiple or multiple < 1:
+        raise ValueError(f"target_size={target_size!r}: expected (height, width) of at least {multiple}")
+    scale = min(tgt_h / src_h, tgt_w / src_w)
+    scaled = (min(tgt_h, max(1, round(src_h * scale))), min(tgt_w, max(1, round(src_w * scale))))
+    if pad_to_target:
+        canvas = (-(-tgt_h // multiple) * multiple, -(-tgt_w // multiple) * multiple)
+    else:
+        canvas = (-(-scaled[0] // multiple) * multiple, -(-scaled[1] // multiple) * multiple)
+    offset = ((canvas[0] - scaled[0]) // 2, (canvas[1] - scaled[1]) // 2)
+    return FitMapping((src_h, src_w), scaled, canvas, offset)
+
+
+def _as_channels(frames: np.ndarray) -> tuple[np.ndarray, bool]:
+    frames = np.asarray(frames, np.float32)
+    if frames.ndim == 3:
+        return frames[..., None], True
+    if frames.ndim == 4:
+        return frames, False
+    raise ValueError(f"frames have shape {frames.shape}; expected (F, H, W) or (F, H, W, C)")
+
+
+def resize_frames(frames: np.ndarray, size: tuple[int, int], *, filter: str = "") -> np.ndarray:
+    """Resize (F, H, W[, C]) frames to ``size`` (H, W) with OpenImageIO's antialiased filters.
+
+    ``filter`` "" picks OIIO's default (a sharp antialiasing filter when shrinking, lanczos3 when growing).
+    Values are not clamped, so scene-linear data keeps its range (filters may ring slightly).
+    """
+    data, squeeze = _as_channels(frames)
+    height, width = int(size[0]), int(size[1])
+    out = np.empty((data.shape[0], height, width, data.shape[-1]), np.float32)
+    roi = oiio.ROI(0, width, 0, height, 0, 1, 0, data.shape[-1])
+    for i, frame in enumerate(data):
+        if frame.shape[:2] == (height, width):
+            out[i] = frame
+            continue
+        buf = oiio.ImageBufAlgo.resize(oiio.ImageBuf(np.ascontiguousarray(frame)), filter, 0.0, roi)
+        if buf.has_error:
+            raise RuntimeError(f"OpenImageIO resize to {width}x{height} failed: {buf.geterror()}")
+        out[i] = buf.get_pixels(oiio.FLOAT).reshape(height, width, -1)
+    return out[..., 0] if squeeze else out
+
+
+def fit_frames(frames: np.ndarray, mapping: FitMapping, *, filter: str = "") -> np.ndarray:
+    """Scale (F, H, W[, C]) plate frames onto the model canvas of ``mapping``, edge-padding the border."""
+    data, squeeze = _as_channels(frames)
+    if data.shape[1:3] != mapping.source_size:
+        raise ValueError(f"frames are {data.shape[1:3]}, but the mapping was made for {mapping.source_size}")
+    scaled = resize_frames(data, mapping.scaled_size, filter=filter)
+    top, left = mapping.offset
+    bottom = mapping.canvas_size[0] - mapping.scaled_size[0] - top
+    right = mapping.canvas_size[1] - mapping.scaled_size[1] - left
+    # Edge padding rather than black: a black bar is content a generative model would try to explain.
+    out = np.pad(scaled, ((0, 0), (top, bottom), (left, right), (0, 0)), mode="edge")
+    return out[..., 0] if squeeze else out
+
+
+def _crop(data: np.ndarray, mapping: FitMapping) -> np.ndarray:
+    if data.shape[1:3] != mapping.canvas_size:
+        raise ValueError(f"frames are {data.shape[1:3]}, but the mapping's canvas is {mapping.canvas_size}")
+    top, left = mapping.offset
+    return data[:, top : top + mapping.scaled_size[0], left : left + mapping.scaled_size[1]]
+
+
+def unfit_frames(frames: np.ndarray, mapping: FitMapping, *, filter: str = "lanczos3") -> np.ndarray:
+    """Crop the model-resolution frames to the plate's area and upsample them (antialiased) to plate size."""
+    data, squeeze = _as_channels(frames)
+    out = resize_frames(np.ascontiguousarray(_crop(data, mapping)), mapping.source_size, filter=filter)
+    return out[..., 0] if squeeze else out
+
+
+def box_filter(x: np.ndarray, radius: int) -> np.ndarray:
+    """Mean over a (2r+1)² window of (H, W[, ...]) ``x``, windows clipped at the border (summed-area tables)."""
+    if radius < 1:
+        return np.asarray(x, np.float32)
+    x = np.asarray(x, np.float64)
+
+    def along(a: np.ndarray, axis: int) -> np.ndarray:
+        n = a.shape[axis]
+        csum = np.cumsum(a, axis=axis)
+        zero = np.zeros_like(np.take(csum, [0], axis=axis))
+        csum = np.concatenate([zero, csum], axis=axis)
+        hi = np.minimum(np.arange(n) + radius + 1, n)
+        lo = np.maximum(np.arange(n) - radius, 0)
+        return np.take(csum, hi, axis=axis) - np.take(csum, lo, axis=axis)
+
+    ones = np.ones(x.shape[:2], np.float64)
+    count = along(along(ones, 0), 1)
+    summed = along(along(x, 0), 1)
+    count = count.reshape(count.shape + (1,) * (x.ndim - 2))
+    return (summed / count).astype(np.float32)
+
+
+def upsample_bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of (H, W[, ...]) ``x`` to ``size`` with pixel centres aligned (the plain baseline)."""
+    x = np.asarray(x, np.float32)
+    in_h, in_w = x.shape[:2]
+    out_h, out_w = size
+
+    def coords(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        pos = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0, n_in - 1)
+        lo = np.floor(pos).astype(np.int64)
+        hi = np.minimum(lo + 1, n_in - 1)
+        return lo, hi, (pos - lo).astype(np.float32)
+
+    y0, y1, fy = coords(out_h, in_h)
+    x0, x1, fx = coords(out_w, in_w)
+    shape_y = (-1, 1) + (1,) * (x.ndim - 2)
+    shape_x = (1, -1) + (1,) * (x.ndim - 2)
+    fy, fx = fy.reshape(shape_y), fx.reshape(shape_x)
+    top = x[y0][:, x0] * (1 - fx) + x[y0][:, x1] * fx
+    bottom = x[y1][:, x0] * (1 - fx) + x[y1][:, x1] * fx
+    return top * (1 - fy) + bottom * fy
+
+
+def _guided_coefficients(guide: np.ndarray, src: np.ndarray, radius: int, eps: float):
+    """Colour guided filter coefficients (A: (H, W, 3), b: (H, W)), box-averaged, at the guide's resolution."""
+    mean_i = box_filter(guide, radius)  # H, W, 3
+    mean_p = box_filter(src, radius)  # H, W
+    mean_ip = box_filter(guide * src[..., None], radius)
+    cov_ip = mean_ip - mean_i * mean_p[..., None]
+    outer = guide[..., :, None] * guide[..., None, :]  # H, W, 3, 3
+    var_i = box_filter(outer.reshape(*outer.shape[:2], 9), radius).reshape(outer.shape)
+    var_i = var_i - mean_i[..., :, None] * mean_i[..., None, :] + eps * np.eye(3, dtype=np.float32)
+    a = np.linalg.solve(var_i.astype(np.float64), cov_ip[..., None].astype(np.float64))[..., 0]
+    b = mean_p - np.einsum("hwc,hwc->hw", a, mean_i)
+    return box_filter(a.astype(np.float32), radius), box_filter(b.astype(np.float32), radius)
+
+
+def guided_upsample(
+    matte: np.ndarray,
+    guide: np.ndarray,
+    mapping: FitMapping,
+    *,
+    radius: int = 2,
+    eps: float = 1e-3,
+) -> np.ndarray:
+    """Upsample a model-resolution matte (F, canvas H, canvas W) to plate size, edges following ``guide``.
+
+    ``guide`` is the full-resolution plate (F, H, W, 3), best in a perceptual [0, 1] encoding (the model
+    space). ``radius`` is in model pixels, ``eps`` the guided filter's regulariser (larger = smoother).
+    Where the bilinear upsampling of the matte is exactly 0 or 1 the result is too. Returns (F, H, W) in
+    [0, 1].
+    """
+    matte = np.asarray(matte, np.float32)
+    guide = np.asarray(guide, np.float32)
+    if matte.ndim != 3:
+        raise ValueError(f"matte has shape {matte.shape}; expected (F, H, W)")
+    if guide.ndim != 4 or guide.shape[-1] < 3 or guide.shape[1:3] != mapping.source_size:
+        raise ValueError(f"guide has shape {guide.shape}; expected (F, {mapping.source_size}, 3)")
+    if guide.shape[0] != matte.shape[0]:
+        raise ValueError(f"guide has {guide.shape[0]} frames but the matte has {matte.shape[0]}")
+    low = _crop(matte[..., None], mapping)[..., 0]
+    out = np.empty(guide.shape[:3], np.float32)
+    for i in range(matte.shape[0]):
+        full_guide = guide[i, ..., :3]
+        # The guide at the matte's resolution, by the same filter the plate took on the way in.
+        low_guide = resize_frames(full_guide[None], mapping.scaled_size)[0]
+        a, b = _guided_coefficients(low_guide, low[i], radius, eps)
+        a_full = upsample_bilinear(a, mapping.source_size)
+        b_full = upsample_bilinear(b, mapping.source_size)
+        refined = np.einsum("hwc,hwc->hw", a_full, full_guide) + b_full
+        # The filter only redraws the model's transition zone: where the plain interpolation of the model's
+        # matte is exactly empty or exactly opaque, it stays so (no halo leaks into untouched plate).
+        plain = upsample_bilinear(low[i], mapping.source_size)
+        out[i] = np.where(plain <= 0.0, 0.0, np.where(plain >= 1.0, 1.0, refined))
+    return np.clip(out, 0.0, 1.0)
