@@ -98,7 +98,7 @@ def _run_bench_step(args: argparse.Namespace) -> int:
 
 
 def _add_train(subparsers: argparse._SubParsersAction) -> None:
-    from .train import DEFAULT_BRANCH_LR_SCALES, DEFAULT_MASK_DROPOUT
+    from .recipe import DEFAULT_BRANCH_LR_SCALES, DEFAULT_MASK_DROPOUT
 
     parser = subparsers.add_parser(
         "train",
@@ -225,6 +225,31 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_demo(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="the whole product end to end on the shipped checkpoint (about a minute on a CPU)",
+        description="Write a sample scene-linear EXR plate, start an engine, submit it through the gRPC client, "
+        "show progress, fetch the layered EXRs and write a contact sheet.",
+    )
+    parser.add_argument(
+        "--out", default="vera_demo", help="folder for everything it writes (default: vera_demo)"
+    )
+    parser.add_argument(
+        "--model", default="default", help="pipeline folder, or 'default' for the shipped one"
+    )
+    parser.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(handler=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, model=args.model, steps=args.steps, seed=args.seed)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `vera-engine` argument parser with all its subcommands."""
     from . import __version__
@@ -232,7 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vera-engine", description="Vera Edit engine.")
     parser.add_argument("--version", action="version", version=f"vera-engine {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_convert_wan, _add_bench_step, _add_train, _add_eval):
+    from .service.server import add_serve_parser
+
+    for add in (add_serve_parser, _add_convert_wan, _add_bench_step, _add_train, _add_eval, _add_demo):
         add(subparsers)
     return parser
 

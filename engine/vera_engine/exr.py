@@ -197,6 +197,41 @@ def read_exr(path: str | os.PathLike[str]) -> tuple[np.ndarray, tuple[str, ...],
         inp.close()
 
 
+LAYER_CHANNELS: dict[str, tuple[str, ...]] = {
+    "composite": ("R", "G", "B", "A"),
+    "edit": ("edit.R", "edit.G", "edit.B", "edit.A"),
+    "matte": ("matte.A",),
+}
+"""The channels of one layered result file (ARCHITECTURE.md), by layer."""
+
+
+def read_layers(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """Read a layered result EXR: ``composite`` (H, W, 4), ``edit`` (H, W, 4, premultiplied), ``matte`` (H, W)."""
+    path = os.fspath(path)
+    inp = oiio.ImageInput.open(path)
+    if inp is None:
+        raise PlateError(f"{path}: not a readable image ({oiio.geterror()}); expected a Vera result EXR")
+    try:
+        spec = inp.spec()
+        names = list(spec.channelnames)
+        missing = [c for layer in LAYER_CHANNELS.values() for c in layer if c not in names]
+        if missing:
+            raise PlateError(
+                f"{path}: channels {missing} missing; a Vera result has {names and LAYER_CHANNELS}"
+            )
+        pixels = inp.read_image(0, 0, 0, spec.nchannels, "float")
+        if pixels is None or inp.has_error:
+            raise PlateError(
+                f"{path}: could not read the pixels, the file is truncated or corrupt ({inp.geterror()})"
+            )
+        pixels = np.asarray(pixels, np.float32).reshape(spec.height, spec.width, spec.nchannels)
+    finally:
+        inp.close()
+    layers = {name: pixels[..., [names.index(c) for c in chans]] for name, chans in LAYER_CHANNELS.items()}
+    layers["matte"] = layers["matte"][..., 0]
+    return layers
+
+
 def read_plate(
     pattern: str,
     frames: Iterable[int],

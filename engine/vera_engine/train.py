@@ -28,9 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .models.transformer_vera import BRANCHES, VeraTransformer3DModel
-
-DEFAULT_BRANCH_LR_SCALES: dict[str, float] = {"edit": 0.1, "alpha": 10.0, "composite": 10.0}
-DEFAULT_MASK_DROPOUT: dict[str, float] = {"object_addition": 0.9, "background_change": 0.3}
+from .recipe import DEFAULT_BRANCH_LR_SCALES, DEFAULT_MASK_DROPOUT
 
 # Vera-only parameters train with the branch whose tokens they are added to.
 _CONDITION_OWNERS = {

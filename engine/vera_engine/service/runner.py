@@ -1,0 +1,188 @@
+"""The real job runner: a :class:`~vera_engine.VeraPipeline` driven through :mod:`vera_engine.layers`.
+
+Reads the spooled plate, converts and fits it (layers.edit_plate), samples with per-step progress,
+rate-bounded previews and cancellation, and writes ``vera_edit.####.exr`` with the plate's frame numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+from vera_proto.vera.v1 import engine_pb2 as pb
+
+from ..model_store import check_safetensors_only, resolve_model_dir
+from .schema import ModelDefaults, model_info
+from .worker import JobCancelled, JobContext
+
+DEFAULT_STEPS = 30
+
+
+def weights_hash(files: list[Path], root: Path) -> str:
+    """sha256 over the weight files (names and contents): identifies the exact model in output metadata."""
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        with open(path, "rb") as handle:
+            while block := handle.read(1 << 24):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def scene_linear_spaces() -> list[str]:
+    """Scene-linear colour spaces of the OCIO config, the default working space first."""
+    from ..colour import DEFAULT_WORKING_SPACE, load_config
+
+    config = load_config()
+    names = [cs.getName() for cs in config.getColorSpaces() if cs.getEncoding() == "scene-linear"]
+    return [DEFAULT_WORKING_SPACE] + [n for n in names if n != DEFAULT_WORKING_SPACE]
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def _device_name(device: str) -> str:
+    return "cuda" if device.startswith("cuda") else device.split(":")[0]
+
+
+class PipelineRunner:
+    """Runs jobs with a VeraPipeline loaded from a local safetensors folder onto one device."""
+
+    def __init__(self, model: str, device: str | None = None) -> None:
+        self.model_dir = resolve_model_dir(model)
+        self.weights = check_safetensors_only(self.model_dir)
+        self.config: dict[str, Any] = json.loads((self.model_dir / "model_index.json").read_text())
+        self.name = self.model_dir.resolve().name
+        self.device = device
+        self.pipe: Any = None
+        self.hash = ""
+        self._models: list[pb.ModelInfo] | None = None
+
+    def load(self) -> None:
+        """Load the pipeline onto the device (called once on the worker thread)."""
+        import torch
+
+        from ..model_store import load_pipeline
+
+        if self.device is None:
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.hash = weights_hash(self.weights, self.model_dir)
+        self.pipe = load_pipeline(self.model_dir, device=self.device)
+        self._models = None
+
+    def models(self) -> list[pb.ModelInfo]:
+        """This runner's one model with its options schema."""
+        if self._models is None:
+            from ..exr import COLOUR_COMPRESSIONS
+
+            defaults = ModelDefaults(
+                name=self.name,
+                native_height=int(self.config.get("native_height", 0)),
+                native_width=int(self.config.get("native_width", 0)),
+                frame_window=int(self.config.get("native_frames", 0)),
+                steps=DEFAULT_STEPS,
+                description=f"Vera pipeline from {self.model_dir}",
+                weights_hash=self.hash,
+            )
+            self._models = [model_info(defaults, scene_linear_spaces(), COLOUR_COMPRESSIONS)]
+        return [pb.ModelInfo.FromString(m.SerializeToString()) for m in self._models]
+
+    def device_info(self) -> pb.DeviceInfo:
+        """The device and its memory (GPU memory for CUDA, system memory for CPU)."""
+        device = self.device or "cpu"
+        if device.startswith("cuda"):
+            import torch
+
+            index = torch.device(device).index or 0
+            free, total = torch.cuda.mem_get_info(index)
+            return pb.DeviceInfo(
+                name=torch.cuda.get_device_name(index),
+                kind="cuda",
+                memory_total_bytes=total,
+                memory_free_bytes=free,
+            )
+        page = os.sysconf("SC_PAGE_SIZE")
+        return pb.DeviceInfo(
+            name=_cpu_name(),
+            kind=_device_name(device),
+            memory_total_bytes=page * os.sysconf("SC_PHYS_PAGES"),
+            memory_free_bytes=page * os.sysconf("SC_AVPHYS_PAGES"),
+        )
+
+    def run(self, ctx: JobContext) -> list[Path]:
+        """Edit the spooled plate as the header asks and write the layered EXRs."""
+        from ..colour import ColourConverter
+        from ..layers import edit_plate, write_result_sequence
+        from ..pipeline_vera import VeraInterrupted
+
+        header = ctx.header
+        pipe = self.pipe
+        ctx.stage("reading plate", 0.0)
+        plate = ctx.inputs.plate()
+        mask = ctx.inputs.mask()
+        colour = ColourConverter(header.colorspace, hdr=header.hdr)
+        frames = list(header.frames)
+        steps = header.steps
+
+        def on_step(pipeline: Any, index: int, _timestep: Any, kwargs: dict) -> dict:
+            if ctx.cancelled():
+                pipeline.interrupt = True  # the pipeline raises VeraInterrupted before the next step
+            if ctx.wants_preview() and "composite_x0" in kwargs:
+                video = pipeline.decode_preview(kwargs["composite_x0"])
+                middle = len(video) // 2
+                ctx.preview(
+                    video[middle], frame=frames[min(middle, len(frames) - 1)], step=index + 1, notify=False
+                )
+            ctx.progress(index + 1, steps, progress=0.05 + 0.85 * (index + 1) / steps)
+            return {}
+
+        ctx.check_cancelled()
+        ctx.stage("sampling", 0.05)
+        try:
+            result = edit_plate(
+                pipe,
+                plate,
+                prompt=header.prompt,
+                colour=colour,
+                mask=mask,
+                negative_prompt=header.negative_prompt or None,
+                steps=steps,
+                guidance=header.guidance,
+                seed=header.seed,
+                callback=on_step,
+            )
+        except VeraInterrupted:
+            raise JobCancelled(ctx.job_id) from None
+        finally:
+            pipe.interrupt = False
+        del plate, mask
+        ctx.check_cancelled()
+        ctx.stage("writing", 0.9)
+        data_window, display_window = ctx.inputs.windows() or (None, None)
+        return write_result_sequence(
+            result,
+            ctx.output_dir,
+            frames,
+            pixel_type=header.bit_depth,
+            compression=header.compression,
+            metadata={
+                "job_id": ctx.job_id,
+                "task": header.task,
+                "model": self.name,
+                "model_hash": self.hash,
+            },
+            chromaticities=colour.chromaticities(),
+            data_window=data_window,
+            display_window=display_window,
+        )

@@ -1,0 +1,165 @@
+"""The options schema: the engine, per model, declares every option a job takes; hosts build UI from it.
+
+Option names are :class:`JobHeader` field names, so a host can fill a header generically from its UI.
+:func:`resolve_header` checks a submitted header against the schema and fills the defaults.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from vera_proto.vera.v1 import engine_pb2 as pb
+
+from .spool import MAX_FRAMES, InputError
+
+TASKS = ("object_addition", "background_change")
+BIT_DEPTHS = ("half", "float")
+MAX_PROMPT_CHARS = 2000
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """The per-model numbers the schema is built from."""
+
+    name: str
+    native_height: int
+    native_width: int
+    frame_window: int
+    steps: int = 30
+    max_steps: int = 200
+    guidance: float = 5.0
+    max_guidance: float = 30.0
+    tasks: Sequence[str] = TASKS
+    description: str = ""
+    weights_hash: str = ""
+
+
+def _value(v: int | float | str | bool) -> pb.OptionValue:
+    if isinstance(v, bool):
+        return pb.OptionValue(bool_value=v)
+    if isinstance(v, int):
+        return pb.OptionValue(int_value=v)
+    if isinstance(v, float):
+        return pb.OptionValue(float_value=v)
+    return pb.OptionValue(string_value=v)
+
+
+def options_schema(
+    model: ModelDefaults, colorspaces: Sequence[str], compressions: Sequence[str]
+) -> list[pb.OptionSpec]:
+    """Every option of ``model``, with type, default, range or choices and help."""
+    choice, integer, number, text = (
+        pb.OPTION_TYPE_CHOICE,
+        pb.OPTION_TYPE_INT,
+        pb.OPTION_TYPE_FLOAT,
+        pb.OPTION_TYPE_STRING,
+    )
+    return [
+        pb.OptionSpec(name="task", label="Task", type=choice, default=_value(model.tasks[0]), choices=list(model.tasks),
+                      help="object_addition adds something to the shot; background_change replaces what is behind the subject."),
+        pb.OptionSpec(name="prompt", label="Prompt", type=text, required=True,
+                      help="What to add or the new background, in plain words (e.g. 'a sea turtle swimming left to right')."),
+        pb.OptionSpec(name="negative_prompt", label="Negative prompt", type=text, default=_value(""),
+                      help="What the result should not contain."),
+        pb.OptionSpec(name="seed", label="Seed", type=integer, min=0, max=2**63 - 1,
+                      help="Same seed + same inputs = same result. Leave unset for a random seed (reported back)."),
+        pb.OptionSpec(name="steps", label="Steps", type=integer, default=_value(model.steps), min=1, max=model.max_steps,
+                      help="Denoising steps: more is slower and usually cleaner."),
+        pb.OptionSpec(name="guidance", label="Guidance", type=number, default=_value(model.guidance), min=0.0,
+                      max=model.max_guidance, help="How strongly the prompt steers the result (classifier-free guidance)."),
+        pb.OptionSpec(name="colorspace", label="Plate colour space", type=choice, default=_value(colorspaces[0]),
+                      choices=list(colorspaces), help="The scene-linear colour space the plate is in (OCIO name)."),
+        pb.OptionSpec(name="hdr", label="Keep HDR highlights", type=pb.OPTION_TYPE_BOOL, default=_value(False),
+                      help="Roll highlights through the ACES SDR view transform and back instead of clamping them."),
+        pb.OptionSpec(name="bit_depth", label="Output bit depth", type=choice, default=_value("half"),
+                      choices=list(BIT_DEPTHS), help="half: 16-bit float EXRs; float: 32-bit float EXRs."),
+        pb.OptionSpec(name="compression", label="Output compression", type=choice, default=_value("zip"),
+                      choices=list(compressions), help="EXR compression of the results; the matte is always lossless."),
+    ]  # fmt: skip
+
+
+def model_info(model: ModelDefaults, colorspaces: Sequence[str], compressions: Sequence[str]) -> pb.ModelInfo:
+    """The GetInfo entry of one model."""
+    return pb.ModelInfo(
+        name=model.name,
+        description=model.description,
+        native_width=model.native_width,
+        native_height=model.native_height,
+        frame_window=model.frame_window,
+        tasks=list(model.tasks),
+        options=options_schema(model, colorspaces, compressions),
+        weights_hash=model.weights_hash,
+    )
+
+
+def _spec(info: pb.ModelInfo, name: str) -> pb.OptionSpec:
+    return next(o for o in info.options if o.name == name)
+
+
+def _check_range(info: pb.ModelInfo, name: str, value: float) -> None:
+    spec = _spec(info, name)
+    if (
+        not math.isfinite(value)
+        or (spec.HasField("min") and value < spec.min)
+        or (spec.HasField("max") and value > spec.max)
+    ):
+        raise InputError(f"header.{name}", f"{value} is out of range; expected {spec.min:g}..{spec.max:g}")
+
+
+def _check_choice(info: pb.ModelInfo, header: pb.JobHeader, name: str) -> None:
+    spec = _spec(info, name)
+    value = getattr(header, name) or spec.default.string_value
+    if value not in spec.choices:
+        raise InputError(f"header.{name}", f"{value!r} is not one of {', '.join(spec.choices)}")
+    setattr(header, name, value)
+
+
+def resolve_header(header: pb.JobHeader, models: Sequence[pb.ModelInfo]) -> pb.JobHeader:
+    """Validate a submitted header against the schema; returns a copy with every default filled in.
+
+    Raises :class:`InputError` naming the field.
+    """
+    out = pb.JobHeader()
+    out.CopyFrom(header)
+    if not models:
+        raise InputError("header.model", "this engine serves no model")
+    if out.model:
+        info = next((m for m in models if m.name == out.model), None)
+        if info is None:
+            raise InputError(
+                "header.model", f"{out.model!r} is not served here; models: {[m.name for m in models]}"
+            )
+    else:
+        info = models[0]
+        out.model = info.name
+    if not out.prompt.strip():
+        raise InputError("header.prompt", "is empty; describe the edit, e.g. 'add a red ball rolling left'")
+    if len(out.prompt) > MAX_PROMPT_CHARS:
+        raise InputError("header.prompt", f"is {len(out.prompt)} characters; at most {MAX_PROMPT_CHARS}")
+    for name in ("task", "colorspace", "bit_depth", "compression"):
+        _check_choice(info, out, name)
+    if out.HasField("seed"):
+        _check_range(info, "seed", out.seed)
+    else:
+        out.seed = secrets.randbelow(2**31)
+    if out.HasField("steps"):
+        _check_range(info, "steps", out.steps)
+    else:
+        out.steps = _spec(info, "steps").default.int_value
+    if out.HasField("guidance"):
+        _check_range(info, "guidance", out.guidance)
+    else:
+        out.guidance = _spec(info, "guidance").default.float_value
+    frames = list(out.frames)
+    if not frames:
+        raise InputError("header.frames", "is empty; list the plate's frame numbers (e.g. 1001..1100)")
+    if len(frames) > MAX_FRAMES:
+        raise InputError("header.frames", f"has {len(frames)} frames; at most {MAX_FRAMES} per job")
+    if len(set(frames)) != len(frames):
+        seen: set[int] = set()
+        dup = next(f for f in frames if f in seen or seen.add(f))  # type: ignore[func-returns-value]
+        raise InputError("header.frames", f"frame {dup} is listed twice; each frame number must appear once")
+    return out

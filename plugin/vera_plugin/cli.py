@@ -1,0 +1,388 @@
+"""``vera``: the command line for TDs and farm scripts (needs only grpcio and protobuf).
+
+Commands: ``vera info``, ``vera edit``, ``vera jobs``, ``vera cancel JOB``, ``vera fetch JOB --out DIR``.
+The engine address comes from ``--engine HOST:PORT``, else ``$VERA_ENGINE``, else 127.0.0.1:50051; a token
+from ``--token-file`` or ``$VERA_TOKEN_FILE``.
+
+Exit codes (stable, for scripts):
+  0  success
+  1  the job failed on the engine, or another engine error
+  2  bad arguments or local input (missing frames, bad frame range)
+  3  the engine cannot be reached
+  4  the engine rejected the request (INVALID_ARGUMENT, FAILED_PRECONDITION: the message names the field)
+  5  not authenticated (missing or wrong token)
+  6  the engine's queue is full (RESOURCE_EXHAUSTED): retry later
+  7  no such job
+  8  the job was cancelled
+  130 interrupted (Ctrl-C); ``vera edit`` cancels its job first unless --detach
+Results go to stdout (one output file per line, or JSON with --json); progress and errors to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+from google.protobuf import json_format
+
+from vera_proto.vera.v1 import engine_pb2 as pb
+
+from .client import DEFAULT_ADDRESS, EngineClient, EngineError, parse_frames, state_name
+
+EXIT_OK = 0
+EXIT_JOB_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+EXIT_REJECTED = 4
+EXIT_UNAUTHENTICATED = 5
+EXIT_BUSY = 6
+EXIT_NOT_FOUND = 7
+EXIT_CANCELLED = 8
+EXIT_INTERRUPTED = 130
+
+_CODE_EXITS = {
+    "UNAVAILABLE": EXIT_UNREACHABLE,
+    "DEADLINE_EXCEEDED": EXIT_UNREACHABLE,
+    "INVALID_ARGUMENT": EXIT_REJECTED,
+    "FAILED_PRECONDITION": EXIT_REJECTED,
+    "OUT_OF_RANGE": EXIT_REJECTED,
+    "UNAUTHENTICATED": EXIT_UNAUTHENTICATED,
+    "PERMISSION_DENIED": EXIT_UNAUTHENTICATED,
+    "RESOURCE_EXHAUSTED": EXIT_BUSY,
+    "NOT_FOUND": EXIT_NOT_FOUND,
+    "CANCELLED": EXIT_CANCELLED,
+}
+
+
+def exit_code_for(error: EngineError) -> int:
+    """The exit code for an engine error (see the module docstring)."""
+    return _CODE_EXITS.get(error.code, EXIT_JOB_FAILED)
+
+
+def _connect(args: argparse.Namespace) -> EngineClient:
+    return EngineClient(
+        args.engine,
+        token_file=args.token_file,
+        ca_cert=args.ca_cert,
+        tls=args.tls,
+        server_name=args.server_name,
+        timeout=args.timeout,
+    )
+
+
+def _json(message: Any) -> dict[str, Any]:
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Progress display
+
+
+class Progress:
+    """A one-line progress bar on a terminal; one line per change of stage otherwise (logs stay readable)."""
+
+    def __init__(self, stream: TextIO, quiet: bool = False) -> None:
+        self.stream = stream
+        self.quiet = quiet
+        self.tty = stream.isatty()
+        self._last_line = ""
+        self._last_key: tuple[Any, ...] = ()
+
+    def update(self, status: pb.JobStatus) -> None:
+        """Show one JobStatus."""
+        if self.quiet:
+            return
+        width = 30
+        filled = round(status.progress * width)
+        bar = "#" * filled + "-" * (width - filled)
+        parts = [f"[{bar}] {status.progress * 100:5.1f}%", state_name(status.state)]
+        if status.state == pb.JOB_STATE_QUEUED:
+            parts.append(f"position {status.queue_position + 1} in queue")
+        elif status.stage:
+            parts.append(status.stage)
+        if status.total_steps:
+            parts.append(f"step {status.step}/{status.total_steps}")
+        if status.HasField("eta_seconds") and status.state == pb.JOB_STATE_RUNNING:
+            parts.append(f"ETA {status.eta_seconds:.0f}s")
+        line = "  ".join(parts)
+        if self.tty:
+            self.stream.write("\r" + line.ljust(len(self._last_line)))
+            self.stream.flush()
+            self._last_line = line
+        else:
+            # Without a terminal: a line per state/stage change and per 10 % of progress.
+            key = (status.state, status.stage, int(status.progress * 10))
+            if key != self._last_key:
+                self._last_key = key
+                print(line, file=self.stream, flush=True)
+
+    def done(self) -> None:
+        """End the progress line."""
+        if self.tty and self._last_line and not self.quiet:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Commands
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Print the engine's version, device, queue and models with their options."""
+    with _connect(args) as client:
+        info = client.info()
+    if args.json:
+        print(json.dumps(_json(info), indent=2))
+        return EXIT_OK
+    gib = 1024**3
+    dev = info.device
+    print(f"engine   {args.engine}  version {info.engine_version}")
+    print(
+        f"device   {dev.name} ({dev.kind}), {dev.memory_free_bytes / gib:.1f} of "
+        f"{dev.memory_total_bytes / gib:.1f} GiB free"
+    )
+    print(f"queue    {info.queue_length} waiting of {info.queue_capacity}, {info.running} running")
+    print(f"model    {'loaded' if info.model_loaded else 'loading'}")
+    for model in info.models:
+        default = " (default)" if model.is_default else ""
+        print(
+            f"  {model.name}{default}: native {model.native_width}x{model.native_height}, "
+            f"{model.frame_window} frames, tasks {', '.join(model.tasks)}"
+        )
+        for opt in model.options:
+            value = opt.default.WhichOneof("value")
+            default_text = f" = {getattr(opt.default, value)!r}" if value else ""
+            limits = ""
+            if opt.choices:
+                limits = f" one of {', '.join(opt.choices)}"
+            elif opt.HasField("min") or opt.HasField("max"):
+                limits = f" in {opt.min:g}..{opt.max:g}"
+            kind = pb.OptionType.Name(opt.type).removeprefix("OPTION_TYPE_").lower()
+            print(f"    {opt.name} ({kind}){default_text}{limits}: {opt.help}")
+    return EXIT_OK
+
+
+def _status_line(status: pb.JobStatus) -> str:
+    header = status.header
+    frames = f"{header.frames[0]}-{header.frames[-1]}" if header.frames else "-"
+    progress = f"{status.progress * 100:3.0f}%"
+    created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(status.created_at))
+    error = f"  {status.error}" if status.error else ""
+    return (
+        f"{status.job_id}  {state_name(status.state):<9}  {progress}  {created}  {frames:<11}  "
+        f"{header.task:<17}  {header.prompt[:40]!r}{error}"
+    )
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    """List the engine's jobs."""
+    with _connect(args) as client:
+        jobs = client.list_jobs(states=args.state or (), limit=args.limit)
+    if args.json:
+        print(json.dumps([_json(j) for j in jobs], indent=2))
+    else:
+        for status in jobs:
+            print(_status_line(status))
+    return EXIT_OK
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    """Cancel a job; prints its final state."""
+    with _connect(args) as client:
+        status = client.cancel(args.job)
+    print(f"{status.job_id} {state_name(status.state)}")
+    return EXIT_OK if status.state in (pb.JOB_STATE_CANCELLED, pb.JOB_STATE_SUCCEEDED) else EXIT_JOB_FAILED
+
+
+def _fetch(client: EngineClient, job: str, out: str, quiet: bool) -> list[str]:
+    def progress(index: int, count: int, name: str) -> None:
+        if not quiet:
+            print(f"fetched {index}/{count} {name}", file=sys.stderr, flush=True)
+
+    return [str(p) for p in client.fetch(job, out, progress=progress)]
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    """Download a finished job's results."""
+    with _connect(args) as client:
+        files = _fetch(client, args.job, args.out, args.quiet)
+    for path in files:
+        print(path)
+    return EXIT_OK
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    """Submit a plate, follow the job with a progress bar, fetch the results into --out."""
+    try:
+        frames = parse_frames(args.frames)
+    except ValueError as exc:
+        print(f"vera edit: error: --frames: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    options = {
+        "task": args.task,
+        "negative_prompt": args.negative_prompt,
+        "seed": args.seed,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "colorspace": args.colorspace,
+        "bit_depth": args.bit_depth,
+        "compression": args.compression,
+        "model": args.model,
+        "name": args.name,
+        "hdr": args.hdr or None,
+    }
+    progress = Progress(sys.stderr, quiet=args.quiet)
+    with _connect(args) as client:
+        if not args.quiet:
+            print(f"uploading {len(frames)} frames to {args.engine} ...", file=sys.stderr, flush=True)
+        try:
+            job = client.submit_files(
+                args.plate, frames, prompt=args.prompt, mask=args.mask, send_paths=args.send_paths, **options
+            )
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"vera edit: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"job {job}", file=sys.stderr, flush=True)
+        if args.detach:
+            print(job)
+            return EXIT_OK
+        try:
+            final = client.wait(job, callback=progress.update)
+        except KeyboardInterrupt:
+            progress.done()
+            print(f"vera edit: interrupted; cancelling job {job}", file=sys.stderr)
+            client.cancel(job)
+            return EXIT_INTERRUPTED
+        progress.done()
+        if final.state == pb.JOB_STATE_CANCELLED:
+            print(f"vera edit: job {job} was cancelled", file=sys.stderr)
+            return EXIT_CANCELLED
+        if final.state != pb.JOB_STATE_SUCCEEDED:
+            print(f"vera edit: job {job} failed: {final.error}", file=sys.stderr)
+            return EXIT_JOB_FAILED
+        files = _fetch(client, job, args.out, args.quiet)
+    if args.json:
+        print(json.dumps({"job_id": job, "seed": final.seed, "files": files}))
+    else:
+        for path in files:
+            print(path)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``vera`` argument parser."""
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("engine connection")
+    group.add_argument(
+        "--engine",
+        default=os.environ.get("VERA_ENGINE", DEFAULT_ADDRESS),
+        metavar="HOST:PORT",
+        help="engine address (default: $VERA_ENGINE or %(default)s)",
+    )
+    group.add_argument(
+        "--token-file",
+        default=os.environ.get("VERA_TOKEN_FILE"),
+        help="file holding the engine's bearer token",
+    )
+    group.add_argument("--tls", action="store_true", help="connect with TLS (system roots unless --ca-cert)")
+    group.add_argument("--ca-cert", help="PEM certificate(s) to verify the engine with (implies --tls)")
+    group.add_argument("--server-name", help="expected TLS server name, if not the address's host")
+    group.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds for short calls (default: %(default)s)"
+    )
+    group.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+
+    parser = argparse.ArgumentParser(
+        prog="vera",
+        description="Talk to a Vera Edit engine: submit plates, follow jobs, fetch layered EXRs.",
+        epilog="Exit codes" + (__doc__ or "Exit codes").split("Exit codes", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    info = sub.add_parser("info", parents=[common], help="engine, device, queue, models and their options")
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.set_defaults(func=cmd_info)
+
+    edit = sub.add_parser("edit", parents=[common], help="edit a plate and fetch the layered result")
+    edit.add_argument("--plate", required=True, help="EXR sequence, e.g. /shots/sh010/plate.####.exr")
+    edit.add_argument(
+        "--frames", required=True, metavar="A-B", help="frame range, e.g. 1001-1100 (or 1,3,5-9)"
+    )
+    edit.add_argument("--mask", help="optional mask sequence (single channel or A), same frames")
+    edit.add_argument("--prompt", required=True, help="the edit, e.g. 'add a sea turtle swimming left'")
+    edit.add_argument("--negative-prompt", help="what the result should not contain")
+    edit.add_argument(
+        "--task", choices=("object_addition", "background_change"), help="default: object_addition"
+    )
+    edit.add_argument("--seed", type=int, help="default: random (reported)")
+    edit.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    edit.add_argument("--guidance", type=float, help="guidance scale (default: the model's)")
+    edit.add_argument("--colorspace", help="the plate's scene-linear colour space (default: ACEScg)")
+    edit.add_argument(
+        "--hdr", action="store_true", help="keep highlights through the ACES SDR view transform"
+    )
+    edit.add_argument("--bit-depth", choices=("half", "float"), help="output EXR bit depth (default: half)")
+    edit.add_argument("--compression", help="output EXR compression (default: zip)")
+    edit.add_argument("--model", help="model name (default: the engine's default)")
+    edit.add_argument("--name", help="label shown in job lists (e.g. the shot)")
+    edit.add_argument(
+        "--send-paths",
+        action="store_true",
+        help="send file paths instead of bytes (engine shares the storage)",
+    )
+    edit.add_argument("--detach", action="store_true", help="print the job id after upload and exit")
+    edit.add_argument("--json", action="store_true", help="print {job_id, seed, files} as JSON")
+    edit.add_argument("--out", required=True, help="folder for vera_edit.####.exr")
+    edit.set_defaults(func=cmd_edit)
+
+    jobs = sub.add_parser("jobs", parents=[common], help="list the engine's jobs")
+    jobs.add_argument(
+        "--state",
+        action="append",
+        choices=("queued", "running", "succeeded", "failed", "cancelled"),
+        help="only jobs in this state (repeatable)",
+    )
+    jobs.add_argument("--limit", type=int, default=0, help="only the newest N jobs")
+    jobs.add_argument("--json", action="store_true", help="print JSON")
+    jobs.set_defaults(func=cmd_jobs)
+
+    cancel = sub.add_parser("cancel", parents=[common], help="cancel a job")
+    cancel.add_argument("job", help="job id")
+    cancel.set_defaults(func=cmd_cancel)
+
+    fetch = sub.add_parser("fetch", parents=[common], help="download a finished job's results")
+    fetch.add_argument("job", help="job id")
+    fetch.add_argument("--out", required=True, help="folder to write the results to")
+    fetch.set_defaults(func=cmd_fetch)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``vera``; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except EngineError as exc:
+        print(f"vera {args.command}: error: {exc}", file=sys.stderr)
+        return exit_code_for(exc)
+    except (OSError, ValueError) as exc:
+        print(f"vera {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"vera {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,533 @@
+"""``EngineClient``: the TD-facing Python API of a Vera Edit engine (gRPC, ``vera.v1.Engine``).
+
+Needs only grpcio and protobuf; numpy is imported only by :meth:`EngineClient.submit_arrays`.
+
+>>> from vera_plugin.client import EngineClient
+>>> with EngineClient("127.0.0.1:50051") as engine:
+...     job = engine.submit_files("/shots/sh010/plate.####.exr", range(1001, 1101),
+...                               prompt="add a red ball rolling left to right")
+...     final = engine.wait(job, callback=lambda s: print(s.stage, s.step, s.total_steps))
+...     files = engine.fetch(job, "/shots/sh010/vera")
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import re
+import socket
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from vera_proto.vera.v1 import engine_pb2 as pb
+from vera_proto.vera.v1 import engine_pb2_grpc as pb_grpc
+
+__all__ = [
+    "DEFAULT_ADDRESS",
+    "FINAL_STATES",
+    "EngineClient",
+    "EngineError",
+    "format_frames",
+    "frame_path",
+    "parse_frames",
+    "state_name",
+]
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+CHUNK_BYTES = 3 * 1024 * 1024  # under gRPC's default 4 MiB limit, so any client can receive Fetch chunks
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+FINAL_STATES = frozenset({pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED})
+
+_HEADER_FIELDS = {
+    "task",
+    "negative_prompt",
+    "seed",
+    "steps",
+    "guidance",
+    "model",
+    "colorspace",
+    "bit_depth",
+    "compression",
+    "name",
+    "hdr",
+    "submitted_by",
+}
+
+
+class EngineError(Exception):
+    """A call to the engine failed. ``code`` is the gRPC status name (e.g. ``"INVALID_ARGUMENT"``)."""
+
+    def __init__(self, code: str, details: str, address: str = "") -> None:
+        where = f" ({address})" if address else ""
+        super().__init__(f"{code}: {details}{where}")
+        self.code = code
+        self.details = details
+        self.address = address
+
+
+def state_name(state: int) -> str:
+    """``JOB_STATE_SUCCEEDED`` -> ``"succeeded"``."""
+    return pb.JobState.Name(state).removeprefix("JOB_STATE_").lower()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sequences and frame ranges (no OpenImageIO on the host: the engine decodes the EXRs)
+
+_TOKEN = re.compile(r"%0?(\d*)d|#+|@+")
+
+
+def frame_path(pattern: str, frame: int) -> str:
+    """The file of ``frame`` in ``pattern``: ``plate.####.exr``, ``plate.@@@@.exr`` or ``plate.%04d.exr``."""
+    head, name = os.path.split(pattern)
+    hits = list(_TOKEN.finditer(name))
+    if len(hits) != 1:
+        raise ValueError(
+            f"sequence pattern {pattern!r} must contain exactly one frame token "
+            f"(e.g. 'plate.####.exr' or 'plate.%04d.exr'); found {len(hits)}"
+        )
+    token = hits[0]
+    pad = int(token.group(1) or 1) if token.group(0).startswith("%") else len(token.group(0))
+    number = f"-{abs(frame):0{pad}d}" if frame < 0 else f"{frame:0{pad}d}"
+    return os.path.join(head, name[: token.start()] + number + name[token.end() :])
+
+
+def parse_frames(text: str) -> list[int]:
+    """``"1001-1100"``, ``"1001"`` or ``"1,3,10-12"`` -> the frame numbers, in order, each once."""
+    frames: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        match = re.fullmatch(r"(-?\d+)(?:-(-?\d+))?", part)
+        if not match:
+            raise ValueError(f"frame range {text!r}: {part!r} is not N or A-B (e.g. 1001-1100 or 1,3,5-9)")
+        first = int(match.group(1))
+        last = int(match.group(2)) if match.group(2) is not None else first
+        if last < first:
+            raise ValueError(f"frame range {text!r}: {part!r} ends before it starts")
+        frames.extend(range(first, last + 1))
+    if len(set(frames)) != len(frames):
+        raise ValueError(f"frame range {text!r} lists a frame more than once")
+    return frames
+
+
+def format_frames(frames: Sequence[int]) -> str:
+    """The inverse of :func:`parse_frames`, compact: ``[1,2,3,7]`` -> ``"1-3,7"``."""
+    parts: list[str] = []
+    i = 0
+    while i < len(frames):
+        j = i
+        while j + 1 < len(frames) and frames[j + 1] == frames[j] + 1:
+            j += 1
+        parts.append(str(frames[i]) if i == j else f"{frames[i]}-{frames[j]}")
+        i = j + 1
+    return ",".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Health checking without grpcio-health-checking: the two tiny messages are encoded by hand.
+
+_HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+_HEALTH_STATUS = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}
+
+
+def _encode_health_request(service: str) -> bytes:
+    data = service.encode()
+    if len(data) > 127:
+        raise ValueError("service name too long")
+    return (b"\x0a" + bytes([len(data)]) + data) if data else b""
+
+
+def _decode_health_response(data: bytes) -> str:
+    # HealthCheckResponse { ServingStatus status = 1; }: tag 0x08 then a one-byte varint.
+    if len(data) >= 2 and data[0] == 0x08:
+        return _HEALTH_STATUS.get(data[1], "UNKNOWN")
+    return "UNKNOWN"
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+class EngineClient:
+    """A connection to one engine. Thread-safe; close it (or use ``with``) when done.
+
+    ``token`` / ``token_file``: bearer token for engines started with ``--token-file``. ``tls=True`` (implied
+    by ``ca_cert``) uses TLS, verifying the engine against ``ca_cert`` (PEM) or the system roots.
+    ``timeout`` bounds the unary calls (GetInfo, Cancel, ListJobs), not uploads, watches or downloads.
+    """
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        token: str | None = None,
+        token_file: str | os.PathLike[str] | None = None,
+        tls: bool = False,
+        ca_cert: str | os.PathLike[str] | None = None,
+        server_name: str | None = None,
+        timeout: float | None = 30.0,
+        chunk_bytes: int = CHUNK_BYTES,
+    ) -> None:
+        if token is None and token_file is not None:
+            lines = [ln.strip() for ln in Path(token_file).read_text().splitlines()]
+            tokens = [ln for ln in lines if ln and not ln.startswith("#")]
+            if not tokens:
+                raise ValueError(f"token file {token_file}: contains no token")
+            token = tokens[0]
+        if not 0 < chunk_bytes <= MAX_MESSAGE_BYTES // 2:
+            raise ValueError(f"chunk_bytes={chunk_bytes}; expected 1..{MAX_MESSAGE_BYTES // 2}")
+        self.address = address
+        self.timeout = timeout
+        self.chunk_bytes = chunk_bytes
+        self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            # Reconnect quickly after an engine restart (gRPC's default backoff grows to two minutes).
+            ("grpc.initial_reconnect_backoff_ms", 500),
+            ("grpc.min_reconnect_backoff_ms", 500),
+            ("grpc.max_reconnect_backoff_ms", 5000),
+        ]
+        if tls or ca_cert is not None:
+            roots = Path(ca_cert).read_bytes() if ca_cert is not None else None
+            if server_name:
+                options.append(("grpc.ssl_target_name_override", server_name))
+            self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(roots), options=options)
+        else:
+            self._channel = grpc.insecure_channel(address, options=options)
+        self._stub = pb_grpc.EngineStub(self._channel)
+
+    # -- plumbing ------------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the channel."""
+        self._channel.close()
+
+    def __enter__(self) -> EngineClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _error(self, exc: grpc.RpcError) -> EngineError:
+        code = exc.code() if hasattr(exc, "code") else None
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        return EngineError(code.name if code is not None else "UNKNOWN", details or "", self.address)
+
+    def _unary(self, method: Callable[..., Any], request: Any) -> Any:
+        try:
+            return method(request, timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
+
+    # -- queries -------------------------------------------------------------------------------------------
+
+    def health(self, service: str = "") -> str:
+        """The engine's health: ``"SERVING"`` once its model is loaded, ``"NOT_SERVING"`` before."""
+        check = self._channel.unary_unary(
+            _HEALTH_CHECK, request_serializer=lambda s: _encode_health_request(s), response_deserializer=None
+        )
+        try:
+            return _decode_health_response(check(service, timeout=self.timeout, metadata=self._metadata))
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
+
+    def wait_until_serving(self, timeout: float = 60.0) -> None:
+        """Block until the engine answers SERVING (model loaded); EngineError on timeout."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        last = "UNAVAILABLE"
+        while time.monotonic() < deadline:
+            try:
+                last = self.health()
+                if last == "SERVING":
+                    return
+            except EngineError as exc:
+                last = exc.code
+            time.sleep(0.1)
+        raise EngineError(
+            "DEADLINE_EXCEEDED", f"engine not serving after {timeout:g}s (last: {last})", self.address
+        )
+
+    def info(self) -> pb.EngineInfo:
+        """Engine version, device, queue and the models with their options schema."""
+        return self._unary(self._stub.GetInfo, pb.GetInfoRequest())
+
+    def list_jobs(self, states: Iterable[int | str] = (), limit: int = 0) -> list[pb.JobStatus]:
+        """Jobs known to the engine, in submission order; ``states`` like ``["queued", "running"]``."""
+        wanted = [s if isinstance(s, int) else pb.JobState.Value("JOB_STATE_" + s.upper()) for s in states]
+        return list(self._unary(self._stub.ListJobs, pb.ListJobsRequest(states=wanted, limit=limit)).jobs)
+
+    def status(self, job_id: str) -> pb.JobStatus:
+        """The current status of one job."""
+        for status in self.watch(job_id):
+            return status
+        raise EngineError("NOT_FOUND", f"job {job_id!r}: no status", self.address)
+
+    def cancel(self, job_id: str) -> pb.JobStatus:
+        """Cancel a job; returns its status (CANCELLED, or final if it had already finished)."""
+        return self._unary(self._stub.Cancel, pb.CancelRequest(job_id=job_id))
+
+    # -- submitting ----------------------------------------------------------------------------------------
+
+    def _header(
+        self, prompt: str, frames: Sequence[int], has_mask: bool, options: dict[str, Any]
+    ) -> pb.JobHeader:
+        unknown = set(options) - _HEADER_FIELDS
+        if unknown:
+            raise TypeError(f"unknown job options {sorted(unknown)}; known: {sorted(_HEADER_FIELDS)}")
+        fields = {k: v for k, v in options.items() if v is not None}
+        fields.setdefault("submitted_by", f"{getpass.getuser()}@{socket.gethostname()}")
+        return pb.JobHeader(prompt=prompt, frames=[int(f) for f in frames], has_mask=has_mask, **fields)
+
+    def _chunks(
+        self, layer: int, frame: int, data: memoryview | bytes, **first: Any
+    ) -> Iterator[pb.SubmitRequest]:
+        total = len(data)
+        for offset in range(0, total, self.chunk_bytes):
+            extra = first if offset == 0 else {}
+            chunk = pb.FrameChunk(
+                layer=layer,
+                frame=frame,
+                total_size=total,
+                offset=offset,
+                data=bytes(data[offset : offset + self.chunk_bytes]),
+                **extra,
+            )
+            yield pb.SubmitRequest(chunk=chunk)
+
+    def _file_chunks(self, layer: int, frame: int, path: str) -> Iterator[pb.SubmitRequest]:
+        size = os.path.getsize(path)
+        with open(path, "rb") as handle:
+            offset = 0
+            while offset < size:
+                data = handle.read(self.chunk_bytes)
+                if not data:
+                    raise OSError(f"{path}: file shrank while it was being sent")
+                chunk = pb.FrameChunk(layer=layer, frame=frame, total_size=size, offset=offset, data=data)
+                if offset == 0:
+                    chunk.encoding = pb.ENCODING_EXR
+                offset += len(data)
+                yield pb.SubmitRequest(chunk=chunk)
+
+    def submit(self, header: pb.JobHeader, requests: Iterable[pb.SubmitRequest]) -> pb.SubmitResponse:
+        """Low level: stream ``header`` then ``requests`` (FrameChunks). Most callers want submit_files/arrays."""
+
+        def stream() -> Iterator[pb.SubmitRequest]:
+            yield pb.SubmitRequest(header=header)
+            yield from requests
+
+        try:
+            return self._stub.Submit(stream(), metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
+
+    def submit_files(
+        self,
+        plate: str | Sequence[str | os.PathLike[str]],
+        frames: Iterable[int],
+        *,
+        prompt: str,
+        mask: str | Sequence[str | os.PathLike[str]] | None = None,
+        send_paths: bool = False,
+        **options: Any,
+    ) -> str:
+        """Submit an EXR sequence; returns the job id.
+
+        ``plate`` (and ``mask``) is a pattern (``plate.####.exr``, ``plate.%04d.exr``) or one path per frame.
+        ``send_paths=True`` sends absolute paths instead of bytes, for engines that share the storage (the
+        paths must lie under the engine's allowed roots). ``options`` are JobHeader fields: task,
+        negative_prompt, seed, steps, guidance, model, colorspace, bit_depth, compression, hdr, name.
+        """
+        frame_list = [int(f) for f in frames]
+        plate_paths = self._paths(plate, frame_list, "plate")
+        mask_paths = self._paths(mask, frame_list, "mask") if mask is not None else None
+        header = self._header(prompt, frame_list, mask_paths is not None, options)
+
+        def frames_stream() -> Iterator[pb.SubmitRequest]:
+            layers = [(pb.LAYER_PLATE, plate_paths)] + ([(pb.LAYER_MASK, mask_paths)] if mask_paths else [])
+            for layer, paths in layers:
+                for frame, path in zip(frame_list, paths, strict=True):
+                    if send_paths:
+                        chunk = pb.FrameChunk(
+                            layer=layer, frame=frame, encoding=pb.ENCODING_PATH, path=os.path.abspath(path)
+                        )
+                        yield pb.SubmitRequest(chunk=chunk)
+                    else:
+                        yield from self._file_chunks(layer, frame, path)
+
+        return self.submit(header, frames_stream()).job_id
+
+    @staticmethod
+    def _paths(source: str | Sequence[str | os.PathLike[str]], frames: list[int], what: str) -> list[str]:
+        if isinstance(source, (str, os.PathLike)):
+            paths = [frame_path(os.fspath(source), f) for f in frames]
+        else:
+            paths = [os.fspath(p) for p in source]
+            if len(paths) != len(frames):
+                raise ValueError(
+                    f"{what}: {len(paths)} files for {len(frames)} frames; pass one file per frame"
+                )
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise FileNotFoundError(
+                f"{what}: {len(missing)} of {len(paths)} frames missing, first {missing[0]}; "
+                "render them or choose a frame range that exists"
+            )
+        return paths
+
+    def submit_arrays(
+        self,
+        plate: Any,
+        frames: Iterable[int] | None = None,
+        *,
+        prompt: str,
+        mask: Any = None,
+        **options: Any,
+    ) -> str:
+        """Submit a plate held in memory: ``plate`` (F, H, W, 3|4) float32/float16 numpy array in the
+        declared scene-linear colour space, ``mask`` (F, H, W) or (F, H, W, 1); returns the job id.
+
+        ``frames`` are the plate's frame numbers (default 1..F). Needs numpy.
+        """
+        import numpy as np
+
+        plate = np.asarray(plate)
+        if plate.ndim != 4 or plate.shape[-1] not in (3, 4):
+            raise ValueError(f"plate has shape {plate.shape}; expected (frames, height, width, 3 or 4)")
+        frame_list = list(range(1, len(plate) + 1)) if frames is None else [int(f) for f in frames]
+        if len(frame_list) != len(plate):
+            raise ValueError(f"{len(frame_list)} frame numbers for a plate of {len(plate)} frames")
+        if mask is not None:
+            mask = np.asarray(mask)
+            if mask.ndim == 3:
+                mask = mask[..., None]
+            if mask.shape[:3] != plate.shape[:3] or mask.shape[-1] != 1:
+                raise ValueError(f"mask has shape {mask.shape}; expected {plate.shape[:3]} like the plate")
+        header = self._header(prompt, frame_list, mask is not None, options)
+
+        def raw(array: Any) -> tuple[memoryview, pb.RawFormat]:
+            half = array.dtype == np.float16
+            data = np.ascontiguousarray(array, dtype="<f2" if half else "<f4")
+            fmt = pb.RawFormat(
+                width=data.shape[1],
+                height=data.shape[0],
+                channels=data.shape[2],
+                sample_type=pb.SAMPLE_TYPE_FLOAT16 if half else pb.SAMPLE_TYPE_FLOAT32,
+            )
+            return data.data.cast("B"), fmt
+
+        def frames_stream() -> Iterator[pb.SubmitRequest]:
+            layers = [(pb.LAYER_PLATE, plate)] + ([(pb.LAYER_MASK, mask)] if mask is not None else [])
+            for layer, video in layers:
+                for i, frame in enumerate(frame_list):
+                    data, fmt = raw(video[i])
+                    yield from self._chunks(layer, frame, data, encoding=pb.ENCODING_RAW, raw=fmt)
+
+        return self.submit(header, frames_stream()).job_id
+
+    # -- following and fetching ----------------------------------------------------------------------------
+
+    def watch(self, job_id: str, *, previews: bool = False) -> Iterator[pb.JobStatus]:
+        """Iterate over the job's status updates until it reaches a final state."""
+        try:
+            yield from self._stub.Watch(
+                pb.WatchRequest(job_id=job_id, previews=previews), metadata=self._metadata
+            )
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
+
+    def wait(
+        self,
+        job_id: str,
+        callback: Callable[[pb.JobStatus], None] | None = None,
+        *,
+        previews: bool = False,
+        reconnect_seconds: float = 120.0,
+    ) -> pb.JobStatus:
+        """Block until the job finishes, calling ``callback(status)`` on every update; returns the final status.
+
+        Jobs survive engine restarts, so a dropped connection is retried for up to ``reconnect_seconds``
+        (the engine resumes the job when it comes back); only then does the EngineError propagate.
+        """
+        import time
+
+        last: pb.JobStatus | None = None
+        lost_since: float | None = None
+        while True:
+            try:
+                for status in self.watch(job_id, previews=previews):
+                    lost_since = None
+                    last = status
+                    if callback is not None:
+                        callback(status)
+            except EngineError as exc:
+                if exc.code not in ("UNAVAILABLE", "CANCELLED", "INTERNAL", "UNKNOWN"):
+                    raise
+                now = time.monotonic()
+                lost_since = now if lost_since is None else lost_since
+                if now - lost_since > reconnect_seconds:
+                    raise
+                time.sleep(0.5)
+                continue
+            if last is not None and last.state in FINAL_STATES:
+                return last
+            raise EngineError(
+                "UNAVAILABLE", f"job {job_id}: the watch ended before the job finished", self.address
+            )
+
+    def fetch(
+        self,
+        job_id: str,
+        out_dir: str | os.PathLike[str],
+        *,
+        files: Sequence[str] = (),
+        progress: Callable[[int, int, str], None] | None = None,
+    ) -> list[Path]:
+        """Download a finished job's results into ``out_dir`` (created); returns the files written.
+
+        Each file appears atomically (written as ``.part``, then renamed). ``progress(index, count, name)`` is
+        called as each file completes.
+        """
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        written: list[Path] = []
+        handle = None
+        part: Path | None = None
+        current = ""
+        try:
+            for chunk in self._stub.Fetch(
+                pb.FetchRequest(job_id=job_id, files=files), metadata=self._metadata
+            ):
+                if chunk.file_name != current:
+                    current = chunk.file_name
+                    if os.path.basename(current) != current or current in ("", ".", ".."):
+                        raise EngineError(
+                            "INTERNAL", f"engine sent an unsafe file name {current!r}", self.address
+                        )
+                    part = out / (current + ".part")
+                    handle = open(part, "wb")  # noqa: SIM115 - closed when the file is complete
+                assert handle is not None and part is not None
+                if chunk.offset != handle.tell():
+                    raise EngineError(
+                        "DATA_LOSS", f"{current}: chunk at {chunk.offset}, expected {handle.tell()}"
+                    )
+                handle.write(chunk.data)
+                if handle.tell() == chunk.file_size:
+                    handle.close()
+                    handle = None
+                    final = out / current
+                    os.replace(part, final)
+                    written.append(final)
+                    if progress is not None:
+                        progress(chunk.file_index + 1, chunk.file_count, current)
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
+        finally:
+            if handle is not None:
+                handle.close()
+                if part is not None and part.exists():
+                    part.unlink()
+        return written

@@ -1,0 +1,721 @@
+"""The engine service in-process on a loopback port, with a model-free runner doing real, simple work.
+
+Covers the queue, spool, store and validation mechanics; tests/test_service_e2e.py runs the real tiny
+pipeline in real engine processes (kill -9, concurrency).
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import OpenImageIO as oiio
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from vera_engine.exr import write_exr
+from vera_engine.service import Engine, auth, create_server, serve_main
+from vera_engine.service.store import JobStore
+from vera_engine.service.testing import PassThroughRunner
+from vera_plugin.client import EngineClient, EngineError
+from vera_proto.vera.v1 import engine_pb2 as pb
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Harness:
+    """An Engine + gRPC server on a free loopback port, and a client."""
+
+    def __init__(self, spool: Path, runner: PassThroughRunner, tokens=(), tls=None, **engine_kw) -> None:
+        self.spool = spool
+        self.runner = runner
+        self.engine = Engine(spool, runner, **engine_kw)
+        self.server, self.port = create_server(self.engine, "127.0.0.1", 0, tokens=tokens, tls=tls)
+        self.engine.start()
+        self.server.start()
+        self.address = f"127.0.0.1:{self.port}"
+        self.client = EngineClient(self.address, token=tokens[0] if tokens else None, timeout=10)
+
+    def stop(self) -> None:
+        self.client.close()
+        self.server.stop(0).wait()
+        self.engine.stop()
+
+
+@pytest.fixture
+def make_harness(tmp_path: Path) -> Iterator:
+    made: list[Harness] = []
+
+    def make(runner: PassThroughRunner | None = None, spool: Path | None = None, **kw) -> Harness:
+        h = Harness(spool or tmp_path / "spool", runner or PassThroughRunner(), **kw)
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        h.stop()
+
+
+def write_plate(
+    folder: Path, frames, size=(48, 40), channels=("R", "G", "B", "A"), seed=0, pixel_type="half"
+):
+    """Random plate EXRs folder/plate.####.exr; returns the pattern and the pixels written."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    pixels = rng.random((len(frames), size[1], size[0], len(channels)), dtype=np.float32)
+    for frame, px in zip(frames, pixels, strict=True):
+        write_exr(folder / f"plate.{frame:04d}.exr", px, channels, pixel_type=pixel_type)
+    return str(folder / "plate.####.exr"), pixels
+
+
+def read_exr_all(path: Path) -> tuple[np.ndarray, tuple[str, ...], oiio.ImageSpec]:
+    inp = oiio.ImageInput.open(str(path))
+    spec = inp.spec()
+    px = inp.read_image(0, 0, 0, spec.nchannels, "float")
+    inp.close()
+    return np.asarray(px).reshape(spec.height, spec.width, spec.nchannels), tuple(spec.channelnames), spec
+
+
+def wait_for(predicate, timeout: float = 20.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def wait_running(client: EngineClient, job: str, min_step: int = 1) -> pb.JobStatus:
+    for status in client.watch(job):
+        if status.state == pb.JOB_STATE_RUNNING and status.step >= min_step:
+            return status
+        assert status.state not in (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED), (
+            status
+        )
+    raise AssertionError("watch ended before the job ran")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Info, health, reflection
+
+
+def test_info_serves_the_options_schema(make_harness) -> None:
+    h = make_harness(queue_capacity=5)
+    h.client.wait_until_serving(10)
+    info = h.client.info()
+    assert info.engine_version and info.model_loaded and info.queue_capacity == 5
+    assert info.chunk_bytes < info.max_message_bytes
+    model = info.models[0]
+    assert model.is_default and model.name == "passthrough"
+    assert (model.native_width, model.native_height, model.frame_window) == (32, 32, 4)
+    assert list(model.tasks) == ["object_addition", "background_change"]
+    options = {o.name: o for o in model.options}
+    assert set(options) >= {"task", "prompt", "negative_prompt", "seed", "steps", "guidance", "colorspace"}
+    assert set(options) >= {"bit_depth", "compression", "hdr"}
+    # Every option names a JobHeader field, so a host can fill a header generically from its UI.
+    header_fields = set(pb.JobHeader.DESCRIPTOR.fields_by_name)
+    assert set(options) <= header_fields
+    assert all(o.help and o.label for o in model.options)
+    assert options["steps"].type == pb.OPTION_TYPE_INT and options["steps"].default.int_value == 3
+    assert (options["steps"].min, options["steps"].max) == (1, 200)
+    assert options["guidance"].type == pb.OPTION_TYPE_FLOAT and options["guidance"].HasField("max")
+    assert (
+        options["task"].type == pb.OPTION_TYPE_CHOICE
+        and options["task"].default.string_value == "object_addition"
+    )
+    assert options["prompt"].required and not options["prompt"].HasField("default")
+    assert "b44" not in options["compression"].choices and "zip" in options["compression"].choices
+    assert options["hdr"].type == pb.OPTION_TYPE_BOOL
+
+
+def test_health_goes_serving_after_load_and_reflection_lists_services(make_harness) -> None:
+    h = make_harness(PassThroughRunner(load_seconds=1.0))
+    channel = grpc.insecure_channel(h.address)
+    stub = health_pb2_grpc.HealthStub(channel)
+    first = stub.Check(health_pb2.HealthCheckRequest(service="vera.v1.Engine"), timeout=5)
+    assert first.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert h.client.health() == "NOT_SERVING"
+    h.client.wait_until_serving(10)
+    assert (
+        stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+        == health_pb2.HealthCheckResponse.SERVING
+    )
+    services = ProtoReflectionDescriptorDatabase(channel).get_services()
+    assert "vera.v1.Engine" in services and "grpc.health.v1.Health" in services
+    channel.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Round trips
+
+
+def test_round_trip_exr_bytes(make_harness, tmp_path: Path) -> None:
+    h = make_harness()
+    frames = [1001, 1002, 1003]
+    pattern, pixels = write_plate(tmp_path / "plate", frames)
+    job = h.client.submit_files(pattern, frames, prompt="add a red ball", steps=2, seed=7, name="sh010")
+    statuses = []
+    final = h.client.wait(job, callback=statuses.append, previews=True)
+    assert final.state == pb.JOB_STATE_SUCCEEDED, final.error
+    assert final.seed == 7 and final.header.steps == 2 and final.header.name == "sh010"
+    assert final.output_files == [f"vera_edit.{f}.exr" for f in frames]
+    assert [s.step for s in statuses if s.state == pb.JOB_STATE_RUNNING and s.step][-1] == 2
+    previews = [s.preview for s in statuses if s.HasField("preview")]
+    assert previews and len(previews[0].rgb8) == previews[0].width * previews[0].height * 3
+    files = h.client.fetch(job, tmp_path / "out")
+    assert [f.name for f in files] == list(final.output_files)
+    got, channels, spec = read_exr_all(files[1])
+    assert channels == ("R", "G", "B", "A", "edit.R", "edit.G", "edit.B", "edit.A", "matte.A")
+    half = pixels[1].astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(got[..., :4], half)
+    assert spec.getattribute("vera/job_id") == job
+    # Inputs are dropped when a job finishes; results stay.
+    assert not (h.spool / "jobs" / job / "inputs").exists()
+    assert not list((h.spool / "incoming").iterdir())
+
+
+def test_round_trip_raw_arrays_with_mask_and_frame_over_4mib(make_harness, tmp_path: Path) -> None:
+    h = make_harness()
+    rng = np.random.default_rng(1)
+    plate = rng.random((2, 480, 640, 4), dtype=np.float32)  # 4.9 MB per frame: several chunks
+    assert plate[0].nbytes > 4 * 1024 * 1024
+    mask = (rng.random((2, 480, 640)) > 0.5).astype(np.float32)
+    job = h.client.submit_arrays(plate, [7, 8], prompt="x", mask=mask, steps=1, bit_depth="float")
+    final = h.client.wait(job)
+    assert final.state == pb.JOB_STATE_SUCCEEDED, final.error
+    files = h.client.fetch(job, tmp_path / "out")
+    assert [f.name for f in files] == ["vera_edit.0007.exr", "vera_edit.0008.exr"]
+    got, _, _ = read_exr_all(files[0])
+    np.testing.assert_array_equal(got[..., :4], plate[0])  # float32 output: bit-exact
+
+
+def test_path_input_only_under_allowed_roots(make_harness, tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    h = make_harness(allowed_roots=[shared])
+    pattern, _ = write_plate(shared / "sh010", [1, 2])
+    job = h.client.submit_files(pattern, [1, 2], prompt="x", send_paths=True, steps=1)
+    assert h.client.wait(job).state == pb.JOB_STATE_SUCCEEDED
+    outside, _ = write_plate(tmp_path / "elsewhere", [1, 2])
+    with pytest.raises(EngineError) as err:
+        h.client.submit_files(outside, [1, 2], prompt="x", send_paths=True)
+    assert err.value.code == "INVALID_ARGUMENT" and "plate[1].path" in err.value.details
+    assert "outside the allowed roots" in err.value.details
+    # A symlink inside the root pointing outside is outside.
+    (shared / "link").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(EngineError, match="outside the allowed roots"):
+        h.client.submit_files(str(shared / "link" / "plate.####.exr"), [1, 2], prompt="x", send_paths=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validation
+
+
+def _raw_chunks(
+    layer, frame, array, sample_type=pb.SAMPLE_TYPE_FLOAT32, total=None, channels=None, chunk=1 << 20
+):
+    data = np.ascontiguousarray(array, "<f4" if sample_type == pb.SAMPLE_TYPE_FLOAT32 else "<f2").tobytes()
+    h, w = array.shape[:2]
+    c = channels if channels is not None else array.shape[2]
+    size = total if total is not None else len(data)
+    out = []
+    for off in range(0, max(len(data), 1), chunk):
+        fc = pb.FrameChunk(
+            layer=layer, frame=frame, total_size=size, offset=off, data=data[off : off + chunk]
+        )
+        if off == 0:
+            fc.encoding = pb.ENCODING_RAW
+            fc.raw.CopyFrom(pb.RawFormat(width=w, height=h, channels=c, sample_type=sample_type))
+        out.append(pb.SubmitRequest(chunk=fc))
+    return out
+
+
+def _exr_chunks(layer, frame, data: bytes):
+    fc = pb.FrameChunk(
+        layer=layer, frame=frame, total_size=len(data), offset=0, data=data, encoding=pb.ENCODING_EXR
+    )
+    return [pb.SubmitRequest(chunk=fc)]
+
+
+def _frame(h=20, w=24, c=3, value=0.5):
+    return np.full((h, w, c), value, np.float32)
+
+
+P, M = pb.LAYER_PLATE, pb.LAYER_MASK
+
+
+def _exr_bytes(tmp_path: Path, channels=("R", "G", "B"), size=(24, 20)) -> bytes:
+    path = tmp_path / f"f{len(channels)}.exr"
+    write_exr(path, np.full((size[1], size[0], len(channels)), 0.25, np.float32), channels)
+    return path.read_bytes()
+
+
+def _cases(tmp_path: Path) -> dict[str, tuple[dict, list, str]]:
+    good = _raw_chunks(P, 1, _frame()) + _raw_chunks(P, 2, _frame())
+    nan = _frame()
+    nan[3, 4, 1] = np.nan
+    inf = _frame()
+    inf[0, 0, 0] = np.inf
+    exr = _exr_bytes(tmp_path)
+    write_exr(tmp_path / "nan.exr", nan, ("R", "G", "B"), pixel_type="float")
+    nan_exr = (tmp_path / "nan.exr").read_bytes()
+    return {
+        "empty prompt": ({"prompt": "  "}, good, "header.prompt"),
+        "unknown task": ({"task": "paint"}, good, "header.task"),
+        "steps out of range": ({"steps": 0}, good, "header.steps"),
+        "guidance NaN": ({"guidance": float("nan")}, good, "header.guidance"),
+        "unknown model": ({"model": "nope"}, good, "header.model"),
+        "unknown colorspace": ({"colorspace": "Rec.709 video"}, good, "header.colorspace"),
+        "lossy matte compression": ({"compression": "b44"}, good, "header.compression"),
+        "no frames in header": ({"frames": []}, [], "header.frames"),
+        "duplicate frame in header": ({"frames": [1, 2, 1]}, good, "header.frames"),
+        "missing frame": ({}, _raw_chunks(P, 1, _frame()), "plate[2]: missing frames: 2"),
+        "duplicate frame": ({}, good + _raw_chunks(P, 2, _frame()), "plate[2]: duplicate frame"),
+        "frame not in header": ({}, good + _raw_chunks(P, 9, _frame()), "plate[9]"),
+        "wrong size between frames": (
+            {},
+            _raw_chunks(P, 1, _frame()) + _raw_chunks(P, 2, _frame(h=22)),
+            "plate[2]: is 24x22 but earlier frames are 24x20",
+        ),
+        "mask size differs from plate": (
+            {"has_mask": True},
+            good + _raw_chunks(M, 1, _frame(c=1, h=30)) + _raw_chunks(M, 2, _frame(c=1)),
+            "mask[1]: is 24x30",
+        ),
+        "NaN samples": (
+            {},
+            _raw_chunks(P, 1, nan) + _raw_chunks(P, 2, _frame()),
+            "plate[1]: contains NaN or infinite samples (the first at pixel x=4, y=3, channel 1)",
+        ),
+        "NaN in an EXR": ({"frames": [1]}, _exr_chunks(P, 1, nan_exr), "plate[1]: contains NaN or infinite samples"),
+        "NaN straddling chunks": (
+            {"frames": [1]},
+            _raw_chunks(P, 1, nan, chunk=(3 * 24 + 4) * 3 * 4 + 6),  # the NaN's bytes split over two chunks
+            "(the first at pixel x=4, y=3, channel 1)",
+        ),
+        "mask out of range": (
+            {"has_mask": True},
+            good + _raw_chunks(M, 1, _frame(c=1, value=1.5)) + _raw_chunks(M, 2, _frame(c=1)),
+            "mask[1]: mask values range 1.5..1.5; expected 0..1",
+        ),
+        "Inf samples": ({}, _raw_chunks(P, 1, _frame()) + _raw_chunks(P, 2, inf), "plate[2]: contains NaN or infinite samples (the first at pixel x=0, y=0"),
+        "plate with 2 channels": ({}, _raw_chunks(P, 1, _frame(c=2)) + good[1:], "plate[1].raw.channels: 2"),
+        "mask with 3 channels": (
+            {"has_mask": True},
+            good + _raw_chunks(M, 1, _frame(c=3)),
+            "mask[1].raw.channels: 3",
+        ),
+        "mask without has_mask": ({}, good + _raw_chunks(M, 1, _frame(c=1)), "has_mask=false"),
+        "EXR without RGB": (
+            {"frames": [1]},
+            _exr_chunks(P, 1, _exr_bytes(tmp_path, channels=("Y",))),
+            "plate[1]: not a usable OpenEXR frame",
+        ),
+        "truncated EXR bytes": (
+            {"frames": [1]},
+            _exr_chunks(P, 1, exr[: len(exr) * 2 // 3]),
+            "plate[1]: not a usable OpenEXR frame",
+        ),
+        "garbage EXR bytes": ({"frames": [1]}, _exr_chunks(P, 1, b"not an exr at all" * 10), "plate[1]"),
+        "absurd dimensions": (
+            {"frames": [1]},
+            [
+                pb.SubmitRequest(
+                    chunk=pb.FrameChunk(
+                        layer=P, frame=1, encoding=pb.ENCODING_RAW, total_size=100000 * 20 * 3 * 4,
+                        raw=pb.RawFormat(width=100000, height=20, channels=3, sample_type=pb.SAMPLE_TYPE_FLOAT32),
+                    )
+                )
+            ],
+            "plate[1].raw: size 100000x20 is out of range",
+        ),
+        "tiny dimensions": ({"frames": [1]}, _raw_chunks(P, 1, _frame(h=4, w=4)), "plate[1].raw: size 4x4"),
+        "raw size mismatch": (
+            {"frames": [1]},
+            _raw_chunks(P, 1, _frame(), total=100),
+            "plate[1].total_size: 100 bytes, but 24x20x3 float32 is 5760",
+        ),
+        "stream ends mid-frame": ({"frames": [1]}, _raw_chunks(P, 1, _frame(), chunk=1000)[:2], "plate[1]: truncated"),
+        "chunks out of order": (
+            {"frames": [1]},
+            [r for i, r in enumerate(_raw_chunks(P, 1, _frame(), chunk=1000)) if i != 1],
+            "out of order",
+        ),
+        "path input disabled": (
+            {"frames": [1]},
+            [pb.SubmitRequest(chunk=pb.FrameChunk(layer=P, frame=1, encoding=pb.ENCODING_PATH, path="/etc/passwd"))],
+            "plate[1].path: '/etc/passwd' is outside the allowed roots",
+        ),
+        "second header": ({}, [pb.SubmitRequest(header=pb.JobHeader(prompt="x"))], "header: sent twice"),
+        "no encoding": (
+            {"frames": [1]},
+            [pb.SubmitRequest(chunk=pb.FrameChunk(layer=P, frame=1, total_size=4, data=b"abcd"))],
+            "plate[1].encoding",
+        ),
+    }  # fmt: skip
+
+
+def test_malformed_inputs_get_invalid_argument_naming_the_field(make_harness, tmp_path: Path) -> None:
+    h = make_harness()
+    for name, (fields, requests, expected) in _cases(tmp_path).items():
+        header = pb.JobHeader(prompt="add a ball", frames=[1, 2])
+        for key, value in fields.items():
+            if key == "frames":
+                del header.frames[:]
+                header.frames.extend(value)
+            else:
+                setattr(header, key, value)
+        with pytest.raises(EngineError) as err:
+            h.client.submit(header, requests)
+        assert err.value.code == "INVALID_ARGUMENT", (name, err.value)
+        assert expected in err.value.details, (name, err.value.details)
+    # First message not a header.
+    with pytest.raises(grpc.RpcError) as rpc_err:
+        h.client._stub.Submit(iter(_raw_chunks(P, 1, _frame())))
+    assert rpc_err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "first message of a Submit stream must be the JobHeader" in rpc_err.value.details()
+    # The engine keeps serving, created no job and left no upload behind.
+    assert h.client.list_jobs() == []
+    assert not list((h.spool / "incoming").iterdir()) and not list((h.spool / "jobs").iterdir())
+    job = h.client.submit(pb.JobHeader(prompt="ok", frames=[1]), _raw_chunks(P, 1, _frame())).job_id
+    assert h.client.wait(job).state == pb.JOB_STATE_SUCCEEDED
+
+
+def test_client_disconnect_mid_upload_leaves_nothing(make_harness) -> None:
+    h = make_harness()
+    release = threading.Event()
+    requests = _raw_chunks(P, 1, _frame(h=200, w=200), chunk=10000)
+
+    def stream():
+        yield pb.SubmitRequest(header=pb.JobHeader(prompt="x", frames=[1]))
+        yield from requests[:3]
+        release.wait(20)  # hold the stream open mid-frame until the test hangs up
+
+    future = h.client._stub.Submit.future(stream())
+    incoming = h.spool / "incoming"
+    wait_for(lambda: any(p.is_dir() and any(p.iterdir()) for p in incoming.iterdir()), what="upload on disk")
+    future.cancel()
+    release.set()
+    wait_for(lambda: not list(incoming.iterdir()), what="upload removed")
+    assert h.client.list_jobs() == []
+    assert not list((h.spool / "jobs").iterdir())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Queue, cancel, failures
+
+
+def test_queue_full_is_resource_exhausted(make_harness) -> None:
+    runner = PassThroughRunner(step_seconds=0.05)
+    h = make_harness(runner, queue_capacity=1)
+    header = pb.JobHeader(prompt="x", frames=[1], steps=200)
+    running = h.client.submit(header, _raw_chunks(P, 1, _frame())).job_id
+    wait_running(h.client, running)
+    queued = h.client.submit(header, _raw_chunks(P, 1, _frame())).job_id
+    with pytest.raises(EngineError) as err:
+        h.client.submit(header, _raw_chunks(P, 1, _frame()))
+    assert err.value.code == "RESOURCE_EXHAUSTED" and "queue is full" in err.value.details
+    assert len(h.client.list_jobs()) == 2 and not list((h.spool / "incoming").iterdir())
+    # Cancelling the queued job at once frees the slot; it never starts.
+    assert h.client.cancel(queued).state == pb.JOB_STATE_CANCELLED
+    assert queued not in runner.started
+    assert h.client.cancel(running).state == pb.JOB_STATE_CANCELLED
+
+
+def test_cancel_running_job_stops_within_a_step(make_harness) -> None:
+    runner = PassThroughRunner(gate_step=3)
+    h = make_harness(runner)
+    requests = _raw_chunks(P, 1, _frame()) + _raw_chunks(P, 2, _frame())
+    job = h.client.submit(pb.JobHeader(prompt="x", frames=[1, 2], steps=50), requests).job_id
+    assert runner.at_gate.wait(20)  # the job is inside step 3
+    answer: list[pb.JobStatus] = []
+    canceller = threading.Thread(target=lambda: answer.append(h.client.cancel(job)))
+    canceller.start()
+    wait_for(lambda: h.engine.worker._cancel.get(job) is not None and h.engine.worker._cancel[job].is_set())
+    runner.gate.set()  # step 3 ends; the job must not start step 4
+    canceller.join(20)
+    assert answer[0].state == pb.JOB_STATE_CANCELLED
+    assert runner.steps_done[job] == 3
+    final = h.client.wait(job)
+    assert final.state == pb.JOB_STATE_CANCELLED and final.output_files == []
+    assert not (h.spool / "jobs" / job / "out").exists()
+    assert not (h.spool / "jobs" / job / "inputs").exists()
+    with pytest.raises(EngineError) as err:
+        h.client.fetch(job, h.spool.parent / "x")
+    assert err.value.code == "FAILED_PRECONDITION"
+    # Cancelling again is harmless and reports the final state; the engine runs the next job.
+    assert h.client.cancel(job).state == pb.JOB_STATE_CANCELLED
+    runner.gate_step = 0
+    nxt = h.client.submit(pb.JobHeader(prompt="x", frames=[1], steps=1), _raw_chunks(P, 1, _frame())).job_id
+    assert h.client.wait(nxt).state == pb.JOB_STATE_SUCCEEDED
+
+
+def test_failed_job_reports_error_and_engine_continues(make_harness) -> None:
+    h = make_harness(PassThroughRunner(fail_prompt="boom"))
+    bad = h.client.submit(pb.JobHeader(prompt="boom", frames=[1]), _raw_chunks(P, 1, _frame())).job_id
+    good = h.client.submit(pb.JobHeader(prompt="fine", frames=[1]), _raw_chunks(P, 1, _frame())).job_id
+    final = h.client.wait(bad)
+    assert final.state == pb.JOB_STATE_FAILED and "told to fail" in final.error
+    assert h.client.wait(good).state == pb.JOB_STATE_SUCCEEDED
+    with pytest.raises(EngineError, match="JOB_STATE_FAILED"):
+        h.client.fetch(bad, h.spool.parent / "x")
+
+
+def test_unknown_job_is_not_found(make_harness) -> None:
+    h = make_harness()
+    for call in (lambda: list(h.client.watch("nope")), lambda: h.client.cancel("nope"),
+                 lambda: h.client.fetch("nope", h.spool.parent / "x")):  # fmt: skip
+        with pytest.raises(EngineError) as err:
+            call()
+        assert err.value.code == "NOT_FOUND"
+
+
+def test_fifo_order_with_concurrent_clients(make_harness) -> None:
+    runner = PassThroughRunner(step_seconds=0.01)
+    h = make_harness(runner, queue_capacity=20)
+    submitted: list[str] = []
+    errors: list[BaseException] = []
+
+    def client_thread(index: int) -> None:
+        try:
+            with EngineClient(h.address) as client:
+                for j in range(3):
+                    header = pb.JobHeader(prompt=f"client {index} job {j}", frames=[1], steps=2)
+                    submitted.append(client.submit(header, _raw_chunks(P, 1, _frame())).job_id)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client_thread, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors
+    finals = [h.client.wait(job) for job in submitted]
+    assert all(f.state == pb.JOB_STATE_SUCCEEDED for f in finals)
+    by_sequence = [f.job_id for f in sorted(finals, key=lambda f: f.sequence)]
+    assert runner.started == by_sequence  # run in submission order
+    finished = [f.finished_at for f in sorted(finals, key=lambda f: f.sequence)]
+    assert finished == sorted(finished)
+    assert [j.job_id for j in h.client.list_jobs()] == by_sequence
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Restart, retention
+
+
+def test_restart_resumes_interrupted_and_queued_jobs(make_harness, tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    first = make_harness(PassThroughRunner(step_seconds=0.05), spool=spool)
+    header = pb.JobHeader(prompt="x", frames=[1], steps=40)
+    a = first.client.submit(header, _raw_chunks(P, 1, _frame())).job_id
+    b = first.client.submit(header, _raw_chunks(P, 1, _frame())).job_id
+    wait_running(first.client, a)
+    first.stop()  # a clean stop requeues the running job
+    # Simulate a crash too: mark `a` RUNNING again as a kill -9 would leave it.
+    store = JobStore(spool / "jobs.sqlite")
+    store.claim_next()
+    assert store.get(a).state == pb.JOB_STATE_RUNNING
+    store.close()
+    (spool / "incoming" / "leftover").mkdir()
+    (spool / "incoming" / "leftover" / "plate.1.raw").write_bytes(b"partial")
+
+    runner = PassThroughRunner()
+    second = make_harness(runner, spool=spool)
+    assert not list((spool / "incoming").iterdir())  # half-finished uploads from before are gone
+    final_a, final_b = second.client.wait(a), second.client.wait(b)
+    assert final_a.state == final_b.state == pb.JOB_STATE_SUCCEEDED
+    assert runner.started == [a, b]
+    assert final_a.attempts == 2
+    assert len(second.client.fetch(a, tmp_path / "out")) == 1
+
+
+def test_one_engine_per_spool(make_harness, tmp_path: Path) -> None:
+    from vera_engine.service.spool import SpoolInUse
+
+    first = make_harness(spool=tmp_path / "shared")
+    with pytest.raises(SpoolInUse, match=r"in use by another engine \(pid \d+\)"):
+        Engine(tmp_path / "shared", PassThroughRunner())
+    first.stop()
+    second = Engine(tmp_path / "shared", PassThroughRunner())  # free again once the first stopped
+    second.store.close()
+    second.spool.unlock()
+
+
+def test_job_crashing_the_engine_repeatedly_is_given_up(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "jobs.sqlite")
+    store.add("j1", pb.JobHeader(prompt="x", frames=[1]), capacity=5)
+    for _ in range(3):
+        assert store.claim_next().id == "j1"
+        requeued, failed = store.recover(max_attempts=3)
+    assert failed == ["j1"] and requeued == []
+    record = store.get("j1")
+    assert record.state == pb.JOB_STATE_FAILED and "3 times" in record.error
+    store.close()
+
+
+def test_finished_results_served_until_retention_expires(make_harness, tmp_path: Path) -> None:
+    h = make_harness(retention_seconds=3600)
+    job = h.client.submit(pb.JobHeader(prompt="x", frames=[1]), _raw_chunks(P, 1, _frame())).job_id
+    assert h.client.wait(job).state == pb.JOB_STATE_SUCCEEDED
+    assert h.engine.purge_expired() == []
+    assert len(h.client.fetch(job, tmp_path / "a")) == 1
+    h.engine.retention_seconds = 0.0
+    assert h.engine.purge_expired() == [job]
+    assert not (h.spool / "jobs" / job).exists()
+    with pytest.raises(EngineError) as err:
+        h.client.fetch(job, tmp_path / "b")
+    assert err.value.code == "NOT_FOUND"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Security
+
+
+def test_token_required_when_configured(make_harness) -> None:
+    h = make_harness(tokens=["s3cret", "next-token"])
+    assert h.client.info().models
+    for token in (None, "wrong"):
+        with EngineClient(h.address, token=token, timeout=5) as client:
+            with pytest.raises(EngineError) as err:
+                client.info()
+            assert err.value.code == "UNAUTHENTICATED"
+            with pytest.raises(EngineError) as err:
+                client.submit(pb.JobHeader(prompt="x", frames=[1]), _raw_chunks(P, 1, _frame()))
+            assert err.value.code == "UNAUTHENTICATED"
+            with pytest.raises(EngineError) as err:
+                list(client.watch("anything"))
+            assert err.value.code == "UNAUTHENTICATED"
+            assert client.health() == "SERVING"  # health checks stay open for load balancers
+    with EngineClient(h.address, token="next-token", timeout=5) as client:
+        assert client.list_jobs() == []
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "vera-test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return cert_path, key_path
+
+
+def test_tls_with_token(make_harness, tmp_path: Path) -> None:
+    cert, key = _self_signed(tmp_path)
+    h = make_harness(tokens=["t0ken"], tls=(cert, key))
+    with EngineClient(h.address, token="t0ken", ca_cert=cert, timeout=10) as client:
+        job = client.submit(pb.JobHeader(prompt="x", frames=[1]), _raw_chunks(P, 1, _frame())).job_id
+        assert client.wait(job).state == pb.JOB_STATE_SUCCEEDED
+    with EngineClient(h.address, token="t0ken", ca_cert=cert, timeout=10) as client:
+        assert client.info().models
+    with EngineClient(h.address, token="t0ken", timeout=3) as plain:
+        with pytest.raises(EngineError) as err:
+            plain.info()
+        assert err.value.code == "UNAVAILABLE"
+    with (
+        EngineClient(h.address, token="wrong", ca_cert=cert, timeout=10) as client,
+        pytest.raises(EngineError, match="UNAUTHENTICATED"),
+    ):
+        client.info()
+
+
+def test_bind_policy(tmp_path: Path) -> None:
+    token, cert, key = tmp_path / "token", *_self_signed(tmp_path)
+    token.write_text("# comment\nabc\n")
+    for host in ("127.0.0.1", "::1", "localhost", "127.0.0.2"):
+        assert auth.is_loopback(host)
+        auth.check_bind_policy(host, None, None, None, insecure=False)
+    for host in ("0.0.0.0", "192.168.1.10", "::", "render-01"):
+        assert not auth.is_loopback(host)
+        with pytest.raises(auth.PolicyError, match="--token-file and --tls-cert/--tls-key"):
+            auth.check_bind_policy(host, None, None, None, insecure=False)
+        with pytest.raises(auth.PolicyError, match="--tls-cert/--tls-key"):
+            auth.check_bind_policy(host, token, None, None, insecure=False)
+        auth.check_bind_policy(host, token, cert, key, insecure=False)
+        auth.check_bind_policy(host, None, None, None, insecure=True)
+    with pytest.raises(auth.PolicyError, match="go together"):
+        auth.check_bind_policy("127.0.0.1", None, cert, None, insecure=False)
+    with pytest.raises(auth.PolicyError, match="file not found"):
+        auth.check_bind_policy("127.0.0.1", tmp_path / "missing", None, None, insecure=False)
+    assert auth.read_tokens(token) == ["abc"]
+    # The command refuses before binding anything.
+    assert serve_main(["--host", "0.0.0.0", "--port", "0", "--spool", str(tmp_path / "s")]) == 2
+    assert not (tmp_path / "s").exists()
+
+
+def test_serve_refuses_pickle_weights_and_missing_models(tmp_path: Path, capsys) -> None:
+    model = tmp_path / "model"
+    (model / "transformer").mkdir(parents=True)
+    (model / "model_index.json").write_text("{}")
+    (model / "transformer" / "diffusion_pytorch_model.bin").write_bytes(b"pickle")
+    assert serve_main(["--model", str(model), "--port", "0", "--spool", str(tmp_path / "s")]) == 2
+    assert "safetensors only" in capsys.readouterr().err
+    assert (
+        serve_main(["--model", str(tmp_path / "nothing"), "--port", "0", "--spool", str(tmp_path / "s")]) == 2
+    )
+    assert "not a Vera pipeline folder" in capsys.readouterr().err
+
+
+def test_upload_memory_stays_bounded(make_harness) -> None:
+    """Chunks go to disk as they arrive: peak Python memory during a 160 MiB upload is a few chunks."""
+    import tracemalloc
+
+    h = make_harness(PassThroughRunner(gate_step=1))  # the job waits at its first step: no result writing
+    plate = np.random.default_rng(0).random((40, 512, 512, 4), dtype=np.float32)  # 4 MiB per frame
+    tracemalloc.start()
+    try:
+        job = h.client.submit_arrays(plate, prompt="x", steps=2)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        h.runner.gate.set()
+    assert peak < plate.nbytes / 8, f"peak {peak / 2**20:.0f} MiB for a {plate.nbytes / 2**20:.0f} MiB plate"
+    assert h.client.wait(job).state == pb.JOB_STATE_SUCCEEDED
+
+
+def test_serve_parser_plugs_into_a_cli(tmp_path: Path) -> None:
+    import argparse
+
+    from vera_engine.service import add_serve_parser, run_serve
+
+    parser = argparse.ArgumentParser(prog="vera-engine")
+    add_serve_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(
+        ["serve", "--spool", str(tmp_path), "--port", "0", "--allow-root", str(tmp_path)]
+    )
+    assert args.handler is run_serve and args.host == "127.0.0.1" and args.model == "default"
+    assert args.allowed_roots == [tmp_path] and args.queue_size == 32 and not args.insecure
