@@ -207,3 +207,91 @@ def test_from_pretrained_refuses_anything_but_a_local_pipeline_folder(tmp_path):
 def test_unknown_scheduler_is_named():
     with pytest.raises(ValueError, match="scheduler='ddim'"):
         make_scheduler("ddim")
+
+
+@pytest.fixture(scope="module")
+def conditioned_pipe():
+    """A tiny pipeline whose source/mask embeddings are not zero, as in a trained model."""
+    pipe = build_random_pipeline("tiny", seed=4)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name in ("source_embedding.weight", "mask_embedding.weight", "alpha_layer_embedding"):
+            param = pipe.transformer.get_parameter(name)
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    return pipe
+
+
+def test_source_and_mask_reach_the_model(conditioned_pipe):
+    def run(video, mask=None):
+        return conditioned_pipe(
+            video, "add a ball", mask=mask, num_inference_steps=2, generator=torch.Generator().manual_seed(0)
+        )
+
+    base = run(_video(seed=1))
+    other_source = run(_video(seed=2))
+    mask = np.ones((5, 30, 34), np.float32)
+    with_mask = run(_video(seed=1), mask)
+    assert not np.allclose(base.composite, other_source.composite, atol=1e-4)
+    assert not np.allclose(base.alpha, with_mask.alpha, atol=1e-4)
+
+
+def test_guidance_with_the_prompt_as_negative_equals_no_guidance(conditioned_pipe):
+    # u + g (c - u) with u == c is c: checks the combination, whatever g is.
+    def run(negative, guidance):
+        return conditioned_pipe(
+            _video(),
+            "add a ball",
+            negative_prompt=negative,
+            guidance_scale=guidance,
+            num_inference_steps=2,
+            generator=torch.Generator().manual_seed(0),
+        ).edit
+
+    np.testing.assert_allclose(run("add a ball", 6.0), run(None, 1.0), atol=1e-5)
+
+
+def test_preview_at_the_last_euler_step_is_the_output_composite(conditioned_pipe):
+    conditioned_pipe.use_scheduler("euler")
+    previews = []
+
+    def keep(pipe, step, timestep, kwargs):
+        previews.append(pipe.decode_preview(kwargs["composite_x0"]))
+        return {}
+
+    try:
+        out = conditioned_pipe(
+            _video(),
+            "add a ball",
+            num_inference_steps=3,
+            callback_on_step_end=keep,
+            callback_on_step_end_tensor_inputs=["composite_x0"],
+            generator=torch.Generator().manual_seed(0),
+        )
+    finally:
+        conditioned_pipe.use_scheduler("unipc")
+    # Euler's last step goes to sigma 0, so its x0 prediction is the final latents.
+    np.testing.assert_allclose(previews[-1], out.composite, atol=1e-6)
+    assert previews[0].min() >= 0 and previews[0].max() <= 1
+
+
+def test_first_block_cache_runs_on_the_mot_blocks(conditioned_pipe):
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    def run():
+        return conditioned_pipe(
+            _video(), "add a ball", num_inference_steps=4, generator=torch.Generator().manual_seed(0)
+        ).edit
+
+    plain = run()
+    conditioned_pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.0))
+    try:
+        exact = run()
+    finally:
+        conditioned_pipe.transformer.disable_cache()
+    np.testing.assert_allclose(exact, plain, atol=1e-5)  # threshold 0: nothing is ever reused
+    conditioned_pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=1e9))
+    try:
+        reused = run()
+    finally:
+        conditioned_pipe.transformer.disable_cache()
+    assert reused.shape == plain.shape and not np.array_equal(reused, plain)

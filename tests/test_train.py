@@ -220,3 +220,37 @@ def test_ddp_with_two_gloo_processes(dataset_dir, tmp_path):
     config = json.loads((out / "training" / "config.json").read_text())
     assert config["batch_size"] == 2
     VeraPipeline.from_pretrained(out)
+
+
+def test_the_pipeline_folder_holds_the_ema_weights_and_resume_restores_them(dataset_dir, tmp_path):
+    from diffusers.models.model_loading_utils import load_state_dict
+
+    out = tmp_path / "ema"
+    config = TrainConfig(
+        data=str(dataset_dir),
+        out=str(out),
+        preset="tiny",
+        steps=2,
+        batch_size=2,
+        learning_rate=1e-2,
+        warmup_steps=0,
+        ema_decay=0.5,
+        save_every=2,
+    )
+    train(config, progress=False)
+    ema = VeraPipeline.from_pretrained(out).transformer.state_dict()
+    raw = load_state_dict(str(out / "training" / "raw_transformer" / "diffusion_pytorch_model.safetensors"))
+    key = "blocks.0.alpha.ffn.net.2.weight"
+    assert not torch.equal(ema[key], raw[key]), "the shipped weights must be the EMA, not the raw ones"
+    # Resuming keeps averaging from the saved EMA (not from the raw weights): one more step moves the EMA
+    # part of the way towards the new raw weights only.
+    config.steps = 3
+    train(config, resume=True, progress=False)
+    ema3 = VeraPipeline.from_pretrained(out).transformer.state_dict()[key]
+    raw3 = load_state_dict(str(out / "training" / "raw_transformer" / "diffusion_pytorch_model.safetensors"))[
+        key
+    ]
+    assert not torch.equal(ema3, raw3) and not torch.equal(ema3, ema[key])
+    with pytest.raises(ValueError, match=r"ema_decay=0\.9 differs"):
+        config.steps, config.ema_decay = 4, 0.9
+        train(config, resume=True, progress=False)

@@ -216,3 +216,54 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_wan):
     assert len(plain) == len(checkpointed)
     for a, b in zip(plain, checkpointed, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_mask_keep_is_per_sample(tiny_wan):
+    vera = _randomise(VeraTransformer3DModel.from_wan(tiny_wan)).eval()
+    (edit, alpha, composite, source, mask), text, timestep = _inputs()
+
+    def two(x):
+        return torch.cat([x, x])
+
+    with torch.no_grad():
+        mixed = vera(
+            two(edit),
+            two(alpha),
+            two(composite),
+            timestep.repeat(2),
+            two(text),
+            source_latents=two(source),
+            mask_latents=two(mask),
+            mask_keep=torch.tensor([1.0, 0.0]),
+        )
+        kept = vera(edit, alpha, composite, timestep, text, source_latents=source, mask_latents=mask)
+        without = vera(edit, alpha, composite, timestep, text, source_latents=source)
+    torch.testing.assert_close(mixed.alpha[:1], kept.alpha, atol=1e-5, rtol=0)
+    torch.testing.assert_close(mixed.alpha[1:], without.alpha, atol=1e-5, rtol=0)
+
+
+def test_from_wan_in_bfloat16_keeps_fp32_modules_and_matches_wan(tiny_wan, tmp_path):
+    tiny_wan.save_pretrained(tmp_path / "wan")
+    wan = WanTransformer3DModel.from_pretrained(tmp_path / "wan", torch_dtype=torch.bfloat16).eval()
+    vera = VeraTransformer3DModel.from_wan(tmp_path / "wan", torch_dtype=torch.bfloat16).eval()
+    assert vera.blocks[0].alpha.scale_shift_table.dtype == torch.float32
+    assert vera.branches["edit"].condition_embedder.time_embedder.linear_1.weight.dtype == torch.float32
+    assert vera.blocks[0].edit.ffn.net[0].proj.weight.dtype == torch.bfloat16
+    (x, *_), text, timestep = _inputs()
+    with torch.no_grad():
+        expected = wan(x.bfloat16(), timestep, text.bfloat16()).sample
+        got = vera.forward_branch("composite", x.bfloat16(), timestep, text.bfloat16())
+    assert torch.equal(got, expected)
+
+
+def test_group_offloading_is_block_level(tiny_wan):
+    vera = _randomise(VeraTransformer3DModel.from_wan(tiny_wan)).eval()
+    (edit, alpha, composite, source, _), text, timestep = _inputs()
+    with torch.no_grad():
+        expected = vera(edit, alpha, composite, timestep, text, source_latents=source).edit
+    with pytest.raises(ValueError, match="block_level"):
+        vera.enable_group_offload(torch.device("cpu"), offload_type="leaf_level")
+    vera.enable_group_offload(torch.device("cpu"), offload_type="block_level", num_blocks_per_group=1)
+    with torch.no_grad():
+        got = vera(edit, alpha, composite, timestep, text, source_latents=source).edit
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)

@@ -24,9 +24,9 @@ def _add_convert_wan(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--native-frames", type=int, default=49)
     parser.add_argument(
         "--dtype",
-        choices=("keep", "float32", "bfloat16"),
-        default="keep",
-        help="weight dtype of the Vera transformer (default: Wan's)",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="weight dtype of the Vera transformer; norms and modulation stay float32 (default: float32)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.set_defaults(handler=_run_convert_wan)
@@ -37,7 +37,7 @@ def _run_convert_wan(args: argparse.Namespace) -> int:
 
     from .convert import convert_wan
 
-    dtype = {"keep": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     out = convert_wan(
         args.wan,
         args.out,

@@ -51,13 +51,32 @@ def check_safetensors_only(folder: Path) -> list[Path]:
     return weights
 
 
-def load_pipeline(model: "str | os.PathLike[str]" = "default", device: str | None = None) -> Any:
-    """Load a `VeraPipeline` from `model` (see `resolve_model_dir`), refusing pickle weights."""
+def load_pipeline(
+    model: "str | os.PathLike[str]" = "default", device: str | None = None, precision: str = "auto"
+) -> Any:
+    """Load a `VeraPipeline` from `model` (see `resolve_model_dir`), refusing pickle weights.
+
+    `precision`: "auto" runs the transformer and text encoder in bfloat16 on a GPU (norms and modulation stay
+    float32, the VAE stays float32, as for Wan) and everything in float32 on a CPU; or "float32" / "bfloat16".
+    """
+    import torch
+
     from .pipeline_vera import VeraPipeline
 
+    if precision not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"precision={precision!r}; expected 'auto', 'float32' or 'bfloat16'")
+    on_gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    half = precision == "bfloat16" or (precision == "auto" and on_gpu)
+    torch_dtype: Any = torch.float32
+    if half:
+        torch_dtype = {
+            "transformer": torch.bfloat16,
+            "text_encoder": torch.bfloat16,
+            "default": torch.float32,
+        }
     folder = resolve_model_dir(model)
     check_safetensors_only(folder)
-    pipe = VeraPipeline.from_pretrained(folder)
+    pipe = VeraPipeline.from_pretrained(folder, torch_dtype=torch_dtype)
     pipe.set_progress_bar_config(disable=True)
     if device:
         pipe.to(device)

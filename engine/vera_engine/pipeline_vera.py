@@ -231,7 +231,7 @@ class VeraPipeline(DiffusionPipeline):
             raise RuntimeError("decode_preview is for use inside a sampling call's step callback")
         frames, height, width = self._trim
         video = self.decode_latents(composite_x0)[:, :, :frames, :height, :width]
-        return _to_frames_last(video)[0].clamp(0, 1).cpu().numpy()
+        return _to_frames_last((video + 1) / 2)[0].clamp(0, 1).float().cpu().numpy()
 
     # ------------------------------------------------------------------------------------------------------------
     # Inputs
@@ -359,6 +359,39 @@ class VeraPipeline(DiffusionPipeline):
         if output_type not in ("np", "pt"):
             raise ValueError(f"output_type={output_type!r}; expected 'np' or 'pt'")
         self._interrupt = False
+        try:
+            return self._sample(
+                video,
+                prompt,
+                mask,
+                negative_prompt,
+                num_inference_steps,
+                guidance_scale,
+                generator,
+                callback_on_step_end,
+                callback_on_step_end_tensor_inputs,
+                output_type,
+                return_dict,
+            )
+        finally:
+            # Also after an interrupt or an error: no stale trim, cache state or offload hooks for the next call.
+            self._trim = None
+            self.maybe_free_model_hooks()
+
+    def _sample(
+        self,
+        video,
+        prompt,
+        mask,
+        negative_prompt,
+        num_inference_steps,
+        guidance_scale,
+        generator,
+        callback_on_step_end,
+        callback_on_step_end_tensor_inputs,
+        output_type,
+        return_dict,
+    ):
         device = self._execution_device
         dtype = self.transformer.dtype
         frames, height, width, _ = video.shape
@@ -386,6 +419,8 @@ class VeraPipeline(DiffusionPipeline):
             dtype=torch.float32,
         )
         self.scheduler.set_timesteps(num_inference_steps, device=device)
+        # Steps are indexed from 0 on every call (sigmas[i] below relies on it).
+        self.scheduler.set_begin_index(0)
         timesteps = self.scheduler.timesteps
         batch = 2 if do_cfg else 1
         source_in = source_latents.to(dtype).expand(batch, -1, -1, -1, -1)
@@ -398,23 +433,25 @@ class VeraPipeline(DiffusionPipeline):
                     raise VeraInterrupted(i, len(timesteps))
                 model_input = latents.to(dtype).expand(batch, -1, -1, -1, -1)
                 edit_in, alpha_in, composite_in = model_input.chunk(3, dim=1)
-                out = self.transformer(
-                    edit_latents=edit_in,
-                    alpha_latents=alpha_in,
-                    composite_latents=composite_in,
-                    timestep=t.expand(batch).to(device),
-                    encoder_hidden_states=text,
-                    source_latents=source_in,
-                    mask_latents=mask_in,
-                    return_dict=False,
-                )
+                sigma = self.scheduler.sigmas[i].to(device=device, dtype=torch.float32)
+                # One cache context: the conditional and unconditional passes run as one batched forward.
+                with self.transformer.cache_context("cond_uncond"):
+                    out = self.transformer(
+                        edit_latents=edit_in,
+                        alpha_latents=alpha_in,
+                        composite_latents=composite_in,
+                        timestep=t.expand(batch).to(device),
+                        encoder_hidden_states=text,
+                        source_latents=source_in,
+                        mask_latents=mask_in,
+                        return_dict=False,
+                    )
                 velocity = torch.cat(out, dim=1).float()
                 if do_cfg:
                     conditional, unconditional = velocity.chunk(2)
                     velocity = unconditional + guidance_scale * (conditional - unconditional)
 
                 # x_t = (1 - sigma) x_0 + sigma noise and v = noise - x_0, so x_0 = x_t - sigma v.
-                sigma = self.scheduler.sigmas[i].to(device=device, dtype=torch.float32)
                 composite_x0 = (latents - sigma * velocity).chunk(3, dim=1)[2]
                 latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
 
@@ -436,8 +473,6 @@ class VeraPipeline(DiffusionPipeline):
             layers.append(layer.cpu().numpy() if output_type == "np" else layer.cpu())
         edit_out, alpha_out, composite_out = layers
         alpha_out = alpha_out[..., 0]
-        self._trim = None
-        self.maybe_free_model_hooks()
         if not return_dict:
             return (edit_out, alpha_out, composite_out)
         return VeraPipelineOutput(edit=edit_out, alpha=alpha_out, composite=composite_out)

@@ -5,4 +5,3 @@
 DEFAULT_BRANCH_LR_SCALES: dict[str, float] = {"edit": 0.1, "alpha": 10.0, "composite": 10.0}
 # Probability of training without the mask, per task: object addition is mostly asked for without a mask.
 DEFAULT_MASK_DROPOUT: dict[str, float] = {"object_addition": 0.9, "background_change": 0.3}
-

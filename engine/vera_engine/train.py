@@ -388,7 +388,18 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
         if not state_path.is_file():
             raise FileNotFoundError(f"--resume: {state_path} does not exist; start without --resume")
         saved = json.loads((out / "training" / "config.json").read_text())
-        for key in ("data", "preset", "batch_size", "frames", "size"):
+        # Optimiser and EMA state carry their own learning rates and decay: a changed value would be silently
+        # ignored, so refuse it rather than record a config the run does not follow.
+        for key in (
+            "data",
+            "preset",
+            "batch_size",
+            "frames",
+            "size",
+            "learning_rate",
+            "branch_lr_scales",
+            "ema_decay",
+        ):
             value = getattr(config, key)
             saved_value = tuple(saved[key]) if isinstance(saved[key], list) else saved[key]
             if value != saved_value:
@@ -443,8 +454,12 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
         optimizer.load_state_dict(state["optimizer"])
         ema.load_state_dict(state["ema"])
         ema.to(dist.device)
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
+        if dist.world_size == 1:
+            generator.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+        else:
+            # Only rank 0's streams are saved: give every rank its own again, as at the start of the run.
+            generator.manual_seed(config.seed * 1009 + dist.rank + 7919 * int(state["step"]))
         start_step = int(state["step"])
     if start_step >= config.steps:
         raise ValueError(

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
+from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
 from diffusers.models.attention import AttentionMixin
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.cache_utils import CacheMixin
@@ -214,6 +216,13 @@ class VeraMoTBlock(nn.Module):
         return torch.stack(outputs, dim=1)
 
 
+# diffusers' block-level caches (FirstBlockCache, MagCache) look blocks up here to know what a block returns.
+TransformerBlockRegistry.register(
+    VeraMoTBlock,
+    TransformerBlockMetadata(return_hidden_states_index=0, return_encoder_hidden_states_index=None),
+)
+
+
 @dataclass
 class VeraTransformerOutput(BaseOutput):
     """Flow-matching velocities (diffusers convention: noise - data) for the three layers, each (B, C, F, H, W)."""
@@ -251,6 +260,17 @@ class VeraTransformer3DModel(ModelMixin, ConfigMixin, CacheMixin, AttentionMixin
     _keep_in_fp32_modules = ["rope", "time_embedder", "scale_shift_table", "norm1", "norm2", "norm3"]
     _keys_to_ignore_on_load_unexpected = ["norm_added_q"]
     _repeated_blocks = ["VeraMoTBlock"]
+    # Context parallelism: every layer's tokens are split along the sequence (dim 2 of the stacked
+    # batch, layer, seq_len, dim states). The joint attention has no mask and applies RoPE before dispatch, so
+    # Ulysses and ring attention over the concatenation of the local chunks give the same result.
+    _cp_plan = {
+        "rope": {
+            0: ContextParallelInput(split_dim=1, expected_dims=4, split_output=True),
+            1: ContextParallelInput(split_dim=1, expected_dims=4, split_output=True),
+        },
+        "blocks.0": {"hidden_states": ContextParallelInput(split_dim=2, expected_dims=4, split_output=False)},
+        **{f"branches.{b}.proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3) for b in BRANCHES},
+    }
 
     @register_to_config
     def __init__(
@@ -301,6 +321,16 @@ class VeraTransformer3DModel(ModelMixin, ConfigMixin, CacheMixin, AttentionMixin
         )
         self.gradient_checkpointing = False
 
+    def enable_group_offload(self, *args: Any, offload_type: str = "block_level", **kwargs: Any) -> None:
+        """diffusers group offloading, `block_level` only: Vera calls its branch modules' parts, not their
+        `forward`, so leaf-level hooks would never move some parameters onto the device."""
+        if offload_type != "block_level":
+            raise ValueError(
+                f"offload_type={offload_type!r}: VeraTransformer3DModel supports block_level group offloading only "
+                "(each VeraMoTBlock moves as a whole); use offload_type='block_level'"
+            )
+        super().enable_group_offload(*args, offload_type=offload_type, **kwargs)
+
     @torch.no_grad()
     def zero_vera_only_parameters(self) -> None:
         """Reset the source/mask patch embeddings and the layer embeddings to zero (their initial state)."""
@@ -330,7 +360,10 @@ class VeraTransformer3DModel(ModelMixin, ConfigMixin, CacheMixin, AttentionMixin
                     "(config.json + diffusion_pytorch_model*.safetensors), or the transformer/ subfolder of a Wan "
                     "pipeline"
                 )
-            wan = WanTransformer3DModel.from_pretrained(path, local_files_only=True, use_safetensors=True)
+            # torch_dtype here (not a cast afterwards) keeps Wan's fp32 modules in fp32, as diffusers does.
+            wan = WanTransformer3DModel.from_pretrained(
+                path, local_files_only=True, use_safetensors=True, torch_dtype=torch_dtype
+            )
 
         wan_config = dict(wan.config)
         unsupported = {
@@ -352,8 +385,14 @@ class VeraTransformer3DModel(ModelMixin, ConfigMixin, CacheMixin, AttentionMixin
         with torch.device("meta"):
             model = cls(**config)
         wan_state = wan.state_dict()
+        keep_fp32 = set(cls._keep_in_fp32_modules)
+
+        def dtype_of(key: str, tensor: torch.Tensor) -> torch.dtype:
+            # Norms, time embedder and modulation tables stay fp32 in a bf16 model, exactly as in Wan.
+            return torch.float32 if keep_fp32.intersection(key.split(".")) else torch_dtype
+
         state = {
-            wan_key_to_vera(key, branch): tensor.detach().to(dtype=torch_dtype, copy=True)
+            wan_key_to_vera(key, branch): tensor.detach().to(dtype=dtype_of(key, tensor), copy=True)
             for branch in BRANCHES
             for key, tensor in wan_state.items()
         }
