@@ -254,3 +254,35 @@ def test_the_pipeline_folder_holds_the_ema_weights_and_resume_restores_them(data
     with pytest.raises(ValueError, match=r"ema_decay=0\.9 differs"):
         config.steps, config.ema_decay = 4, 0.9
         train(config, resume=True, progress=False)
+
+
+def test_text_encoder_is_frozen_by_default_and_trains_when_asked(dataset_dir, tmp_path):
+    start = build_random_pipeline("tiny", seed=0).text_encoder.state_dict()
+    key = "encoder.block.0.layer.0.SelfAttention.q.weight"
+    for scale in (0.0, 1.0):
+        out = tmp_path / f"text{scale}"
+        config = TrainConfig(
+            data=str(dataset_dir),
+            out=str(out),
+            preset="tiny",
+            steps=2,
+            batch_size=2,
+            learning_rate=1e-3,
+            warmup_steps=0,
+            ema_decay=0.0,
+            save_every=2,
+            text_encoder_lr_scale=scale,
+            timestep_shift=3.0,
+        )
+        train(config, progress=False)
+        saved = VeraPipeline.from_pretrained(out).text_encoder.state_dict()[key]
+        assert torch.equal(saved, start[key]) == (scale == 0.0), scale
+    assert (tmp_path / "text1.0" / "training" / "raw_text_encoder").is_dir()
+
+
+def test_timestep_shift_moves_training_towards_high_noise():
+    from vera_engine.train import shifted_sigmas
+
+    u = torch.tensor([0.0, 0.5, 1.0])
+    assert torch.equal(shifted_sigmas(u, 1.0), u)
+    assert shifted_sigmas(u, 3.0).tolist() == pytest.approx([0.0, 0.75, 1.0])

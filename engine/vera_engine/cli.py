@@ -132,6 +132,18 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
         default=0.1,
         help="probability of training on an empty instruction (for classifier-free guidance)",
     )
+    parser.add_argument(
+        "--text-encoder-lr",
+        type=float,
+        default=0.0,
+        help="train the text encoder at this multiple of --lr (default 0: frozen, as for a pretrained umT5)",
+    )
+    parser.add_argument(
+        "--timestep-shift",
+        type=float,
+        default=1.0,
+        help="flow shift of the training noise levels (1: uniform; 3: more high-noise steps, like inference)",
+    )
     parser.add_argument("--ema-decay", type=float, default=0.999)
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument(
@@ -166,6 +178,9 @@ def _run_train(args: argparse.Namespace) -> int:
         branch_lr_scales=parse_branch_lr_scales(args.branch_lr),
         mask_dropout=parse_mask_dropout(args.mask_dropout),
         warmup_steps=args.warmup_steps,
+        text_dropout=args.text_dropout,
+        text_encoder_lr_scale=args.text_encoder_lr,
+        timestep_shift=args.timestep_shift,
         ema_decay=args.ema_decay,
         gradient_checkpointing=args.gradient_checkpointing,
         mixed_precision=args.mixed_precision,

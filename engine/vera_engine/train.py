@@ -55,6 +55,12 @@ class TrainConfig:
     warmup_steps: int = 200
     # Instructions replaced by "" this often, so the unconditional pass of classifier-free guidance is trained.
     text_dropout: float = 0.1
+    # 0 keeps the text encoder frozen (the paper's setting, for a pretrained umT5). A tiny checkpoint trained from
+    # scratch has a random encoder, and learning it (at this multiple of the base rate) is what lets it read words.
+    text_encoder_lr_scale: float = 0.0
+    # Training noise levels: u ~ U(0, 1) mapped to sigma = s·u / (1 + (s − 1)·u). s = 1 is uniform; s > 1 spends
+    # more of training at high noise, where layout and colour are decided (matches inference's flow_shift).
+    timestep_shift: float = 1.0
     ema_decay: float = 0.999
     gradient_checkpointing: bool = False
     mixed_precision: str = "auto"  # auto: bf16 autocast on CUDA, float32 elsewhere; or "no" / "bf16"
@@ -201,11 +207,17 @@ class PromptCache:
         return torch.stack([self._states[prompt] for prompt in prompts])
 
 
+def shifted_sigmas(u: torch.Tensor, shift: float) -> torch.Tensor:
+    """Map uniform samples to noise levels with the flow shift `shift` (1: unchanged)."""
+    return shift * u / (1 + (shift - 1) * u)
+
+
 def flow_matching_loss(
     model: torch.nn.Module,
     batch: Mapping[str, torch.Tensor],
     text: torch.Tensor,
     generator: torch.Generator,
+    timestep_shift: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Equally weighted flow-matching loss of the three layers for a batch of encoded latents.
 
@@ -215,7 +227,7 @@ def flow_matching_loss(
     size = clean.shape[0]
     device = clean.device
     noise = torch.randn(clean.shape, generator=generator, device="cpu").to(device)
-    sigma = torch.rand(size, generator=generator, device="cpu").to(device)
+    sigma = shifted_sigmas(torch.rand(size, generator=generator, device="cpu"), timestep_shift).to(device)
     sigma_b = sigma.view(-1, 1, 1, 1, 1)
     noisy = (1 - sigma_b) * clean + sigma_b * noise
     target = noise - clean
@@ -325,6 +337,7 @@ def _write_json_atomic(path: Path, data: Any) -> None:
 def _save_checkpoint(
     pipe: Any,
     model: torch.nn.Module,
+    trainable: list[torch.nn.Parameter],
     ema: Any,
     optimizer: torch.optim.Optimizer,
     step: int,
@@ -336,15 +349,17 @@ def _save_checkpoint(
     staging = out.with_name(out.name + ".saving")
     if staging.exists():
         shutil.rmtree(staging)
-    ema.store(model.parameters())
-    ema.copy_to(model.parameters())
+    ema.store(trainable)
+    ema.copy_to(trainable)
     try:
         pipe.save_pretrained(staging, safe_serialization=True)
     finally:
-        ema.restore(model.parameters())
+        ema.restore(trainable)
     training = staging / "training"
     training.mkdir()
     model.save_pretrained(training / "raw_transformer", safe_serialization=True)
+    if any(p.requires_grad for p in pipe.text_encoder.parameters()):
+        pipe.text_encoder.save_pretrained(training / "raw_text_encoder", safe_serialization=True)
     save_state(
         training / "state",
         {
@@ -421,23 +436,38 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
             str(out / "training" / "raw_transformer" / "diffusion_pytorch_model.safetensors")
         )
         pipe.transformer.load_state_dict(raw, strict=True)
+        raw_text = out / "training" / "raw_text_encoder" / "model.safetensors"
+        if config.text_encoder_lr_scale > 0 and raw_text.is_file():
+            pipe.text_encoder.load_state_dict(load_state_dict(str(raw_text)), strict=False)
     pipe.to(dist.device)
     model: VeraTransformer3DModel = pipe.transformer
     model.train()
-    pipe.text_encoder.requires_grad_(False).eval()
+    train_text = config.text_encoder_lr_scale > 0
+    pipe.text_encoder.requires_grad_(train_text).train(train_text)
     if config.gradient_checkpointing:
         model.enable_gradient_checkpointing()
 
     use_bf16 = config.mixed_precision == "bf16" or (
         config.mixed_precision == "auto" and dist.device.type == "cuda"
     )
+    trainable = list(model.parameters()) + (list(pipe.text_encoder.parameters()) if train_text else [])
     ema = EMAModel(
-        model.parameters(),
+        trainable,
         decay=config.ema_decay,
         model_cls=VeraTransformer3DModel,
         model_config=model.config,
     )
     groups = branch_parameter_groups(model, config.learning_rate, config.branch_lr_scales)
+    if train_text:
+        text_lr = config.learning_rate * config.text_encoder_lr_scale
+        groups.append(
+            {
+                "params": list(pipe.text_encoder.parameters()),
+                "lr": text_lr,
+                "name": "text_encoder",
+                "initial_lr": text_lr,
+            }
+        )
     train_model: torch.nn.Module = model
     if dist.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -508,16 +538,20 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
                 group["lr"] = group["initial_lr"] * warmup_factor(step, config.warmup_steps)
             latents = encode_batch(pipe, batch, config.mask_dropout, generator, dist.device)
             drop_text = torch.rand(len(batch["instruction"]), generator=generator) < config.text_dropout
-            text = prompts(
-                ["" if drop else p for p, drop in zip(batch["instruction"], drop_text, strict=True)]
-            )
+            instructions = [
+                "" if drop else p for p, drop in zip(batch["instruction"], drop_text, strict=True)
+            ]
             with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss, parts = flow_matching_loss(train_model, latents, text, generator)
+                if train_text:
+                    text = torch.cat([pipe.encode_prompt(p, dist.device, model.dtype) for p in instructions])
+                else:
+                    text = prompts(instructions)
+                loss, parts = flow_matching_loss(train_model, latents, text, generator, config.timestep_shift)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
             optimizer.step()
-            ema.step(model.parameters())
+            ema.step(trainable)
             step += 1
             last = {"loss": dist.mean(float(loss.detach())), **{k: dist.mean(v) for k, v in parts.items()}}
             bar.update()
@@ -534,7 +568,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
                 )
             if step % config.save_every == 0 or step == config.steps:
                 if dist.is_main:
-                    _save_checkpoint(pipe, model, ema, optimizer, step, config, generator)
+                    _save_checkpoint(pipe, model, trainable, ema, optimizer, step, config, generator)
                     log_path.parent.mkdir(parents=True, exist_ok=True)
                     with log_path.open("a") as log:
                         for row in pending_log:
