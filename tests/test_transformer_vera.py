@@ -244,7 +244,7 @@ def test_mask_keep_is_per_sample(tiny_wan):
 
 def test_from_wan_in_bfloat16_keeps_fp32_modules_and_matches_wan(tiny_wan, tmp_path):
     tiny_wan.save_pretrained(tmp_path / "wan")
-    wan = WanTransformer3DModel.from_pretrained(tmp_path / "wan", torch_dtype=torch.bfloat16).eval()
+    wan = WanTransformer3DModel.from_pretrained(tmp_path / "wan", dtype=torch.bfloat16).eval()
     vera = VeraTransformer3DModel.from_wan(tmp_path / "wan", torch_dtype=torch.bfloat16).eval()
     assert vera.blocks[0].alpha.scale_shift_table.dtype == torch.float32
     assert vera.branches["edit"].condition_embedder.time_embedder.linear_1.weight.dtype == torch.float32

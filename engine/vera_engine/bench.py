@@ -65,7 +65,7 @@ def step_flops(
 def cast_keeping_fp32_modules(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """Cast a diffusers model to `dtype` but keep its `_keep_in_fp32_modules` (norms, time embedder) in float32.
 
-    This is what `from_pretrained(torch_dtype=...)` does for loaded weights; random-weight models need it by hand.
+    This is what `from_pretrained(dtype=...)` does for loaded weights; random-weight models need it by hand.
     """
     if dtype == torch.float32:
         return model

@@ -76,7 +76,7 @@ def load_pipeline(
         }
     folder = resolve_model_dir(model)
     check_safetensors_only(folder)
-    pipe = VeraPipeline.from_pretrained(folder, torch_dtype=torch_dtype)
+    pipe = VeraPipeline.from_pretrained(folder, dtype=torch_dtype)
     pipe.set_progress_bar_config(disable=True)
     if device:
         pipe.to(device)

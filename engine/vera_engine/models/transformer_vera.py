@@ -360,9 +360,9 @@ class VeraTransformer3DModel(ModelMixin, ConfigMixin, CacheMixin, AttentionMixin
                     "(config.json + diffusion_pytorch_model*.safetensors), or the transformer/ subfolder of a Wan "
                     "pipeline"
                 )
-            # torch_dtype here (not a cast afterwards) keeps Wan's fp32 modules in fp32, as diffusers does.
+            # The dtype at load (not a cast afterwards) keeps Wan's fp32 modules in fp32, as diffusers does.
             wan = WanTransformer3DModel.from_pretrained(
-                path, local_files_only=True, use_safetensors=True, torch_dtype=torch_dtype
+                path, local_files_only=True, use_safetensors=True, dtype=torch_dtype
             )
 
         wan_config = dict(wan.config)
