@@ -15,7 +15,9 @@ def test_demo_runs_the_whole_product_on_the_shipped_checkpoint(tmp_path):
     out = tmp_path / "demo"
     run = subprocess.run(
         [sys.executable, "-m", "vera_engine.cli", "demo", "--out", str(out), "--steps", "6"],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     assert "contact sheet" in run.stdout and "succeeded" in run.stdout

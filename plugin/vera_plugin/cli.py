@@ -364,11 +364,34 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("job", help="job id")
     fetch.add_argument("--out", required=True, help="folder to write the results to")
     fetch.set_defaults(func=cmd_fetch)
+
+    panel = sub.add_parser(
+        "panel",
+        add_help=False,
+        help="the Vera Edit Qt panel, standalone (needs PySide6: the 'ui' extra); `vera panel --help`",
+    )
+    panel.set_defaults(func=lambda args: cmd_panel([]))
     return parser
+
+
+def cmd_panel(argv: Sequence[str]) -> int:
+    """`vera panel`: the standalone panel; its own options are parsed by `vera_plugin.panel.main`."""
+    try:
+        from .panel import main as panel_main
+    except ImportError as exc:
+        print(
+            f"vera panel: error: {exc}; install the 'ui' extra (pip install 'vera-edit[ui]')", file=sys.stderr
+        )
+        return EXIT_USAGE
+    return panel_main(list(argv))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``vera``; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["panel"]:
+        # The panel parses its own options (--engine, --cache, --screenshot, ...).
+        return cmd_panel(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

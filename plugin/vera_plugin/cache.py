@@ -1,0 +1,88 @@
+"""Where a host keeps a job's results, and how a reopened script finds them again without regenerating.
+
+Layout: ``<cache root>/<job id>/vera_edit.<frame>.exr``. The cache root is ``$VERA_CACHE`` when set, else a
+``vera_cache/<script name>`` folder beside the saved script, else (unsaved script) the system temp folder.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["RESULT_PREFIX", "CachedResult", "cache_root", "find_results", "job_dir", "safe_name"]
+
+RESULT_PREFIX = "vera_edit"
+_RESULT = re.compile(rf"^{RESULT_PREFIX}\.(-?\d+)\.exr$")
+_JOB_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def safe_name(text: str) -> str:
+    """``text`` reduced to characters that are safe in a file or node name."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_.") or "untitled"
+
+
+def cache_root(script_path: str = "", env: Mapping[str, str] | None = None) -> Path:
+    """The folder results are cached under for a script saved at ``script_path`` (``""``: unsaved)."""
+    env = os.environ if env is None else env
+    if env.get("VERA_CACHE"):
+        return Path(env["VERA_CACHE"]).expanduser()
+    if script_path:
+        script = Path(script_path)
+        return script.parent / "vera_cache" / safe_name(script.stem)
+    return Path(tempfile.gettempdir()) / "vera_cache" / "untitled"
+
+
+def job_dir(root: str | os.PathLike[str], job_id: str) -> Path:
+    """The folder of one job's results under ``root``."""
+    if not _JOB_ID.match(job_id) or job_id in (".", ".."):
+        raise ValueError(f"job id {job_id!r} is not a plain name; expected letters, digits, '-', '_' or '.'")
+    return Path(root) / job_id
+
+
+@dataclass(frozen=True)
+class CachedResult:
+    """A job's results on disk: the folder, the frame numbers found and a host-style sequence pattern."""
+
+    folder: Path
+    frames: tuple[int, ...]
+    padding: int
+
+    @property
+    def pattern(self) -> str:
+        """``<folder>/vera_edit.####.exr`` (as many ``#`` as the files' padding), forward slashes for Nuke."""
+        return (self.folder / f"{RESULT_PREFIX}.{'#' * self.padding}.exr").as_posix()
+
+    @property
+    def first(self) -> int:
+        """First frame."""
+        return self.frames[0]
+
+    @property
+    def last(self) -> int:
+        """Last frame."""
+        return self.frames[-1]
+
+
+def find_results(root: str | os.PathLike[str], job_id: str) -> CachedResult | None:
+    """The cached results of ``job_id`` under ``root``, or ``None`` when there are none."""
+    if not job_id:
+        return None
+    folder = job_dir(root, job_id)
+    if not folder.is_dir():
+        return None
+    frames: list[int] = []
+    padding = 0
+    for entry in folder.iterdir():
+        match = _RESULT.match(entry.name)
+        if match and entry.is_file():
+            frames.append(int(match.group(1)))
+            digits = match.group(1).lstrip("-")
+            # An unpadded long number (10001 with ####) says nothing about padding; take the shortest.
+            padding = len(digits) if not padding else min(padding, len(digits))
+    if not frames:
+        return None
+    return CachedResult(folder=folder, frames=tuple(sorted(frames)), padding=padding)

@@ -1,0 +1,228 @@
+"""One Generate, host-neutral: submit a rendered EXR sequence, follow the job, fetch results into the cache.
+
+Hosts (the Nuke node, the Qt panel) render their input, fill a :class:`GenerateRequest` on their main
+thread, then call :func:`run_generate` on a worker thread with a :class:`ProgressSink` of their own (Nuke's
+``ProgressTask``, a Qt signal). Cancelling the sink cancels the job on the engine. Failures raise
+:class:`GenerateError` whose message a person can act on (never a bare traceback).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from vera_proto.vera.v1 import engine_pb2 as pb
+
+from .cache import CachedResult, find_results, job_dir
+from .client import EngineClient, EngineError, state_name
+
+__all__ = [
+    "GenerateCancelled",
+    "GenerateError",
+    "GenerateRequest",
+    "GenerateResult",
+    "ProgressSink",
+    "client_options_from_env",
+    "describe_engine_error",
+    "run_generate",
+    "status_text",
+]
+
+
+class GenerateError(RuntimeError):
+    """Generate failed; the message says why and what to do."""
+
+
+class GenerateCancelled(GenerateError):
+    """The artist cancelled; the job was cancelled on the engine too."""
+
+
+class ProgressSink(Protocol):
+    """Where progress goes: ``update(fraction 0..1, message)``; ``cancelled()`` is polled several times a second."""
+
+    def update(self, fraction: float, message: str) -> None:
+        """Show progress."""
+
+    def cancelled(self) -> bool:
+        """True once the artist asked to cancel."""
+
+
+def client_options_from_env(env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """``EngineClient`` keyword arguments from the environment: ``$VERA_TOKEN_FILE`` (engines started with a
+    token, as for the ``vera`` CLI) and ``$VERA_CA_CERT`` (TLS, verifying the engine against that PEM)."""
+    env = os.environ if env is None else env
+    options: dict[str, Any] = {}
+    if env.get("VERA_TOKEN_FILE"):
+        options["token_file"] = env["VERA_TOKEN_FILE"]
+    if env.get("VERA_CA_CERT"):
+        options["ca_cert"] = env["VERA_CA_CERT"]
+    return options
+
+
+@dataclass
+class GenerateRequest:
+    """Everything a worker thread needs; filled on the host's main thread."""
+
+    address: str
+    prompt: str
+    options: dict[str, Any]
+    frames: list[int]
+    plate: str  # EXR sequence pattern, e.g. /tmp/x/src.####.exr
+    cache_root: Path
+    mask: str | None = None
+    previews: bool = False
+    client_options: dict[str, Any] = field(default_factory=client_options_from_env)
+
+
+@dataclass
+class GenerateResult:
+    """A finished Generate: the job, the seed used and the cached result files."""
+
+    job_id: str
+    seed: int
+    result: CachedResult
+    final: pb.JobStatus
+
+
+def describe_engine_error(error: EngineError, address: str) -> str:
+    """An engine error as a sentence saying what happened and what to do."""
+    if error.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
+        return (
+            f"Cannot reach the Vera engine at {address} ({error.details or error.code}). Start it on that "
+            "machine with `vera-engine serve --model <folder>`, or set the node's engine address."
+        )
+    if error.code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+        return f"The Vera engine at {address} refused the token ({error.details}); set $VERA_TOKEN_FILE."
+    if error.code == "RESOURCE_EXHAUSTED":
+        return f"The Vera engine at {address} has a full queue ({error.details}); try again later."
+    if error.code in ("INVALID_ARGUMENT", "FAILED_PRECONDITION", "OUT_OF_RANGE"):
+        return f"The Vera engine rejected the job: {error.details}"
+    if error.code == "NOT_FOUND":
+        return f"The Vera engine at {address} does not know this job ({error.details}); Generate again."
+    return f"Vera engine error at {address}: {error.code}: {error.details}"
+
+
+def status_text(status: pb.JobStatus) -> str:
+    """A one-line description of a job status, for status knobs and job lists."""
+    state = state_name(status.state)
+    if status.state == pb.JOB_STATE_QUEUED:
+        return f"queued, {status.queue_position} ahead"
+    if status.state == pb.JOB_STATE_RUNNING:
+        text = f"{status.stage or 'running'}"
+        if status.total_steps:
+            text += f" step {status.step}/{status.total_steps}"
+        if status.HasField("eta_seconds"):
+            text += f", about {status.eta_seconds:.0f}s left"
+        return text
+    if status.state == pb.JOB_STATE_FAILED:
+        return f"failed: {status.error}"
+    return state
+
+
+def _follow(
+    client: EngineClient,
+    job_id: str,
+    sink: ProgressSink,
+    previews: bool,
+    on_status: Callable[[pb.JobStatus], None] | None,
+    poll: float,
+) -> pb.JobStatus:
+    # The Watch stream blocks between updates (a queued job may be silent for minutes), so it runs on its own
+    # thread while this one polls the sink for a cancel request.
+    latest: list[pb.JobStatus] = []
+    failure: list[BaseException] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        try:
+            client.wait(job_id, callback=latest.append, previews=previews)
+        except BaseException as exc:
+            failure.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=watch, name=f"vera-watch-{job_id}", daemon=True).start()
+    cancel_sent = False
+    shown = 0
+    while not done.wait(poll):
+        if not cancel_sent and sink.cancelled():
+            cancel_sent = True
+            sink.update(latest[-1].progress if latest else 0.0, "cancelling ...")
+            client.cancel(job_id)
+        while shown < len(latest):
+            status = latest[shown]
+            shown += 1
+            if on_status is not None:
+                on_status(status)
+            if not cancel_sent:
+                sink.update(status.progress, status_text(status))
+    if failure:
+        raise failure[0]
+    for status in latest[shown:]:
+        if on_status is not None:
+            on_status(status)
+    return latest[-1]
+
+
+def run_generate(
+    request: GenerateRequest,
+    sink: ProgressSink,
+    *,
+    on_submitted: Callable[[str], None] | None = None,
+    on_status: Callable[[pb.JobStatus], None] | None = None,
+    poll: float = 0.1,
+) -> GenerateResult:
+    """Submit, follow and fetch one job (blocking: call it on a worker thread).
+
+    ``on_submitted(job_id)`` runs as soon as the engine accepted the upload (hosts record the id so a crash
+    or a closed script can still find the job); ``on_status`` sees every status update.
+    """
+    address = request.address
+    try:
+        with EngineClient(address, **request.client_options) as client:
+            sink.update(0.0, f"uploading {len(request.frames)} frames to {address}")
+            job_id = client.submit_files(
+                request.plate, request.frames, prompt=request.prompt, mask=request.mask, **request.options
+            )
+            if on_submitted is not None:
+                on_submitted(job_id)
+            if sink.cancelled():
+                client.cancel(job_id)
+                raise GenerateCancelled(f"job {job_id} cancelled")
+            final = _follow(client, job_id, sink, request.previews, on_status, poll)
+            if final.state == pb.JOB_STATE_CANCELLED:
+                raise GenerateCancelled(f"job {job_id} cancelled")
+            if final.state != pb.JOB_STATE_SUCCEEDED:
+                raise GenerateError(
+                    f"job {job_id} failed on the engine: {final.error or state_name(final.state)}"
+                )
+            out = job_dir(request.cache_root, job_id)
+            count = len(final.output_files)
+
+            def fetched(index: int, total: int, name: str) -> None:
+                sink.update(index / max(total, 1), f"fetched {index}/{total} {name}")
+
+            sink.update(0.0, f"fetching {count} frames into {out}")
+            client.fetch(job_id, out, progress=fetched)
+    except EngineError as exc:
+        raise GenerateError(describe_engine_error(exc, address)) from None
+    except (FileNotFoundError, ValueError, TypeError) as exc:
+        raise GenerateError(f"Cannot submit: {exc}") from None
+    result = find_results(request.cache_root, job_id)
+    if result is None or list(result.frames) != sorted(request.frames):
+        found = list(result.frames) if result else []
+        raise GenerateError(
+            f"job {job_id}: expected result frames {_span(request.frames)} in {out}, found {_span(found)}; "
+            "the engine returned an incomplete result, Generate again"
+        )
+    return GenerateResult(job_id=job_id, seed=final.seed, result=result, final=final)
+
+
+def _span(frames: Sequence[int]) -> str:
+    from .client import format_frames
+
+    return format_frames(sorted(frames)) or "none"
