@@ -286,3 +286,46 @@ def test_timestep_shift_moves_training_towards_high_noise():
     u = torch.tensor([0.0, 0.5, 1.0])
     assert torch.equal(shifted_sigmas(u, 1.0), u)
     assert shifted_sigmas(u, 3.0).tolist() == pytest.approx([0.0, 0.75, 1.0])
+
+
+def test_model_card_has_the_loss_curve_and_eval_figures(dataset_dir, tmp_path):
+    from PIL import Image
+
+    from vera_engine.evaluate import check_targets
+    from vera_engine.model_card import write_model_card
+
+    out = tmp_path / "card"
+    train(
+        TrainConfig(
+            data=str(dataset_dir),
+            out=str(out),
+            preset="tiny",
+            steps=4,
+            batch_size=2,
+            learning_rate=1e-3,
+            warmup_steps=0,
+            save_every=4,
+            log_every=1,
+        ),
+        progress=False,
+    )
+    summary = {"background_change": {"count": 2.0, "matte_iou": 0.9, "composite_psnr": 20.0}}
+    report = {"steps": 10, "guidance": 1.0, "summary": summary, "targets": check_targets(summary)}
+    card = write_model_card(
+        out,
+        out,
+        report,
+        name="test card",
+        data_command="gen",
+        train_command="train",
+        eval_command="eval",
+        machine="a CPU",
+    )
+    text = card.read_text()
+    assert "| background_change | matte_iou | 0.9 | ≥ 0.85 (met) |" in text
+    assert "| background_change | composite_psnr | 20 | ≥ 28 (not met) |" in text
+    assert "4 steps of batch 2" in text
+    with Image.open(out / "loss_curve.png") as image:
+        assert image.size == (640, 320)
+        # The curve is drawn: the plot holds more than the white background and the frame.
+        assert len(image.getcolors(10_000) or []) > 3
