@@ -67,7 +67,8 @@ class VeraPipeline(DiffusionPipeline):
     encoder: umT5 for Wan checkpoints, a small T5 for tiny ones), `vae` (the latent codec: `AutoencoderKLWan`, or the
     lossless `SpaceToDepthCodec` of tiny checkpoints) and `scheduler` (a diffusers flow-matching scheduler).
     `native_height`, `native_width`, `native_frames` record what the checkpoint was trained at; the pipeline takes
-    any size and frame count and pads to what the codec needs.
+    any size and frame count and pads to what the codec needs. `default_steps` and `default_guidance` are the
+    sampling settings the checkpoint is meant to be used with (hosts show them as the defaults).
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
@@ -84,6 +85,8 @@ class VeraPipeline(DiffusionPipeline):
         native_width: int = 832,
         native_frames: int = 49,
         max_sequence_length: int = 512,
+        default_steps: int = 50,
+        default_guidance: float = 5.0,
     ) -> None:
         super().__init__()
         self.register_modules(
@@ -98,6 +101,8 @@ class VeraPipeline(DiffusionPipeline):
             native_width=native_width,
             native_frames=native_frames,
             max_sequence_length=max_sequence_length,
+            default_steps=default_steps,
+            default_guidance=default_guidance,
         )
         self._interrupt = False
         self._trim: tuple[int, int, int] | None = None
@@ -321,8 +326,8 @@ class VeraPipeline(DiffusionPipeline):
         prompt: str,
         mask: "np.ndarray | torch.Tensor | None" = None,
         negative_prompt: str | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 5.0,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         generator: torch.Generator | None = None,
         callback_on_step_end: Callable[["VeraPipeline", int, torch.Tensor, dict[str, Any]], dict[str, Any]]
         | None = None,
@@ -338,8 +343,9 @@ class VeraPipeline(DiffusionPipeline):
             prompt: the instruction ("add a red ball rolling left to right").
             mask: optional (F, H, W) or (F, H, W, 1) mask video in [0, 1]; without one no mask tokens are added.
             negative_prompt: text for the unconditional pass of classifier-free guidance ("" when None).
-            num_inference_steps: denoising steps.
-            guidance_scale: classifier-free guidance weight; 1 runs a single pass per step.
+            num_inference_steps: denoising steps (default: the checkpoint's `default_steps`).
+            guidance_scale: classifier-free guidance weight; 1 runs a single pass per step (default: the
+                checkpoint's `default_guidance`).
             generator: seeds the initial noise; the same seed gives the same result on the same device.
             callback_on_step_end: `fn(pipe, step_index, timestep, callback_kwargs) -> dict` after every step;
                 `callback_kwargs` holds the names in `callback_on_step_end_tensor_inputs` (`latents`: the three
@@ -347,6 +353,10 @@ class VeraPipeline(DiffusionPipeline):
                 `decode_preview`). Returning `{"latents": ...}` replaces the latents.
             output_type: "np" (float32 numpy, frames last) or "pt" (torch tensors, frames last).
         """
+        if num_inference_steps is None:
+            num_inference_steps = self.config.default_steps
+        if guidance_scale is None:
+            guidance_scale = self.config.default_guidance
         self.check_inputs(
             video,
             prompt,

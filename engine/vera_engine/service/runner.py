@@ -91,7 +91,8 @@ class PipelineRunner:
                 native_height=int(self.config.get("native_height", 0)),
                 native_width=int(self.config.get("native_width", 0)),
                 frame_window=int(self.config.get("native_frames", 0)),
-                steps=DEFAULT_STEPS,
+                steps=int(self.config.get("default_steps", DEFAULT_STEPS)),
+                guidance=float(self.config.get("default_guidance", 5.0)),
                 description=f"Vera pipeline from {self.model_dir}",
                 weights_hash=self.hash,
             )
