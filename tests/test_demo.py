@@ -1,5 +1,6 @@
 """`vera-engine demo`, the README's main command, end to end on the shipped checkpoint (real processes)."""
 
+import json
 import subprocess
 import sys
 
@@ -23,14 +24,20 @@ def test_demo_runs_the_whole_product_on_the_shipped_checkpoint(tmp_path):
     assert "contact sheet" in run.stdout and "succeeded" in run.stdout
     assert str(resolve_model_dir("default")) in run.stdout
 
+    index = json.loads((resolve_model_dir("default") / "model_index.json").read_text())
     frames = find_frames(str(out / "plate" / "plate.####.exr"))
-    assert frames == list(range(1001, 1009))
+    assert frames == list(range(1001, 1001 + index["native_frames"]))
     plate = read_plate(str(out / "plate" / "plate.####.exr"), frames).pixels
     results = sorted((out / "results").glob("vera_edit.*.exr"))
     assert [int(p.name.split(".")[1]) for p in results] == frames
     for index, path in enumerate(results):
         layers = read_layers(path)
-        assert layers["composite"].shape[:2] == plate.shape[1:3] == (256, 256)
+        # The plate is 4x the model's native size: the results come back at plate resolution.
+        assert (
+            layers["composite"].shape[:2]
+            == plate.shape[1:3]
+            == (4 * index["native_height"], 4 * index["native_width"])
+        )
         untouched = layers["matte"] == 0
         # Outside the matte the composite is the plate, bit for bit (both half-float on disk).
         assert np.array_equal(layers["composite"][..., :3][untouched], plate[index][..., :3][untouched])

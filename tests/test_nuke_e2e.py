@@ -13,7 +13,8 @@ import numpy as np
 import OpenImageIO as oiio
 import pytest
 
-from vera_engine.service.testing import EngineProcess, tiny_model_dir
+from vera_engine.model_store import resolve_model_dir
+from vera_engine.service.testing import EngineProcess
 from vera_plugin.client import EngineClient
 from vera_proto.vera.v1 import engine_pb2 as pb
 
@@ -31,8 +32,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 def e2e_model(root: Path) -> Path:
-    """The checkpoint these tests run. When the trained checkpoint ships, return its folder here."""
-    return tiny_model_dir(root)
+    """The checkpoint these tests run: the shipped default model."""
+    return resolve_model_dir("default")
 
 
 @pytest.fixture

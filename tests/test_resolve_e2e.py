@@ -18,8 +18,8 @@ from vera_plugin.hosts import resolve as vr
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 # The model the engine runs. Until the trained checkpoint ships this is a tiny random-weight pipeline;
-# switching to the shipped model is this one line: SHIPPED_MODEL = "default".
-SHIPPED_MODEL: str | None = None
+# The engine runs the shipped checkpoint (`--model default`).
+SHIPPED_MODEL: str | None = "default"
 
 T0 = 86400
 
