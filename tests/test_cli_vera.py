@@ -142,9 +142,10 @@ def test_full_round_trip_through_the_cli(tmp_path: Path, tmp_path_factory: pytes
 
         info = vera("info", "--engine", address)
         assert info.returncode == 0, info.stderr
-        assert (
-            "tiny-vera (default): native 32x32, 4 frames" in info.stdout and "steps (int) = 30" in info.stdout
-        )
+        # The schema's default steps are the checkpoint's own (model_index.json default_steps).
+        default_steps = json.loads((model / "model_index.json").read_text())["default_steps"]
+        assert "tiny-vera (default): native 32x32, 4 frames" in info.stdout
+        assert f"steps (int) = {default_steps}" in info.stdout
         schema = json.loads(vera("info", "--engine", address, "--json").stdout)
         assert {o["name"] for o in schema["models"][0]["options"]} >= {"prompt", "steps", "colorspace"}
 

