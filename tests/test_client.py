@@ -145,7 +145,8 @@ def test_client_works_with_only_grpcio_and_protobuf(engine_address: str, tmp_pat
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["paths"] == [] and report["heavy"] == []  # really no site-packages, no numpy/torch
-    assert report["model"] == "passthrough" and report["state"] == 3 and report["updates"] >= 2
+    # The job may finish before the watch attaches: at least the final status arrives.
+    assert report["model"] == "passthrough" and report["state"] == 3 and report["updates"] >= 1
     assert report["files"] == ["vera_edit.1001.exr", "vera_edit.1002.exr"]
     assert report["jobs"] == [report["job"]] and report["cli"] == 0
     assert (tmp_path / "out" / "vera_edit.1002.exr").stat().st_size > 0

@@ -133,6 +133,7 @@ def test_interrupt_stops_within_one_step(tiny_pipe):
     finally:
         handle.remove()
     assert len(batches) == 2 and error.value.step == 2 and error.value.total == 10
+    assert tiny_pipe._trim is None, "an interrupted call leaves no per-call state behind"
     # The next call starts afresh.
     out = tiny_pipe(_video(), "add a ball", num_inference_steps=2)
     assert out.edit.shape == (5, 30, 34, 3)

@@ -4,6 +4,7 @@
 # its choices (classifier-free guidance batched in one forward, one scheduler over the three layers stacked on the
 # channel axis), `callback_on_step_end` gives progress and previews, `interrupt` stops within one step.
 
+import functools
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -58,6 +59,20 @@ def make_scheduler(name: str, flow_shift: float = 3.0, num_train_timesteps: int 
     if name == "euler":
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=flow_shift)
     raise ValueError(f"scheduler={name!r} is not known; expected one of {SCHEDULERS}")
+
+
+def _cleans_up_after_call(call: Callable[..., Any]) -> Callable[..., Any]:
+    """After every sampling call, also an interrupted or failed one: no stale trim, cache state or offload hooks."""
+
+    @functools.wraps(call)
+    def wrapper(self: "VeraPipeline", *args: Any, **kwargs: Any) -> Any:
+        try:
+            return call(self, *args, **kwargs)
+        finally:
+            self._trim = None
+            self.maybe_free_model_hooks()
+
+    return wrapper
 
 
 class VeraPipeline(DiffusionPipeline):
@@ -320,6 +335,7 @@ class VeraPipeline(DiffusionPipeline):
     # Sampling
 
     @torch.no_grad()
+    @_cleans_up_after_call
     def __call__(
         self,
         video: "np.ndarray | torch.Tensor",
@@ -369,39 +385,6 @@ class VeraPipeline(DiffusionPipeline):
         if output_type not in ("np", "pt"):
             raise ValueError(f"output_type={output_type!r}; expected 'np' or 'pt'")
         self._interrupt = False
-        try:
-            return self._sample(
-                video,
-                prompt,
-                mask,
-                negative_prompt,
-                num_inference_steps,
-                guidance_scale,
-                generator,
-                callback_on_step_end,
-                callback_on_step_end_tensor_inputs,
-                output_type,
-                return_dict,
-            )
-        finally:
-            # Also after an interrupt or an error: no stale trim, cache state or offload hooks for the next call.
-            self._trim = None
-            self.maybe_free_model_hooks()
-
-    def _sample(
-        self,
-        video,
-        prompt,
-        mask,
-        negative_prompt,
-        num_inference_steps,
-        guidance_scale,
-        generator,
-        callback_on_step_end,
-        callback_on_step_end_tensor_inputs,
-        output_type,
-        return_dict,
-    ):
         device = self._execution_device
         dtype = self.transformer.dtype
         frames, height, width, _ = video.shape
