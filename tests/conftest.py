@@ -25,6 +25,21 @@ TINY_WAN_CONFIG = dict(
 
 
 @pytest.fixture
+def passthrough_engine(tmp_path):
+    """A real engine, in process on a free loopback port, with the model-free PassThroughRunner: its address."""
+    from vera_engine.service import Engine, create_server
+    from vera_engine.service.testing import PassThroughRunner
+
+    engine = Engine(tmp_path / "spool", PassThroughRunner())
+    server, port = create_server(engine, "127.0.0.1", 0)
+    engine.start()
+    server.start()
+    yield f"127.0.0.1:{port}"
+    server.stop(0).wait()
+    engine.stop()
+
+
+@pytest.fixture
 def tiny_wan():
     """A seeded random `WanTransformer3DModel` of a tiny Wan2.1 T2V shape."""
     import torch

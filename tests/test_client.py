@@ -15,8 +15,6 @@ import pytest
 from google import protobuf
 
 from vera_engine.exr import write_exr
-from vera_engine.service import Engine, create_server
-from vera_engine.service.testing import PassThroughRunner
 from vera_plugin.client import EngineClient, EngineError, format_frames, frame_path, parse_frames
 
 pytestmark = pytest.mark.timeout(120)
@@ -68,14 +66,8 @@ def test_client_side_errors_name_the_input(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def engine_address(tmp_path: Path):
-    engine = Engine(tmp_path / "spool", PassThroughRunner())
-    server, port = create_server(engine, "127.0.0.1", 0)
-    engine.start()
-    server.start()
-    yield f"127.0.0.1:{port}"
-    server.stop(0).wait()
-    engine.stop()
+def engine_address(passthrough_engine: str) -> str:
+    return passthrough_engine
 
 
 def _isolated_site(root: Path) -> Path:

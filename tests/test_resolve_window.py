@@ -23,14 +23,8 @@ T0 = 86400
 
 
 @pytest.fixture
-def address(tmp_path: Path):
-    engine = Engine(tmp_path / "spool", PassThroughRunner())
-    server, port = create_server(engine, "127.0.0.1", 0)
-    engine.start()
-    server.start()
-    yield f"127.0.0.1:{port}"
-    server.stop(0).wait()
-    engine.stop()
+def address(passthrough_engine: str) -> str:
+    return passthrough_engine
 
 
 def _resolve(tmp_path: Path) -> FakeResolve:
