@@ -127,3 +127,56 @@ def test_bench_step_cli_json_and_full_size_refused_on_cpu():
         timeout=120,
     )
     assert refused.returncode == 2 and "run it on a GPU" in refused.stderr
+
+
+@pytest.mark.parametrize(
+    ("cfg", "sequential", "forwards"), [(True, False, [2, 2]), (True, True, [1] * 4), (False, False, [1, 1])]
+)
+def test_bench_step_cfg_modes_run_the_forwards_they_name(monkeypatch, cfg, sequential, forwards):
+    from vera_engine.models.transformer_vera import VeraTransformer3DModel
+
+    batches = []
+    original = VeraTransformer3DModel.forward
+
+    def counting_forward(self, edit_latents, *args, **kwargs):
+        batches.append(edit_latents.shape[0])
+        return original(self, edit_latents, *args, **kwargs)
+
+    monkeypatch.setattr(VeraTransformer3DModel, "forward", counting_forward)
+    result = bench_step("tiny", device="cpu", repeats=1, cfg=cfg, cfg_sequential=sequential, steps=10)
+    # One warm-up step and one timed step.
+    assert batches == forwards
+    assert (
+        result.cfg_mode
+        == {(True, False): "batched", (True, True): "sequential", (False, False): "off"}[(cfg, sequential)]
+    )
+    assert result.seconds_per_clip == pytest.approx(10 * result.seconds_per_step)
+    with pytest.raises(ValueError, match="sequential CFG is two passes"):
+        bench_step("tiny", device="cpu", cfg=False, cfg_sequential=True)
+
+
+@pytest.mark.slow
+def test_compiled_repeated_block_gives_the_eager_result():
+    from vera_engine.presets import build_random_transformer
+
+    model = build_random_transformer("tiny", seed=1).eval()
+    with torch.no_grad():
+        model.source_embedding.weight.normal_(0, 0.2)
+    generator = torch.Generator().manual_seed(0)
+    latents = [torch.randn(2, 12, 2, 8, 8, generator=generator) for _ in range(4)]
+    inputs = dict(
+        edit_latents=latents[0],
+        alpha_latents=latents[1],
+        composite_latents=latents[2],
+        timestep=torch.tensor([900.0, 100.0]),
+        encoder_hidden_states=torch.randn(2, 5, 32, generator=generator),
+        source_latents=latents[3],
+        return_dict=False,
+    )
+    with torch.no_grad():
+        eager = model(**inputs)
+        model.compile_repeated_blocks(fullgraph=True)
+        compiled = model(**inputs)
+    assert all(block._compiled_call_impl is not None for block in model.blocks)
+    for a, b in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)

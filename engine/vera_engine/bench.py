@@ -95,11 +95,21 @@ class BenchResult:
     latent_shape: tuple[int, ...]
     tokens_per_stream: int
     batch: int
+    cfg_mode: str
+    compiled: bool
+    context_parallel: str
     tflop_per_step: float
     attention_share: float
     seconds_per_step: float
     achieved_tflops: float
     peak_memory_gib: float
+    # First (warm-up) step: includes torch.compile's compilation when --compile is on.
+    first_step_seconds: float
+    # `steps` denoising steps at the measured rate: the per-clip sampling time the targets speak of.
+    steps: int
+    seconds_per_clip: float
+    # This process's rank under context parallelism (0 otherwise); only rank 0 needs to print.
+    rank: int = 0
 
 
 def _peak_memory_gib(device: torch.device) -> float:
@@ -118,14 +128,33 @@ def bench_step(
     device: str | None = None,
     dtype: str = "float32",
     cfg: bool = True,
+    cfg_sequential: bool = False,
     attention_backend: str | None = None,
+    compile_blocks: bool = False,
+    context_parallel: str | None = None,
     reference_wan: bool = False,
     repeats: int = 3,
+    steps: int = 50,
     text_len: int | None = None,
     seed: int = 0,
 ) -> BenchResult:
-    """Time one denoising step (one transformer forward, CFG batched) of a random-weight model of `config`."""
+    """Time one denoising step of a random-weight model of `config`.
+
+    A step is one transformer forward over batch 2 (CFG batched, what the pipeline does), two forwards of batch 1
+    (`cfg_sequential`: the conditional and unconditional passes one after the other), or one forward of batch 1
+    (`cfg=False`, guidance 1). `compile_blocks` compiles the repeated MoT block with `torch.compile` (diffusers'
+    `compile_repeated_blocks`: one graph reused by every layer). `context_parallel` ("ulysses" or "ring") splits
+    the sequence across the processes of a `torchrun` launch.
+    """
+    if cfg_sequential and not cfg:
+        raise ValueError("cfg_sequential needs cfg: sequential CFG is two passes; without CFG there is one")
     preset = get_preset(config)
+    rank = 0
+    if context_parallel:
+        from .parallel import init_distributed
+
+        rank, _world, cp_device = init_distributed(device)
+        device = str(cp_device)
     torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
     if torch_dtype is None:
@@ -150,6 +179,7 @@ def bench_step(
     tokens = (latent_frames // p_t) * (latent_shape[2] // p_h) * (latent_shape[3] // p_w)
     text_len = text_len or preset.max_sequence_length
     batch = 2 if cfg else 1
+    forward_batch = 1 if cfg_sequential else batch
 
     torch.manual_seed(seed)
     if reference_wan:
@@ -163,17 +193,27 @@ def bench_step(
     model = cast_keeping_fp32_modules(model.to(torch_device), torch_dtype).eval()
     if attention_backend:
         model.set_attention_backend(attention_backend)
+    if context_parallel:
+        if reference_wan:
+            raise ValueError(
+                "context_parallel is for the Vera transformer; the reference Wan runs on one process"
+            )
+        from .parallel import enable_context_parallel
+
+        enable_context_parallel(model, context_parallel)
+    if compile_blocks:
+        model.compile_repeated_blocks(fullgraph=True)
 
     generator = torch.Generator(device="cpu").manual_seed(seed)
 
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(shape, generator=generator).to(device=torch_device, dtype=torch_dtype)
 
-    latents = [randn(batch, *latent_shape) for _ in range(4)]
-    text = randn(batch, text_len, tconf["text_dim"])
-    timestep = torch.full((batch,), 500.0, device=torch_device)
+    latents = [randn(forward_batch, *latent_shape) for _ in range(4)]
+    text = randn(forward_batch, text_len, tconf["text_dim"])
+    timestep = torch.full((forward_batch,), 500.0, device=torch_device)
 
-    def step() -> None:
+    def forward() -> None:
         if reference_wan:
             model(latents[0], timestep, text, return_dict=False)
         else:
@@ -187,11 +227,19 @@ def bench_step(
                 return_dict=False,
             )
 
+    def step() -> None:
+        for _ in range(batch // forward_batch):
+            forward()
+
     if torch_device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(torch_device)
     times = []
     with torch.inference_mode():
-        step()  # warm-up: allocator, kernels, lazy initialisation
+        start = time.perf_counter()
+        step()  # warm-up: allocator, kernels, lazy initialisation, compilation
+        if torch_device.type == "cuda":
+            torch.cuda.synchronize(torch_device)
+        first_step = time.perf_counter() - start
         for _ in range(max(1, repeats)):
             if torch_device.type == "cuda":
                 torch.cuda.synchronize(torch_device)
@@ -202,6 +250,9 @@ def bench_step(
             times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
     flops = step_flops(tconf, tokens, text_len, batch, streams)
+    if context_parallel:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return BenchResult(
         config=config,
         model="WanTransformer3DModel (reference)" if reference_wan else "VeraTransformer3DModel",
@@ -214,11 +265,18 @@ def bench_step(
         latent_shape=(batch, *latent_shape),
         tokens_per_stream=tokens,
         batch=batch,
+        cfg_mode=("sequential" if cfg_sequential else "batched") if cfg else "off",
+        compiled=compile_blocks,
+        context_parallel=context_parallel or "off",
         tflop_per_step=flops.total / 1e12,
         attention_share=flops.attention_core / flops.total,
         seconds_per_step=seconds,
         achieved_tflops=flops.total / seconds / 1e12,
         peak_memory_gib=_peak_memory_gib(torch_device),
+        first_step_seconds=first_step,
+        steps=steps,
+        seconds_per_clip=steps * seconds,
+        rank=rank,
     )
 
 
@@ -232,12 +290,14 @@ def print_result(result: BenchResult, as_json: bool = False) -> None:
         ("device / dtype", f"{result.device} / {result.dtype}, attention {result.attention_backend}"),
         ("input", f"{result.frames} frames {result.width}x{result.height}, latents {result.latent_shape}"),
         ("tokens per stream", f"{result.tokens_per_stream}"),
-        ("batch (CFG)", f"{result.batch}"),
+        ("batch (CFG)", f"{result.batch}, CFG {result.cfg_mode}"),
+        ("compiled / context parallel", f"{result.compiled} / {result.context_parallel}"),
         (
             "FLOPs per step",
             f"{result.tflop_per_step:.4g} TFLOP ({result.attention_share:.0%} attention core)",
         ),
-        ("seconds per step", f"{result.seconds_per_step:.4g}"),
+        ("seconds per step", f"{result.seconds_per_step:.4g} (first step {result.first_step_seconds:.4g})"),
+        (f"seconds for {result.steps} steps", f"{result.seconds_per_clip:.4g}"),
         ("achieved", f"{result.achieved_tflops:.4g} TFLOP/s"),
         ("peak memory", f"{result.peak_memory_gib:.3g} GiB"),
     ]

@@ -66,7 +66,24 @@ def _add_bench_step(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--no-cfg", dest="cfg", action="store_false", help="one pass per step (guidance 1)")
     parser.add_argument(
-        "--attention-backend", help="diffusers attention backend (native, _native_cudnn, flash, ...)"
+        "--cfg-sequential",
+        action="store_true",
+        help="run CFG's two passes one after the other (batch 1 each) instead of as one batch of 2",
+    )
+    parser.add_argument(
+        "--attention-backend",
+        help="diffusers attention backend (native, _native_cudnn, flash, _flash_3, sage)",
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the repeated MoT block (first step compiles)"
+    )
+    parser.add_argument(
+        "--context-parallel",
+        choices=("ulysses", "ring"),
+        help="split the sequence across the processes of a torchrun launch (only rank 0 prints)",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=50, help="steps per clip for the per-clip estimate (default: 50)"
     )
     parser.add_argument(
         "--reference-wan", action="store_true", help="time a single Wan transformer of the same size"
@@ -89,11 +106,16 @@ def _run_bench_step(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         cfg=args.cfg,
+        cfg_sequential=args.cfg_sequential,
         attention_backend=args.attention_backend,
+        compile_blocks=args.compile,
+        context_parallel=args.context_parallel,
         reference_wan=args.reference_wan,
         repeats=args.repeats,
+        steps=args.steps,
     )
-    print_result(result, as_json=args.json)
+    if result.rank == 0:
+        print_result(result, as_json=args.json)
     return 0
 
 
