@@ -153,7 +153,7 @@ def test_full_round_trip_through_the_cli(tmp_path: Path, tmp_path_factory: pytes
         edit = vera(
             "edit", "--engine", address, "--plate", plate, "--frames", "1001-1003", "--mask", mask,
             "--prompt", "add a red ball", "--task", "object_addition", "--seed", "4", "--steps", "3",
-            "--guidance", "4.5", "--colorspace", "ACEScg", "--out", str(out),
+            "--guidance", "4.5", "--step-cache", "mag:0.06", "--colorspace", "ACEScg", "--out", str(out),
         )  # fmt: skip
         assert edit.returncode == 0, edit.stderr
         files = edit.stdout.split()
@@ -166,6 +166,7 @@ def test_full_round_trip_through_the_cli(tmp_path: Path, tmp_path_factory: pytes
         assert jobs.returncode == 0 and job in jobs.stdout and "succeeded" in jobs.stdout
         listed = json.loads(vera("jobs", "--engine", address, "--json", "--state", "succeeded").stdout)
         assert [j["job_id"] for j in listed] == [job] and listed[0]["header"]["seed"] == "4"
+        assert listed[0]["header"]["step_cache"] == "mag:0.06"
 
         again = vera("fetch", job, "--engine", address, "--out", str(tmp_path / "again"))
         assert again.returncode == 0, again.stderr

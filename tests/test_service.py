@@ -274,6 +274,7 @@ def _cases(tmp_path: Path) -> dict[str, tuple[dict, list, str]]:
         "unknown model": ({"model": "nope"}, good, "header.model"),
         "unknown colorspace": ({"colorspace": "Rec.709 video"}, good, "header.colorspace"),
         "lossy matte compression": ({"compression": "b44"}, good, "header.compression"),
+        "unknown step cache": ({"step_cache": "taylorseer:7"}, good, "header.step_cache"),
         "no frames in header": ({"frames": []}, [], "header.frames"),
         "duplicate frame in header": ({"frames": [1, 2, 1]}, good, "header.frames"),
         "missing frame": ({}, _raw_chunks(P, 1, _frame()), "plate[2]: missing frames: 2"),

@@ -205,3 +205,22 @@ def test_exr_plate_with_overscan_keeps_windows_and_plate_pixels(tiny_model: Path
     assert untouched.any()
     half_plate = plates[0].astype(np.float16).astype(np.float32)
     np.testing.assert_array_equal(pixels[..., :4][untouched], half_plate[untouched])
+
+
+def test_step_cache_is_per_job_and_exact_jobs_stay_exact(tiny_model: Path, tmp_path: Path) -> None:
+    with EngineProcess(tmp_path / "spool", tiny_model) as engine, EngineClient(engine.address) as client:
+        client.wait_until_serving(120)
+        spec = next(o for o in client.info().models[0].options if o.name == "step_cache")
+        assert spec.default.string_value == "none" and "taylorseer:2" in spec.choices
+        plate = _plate(frames=2)
+        results = {}
+        for name, options in (("exact", {}), ("cached", {"step_cache": "taylorseer:2"}), ("exact again", {})):
+            job = client.submit_arrays(plate, [1, 2], prompt="add a red ball", steps=8, seed=3, **options)
+            final = client.wait(job)
+            assert final.state == pb.JOB_STATE_SUCCEEDED, final.error
+            pixels, exr = _read(client.fetch(job, tmp_path / name.replace(" ", "_"))[0])
+            results[name] = pixels
+            assert exr.getattribute("vera/step_cache") == options.get("step_cache", "none")
+        # The cache skipped work and so changed the result; it was gone again for the next job.
+        assert not np.array_equal(results["cached"], results["exact"])
+        assert np.array_equal(results["exact again"], results["exact"])

@@ -229,6 +229,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "steps": args.steps,
         "guidance": args.guidance,
+        "step_cache": args.step_cache,
         "colorspace": args.colorspace,
         "bit_depth": args.bit_depth,
         "compression": args.compression,
@@ -327,6 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--seed", type=int, help="default: random (reported)")
     edit.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
     edit.add_argument("--guidance", type=float, help="guidance scale (default: the model's)")
+    edit.add_argument(
+        "--step-cache",
+        help="opt-in approximate speed-up, one of the model's step_cache choices (`vera info`), e.g. taylorseer:2",
+    )
     edit.add_argument("--colorspace", help="the plate's scene-linear colour space (default: ACEScg)")
     edit.add_argument(
         "--hdr", action="store_true", help="keep highlights through the ACES SDR view transform"

@@ -47,6 +47,7 @@ _HEADER_FIELDS = {
     "seed",
     "steps",
     "guidance",
+    "step_cache",
     "model",
     "colorspace",
     "bit_depth",

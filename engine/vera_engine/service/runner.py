@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import platform
 from pathlib import Path
@@ -20,6 +21,8 @@ from .schema import ModelDefaults, model_info
 from .worker import JobCancelled, JobContext
 
 DEFAULT_STEPS = 30
+
+log = logging.getLogger(__name__)
 
 
 def weights_hash(files: list[Path], root: Path) -> str:
@@ -126,6 +129,7 @@ class PipelineRunner:
         from ..colour import ColourConverter
         from ..layers import edit_plate, write_result_sequence
         from ..pipeline_vera import VeraInterrupted
+        from ..step_cache import step_cache
 
         header = ctx.header
         pipe = self.pipe
@@ -151,18 +155,27 @@ class PipelineRunner:
         ctx.check_cancelled()
         ctx.stage("sampling", 0.05)
         try:
-            result = edit_plate(
-                pipe,
-                plate,
-                prompt=header.prompt,
-                colour=colour,
-                mask=mask,
-                negative_prompt=header.negative_prompt or None,
-                steps=steps,
-                guidance=header.guidance,
-                seed=header.seed,
-                callback=on_step,
-            )
+            with step_cache(
+                pipe, header.step_cache, num_inference_steps=steps, guidance_scale=header.guidance
+            ) as cache:
+                if cache.calibrating:
+                    log.info(
+                        "job %s: calibrating %s for this model (this job skips nothing)",
+                        ctx.job_id,
+                        cache.spec,
+                    )
+                result = edit_plate(
+                    pipe,
+                    plate,
+                    prompt=header.prompt,
+                    colour=colour,
+                    mask=mask,
+                    negative_prompt=header.negative_prompt or None,
+                    steps=steps,
+                    guidance=header.guidance,
+                    seed=header.seed,
+                    callback=on_step,
+                )
         except VeraInterrupted:
             raise JobCancelled(ctx.job_id) from None
         finally:
@@ -182,6 +195,7 @@ class PipelineRunner:
                 "task": header.task,
                 "model": self.name,
                 "model_hash": self.hash,
+                "step_cache": header.step_cache or "none",
             },
             chromaticities=colour.chromaticities(),
             data_window=data_window,

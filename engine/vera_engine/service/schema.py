@@ -16,6 +16,9 @@ from vera_proto.vera.v1 import engine_pb2 as pb
 from .spool import MAX_FRAMES, InputError
 
 TASKS = ("object_addition", "background_change")
+# Step caches a job may ask for, fastest-for-its-error first after exact sampling (docs/BENCHMARKS.md, "Step
+# caching": on the shipped checkpoint taylorseer:2 skips 45% of block work with the matte closest to exact).
+STEP_CACHES = ("none", "taylorseer:2", "mag:0.06", "first_block:0.1", "taylorseer:3")
 BIT_DEPTHS = ("half", "float")
 MAX_PROMPT_CHARS = 2000
 
@@ -70,6 +73,9 @@ def options_schema(
                       help="Denoising steps: more is slower and usually cleaner."),
         pb.OptionSpec(name="guidance", label="Guidance", type=number, default=_value(model.guidance), min=1.0,
                       max=model.max_guidance, help="How strongly the prompt steers the result (classifier-free guidance; 1 = off, one pass per step)."),
+        pb.OptionSpec(name="step_cache", label="Speed-up (approximate)", type=choice, default=_value(STEP_CACHES[0]),
+                      choices=list(STEP_CACHES), help="Skip transformer work on steps that barely change: faster, "
+                      "slightly different from exact sampling. none = exact."),
         pb.OptionSpec(name="colorspace", label="Plate colour space", type=choice, default=_value(colorspaces[0]),
                       choices=list(colorspaces), help="The scene-linear colour space the plate is in (OCIO name)."),
         pb.OptionSpec(name="hdr", label="Keep HDR highlights", type=pb.OPTION_TYPE_BOOL, default=_value(False),
@@ -139,7 +145,7 @@ def resolve_header(header: pb.JobHeader, models: Sequence[pb.ModelInfo]) -> pb.J
         raise InputError("header.prompt", "is empty; describe the edit, e.g. 'add a red ball rolling left'")
     if len(out.prompt) > MAX_PROMPT_CHARS:
         raise InputError("header.prompt", f"is {len(out.prompt)} characters; at most {MAX_PROMPT_CHARS}")
-    for name in ("task", "colorspace", "bit_depth", "compression"):
+    for name in ("task", "step_cache", "colorspace", "bit_depth", "compression"):
         _check_choice(info, out, name)
     if out.HasField("seed"):
         _check_range(info, "seed", out.seed)
