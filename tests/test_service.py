@@ -720,3 +720,44 @@ def test_serve_parser_plugs_into_a_cli(tmp_path: Path) -> None:
     )
     assert args.handler is run_serve and args.host == "127.0.0.1" and args.model == "default"
     assert args.allowed_roots == [tmp_path] and args.queue_size == 32 and not args.insecure
+
+
+def test_serve_speed_and_memory_flags_are_checked(tmp_path: Path, capsys) -> None:
+    import argparse
+
+    from vera_engine.memory import MemoryOptions
+    from vera_engine.service.server import add_serve_parser, memory_options, run_serve
+
+    parser = add_serve_parser(argparse.ArgumentParser().add_subparsers())
+
+    def parse(*flags: str) -> argparse.Namespace:
+        return parser.parse_args(["--spool", str(tmp_path / "spool"), *flags])
+
+    assert memory_options(parse()) is None
+    assert memory_options(parse("--group-offload", "2", "--text-encoder-offload", "cpu", "--vae-tiling")) == (
+        MemoryOptions(
+            text_encoder_offload="cpu", group_offload="block", num_blocks_per_group=2, vae_tiling=True
+        )
+    )
+    for flags, message in (
+        (("--offload-to-disk", str(tmp_path)), "--offload-to-disk needs --group-offload"),
+        (("--offload-stream",), "--offload-stream needs --group-offload 1"),
+        (("--group-offload", "1", "--model-cpu-offload"), "model_cpu_offload"),
+        (("--group-offload", "0"), "num_blocks_per_group"),
+        (("--attention-backend", "fastest"), "attention backend 'fastest' is not known to diffusers"),
+    ):
+        assert run_serve(parse(*flags)) == 2, flags
+        assert message in capsys.readouterr().err, flags
+
+
+def test_runner_loads_with_the_chosen_attention_backend() -> None:
+    from vera_engine.service.runner import PipelineRunner
+
+    runner = PipelineRunner("default", device="cpu", attention_backend="_native_math")
+    runner.load()
+    backends = {
+        getattr(block, branch).attn1.processor._attention_backend.value
+        for block in runner.pipe.transformer.blocks
+        for branch in ("edit", "alpha", "composite")
+    }
+    assert backends == {"_native_math"}

@@ -224,3 +224,44 @@ def test_step_cache_is_per_job_and_exact_jobs_stay_exact(tiny_model: Path, tmp_p
         # The cache skipped work and so changed the result; it was gone again for the next job.
         assert not np.array_equal(results["cached"], results["exact"])
         assert np.array_equal(results["exact again"], results["exact"])
+
+
+def test_speed_and_memory_flags_reach_the_pipeline_and_keep_results_exact(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    plate = _plate(frames=2)
+    results = []
+    flags = (
+        [],
+        [
+            "--attention-backend",
+            "native",
+            "--group-offload",
+            "1",
+            "--text-encoder-offload",
+            "swap",
+            "--vae-tiling",
+        ],
+    )
+    for index, extra in enumerate(flags):
+        with (
+            EngineProcess(tmp_path / f"spool{index}", tiny_model, extra=extra) as engine,
+            EngineClient(engine.address) as client,
+        ):
+            client.wait_until_serving(120)
+            job = client.submit_arrays(plate, [1, 2], prompt="add a red ball", steps=3, seed=3)
+            final = client.wait(job)
+            assert final.state == pb.JOB_STATE_SUCCEEDED, final.error
+            results.append(_read(client.fetch(job, tmp_path / f"out{index}")[0])[0])
+            log = "".join(engine.log)
+            assert "attention backend native" in log
+            if extra:
+                assert (
+                    "memory: group_offload: transformer blocks live in CPU memory, 1 block(s) at a time"
+                    in log
+                )
+                assert "memory: text_encoder_offload" in log and "memory: vae_tiling: skipped" in log
+            else:
+                assert "memory:" not in log
+    # Group offloading and the text encoder's swap are exact; the space-to-depth codec has nothing to tile.
+    assert np.array_equal(results[0], results[1])

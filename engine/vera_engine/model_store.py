@@ -52,12 +52,22 @@ def check_safetensors_only(folder: Path) -> list[Path]:
 
 
 def load_pipeline(
-    model: "str | os.PathLike[str]" = "default", device: str | None = None, precision: str = "auto"
+    model: "str | os.PathLike[str]" = "default",
+    device: str | None = None,
+    precision: str = "auto",
+    *,
+    memory: Any = None,
+    attention_backend: str | None = None,
+    compile_blocks: bool = False,
 ) -> Any:
     """Load a `VeraPipeline` from `model` (see `resolve_model_dir`), refusing pickle weights.
 
     `precision`: "auto" runs the transformer and text encoder in bfloat16 on a GPU (norms and modulation stay
     float32, the VAE stays float32, as for Wan) and everything in float32 on a CPU; or "float32" / "bfloat16".
+    `memory`: a `vera_engine.memory.MemoryOptions` placing the components on `device` (offloading, VAE tiling);
+    without it every component goes to `device`. `attention_backend`: a diffusers attention backend name for the
+    joint attention (`native`, `_native_cudnn`, `flash`, `_flash_3`, `sage`, ...). `compile_blocks`: compile the
+    repeated MoT block with `torch.compile` (the first job pays the compilation).
     """
     import torch
 
@@ -65,6 +75,8 @@ def load_pipeline(
 
     if precision not in ("auto", "float32", "bfloat16"):
         raise ValueError(f"precision={precision!r}; expected 'auto', 'float32' or 'bfloat16'")
+    if attention_backend is not None:
+        check_attention_backend(attention_backend)
     on_gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     half = precision == "bfloat16" or (precision == "auto" and on_gpu)
     torch_dtype: Any = torch.float32
@@ -78,6 +90,23 @@ def load_pipeline(
     check_safetensors_only(folder)
     pipe = VeraPipeline.from_pretrained(folder, dtype=torch_dtype)
     pipe.set_progress_bar_config(disable=True)
-    if device:
+    if memory is not None:
+        from .memory import apply_memory_options
+
+        apply_memory_options(pipe, memory, device or ("cuda" if on_gpu else "cpu"))
+    elif device:
         pipe.to(device)
+    if attention_backend is not None:
+        pipe.transformer.set_attention_backend(attention_backend)
+    if compile_blocks:
+        pipe.transformer.compile_repeated_blocks(fullgraph=True)
     return pipe
+
+
+def check_attention_backend(name: str) -> None:
+    """Refuse an attention backend name diffusers does not know, listing the ones it does."""
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    known = [backend.value for backend in AttentionBackendName]
+    if name not in known:
+        raise ValueError(f"attention backend {name!r} is not known to diffusers; expected one of {known}")

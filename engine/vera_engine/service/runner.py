@@ -16,7 +16,7 @@ from typing import Any
 
 from vera_proto.vera.v1 import engine_pb2 as pb
 
-from ..model_store import check_safetensors_only, resolve_model_dir
+from ..model_store import check_attention_backend, check_safetensors_only, resolve_model_dir
 from .schema import ModelDefaults, model_info
 from .worker import JobCancelled, JobContext
 
@@ -62,7 +62,20 @@ def _device_name(device: str) -> str:
 class PipelineRunner:
     """Runs jobs with a VeraPipeline loaded from a local safetensors folder onto one device."""
 
-    def __init__(self, model: str, device: str | None = None) -> None:
+    def __init__(
+        self,
+        model: str,
+        device: str | None = None,
+        *,
+        memory: Any = None,
+        attention_backend: str | None = None,
+        compile_blocks: bool = False,
+    ) -> None:
+        if attention_backend is not None:
+            check_attention_backend(attention_backend)
+        self.memory = memory
+        self.attention_backend = attention_backend
+        self.compile_blocks = compile_blocks
         self.model_dir = resolve_model_dir(model)
         self.weights = check_safetensors_only(self.model_dir)
         self.config: dict[str, Any] = json.loads((self.model_dir / "model_index.json").read_text())
@@ -81,7 +94,21 @@ class PipelineRunner:
         if self.device is None:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.hash = weights_hash(self.weights, self.model_dir)
-        self.pipe = load_pipeline(self.model_dir, device=self.device)
+        self.pipe = load_pipeline(
+            self.model_dir,
+            device=self.device,
+            memory=self.memory,
+            attention_backend=self.attention_backend,
+            compile_blocks=self.compile_blocks,
+        )
+        backend = self.pipe.transformer.blocks[0].edit.attn1.processor._attention_backend
+        log.info(
+            "loaded %s on %s: attention backend %s, compiled blocks %s",
+            self.name,
+            self.device,
+            getattr(backend, "value", backend) or "native",
+            "yes" if self.compile_blocks else "no",
+        )
         self._models = None
 
     def models(self) -> list[pb.ModelInfo]:

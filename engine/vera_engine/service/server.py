@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -432,6 +433,41 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--spool", type=Path, required=True, metavar="DIR", help="folder for job inputs, results and state"
     )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    perf = parser.add_argument_group("speed and memory (docs/BENCHMARKS.md has the figures)")
+    perf.add_argument(
+        "--attention-backend",
+        metavar="NAME",
+        help="diffusers attention backend for the joint attention: native (default), _native_cudnn, flash, "
+        "_flash_3, sage (8-bit, approximate), ...",
+    )
+    perf.add_argument(
+        "--compile", action="store_true", help="torch.compile the repeated MoT block (the first job compiles)"
+    )
+    perf.add_argument(
+        "--text-encoder-offload",
+        choices=("none", "cpu", "swap"),
+        default="none",
+        help="cpu: the text encoder stays on the CPU and encodes there; swap: it visits the GPU only to encode "
+        "(default: none)",
+    )
+    perf.add_argument(
+        "--group-offload",
+        type=int,
+        metavar="BLOCKS",
+        help="keep the transformer in CPU memory and bring BLOCKS MoT blocks at a time onto the device",
+    )
+    perf.add_argument(
+        "--offload-to-disk", metavar="DIR", help="with --group-offload: page the blocks from files in DIR"
+    )
+    perf.add_argument(
+        "--offload-stream",
+        action="store_true",
+        help="with --group-offload 1 on CUDA: prefetch the next block on a side stream",
+    )
+    perf.add_argument(
+        "--model-cpu-offload", action="store_true", help="whole components visit the device one at a time"
+    )
+    perf.add_argument("--vae-tiling", action="store_true", help="encode and decode the Wan VAE in tiles")
     parser.add_argument(
         "--allow-root",
         dest="allowed_roots",
@@ -466,6 +502,26 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="INFO", help="logging level (default: %(default)s)")
 
 
+def memory_options(args: argparse.Namespace) -> Any:
+    """The serve flags as `vera_engine.memory.MemoryOptions`, or None when none is given (all on the device)."""
+    from ..memory import MemoryOptions
+
+    if args.offload_to_disk and args.group_offload is None:
+        raise ValueError("--offload-to-disk needs --group-offload BLOCKS")
+    if args.offload_stream and args.group_offload is None:
+        raise ValueError("--offload-stream needs --group-offload 1")
+    options = MemoryOptions(
+        text_encoder_offload=args.text_encoder_offload,
+        group_offload="block" if args.group_offload is not None else None,
+        num_blocks_per_group=args.group_offload if args.group_offload is not None else 1,
+        use_stream=args.offload_stream,
+        offload_to_disk=args.offload_to_disk,
+        model_cpu_offload=args.model_cpu_offload,
+        vae_tiling=args.vae_tiling,
+    )
+    return None if options == MemoryOptions() else options
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """Run the service until SIGINT/SIGTERM; returns the exit code (2 for bad options)."""
     import sys
@@ -483,7 +539,13 @@ def run_serve(args: argparse.Namespace) -> int:
             raise auth.PolicyError(f"--queue-size {args.queue_size}: expected at least 1")
         from .runner import PipelineRunner
 
-        runner = PipelineRunner(args.model, device=args.device)
+        runner = PipelineRunner(
+            args.model,
+            device=args.device,
+            memory=memory_options(args),
+            attention_backend=args.attention_backend,
+            compile_blocks=args.compile,
+        )
     except (auth.PolicyError, ValueError, FileNotFoundError) as exc:
         print(f"vera-engine serve: error: {exc}", file=sys.stderr)
         return 2
