@@ -197,6 +197,7 @@ def test_job_options_validate_and_name_the_field() -> None:
         "seed": 7,
         "steps": 3,
         "guidance": 5.0,
+        "step_cache": "none",
         "colorspace": "ACEScg",
         "hdr": False,
         "bit_depth": "half",

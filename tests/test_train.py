@@ -329,3 +329,14 @@ def test_model_card_has_the_loss_curve_and_eval_figures(dataset_dir, tmp_path):
         assert image.size == (640, 320)
         # The curve is drawn: the plot holds more than the white background and the frame.
         assert len(image.getcolors(10_000) or []) > 3
+
+
+def test_training_time_leaves_out_the_gap_of_a_resume():
+    from vera_engine.model_card import training_seconds
+
+    log = [{"step": s, "time": 100.0 + 2.0 * s} for s in range(0, 100, 10)]
+    assert training_seconds(log) == (pytest.approx(180.0), 0)
+    # Stopped after step 90, resumed an hour later: the gap counts as one ordinary interval.
+    resumed = log + [{"step": s, "time": 3900.0 + 2.0 * s} for s in range(100, 150, 10)]
+    assert training_seconds(resumed) == (pytest.approx(280.0), 1)
+    assert training_seconds(log[:1]) == (0.0, 0)

@@ -70,6 +70,28 @@ def _summary_rows(report: Mapping[str, Any]) -> list[str]:
     return rows
 
 
+def training_seconds(log: list[Mapping[str, Any]]) -> tuple[float, int]:
+    """Time spent training, from the log's timestamps, and how many times the run was stopped and resumed.
+
+    A run resumed later leaves a gap in the timestamps; an interval over 5x the median (per logged step) is such a
+    gap and counts as the median instead of its length.
+    """
+    intervals = [
+        (b["time"] - a["time"]) / max(1, b["step"] - a["step"]) for a, b in zip(log, log[1:], strict=False)
+    ]
+    if not intervals:
+        return 0.0, 0
+    per_step = sorted(intervals)[len(intervals) // 2]
+    seconds, resumes = 0.0, 0
+    for a, b, interval in zip(log, log[1:], intervals, strict=False):
+        steps = max(1, b["step"] - a["step"])
+        if interval > 5 * per_step:
+            resumes += 1
+            interval = per_step
+        seconds += interval * steps
+    return seconds, resumes
+
+
 def write_model_card(
     model_dir: "str | Path",
     run_dir: "str | Path",
@@ -88,7 +110,7 @@ def write_model_card(
     index = json.loads((model_dir / "model_index.json").read_text())
     transformer = json.loads((model_dir / "transformer" / "config.json").read_text())
     plot_loss_curve(log, model_dir / "loss_curve.png")
-    seconds = log[-1]["time"] - log[0]["time"] if len(log) > 1 else 0.0
+    seconds, resumes = training_seconds(log)
     first, last = log[0], log[-1]
     size = sum(p.stat().st_size for p in model_dir.rglob("*") if p.is_file())
     lines = [
@@ -121,7 +143,8 @@ def write_model_card(
         "",
         f"`{train_command}`",
         "",
-        f"- {last['step']} steps of batch {config['batch_size']} on {machine}, {seconds / 60:.0f} minutes",
+        f"- {last['step']} steps of batch {config['batch_size']} on {machine}, {seconds / 60:.0f} minutes of "
+        f"training" + (f" (stopped and resumed {resumes} time{'s' * (resumes > 1)})" if resumes else ""),
         f"- base learning rate {config['learning_rate']:g}, branch multipliers {config['branch_lr_scales']}, text "
         f"encoder x{config.get('text_encoder_lr_scale', 0):g}, warm-up {config['warmup_steps']}, EMA "
         f"{config['ema_decay']:g}, mask dropout {config['mask_dropout']}, text dropout "
