@@ -3,8 +3,8 @@
 On a CPU-only machine the offload target and the compute device are the same memory, so device memory cannot show
 a saving here. What these tests check instead is the mechanism: the hooks diffusers installs, every onload/offload
 it makes (observed at `ModuleGroup.onload_` / `offload_` by `watch_onloads`), which weights are on the compute
-device while each block runs, and, for disk offloading, that the weights really come back from disk. The CUDA test
-at the end measures `torch.cuda.max_memory_allocated` where a GPU exists.
+device while each block runs, and, for disk offloading, that the weights really come back from disk. The device
+memory saving itself is measured by bench/bench_memory.py on a GPU (`torch.cuda.max_memory_allocated`).
 """
 
 import numpy as np

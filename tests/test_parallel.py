@@ -31,8 +31,9 @@ def test_two_gloo_processes_give_the_single_process_result(kind, tmp_path):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(out.read_text())
-    # The sequence really was split: each rank's blocks saw half of every layer's tokens.
+    # The sequence really was split: this rank's blocks saw half of every layer's tokens in both forwards.
     assert result["tokens_seen_by_a_rank"] == [result["tokens_per_layer"] // 2] * 2
+    assert result["ring_refused_with_native"] is (True if kind == "ring" else None)
     assert {"rope", "blocks.0", "branches.edit.proj_out"} <= set(result["hooks"])
     # Same velocities (float32 summation order differs only) for a transformer with every condition active...
     assert result["transformer_scale"] > 0.5

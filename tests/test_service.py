@@ -742,8 +742,14 @@ def test_serve_speed_and_memory_flags_are_checked(tmp_path: Path, capsys) -> Non
     for flags, message in (
         (("--offload-to-disk", str(tmp_path)), "--offload-to-disk needs --group-offload"),
         (("--offload-stream",), "--offload-stream needs --group-offload 1"),
-        (("--group-offload", "1", "--model-cpu-offload"), "model_cpu_offload"),
-        (("--group-offload", "0"), "num_blocks_per_group"),
+        (
+            ("--group-offload", "1", "--model-cpu-offload"),
+            "--model-cpu-offload moves whole components itself",
+        ),
+        (("--group-offload", "0"), "--group-offload 0: expected 1 or more"),
+        (("--group-offload", "1", "--offload-stream"), "--offload-stream needs a CUDA device"),
+        (("--group-offload", "1", "--compile"), "--compile cannot be combined with --group-offload"),
+        (("--attention-backend", "flash"), "attention backend 'flash' cannot run here"),
         (("--attention-backend", "fastest"), "attention backend 'fastest' is not known to diffusers"),
     ):
         assert run_serve(parse(*flags)) == 2, flags
@@ -761,3 +767,39 @@ def test_runner_loads_with_the_chosen_attention_backend() -> None:
         for branch in ("edit", "alpha", "composite")
     }
     assert backends == {"_native_math"}
+
+
+def test_disk_offload_folder_is_per_model_and_compiled_engines_offer_exact_sampling_only(
+    tmp_path: Path,
+) -> None:
+    import numpy as np
+    import torch
+
+    from vera_engine.memory import MemoryOptions
+    from vera_engine.presets import build_random_pipeline
+    from vera_engine.service.runner import PipelineRunner
+
+    # Two checkpoints of the same shape (same block names) sharing one --offload-to-disk folder.
+    models = []
+    for seed in (0, 1):
+        build_random_pipeline("tiny", seed=seed).save_pretrained(tmp_path / f"model{seed}")
+        models.append(str(tmp_path / f"model{seed}"))
+    video = np.random.default_rng(0).random((2, 32, 32, 3), dtype=np.float32)
+
+    def sample(model: str, memory: MemoryOptions | None) -> np.ndarray:
+        runner = PipelineRunner(model, device="cpu", memory=memory)
+        runner.load()
+        out = runner.pipe(
+            video, "add a red ball", num_inference_steps=2, generator=torch.Generator().manual_seed(1)
+        )
+        return out.composite
+
+    disk = MemoryOptions(group_offload="block", offload_to_disk=str(tmp_path / "offload"))
+    sample(models[0], disk)
+    assert np.array_equal(sample(models[1], disk), sample(models[1], None))
+    assert len(list((tmp_path / "offload").iterdir())) == 2  # one folder per model
+
+    compiled = PipelineRunner(models[0], device="cpu", compile_blocks=True).models()[0]
+    assert list(next(o for o in compiled.options if o.name == "step_cache").choices) == ["none"]
+    plain = PipelineRunner(models[0], device="cpu").models()[0]
+    assert "taylorseer:2" in next(o for o in plain.options if o.name == "step_cache").choices

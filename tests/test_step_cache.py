@@ -321,3 +321,17 @@ def test_bench_compare_reports_every_setting():
     assert report["uncached_skipped"] == 0 and report["mag_calibration_seconds"] > 0
     table = bench.format_table(report)
     assert table.count("\n| ") == 5 and "| taylorseer:2 | 33.3% |" in table
+
+
+def test_step_caches_refuse_a_context_parallel_transformer():
+    from vera_engine.presets import build_random_pipeline
+
+    pipe = build_random_pipeline("tiny")
+    pipe.transformer._parallel_config = object()  # what enable_context_parallel leaves on the model
+    with (
+        pytest.raises(ValueError, match="do not combine with context parallelism"),
+        step_cache(pipe, "taylorseer:2"),
+    ):
+        pass
+    with step_cache(pipe, "none") as run:  # exact sampling is always allowed
+        assert run.config is None

@@ -108,8 +108,10 @@ class BenchResult:
     # `steps` denoising steps at the measured rate: the per-clip sampling time the targets speak of.
     steps: int
     seconds_per_clip: float
-    # This process's rank under context parallelism (0 otherwise); only rank 0 needs to print.
+    # This process's rank under context parallelism (0 otherwise); only rank 0 needs to print. Under context
+    # parallelism "achieved" is per process and "peak memory" is this process's.
     rank: int = 0
+    world_size: int = 1
 
 
 def _peak_memory_gib(device: torch.device) -> float:
@@ -250,7 +252,9 @@ def bench_step(
             times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
     flops = step_flops(tconf, tokens, text_len, batch, streams)
+    world_size = 1
     if context_parallel:
+        world_size = torch.distributed.get_world_size()
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return BenchResult(
@@ -271,12 +275,14 @@ def bench_step(
         tflop_per_step=flops.total / 1e12,
         attention_share=flops.attention_core / flops.total,
         seconds_per_step=seconds,
-        achieved_tflops=flops.total / seconds / 1e12,
+        # Per process: under context parallelism each GPU does 1/world_size of the step's work.
+        achieved_tflops=flops.total / seconds / 1e12 / world_size,
         peak_memory_gib=_peak_memory_gib(torch_device),
         first_step_seconds=first_step,
         steps=steps,
         seconds_per_clip=steps * seconds,
         rank=rank,
+        world_size=world_size,
     )
 
 
@@ -298,7 +304,7 @@ def print_result(result: BenchResult, as_json: bool = False) -> None:
         ),
         ("seconds per step", f"{result.seconds_per_step:.4g} (first step {result.first_step_seconds:.4g})"),
         (f"seconds for {result.steps} steps", f"{result.seconds_per_clip:.4g}"),
-        ("achieved", f"{result.achieved_tflops:.4g} TFLOP/s"),
+        ("achieved", f"{result.achieved_tflops:.4g} TFLOP/s" + (" per process" if result.world_size > 1 else "")),
         ("peak memory", f"{result.peak_memory_gib:.3g} GiB"),
     ]
     width = max(len(name) for name, _ in rows)

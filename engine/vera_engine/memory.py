@@ -6,8 +6,9 @@ activations at 832x480x49 several more. The options
 here trade speed for memory through diffusers' own machinery (group offloading hooks, accelerate's model offload,
 the Wan VAE's tiled encode/decode); `apply_memory_options` puts a freshly loaded pipeline on its device with them.
 
-Load the pipeline on the CPU (`model_store.load_pipeline(model, device=None)`) and let `apply_memory_options`
-place every component: loading onto the GPU first would need the very memory the options are meant to save.
+Load with `model_store.load_pipeline(model, device, memory=options)`: it loads on the CPU and lets
+`apply_memory_options` place every component; loading onto the GPU first would need the very memory the options
+are meant to save.
 Measured peaks: `bench/bench_memory.py`.
 """
 
@@ -35,8 +36,9 @@ GROUP_OFFLOAD = (None, "block")
 class MemoryOptions:
     """How a pipeline uses the compute device's memory. The defaults keep everything on the device (fastest).
 
-    Every option leaves the sampled result unchanged except `vae_tiling`, which changes the decoded (and encoded)
-    pixels near tile seams by a small, blended amount. On a CPU device the offloading options are accepted (so one
+    Offloading moves weights, not arithmetic: the sampled result is unchanged (bit-identical in the CPU tests),
+    except that `text_encoder_offload="cpu"` on a GPU encodes with CPU kernels (rounding-level differences) and
+    `vae_tiling` changes the decoded (and encoded) pixels near tile seams by a small, blended amount. On a CPU device the offloading options are accepted (so one
     setting runs everywhere) but save nothing, since the offload target is the CPU itself, with two exceptions
     measured by `bench/bench_memory.py`: `offload_to_disk` frees CPU memory, and `model_cpu_offload` costs a
     second copy of each component while it runs.

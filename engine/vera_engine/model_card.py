@@ -4,6 +4,7 @@
 folder from the training log (`<run>/training/log.jsonl`, `config.json`) and a `vera-engine eval` report.
 """
 
+import itertools
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -76,9 +77,7 @@ def training_seconds(log: list[Mapping[str, Any]]) -> tuple[float, int]:
     A run resumed later leaves a gap in the timestamps; an interval over 5x the median (per logged step) is such a
     gap and counts as the median instead of its length.
     """
-    intervals = [
-        (b["time"] - a["time"]) / max(1, b["step"] - a["step"]) for a, b in zip(log, log[1:], strict=False)
-    ]
+    intervals = [(b["time"] - a["time"]) / max(1, b["step"] - a["step"]) for a, b in itertools.pairwise(log)]
     if not intervals:
         return 0.0, 0
     per_step = sorted(intervals)[len(intervals) // 2]

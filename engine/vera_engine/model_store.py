@@ -104,9 +104,17 @@ def load_pipeline(
 
 
 def check_attention_backend(name: str) -> None:
-    """Refuse an attention backend name diffusers does not know, listing the ones it does."""
-    from diffusers.models.attention_dispatch import AttentionBackendName
+    """Refuse an attention backend diffusers does not know (listing the ones it does) or cannot run here."""
+    from diffusers.models.attention_dispatch import (
+        AttentionBackendName,
+        _check_attention_backend_requirements,
+    )
 
     known = [backend.value for backend in AttentionBackendName]
     if name not in known:
         raise ValueError(f"attention backend {name!r} is not known to diffusers; expected one of {known}")
+    try:
+        # diffusers' own check that the backend's package (flash-attn, sageattention, kernels) is installed.
+        _check_attention_backend_requirements(AttentionBackendName(name))
+    except RuntimeError as exc:
+        raise ValueError(f"attention backend {name!r} cannot run here: {exc}") from None

@@ -24,6 +24,9 @@ from .models.transformer_vera import VeraTransformer3DModel
 
 ParallelKind = Literal["ulysses", "ring"]
 
+# Backends whose forward op cannot return the log-sum-exp that ring attention needs (diffusers raises mid-forward).
+_NO_LOG_SUM_EXP = (AttentionBackendName.NATIVE, AttentionBackendName._NATIVE_MATH)
+
 
 def init_distributed(device: str | None = None) -> tuple[int, int, torch.device]:
     """Join the `torchrun` process group (NCCL on CUDA, gloo on CPU); returns rank, world size and this rank's device."""
@@ -74,16 +77,28 @@ def enable_context_parallel(
         raise ValueError(
             f"Ulysses over {degree} processes needs the head count ({heads}) divisible by {degree}; use ring"
         )
+    if degree != world_size:
+        raise ValueError(
+            f"context parallel degree {degree} with {world_size} processes; Vera splits one job across all of them"
+        )
+    if getattr(transformer, "_parallel_config", None) is not None:
+        raise RuntimeError("enable_context_parallel: this transformer is already split across processes")
+    backend = transformer.blocks[0].edit.attn1.processor._attention_backend
+    backend = AttentionBackendName(backend) if backend else _AttentionBackendRegistry.get_active_backend()[0]
+    if kind == "ring" and backend in _NO_LOG_SUM_EXP:
+        raise ValueError(
+            f"ring attention merges partial results by their log-sum-exp, which the {backend.value!r} attention "
+            "backend does not return; set_attention_backend('_native_cudnn' / '_native_flash' / 'flash' / "
+            "'_flash_3') first, or use Ulysses"
+        )
     cp_config = context_parallel_config(kind, degree)
-    if torch.accelerator.device_count() > 0:
+    if transformer.device.type != "cpu":
         transformer.enable_parallelism(config=cp_config)
         return transformer._parallel_config
 
     # CPU processes (gloo). diffusers' `enable_parallelism` picks the device as `rank % accelerator count`, which is
     # a division by zero without an accelerator; the rest of what it does is done here with the CPU as the device:
     # the mesh, the config on every attention processor (read by the joint attention) and the plan's hooks.
-    backend = transformer.blocks[0].edit.attn1.processor._attention_backend
-    backend = AttentionBackendName(backend) if backend else _AttentionBackendRegistry.get_active_backend()[0]
     if not _AttentionBackendRegistry._is_context_parallel_available(backend):
         raise ValueError(f"attention backend {backend.value!r} does not support context parallelism")
     mesh = torch.distributed.device_mesh.init_device_mesh(

@@ -315,6 +315,11 @@ def step_cache(
         yield StepCacheRun(parsed, None)
         return
     transformer = pipe.transformer
+    if getattr(transformer, "_parallel_config", None) is not None:
+        # The cache hooks would compare a rank's share of the tokens with residuals of the whole sequence.
+        raise ValueError(
+            f'step_cache={str(parsed)!r}: step caches do not combine with context parallelism; use "none"'
+        )
     if transformer.is_cache_enabled:
         raise RuntimeError(
             f"step_cache={str(parsed)!r}: the transformer already has a cache enabled "
@@ -340,8 +345,8 @@ def step_cache(
             remember_mag_ratios(pipe, steps, guidance, ratios)
         else:
             logger.warning(
-                "MagCache calibration recorded %d ratios for %d steps (the call used another step count); "
-                "not kept",
+                "MagCache calibration recorded %d ratios for %d steps (the call stopped early or used another step "
+                "count); not kept",
                 len(ratios),
                 steps,
             )

@@ -33,7 +33,7 @@ def transformer_inputs(model, frames: int, height: int, width: int, seed: int) -
     )
 
 
-def cpu_attention_with_lse(
+def cpu_flash_attention_forward_op(
     ctx,
     query,
     key,
@@ -47,10 +47,12 @@ def cpu_attention_with_lse(
     _save_ctx=True,
     _parallel_config=None,
 ):
-    """diffusers' native forward op, plus the log-sum-exp ring attention merges partial results with.
+    """diffusers' `_native_flash` forward op with torch's CPU flash kernel in place of the CUDA one.
 
-    diffusers' `native` op refuses `return_lse` and its LSE-returning ops (cuDNN, flash) are CUDA-only; torch's CPU
-    flash kernel returns the LSE, so on CPU ring attention is checked with it. On GPUs the real backends are used.
+    Ring attention merges partial results by their log-sum-exp: diffusers' `native` op cannot return it (and
+    `enable_context_parallel` refuses ring with it), its LSE-returning ops (cuDNN, flash) are CUDA-only. The CPU flash
+    kernel returns the LSE in the same layout, so on CPU ring attention is checked through the `_native_flash` backend
+    with this kernel; on GPUs the backend runs its own.
     """
     assert attn_mask is None and not enable_gqa and dropout_p == 0.0
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -64,10 +66,11 @@ def cpu_attention_with_lse(
 def main() -> None:
     kind, out_path = sys.argv[1], sys.argv[2]
     rank, _world, _device = init_distributed("cpu")
+    ring_refused_with_native = None
     if kind == "ring":
         from diffusers.models import attention_dispatch
 
-        attention_dispatch._native_attention_forward_op = cpu_attention_with_lse
+        attention_dispatch._native_flash_attention_forward_op = cpu_flash_attention_forward_op
     torch.manual_seed(0)
 
     # 1. A transformer with every Vera-only parameter non-zero, so source, mask and layer identity all matter.
@@ -102,6 +105,14 @@ def main() -> None:
 
     pipeline_reference = sample()
 
+    if kind == "ring":
+        # The default `native` backend cannot do ring attention: refused with a clear message.
+        try:
+            enable_context_parallel(model, kind)
+        except ValueError as exc:
+            ring_refused_with_native = "log-sum-exp" in str(exc)
+        model.set_attention_backend("_native_flash")
+        pipe.transformer.set_attention_backend("_native_flash")
     enable_context_parallel(model, kind)
     enable_context_parallel(pipe.transformer, kind)
     seen_lengths = []
@@ -127,6 +138,7 @@ def main() -> None:
             max_diff(getattr(pipeline_reference, n), getattr(pipeline_parallel, n))
             for n in ("edit", "alpha", "composite")
         ),
+        "ring_refused_with_native": ring_refused_with_native,
         "tokens_per_layer": 3 * 8 * 12 // 4,
         "tokens_seen_by_a_rank": seen_lengths,
         "pipeline_alpha_mean": float(np.mean(pipeline_reference.alpha)),

@@ -6,6 +6,7 @@ rate-bounded previews and cancellation, and writes ``vera_edit.####.exr`` with t
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -17,7 +18,7 @@ from typing import Any
 from vera_proto.vera.v1 import engine_pb2 as pb
 
 from ..model_store import check_attention_backend, check_safetensors_only, resolve_model_dir
-from .schema import ModelDefaults, model_info
+from .schema import STEP_CACHES, ModelDefaults, model_info
 from .worker import JobCancelled, JobContext
 
 DEFAULT_STEPS = 30
@@ -71,8 +72,19 @@ class PipelineRunner:
         attention_backend: str | None = None,
         compile_blocks: bool = False,
     ) -> None:
+        import torch
+
         if attention_backend is not None:
             check_attention_backend(attention_backend)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if memory is not None and memory.use_stream and not device.startswith("cuda"):
+            raise ValueError(f"--offload-stream needs a CUDA device; this engine runs on {device!r}")
+        if compile_blocks and memory is not None and (memory.group_offload or memory.model_cpu_offload):
+            # Offload hooks call code torch.compile cannot put in the compiled block's graph: every job would fail.
+            raise ValueError(
+                "--compile cannot be combined with --group-offload or --model-cpu-offload (their hooks break the "
+                "compiled block); choose one"
+            )
         self.memory = memory
         self.attention_backend = attention_backend
         self.compile_blocks = compile_blocks
@@ -87,17 +99,20 @@ class PipelineRunner:
 
     def load(self) -> None:
         """Load the pipeline onto the device (called once on the worker thread)."""
-        import torch
 
         from ..model_store import load_pipeline
 
-        if self.device is None:
-            self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.hash = weights_hash(self.weights, self.model_dir)
+        memory = self.memory
+        if memory is not None and memory.offload_to_disk:
+            # diffusers names the offload files after the block only and reuses files that exist: a folder per model
+            # (by weights hash) keeps another checkpoint's blocks, or an older version's, from being loaded.
+            folder = Path(memory.offload_to_disk) / f"{self.name}-{self.hash[:16]}"
+            memory = dataclasses.replace(memory, offload_to_disk=str(folder))
         self.pipe = load_pipeline(
             self.model_dir,
             device=self.device,
-            memory=self.memory,
+            memory=memory,
             attention_backend=self.attention_backend,
             compile_blocks=self.compile_blocks,
         )
@@ -123,6 +138,8 @@ class PipelineRunner:
                 frame_window=int(self.config.get("native_frames", 0)),
                 steps=int(self.config.get("default_steps", DEFAULT_STEPS)),
                 guidance=float(self.config.get("default_guidance", 5.0)),
+                # Step caches' hooks cannot run inside a compiled block: a compiled engine offers exact sampling only.
+                step_caches=("none",) if self.compile_blocks else STEP_CACHES,
                 description=f"Vera pipeline from {self.model_dir}",
                 weights_hash=self.hash,
             )
@@ -185,6 +202,8 @@ class PipelineRunner:
             with step_cache(
                 pipe, header.step_cache, num_inference_steps=steps, guidance_scale=header.guidance
             ) as cache:
+                # Recorded in the result: a MagCache calibration job skipped nothing (its result is exact).
+                cache_used = f"{cache.spec} (calibration run: exact)" if cache.calibrating else str(cache.spec)
                 if cache.calibrating:
                     log.info(
                         "job %s: calibrating %s for this model (this job skips nothing)",
@@ -222,7 +241,7 @@ class PipelineRunner:
                 "task": header.task,
                 "model": self.name,
                 "model_hash": self.hash,
-                "step_cache": header.step_cache or "none",
+                "step_cache": cache_used,
             },
             chromaticities=colour.chromaticities(),
             data_window=data_window,

@@ -36,6 +36,7 @@ class ModelDefaults:
     guidance: float = 5.0
     max_guidance: float = 30.0
     tasks: Sequence[str] = TASKS
+    step_caches: Sequence[str] = STEP_CACHES
     description: str = ""
     weights_hash: str = ""
 
@@ -73,8 +74,8 @@ def options_schema(
                       help="Denoising steps: more is slower and usually cleaner."),
         pb.OptionSpec(name="guidance", label="Guidance", type=number, default=_value(model.guidance), min=1.0,
                       max=model.max_guidance, help="How strongly the prompt steers the result (classifier-free guidance; 1 = off, one pass per step)."),
-        pb.OptionSpec(name="step_cache", label="Speed-up (approximate)", type=choice, default=_value(STEP_CACHES[0]),
-                      choices=list(STEP_CACHES), help="Skip transformer work on steps that barely change: faster, "
+        pb.OptionSpec(name="step_cache", label="Speed-up (approximate)", type=choice, default=_value(model.step_caches[0]),
+                      choices=list(model.step_caches), help="Skip transformer work on steps that barely change: faster, "
                       "slightly different from exact sampling. none = exact."),
         pb.OptionSpec(name="colorspace", label="Plate colour space", type=choice, default=_value(colorspaces[0]),
                       choices=list(colorspaces), help="The scene-linear colour space the plate is in (OCIO name)."),

@@ -506,6 +506,12 @@ def memory_options(args: argparse.Namespace) -> Any:
     """The serve flags as `vera_engine.memory.MemoryOptions`, or None when none is given (all on the device)."""
     from ..memory import MemoryOptions
 
+    if args.group_offload is not None and args.group_offload < 1:
+        raise ValueError(f"--group-offload {args.group_offload}: expected 1 or more MoT blocks at a time")
+    if args.model_cpu_offload and (args.group_offload is not None or args.text_encoder_offload != "none"):
+        raise ValueError(
+            "--model-cpu-offload moves whole components itself: drop --group-offload / --text-encoder-offload"
+        )
     if args.offload_to_disk and args.group_offload is None:
         raise ValueError("--offload-to-disk needs --group-offload BLOCKS")
     if args.offload_stream and args.group_offload is None:
