@@ -304,7 +304,10 @@ def print_result(result: BenchResult, as_json: bool = False) -> None:
         ),
         ("seconds per step", f"{result.seconds_per_step:.4g} (first step {result.first_step_seconds:.4g})"),
         (f"seconds for {result.steps} steps", f"{result.seconds_per_clip:.4g}"),
-        ("achieved", f"{result.achieved_tflops:.4g} TFLOP/s" + (" per process" if result.world_size > 1 else "")),
+        (
+            "achieved",
+            f"{result.achieved_tflops:.4g} TFLOP/s" + (" per process" if result.world_size > 1 else ""),
+        ),
         ("peak memory", f"{result.peak_memory_gib:.3g} GiB"),
     ]
     width = max(len(name) for name, _ in rows)

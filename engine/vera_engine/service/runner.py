@@ -203,7 +203,9 @@ class PipelineRunner:
                 pipe, header.step_cache, num_inference_steps=steps, guidance_scale=header.guidance
             ) as cache:
                 # Recorded in the result: a MagCache calibration job skipped nothing (its result is exact).
-                cache_used = f"{cache.spec} (calibration run: exact)" if cache.calibrating else str(cache.spec)
+                cache_used = (
+                    f"{cache.spec} (calibration run: exact)" if cache.calibrating else str(cache.spec)
+                )
                 if cache.calibrating:
                     log.info(
                         "job %s: calibrating %s for this model (this job skips nothing)",
