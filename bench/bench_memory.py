@@ -196,7 +196,13 @@ def measure(
     """Load `model`, apply the option set `option` on `device`, sample once and return the memory figures."""
     import torch
 
-    from vera_engine.memory import MemoryOptions, apply_memory_options, offload_folder_size, watch_onloads
+    from vera_engine.memory import (
+        MemoryOptions,
+        apply_memory_options,
+        module_bytes,
+        offload_folder_size,
+        watch_onloads,
+    )
     from vera_engine.model_store import load_pipeline
 
     kwargs = dict(OPTION_SETS[option])
@@ -210,10 +216,6 @@ def measure(
     pipe = load_pipeline(model, device=None, precision=precision)
     notes = apply_memory_options(pipe, options, torch_device)
 
-    def weight_bytes(module: torch.nn.Module) -> int:
-        tensors = {id(t): t for t in [*module.parameters(), *module.buffers()]}
-        return sum(t.numel() * t.element_size() for t in tensors.values())
-
     from diffusers.hooks.group_offloading import _is_group_offload_enabled
 
     static = None
@@ -225,7 +227,7 @@ def measure(
                 continue  # counted by the ledger when onloaded
             if name == "text_encoder" and options.text_encoder_offload == "cpu":
                 continue  # on the host, not the compute device (even when the compute device is the CPU)
-            static += weight_bytes(component)
+            static += module_bytes(component)
 
     video = np.random.default_rng(0).random((frames, height, width, 3), dtype=np.float32)
     if torch_device.type == "cuda":

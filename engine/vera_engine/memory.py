@@ -14,7 +14,7 @@ Measured peaks: `bench/bench_memory.py`.
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -283,15 +283,21 @@ class OnloadLedger:
         return sum(self.resident.values())
 
 
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of `tensors`, each counted once (shared weights appear once)."""
+    unique = {id(t): t for t in tensors}
+    return sum(t.numel() * t.element_size() for t in unique.values())
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's parameters and buffers."""
+    return tensor_bytes([*module.parameters(), *module.buffers()])
+
+
 def group_bytes(group: Any) -> int:
     """Bytes of the parameters and buffers one diffusers `ModuleGroup` moves."""
-    tensors: dict[int, torch.Tensor] = {}
-    for module in group.modules:
-        for tensor in [*module.parameters(), *module.buffers()]:
-            tensors[id(tensor)] = tensor
-    for tensor in [*group.parameters, *group.buffers]:
-        tensors[id(tensor)] = tensor
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    tensors = [t for module in group.modules for t in [*module.parameters(), *module.buffers()]]
+    return tensor_bytes([*tensors, *group.parameters, *group.buffers])
 
 
 @contextlib.contextmanager

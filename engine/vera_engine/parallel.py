@@ -83,8 +83,7 @@ def enable_context_parallel(
         )
     if getattr(transformer, "_parallel_config", None) is not None:
         raise RuntimeError("enable_context_parallel: this transformer is already split across processes")
-    backend = transformer.blocks[0].edit.attn1.processor._attention_backend
-    backend = AttentionBackendName(backend) if backend else _AttentionBackendRegistry.get_active_backend()[0]
+    backend = AttentionBackendName(transformer.attention_backend)
     if kind == "ring" and backend in _NO_LOG_SUM_EXP:
         raise ValueError(
             f"ring attention merges partial results by their log-sum-exp, which the {backend.value!r} attention "

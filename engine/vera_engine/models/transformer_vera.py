@@ -321,6 +321,16 @@ class VeraTransformer3DModel(ModelMixin, ConfigMixin, CacheMixin, AttentionMixin
         )
         self.gradient_checkpointing = False
 
+    @property
+    def attention_backend(self) -> str:
+        """The diffusers attention backend the joint attention dispatches to (`set_attention_backend` sets it)."""
+        backend = self.blocks[0].edit.attn1.processor._attention_backend
+        if backend is None:
+            from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+            backend = _AttentionBackendRegistry.get_active_backend()[0]
+        return getattr(backend, "value", backend)
+
     def enable_group_offload(self, *args: Any, offload_type: str = "block_level", **kwargs: Any) -> None:
         """diffusers group offloading, `block_level` only: Vera calls its branch modules' parts, not their
         `forward`, so leaf-level hooks would never move some parameters onto the device."""

@@ -116,12 +116,11 @@ class PipelineRunner:
             attention_backend=self.attention_backend,
             compile_blocks=self.compile_blocks,
         )
-        backend = self.pipe.transformer.blocks[0].edit.attn1.processor._attention_backend
         log.info(
             "loaded %s on %s: attention backend %s, compiled blocks %s",
             self.name,
             self.device,
-            getattr(backend, "value", backend) or "native",
+            self.pipe.transformer.attention_backend,
             "yes" if self.compile_blocks else "no",
         )
         self._models = None
