@@ -340,3 +340,47 @@ def test_training_time_leaves_out_the_gap_of_a_resume():
     resumed = log + [{"step": s, "time": 3900.0 + 2.0 * s} for s in range(100, 150, 10)]
     assert training_seconds(resumed) == (pytest.approx(280.0), 1)
     assert training_seconds(log[:1]) == (0.0, 0)
+
+
+def test_a_run_resumed_mid_epoch_ends_with_the_weights_of_an_uninterrupted_run(dataset_dir, tmp_path):
+    from diffusers.models.model_loading_utils import load_state_dict
+
+    def run(out, stops):
+        config = TrainConfig(
+            data=str(dataset_dir),
+            out=str(out),
+            preset="tiny",
+            batch_size=3,  # 8 clips: 2 batches per epoch, so step 3 stops in the middle of the second epoch
+            learning_rate=1e-3,
+            warmup_steps=0,
+            ema_decay=0.5,
+            save_every=1,
+            seed=2,
+        )
+        for index, steps in enumerate(stops):
+            config.steps = steps
+            train(config, resume=index > 0, progress=False)
+        return load_state_dict(str(out / "training" / "raw_transformer" / "diffusion_pytorch_model.safetensors"))
+
+    uninterrupted = run(tmp_path / "straight", [5])
+    resumed = run(tmp_path / "resumed", [3, 5])
+    assert uninterrupted.keys() == resumed.keys()
+    assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
+
+
+def test_epoch_sampler_shares_and_skips():
+    from vera_engine.train import EpochSampler
+
+    sampler = EpochSampler(10, batch_size=2, seed=0, num_replicas=2, rank=1)
+    sampler.set_epoch(3)
+    whole = list(sampler)
+    assert sampler.batches_per_epoch == 2 and len(whole) == 4
+    other = EpochSampler(10, batch_size=2, seed=0, num_replicas=2, rank=0)
+    other.set_epoch(3)
+    assert not set(whole) & set(other)  # the two processes take different clips
+    sampler.set_epoch(3, skip_batches=1)
+    assert list(sampler) == whole[2:] and len(sampler) == 2
+    sampler.set_epoch(4)
+    assert list(sampler) != whole  # a new shuffle each epoch
+    with pytest.raises(ValueError, match=r"skip_batches=3; expected 0\.\.2"):
+        sampler.set_epoch(0, skip_batches=3)

@@ -18,7 +18,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,6 +109,37 @@ def branch_parameter_groups(
         }
         for name, params in groups.items()
     ]
+
+
+class EpochSampler(torch.utils.data.Sampler[int]):
+    """This process's share of a shuffle that depends only on (seed, epoch), from a chosen batch of the epoch on.
+
+    Like `DistributedSampler` (each of `num_replicas` processes takes every `num_replicas`-th index of the epoch's
+    permutation), plus `skip_batches`, so that a run resumed mid-epoch continues where it stopped instead of
+    replaying the epoch. Incomplete batches are dropped.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.num_replicas, self.rank = num_replicas, rank
+        self.batches_per_epoch = size // num_replicas // batch_size
+        self.epoch, self.skip_batches = 0, 0
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Shuffle for `epoch`, starting after its first `skip_batches` batches."""
+        if not 0 <= skip_batches <= self.batches_per_epoch:
+            raise ValueError(f"skip_batches={skip_batches}; expected 0..{self.batches_per_epoch}")
+        self.epoch, self.skip_batches = epoch, skip_batches
+
+    def __iter__(self) -> "Iterator[int]":
+        order = torch.randperm(
+            self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)
+        ).tolist()
+        share = order[self.rank :: self.num_replicas][: self.batches_per_epoch * self.batch_size]
+        return iter(share[self.skip_batches * self.batch_size :])
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch - self.skip_batches) * self.batch_size
 
 
 def warmup_factor(step: int, warmup_steps: int) -> float:
@@ -499,38 +530,34 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     dataset = LayeredVideoDataset(
         config.data, "train", frames=config.frames, size=config.size, seed=config.seed
     )
-    sampler = None
-    if dist.world_size > 1:
-        from torch.utils.data.distributed import DistributedSampler
-
-        sampler = DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, seed=config.seed)
+    sampler = EpochSampler(len(dataset), config.batch_size, config.seed, dist.world_size, dist.rank)
+    if sampler.batches_per_epoch == 0:
+        raise ValueError(
+            f"--batch-size {config.batch_size} is larger than the {len(dataset) // dist.world_size} training clips "
+            "per process; use a smaller batch or more data"
+        )
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=config.batch_size,
-        shuffle=sampler is None,
         sampler=sampler,
         drop_last=True,
         collate_fn=collate_layered,
         num_workers=config.num_workers,
-        generator=torch.Generator().manual_seed(config.seed),
     )
-    if len(loader) == 0:
-        raise ValueError(
-            f"--batch-size {config.batch_size} is larger than the {len(dataset)} training clips per process; "
-            "use a smaller batch or more data"
-        )
     prompts = PromptCache(pipe, dist.device, model.dtype)
     log_path = out / "training" / "log.jsonl"
     pending_log: list[dict[str, Any]] = []
     bar = tqdm(total=config.steps, initial=start_step, disable=not (progress and dist.is_main), desc="train")
     step = start_step
-    epoch = start_step // len(loader)
+    # A resumed run starts at the first batch of the epoch it has not trained on: it sees exactly the data, in the
+    # same order and with the same augmentations, as a run that was never stopped.
+    epoch, skip = divmod(start_step, sampler.batches_per_epoch)
     started = time.perf_counter()
     last: dict[str, float] = {}
     while step < config.steps:
         dataset.set_epoch(epoch)
-        if sampler is not None:
-            sampler.set_epoch(epoch)
+        sampler.set_epoch(epoch, skip_batches=skip)
+        skip = 0
         for batch in loader:
             if step >= config.steps:
                 break
