@@ -360,7 +360,9 @@ def test_a_run_resumed_mid_epoch_ends_with_the_weights_of_an_uninterrupted_run(d
         for index, steps in enumerate(stops):
             config.steps = steps
             train(config, resume=index > 0, progress=False)
-        return load_state_dict(str(out / "training" / "raw_transformer" / "diffusion_pytorch_model.safetensors"))
+        return load_state_dict(
+            str(out / "training" / "raw_transformer" / "diffusion_pytorch_model.safetensors")
+        )
 
     uninterrupted = run(tmp_path / "straight", [5])
     resumed = run(tmp_path / "resumed", [3, 5])
