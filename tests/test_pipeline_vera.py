@@ -96,10 +96,10 @@ def test_same_seed_same_result_other_seed_differs(tiny_pipe):
 def test_guidance_batches_both_passes_in_one_forward_and_guidance_1_runs_one(tiny_pipe):
     batches, handle = _count_forwards(tiny_pipe)
     try:
-        tiny_pipe(_video(), "add a ball", num_inference_steps=3, guidance_scale=4.0)
+        tiny_pipe(_video(frames=4), "add a ball", num_inference_steps=3, guidance_scale=4.0)
         assert batches == [2, 2, 2]
         batches.clear()
-        tiny_pipe(_video(), "add a ball", num_inference_steps=3, guidance_scale=1.0)
+        tiny_pipe(_video(frames=4), "add a ball", num_inference_steps=3, guidance_scale=1.0)
         assert batches == [1, 1, 1]
     finally:
         handle.remove()
@@ -129,14 +129,16 @@ def test_interrupt_stops_within_one_step(tiny_pipe):
 
     try:
         with pytest.raises(VeraInterrupted) as error:
-            tiny_pipe(_video(), "add a ball", num_inference_steps=10, callback_on_step_end=stop_after_second)
+            tiny_pipe(
+                _video(frames=4), "add a ball", num_inference_steps=10, callback_on_step_end=stop_after_second
+            )
     finally:
         handle.remove()
     assert len(batches) == 2 and error.value.step == 2 and error.value.total == 10
     assert tiny_pipe._trim is None, "an interrupted call leaves no per-call state behind"
     # The next call starts afresh.
-    out = tiny_pipe(_video(), "add a ball", num_inference_steps=2)
-    assert out.edit.shape == (5, 30, 34, 3)
+    out = tiny_pipe(_video(frames=4), "add a ball", num_inference_steps=2)
+    assert out.edit.shape == (4, 30, 34, 3)
 
 
 def test_step_callback_gives_progress_and_a_decodable_preview(tiny_pipe):
@@ -296,3 +298,112 @@ def test_first_block_cache_runs_on_the_mot_blocks(conditioned_pipe):
     finally:
         conditioned_pipe.transformer.disable_cache()
     assert reused.shape == plain.shape and not np.array_equal(reused, plain)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Clips longer than the model's window
+
+
+def test_temporal_windows_cover_the_clip_and_their_weights_hand_over(tiny_pipe):
+    # The space-to-depth codec keeps every frame: latent frames = video frames.
+    assert [(a, b) for a, b, _ in tiny_pipe.temporal_windows(4, 4, 1)] == [(0, 4)]
+    assert [(a, b) for a, b, _ in tiny_pipe.temporal_windows(9, 0, 0)] == [(0, 9)]
+    windows = tiny_pipe.temporal_windows(10, 4, 1)
+    assert windows[0][0] == 0 and windows[-1][1] == 10
+    assert all(b - a == 4 for a, b, _ in windows)
+    total = torch.zeros(10)
+    for start, stop, weight in windows:
+        assert (weight > 0).all()
+        total[start:stop] += weight
+        if start:  # every window after the first overlaps its predecessor by at least one frame
+            assert start < max(b for a, b, _ in windows if a < start)
+    torch.testing.assert_close(total, torch.ones(10))  # a partition of unity: no frame is weighted twice
+    # Ramps: the first window's last frames hand over to the second gradually.
+    first, last = windows[0][2], windows[-1][2]
+    assert first[0] == 1 and first[-1] < 1 and last[0] < 1 and last[-1] == 1
+
+
+def test_a_long_clip_is_denoised_as_blended_windows_of_the_model_s_length(tiny_pipe):
+    video = _video(frames=10)
+    lengths = []
+    handle = tiny_pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(kwargs["edit_latents"].shape[2]), with_kwargs=True
+    )
+    try:
+        out = tiny_pipe(
+            video, "add a ball", num_inference_steps=2, generator=torch.Generator().manual_seed(0)
+        )
+    finally:
+        handle.remove()
+    windows = len(tiny_pipe.temporal_windows(10, tiny_pipe.native_frames, tiny_pipe.native_frames // 4))
+    assert windows >= 3 and lengths == [tiny_pipe.native_frames] * (2 * windows)
+    assert out.edit.shape == (10, 30, 34, 3) and out.alpha.shape == (10, 30, 34)
+    again = tiny_pipe(video, "add a ball", num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    assert np.array_equal(out.composite, again.composite)
+    whole = tiny_pipe(
+        video,
+        "add a ball",
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(0),
+        window_frames=0,
+    )
+    assert not np.array_equal(out.composite, whole.composite)  # 0 = one pass over all frames, as asked
+
+
+def test_windows_blend_without_seams_for_a_frame_wise_model(tiny_pipe, monkeypatch):
+    # A transformer whose velocity at a frame depends on that frame alone gives every window the same answer where
+    # they overlap: blending must then reproduce one pass over the whole clip exactly (up to float rounding), so
+    # any error in the blend weights would show as a seam.
+    from vera_engine.models.transformer_vera import VeraTransformerOutput
+
+    def frame_wise(self, edit_latents, alpha_latents, composite_latents, timestep, encoder_hidden_states,
+                   source_latents, mask_latents=None, return_dict=True, **kwargs):  # fmt: skip
+        scale = timestep.view(-1, 1, 1, 1, 1) / 1000.0
+        out = (
+            edit_latents * scale + source_latents,
+            alpha_latents - scale,
+            composite_latents * 0.5 + source_latents,
+        )
+        return out if not return_dict else VeraTransformerOutput(*out)
+
+    monkeypatch.setattr(type(tiny_pipe.transformer), "forward", frame_wise)
+    video = _video(frames=11)
+
+    def run(**window):
+        generator = torch.Generator().manual_seed(3)
+        return tiny_pipe(
+            video, "add a ball", num_inference_steps=3, guidance_scale=2.0, generator=generator, **window
+        )
+
+    windowed, whole = run(window_frames=4, window_overlap=2), run(window_frames=0)
+    for name in ("edit", "alpha", "composite"):
+        np.testing.assert_allclose(getattr(windowed, name), getattr(whole, name), atol=1e-5)
+
+
+def test_window_arguments_are_checked(tiny_pipe):
+    with pytest.raises(ValueError, match="window_frames=-1"):
+        tiny_pipe(_video(), "add a ball", num_inference_steps=1, window_frames=-1)
+    with pytest.raises(ValueError, match=r"window_overlap=4; expected 0 <= overlap < window_frames \(4\)"):
+        tiny_pipe(_video(), "add a ball", num_inference_steps=1, window_frames=4, window_overlap=4)
+
+
+def test_windows_are_counted_in_latent_frames_with_the_wan_vae_and_interrupt_between_windows():
+    pipe = _wan_vae_pipeline()  # native 5 frames = 2 latent frames (the Wan VAE keeps frame 0, then 1 per 4)
+    lengths = []
+
+    def record(module, args, kwargs):
+        lengths.append(kwargs["edit_latents"].shape[2])
+        if len(lengths) == 5:
+            pipe.interrupt = True  # e.g. a cancel from another thread, in the middle of step 2's windows
+
+    handle = pipe.transformer.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        out = pipe(_video(frames=17, height=32, width=32), "add a ball", num_inference_steps=1)
+        windows = len(pipe.temporal_windows(5, 5, 1))  # 17 frames = 5 latent frames
+        assert windows == 4 and lengths == [2] * windows and out.edit.shape[0] == 17
+        lengths.clear()
+        with pytest.raises(VeraInterrupted) as error:
+            pipe(_video(frames=17, height=32, width=32), "add a ball", num_inference_steps=3)
+    finally:
+        handle.remove()
+    assert len(lengths) == 5 and error.value.step == 1  # stopped before step 2's second window

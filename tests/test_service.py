@@ -158,16 +158,25 @@ def test_health_goes_serving_after_load_and_reflection_lists_services(make_harne
 
 
 def test_round_trip_exr_bytes(make_harness, tmp_path: Path) -> None:
-    h = make_harness()
+    # The job holds after step 1 until the watcher has seen it running: progress is observed whatever the load.
+    runner = PassThroughRunner(gate_step=1)
+    h = make_harness(runner)
     frames = [1001, 1002, 1003]
     pattern, pixels = write_plate(tmp_path / "plate", frames)
     job = h.client.submit_files(pattern, frames, prompt="add a red ball", steps=2, seed=7, name="sh010")
     statuses = []
-    final = h.client.wait(job, callback=statuses.append, previews=True)
+
+    def follow(status: pb.JobStatus) -> None:
+        statuses.append(status)
+        if status.state == pb.JOB_STATE_RUNNING and status.step == 1:
+            runner.gate.set()
+
+    final = h.client.wait(job, callback=follow, previews=True)
     assert final.state == pb.JOB_STATE_SUCCEEDED, final.error
     assert final.seed == 7 and final.header.steps == 2 and final.header.name == "sh010"
     assert final.output_files == [f"vera_edit.{f}.exr" for f in frames]
-    assert [s.step for s in statuses if s.state == pb.JOB_STATE_RUNNING and s.step][-1] == 2
+    assert 1 in [s.step for s in statuses if s.state == pb.JOB_STATE_RUNNING]
+    assert [s.step for s in statuses if s.step][-1] == 2
     previews = [s.preview for s in statuses if s.HasField("preview")]
     assert previews and len(previews[0].rgb8) == previews[0].width * previews[0].height * 3
     files = h.client.fetch(job, tmp_path / "out")

@@ -256,6 +256,36 @@ class VeraPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------------------------------------------------
     # Inputs
 
+    def temporal_windows(
+        self, latent_frames: int, window_frames: int, window_overlap: int
+    ) -> list[tuple[int, int, torch.Tensor]]:
+        """The latent-frame windows `(start, stop, blend weights)` a clip of `latent_frames` is sampled in.
+
+        `window_frames` / `window_overlap` are in video frames (converted with the codec's temporal compression;
+        0 frames: one window over the whole clip). Windows are evenly spread from the first frame to the last;
+        weights ramp linearly across each overlap so that they sum to 1 there and neighbouring windows hand over
+        gradually.
+        """
+        t = self.temporal_compression
+        size = (window_frames - 1) // t + 1 if window_frames else latent_frames
+        if latent_frames <= size:
+            return [(0, latent_frames, torch.ones(latent_frames))]
+        overlap = min(size - 1, -(-window_overlap // t))
+        count = -(-(latent_frames - overlap) // (size - overlap))
+        # Evenly spread starts from 0 to latent_frames - size: the overlaps come out at least `overlap` frames.
+        starts = [round(k * (latent_frames - size) / (count - 1)) for k in range(count)]
+        windows = []
+        for k, start in enumerate(starts):
+            weight = torch.ones(size)
+            if k > 0:
+                shared = starts[k - 1] + size - start
+                weight[:shared] = torch.arange(1, shared + 1) / (shared + 1)
+            if k < count - 1:
+                shared = start + size - starts[k + 1]
+                weight[size - shared :] = torch.arange(shared, 0, -1) / (shared + 1)
+            windows.append((start, start + size, weight))
+        return windows
+
     def check_inputs(
         self,
         video: Any,
@@ -350,6 +380,8 @@ class VeraPipeline(DiffusionPipeline):
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         output_type: str = "np",
         return_dict: bool = True,
+        window_frames: int | None = None,
+        window_overlap: int | None = None,
     ) -> "VeraPipelineOutput | tuple[Any, Any, Any]":
         """Generate the edit layer, its alpha matte and the composite for `video` as `prompt` asks.
 
@@ -368,6 +400,12 @@ class VeraPipeline(DiffusionPipeline):
                 layers stacked on channels; `composite_x0`: the predicted clean composite latents, see
                 `decode_preview`). Returning `{"latents": ...}` replaces the latents.
             output_type: "np" (float32 numpy, frames last) or "pt" (torch tensors, frames last).
+            window_frames: clips longer than this many frames (default: the checkpoint's `native_frames`; 0: never)
+                are sampled as overlapping temporal windows of this length, denoised together: at every step each
+                window's velocity is predicted on its own (the model sees clips of the length it was trained on)
+                and the overlaps are blended with linear ramps before the scheduler steps the whole clip, so the
+                windows agree where they meet instead of being stitched afterwards.
+            window_overlap: frames shared by neighbouring windows (default: a quarter of `window_frames`).
         """
         if num_inference_steps is None:
             num_inference_steps = self.config.default_steps
@@ -384,6 +422,21 @@ class VeraPipeline(DiffusionPipeline):
         )
         if output_type not in ("np", "pt"):
             raise ValueError(f"output_type={output_type!r}; expected 'np' or 'pt'")
+        window_frames = self.native_frames if window_frames is None else window_frames
+        if not isinstance(window_frames, int) or window_frames < 0:
+            raise ValueError(
+                f"window_frames={window_frames!r}; expected frames per window (>= 1), or 0 for none"
+            )
+        if window_overlap is None:
+            window_overlap = window_frames // 4
+        if (
+            not isinstance(window_overlap, int)
+            or window_overlap < 0
+            or (window_frames and window_overlap >= window_frames)
+        ):
+            raise ValueError(
+                f"window_overlap={window_overlap!r}; expected 0 <= overlap < window_frames ({window_frames})"
+            )
         self._interrupt = False
         device = self._execution_device
         dtype = self.transformer.dtype
@@ -411,6 +464,11 @@ class VeraPipeline(DiffusionPipeline):
             device=device,
             dtype=torch.float32,
         )
+        windows = self.temporal_windows(source_latents.shape[2], window_frames, window_overlap)
+        window_weights = [weight.to(device) for _, _, weight in windows]
+        total_weight = torch.zeros(source_latents.shape[2], device=device)
+        for (start, stop, _), weight in zip(windows, window_weights, strict=True):
+            total_weight[start:stop] += weight
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         # Steps are indexed from 0 on every call (sigmas[i] below relies on it).
         self.scheduler.set_begin_index(0)
@@ -425,24 +483,37 @@ class VeraPipeline(DiffusionPipeline):
                 if self._interrupt:
                     raise VeraInterrupted(i, len(timesteps))
                 model_input = latents.to(dtype).expand(batch, -1, -1, -1, -1)
-                edit_in, alpha_in, composite_in = model_input.chunk(3, dim=1)
                 sigma = self.scheduler.sigmas[i].to(device=device, dtype=torch.float32)
-                # One cache context: the conditional and unconditional passes run as one batched forward.
-                with self.transformer.cache_context("cond_uncond"):
-                    out = self.transformer(
-                        edit_latents=edit_in,
-                        alpha_latents=alpha_in,
-                        composite_latents=composite_in,
-                        timestep=t.expand(batch).to(device),
-                        encoder_hidden_states=text,
-                        source_latents=source_in,
-                        mask_latents=mask_in,
-                        return_dict=False,
-                    )
-                velocity = torch.cat(out, dim=1).float()
-                if do_cfg:
-                    conditional, unconditional = velocity.chunk(2)
-                    velocity = unconditional + guidance_scale * (conditional - unconditional)
+                velocity = torch.zeros_like(latents)
+                for index, ((start, stop, _), weight) in enumerate(zip(windows, window_weights, strict=True)):
+                    if index and self._interrupt:
+                        raise VeraInterrupted(i, len(timesteps))
+                    edit_in, alpha_in, composite_in = model_input[:, :, start:stop].chunk(3, dim=1)
+                    # One cache context per window: the conditional and unconditional passes run as one batched
+                    # forward, and a step cache compares each window with itself on the previous step.
+                    with self.transformer.cache_context(
+                        "cond_uncond" if index == 0 else f"cond_uncond_{index}"
+                    ):
+                        out = self.transformer(
+                            edit_latents=edit_in,
+                            alpha_latents=alpha_in,
+                            composite_latents=composite_in,
+                            timestep=t.expand(batch).to(device),
+                            encoder_hidden_states=text,
+                            source_latents=source_in[:, :, start:stop],
+                            mask_latents=None if mask_in is None else mask_in[:, :, start:stop],
+                            return_dict=False,
+                        )
+                    window_velocity = torch.cat(out, dim=1).float()
+                    if do_cfg:
+                        conditional, unconditional = window_velocity.chunk(2)
+                        window_velocity = unconditional + guidance_scale * (conditional - unconditional)
+                    if len(windows) == 1:
+                        velocity = window_velocity
+                    else:
+                        velocity[:, :, start:stop] += window_velocity * weight.view(1, 1, -1, 1, 1)
+                if len(windows) > 1:
+                    velocity = velocity / total_weight.view(1, 1, -1, 1, 1)
 
                 # x_t = (1 - sigma) x_0 + sigma noise and v = noise - x_0, so x_0 = x_t - sigma v.
                 composite_x0 = (latents - sigma * velocity).chunk(3, dim=1)[2]
