@@ -335,3 +335,21 @@ def test_step_caches_refuse_a_context_parallel_transformer():
         pass
     with step_cache(pipe, "none") as run:  # exact sampling is always allowed
         assert run.config is None
+
+
+@pytest.mark.parametrize("spec", ["first_block:0.1", "taylorseer:2"])
+def test_step_caches_keep_one_state_per_temporal_window(spec):
+    from vera_engine.presets import build_random_pipeline
+
+    pipe = build_random_pipeline("tiny")
+    video = np.random.default_rng(0).random((10, 32, 32, 3), dtype=np.float32)  # 3 windows of 4 frames
+
+    def sample():
+        return pipe(video, "add a ball", num_inference_steps=10, generator=torch.Generator().manual_seed(0))
+
+    exact = sample()
+    with BlockEvaluationCounter(pipe.transformer) as counter, step_cache(pipe, spec, num_inference_steps=10):
+        cached = sample()
+    assert counter.skipped_fraction > 0.2
+    # Each window's cache compares it with itself on the previous step: mixing windows' states would be far off.
+    assert np.abs(cached.composite - exact.composite).mean() < 0.05
