@@ -60,6 +60,11 @@ UMT5_XXL = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, 
 # Wan-shaped VAE at 1/12 of the width, 832x480 frames: codec activations dominate) and "cpu-weights" (a 0.4 GB
 # transformer and a 0.3 GB text encoder on small frames: weights dominate). "wan-1.3b" is Vera-1.3B with umT5-XXL and the Wan2.1 VAE at
 # 832x480x49 (GPU only: ~20 GB of weights in bfloat16).
+# The test suite's tiny Wan VAE (base width 3): a real Wan2.1 VAE architecture, cheap enough for any frame size.
+TINY_WAN_VAE = dict(
+    base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+)
+
 CONFIGS: dict[str, dict[str, Any]] = {
     "tiny-wan": dict(
         transformer=dict(
@@ -74,13 +79,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
             num_layers=2,
             rope_max_seq_len=1024,  # Wan's: positions for frames up to 832x480 and beyond
         ),
-        vae=dict(
-            base_dim=3,
-            z_dim=16,
-            dim_mult=[1, 1, 1, 1],
-            num_res_blocks=1,
-            temperal_downsample=[False, True, True],
-        ),
+        vae=TINY_WAN_VAE,
         text_encoder=dict(d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=4),
         max_sequence_length=32,
         size=(9, 480, 832),
@@ -111,13 +110,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
             num_layers=8,
             rope_max_seq_len=32,
         ),
-        vae=dict(
-            base_dim=3,
-            z_dim=16,
-            dim_mult=[1, 1, 1, 1],
-            num_res_blocks=1,
-            temperal_downsample=[False, True, True],
-        ),
+        vae=TINY_WAN_VAE,
         text_encoder=dict(d_model=768, d_kv=64, d_ff=3072, num_layers=8, num_heads=12),
         max_sequence_length=64,
         size=(5, 64, 64),
