@@ -350,34 +350,45 @@ def test_a_long_clip_is_denoised_as_blended_windows_of_the_model_s_length(tiny_p
     assert not np.array_equal(out.composite, whole.composite)  # 0 = one pass over all frames, as asked
 
 
-def test_windows_blend_without_seams_for_a_frame_wise_model(tiny_pipe, monkeypatch):
-    # A transformer whose velocity at a frame depends on that frame alone gives every window the same answer where
-    # they overlap: blending must then reproduce one pass over the whole clip exactly (up to float rounding), so
-    # any error in the blend weights would show as a seam.
+def test_every_step_blends_the_windows_velocities_with_their_weights(tiny_pipe, monkeypatch):
+    # A stand-in transformer whose velocity at a frame is that frame's position inside its window: the windows then
+    # disagree wherever they overlap, and the velocity the scheduler gets must be exactly their weighted blend.
     from vera_engine.models.transformer_vera import VeraTransformerOutput
 
-    def frame_wise(self, edit_latents, alpha_latents, composite_latents, timestep, encoder_hidden_states,
-                   source_latents, mask_latents=None, return_dict=True, **kwargs):  # fmt: skip
-        scale = timestep.view(-1, 1, 1, 1, 1) / 1000.0
-        out = (
-            edit_latents * scale + source_latents,
-            alpha_latents - scale,
-            composite_latents * 0.5 + source_latents,
-        )
+    def position_in_window(self, edit_latents, alpha_latents, composite_latents, timestep, encoder_hidden_states,
+                           source_latents, mask_latents=None, return_dict=True, **kwargs):  # fmt: skip
+        position = torch.arange(edit_latents.shape[2], dtype=edit_latents.dtype).view(1, 1, -1, 1, 1)
+        out = tuple(layer * 0 + position for layer in (edit_latents, alpha_latents, composite_latents))
         return out if not return_dict else VeraTransformerOutput(*out)
 
-    monkeypatch.setattr(type(tiny_pipe.transformer), "forward", frame_wise)
-    video = _video(frames=11)
+    monkeypatch.setattr(type(tiny_pipe.transformer), "forward", position_in_window)
+    velocities = []
+    step = tiny_pipe.scheduler.step
+    monkeypatch.setattr(
+        tiny_pipe.scheduler,
+        "step",
+        lambda output, *a, **k: velocities.append(output) or step(output, *a, **k),
+    )
+    tiny_pipe(_video(frames=11), "add a ball", num_inference_steps=2, window_frames=4, window_overlap=2)
+    expected = torch.zeros(11)
+    for start, stop, weight in tiny_pipe.temporal_windows(11, 4, 2):
+        expected[start:stop] += weight * torch.arange(stop - start)
+    assert len(velocities) == 2
+    for velocity in velocities:
+        torch.testing.assert_close(velocity[0, :, :, 0, 0], expected.expand(velocity.shape[1], -1))
+    assert 0 < float(expected[3]) < 3  # an overlap frame really is a blend of two windows' answers
 
-    def run(**window):
-        generator = torch.Generator().manual_seed(3)
-        return tiny_pipe(
-            video, "add a ball", num_inference_steps=3, guidance_scale=2.0, generator=generator, **window
-        )
 
-    windowed, whole = run(window_frames=4, window_overlap=2), run(window_frames=0)
-    for name in ("edit", "alpha", "composite"):
-        np.testing.assert_allclose(getattr(windowed, name), getattr(whole, name), atol=1e-5)
+def test_window_weights_are_a_partition_of_unity_for_any_geometry(tiny_pipe):
+    for latent_frames in range(1, 30):
+        for size in range(1, 9):
+            for overlap in range(size):
+                windows = tiny_pipe.temporal_windows(latent_frames, size, overlap)
+                total = torch.zeros(latent_frames)
+                for start, stop, weight in windows:
+                    assert 0 <= start < stop <= latent_frames and (weight > 0).all() and (weight <= 1).all()
+                    total[start:stop] += weight
+                torch.testing.assert_close(total, torch.ones(latent_frames))
 
 
 def test_window_arguments_are_checked(tiny_pipe):

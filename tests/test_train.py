@@ -342,7 +342,10 @@ def test_training_time_leaves_out_the_gap_of_a_resume():
     assert training_seconds(log[:1]) == (0.0, 0)
 
 
-def test_a_run_resumed_mid_epoch_ends_with_the_weights_of_an_uninterrupted_run(dataset_dir, tmp_path):
+@pytest.mark.parametrize("text_encoder_lr_scale", [0.0, 1.0])  # a trained text encoder draws dropout
+def test_a_run_resumed_mid_epoch_ends_with_the_weights_of_an_uninterrupted_run(
+    dataset_dir, tmp_path, text_encoder_lr_scale
+):
     from diffusers.models.model_loading_utils import load_state_dict
 
     def run(out, stops):
@@ -356,6 +359,7 @@ def test_a_run_resumed_mid_epoch_ends_with_the_weights_of_an_uninterrupted_run(d
             ema_decay=0.5,
             save_every=1,
             seed=2,
+            text_encoder_lr_scale=text_encoder_lr_scale,
         )
         for index, steps in enumerate(stops):
             config.steps = steps
@@ -386,3 +390,18 @@ def test_epoch_sampler_shares_and_skips():
     assert list(sampler) != whole  # a new shuffle each epoch
     with pytest.raises(ValueError, match=r"skip_batches=3; expected 0\.\.2"):
         sampler.set_epoch(0, skip_batches=3)
+
+
+def test_resume_refuses_another_seed_or_another_epoch_length(tmp_path):
+    data = tmp_path / "data"
+    generate_dataset(data, {"train": 8}, frames=4, height=32, width=32, seed=5)
+    config = TrainConfig(data=str(data), out=str(tmp_path / "run"), preset="tiny", steps=1, batch_size=3, seed=2)
+    train(config, progress=False)
+    config.steps, config.seed = 2, 3
+    with pytest.raises(ValueError, match="seed=3 differs"):
+        train(config, resume=True, progress=False)
+    config.seed = 2
+    shutil.rmtree(data)
+    generate_dataset(data, {"train": 9}, frames=4, height=32, width=32, seed=5)  # 3 batches per epoch, not 2
+    with pytest.raises(ValueError, match="had 2 batches per epoch and now has 3"):
+        train(config, resume=True, progress=False)

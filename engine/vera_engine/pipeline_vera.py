@@ -264,7 +264,7 @@ class VeraPipeline(DiffusionPipeline):
         `window_frames` / `window_overlap` are in video frames (converted with the codec's temporal compression;
         0 frames: one window over the whole clip). Windows are evenly spread from the first frame to the last;
         weights ramp linearly across each overlap so that they sum to 1 there and neighbouring windows hand over
-        gradually.
+        gradually (where three windows meet, the ramps are normalised so the weights still sum to 1).
         """
         t = self.temporal_compression
         size = (window_frames - 1) // t + 1 if window_frames else latent_frames
@@ -274,17 +274,25 @@ class VeraPipeline(DiffusionPipeline):
         count = -(-(latent_frames - overlap) // (size - overlap))
         # Evenly spread starts from 0 to latent_frames - size: the overlaps come out at least `overlap` frames.
         starts = [round(k * (latent_frames - size) / (count - 1)) for k in range(count)]
-        windows = []
+        ramps = []
         for k, start in enumerate(starts):
             weight = torch.ones(size)
             if k > 0:
                 shared = starts[k - 1] + size - start
-                weight[:shared] = torch.arange(1, shared + 1) / (shared + 1)
+                weight[:shared] = torch.minimum(weight[:shared], torch.arange(1, shared + 1) / (shared + 1))
             if k < count - 1:
                 shared = start + size - starts[k + 1]
-                weight[size - shared :] = torch.arange(shared, 0, -1) / (shared + 1)
-            windows.append((start, start + size, weight))
-        return windows
+                tail = torch.arange(shared, 0, -1) / (shared + 1)
+                weight[size - shared :] = torch.minimum(weight[size - shared :], tail)
+            ramps.append(weight)
+        # Normalised per frame: where several windows meet their weights sum to exactly 1.
+        total = torch.zeros(latent_frames)
+        for start, weight in zip(starts, ramps, strict=True):
+            total[start : start + size] += weight
+        return [
+            (start, start + size, weight / total[start : start + size])
+            for start, weight in zip(starts, ramps, strict=True)
+        ]
 
     def check_inputs(
         self,
@@ -405,7 +413,7 @@ class VeraPipeline(DiffusionPipeline):
                 window's velocity is predicted on its own (the model sees clips of the length it was trained on)
                 and the overlaps are blended with linear ramps before the scheduler steps the whole clip, so the
                 windows agree where they meet instead of being stitched afterwards.
-            window_overlap: frames shared by neighbouring windows (default: a quarter of `window_frames`).
+            window_overlap: frames shared by neighbouring windows (default: a quarter of `window_frames`, at least 1).
         """
         if num_inference_steps is None:
             num_inference_steps = self.config.default_steps
@@ -428,7 +436,8 @@ class VeraPipeline(DiffusionPipeline):
                 f"window_frames={window_frames!r}; expected frames per window (>= 1), or 0 for none"
             )
         if window_overlap is None:
-            window_overlap = window_frames // 4
+            # A quarter of the window, at least one frame: windows that share no frame would meet at a seam.
+            window_overlap = max(1, window_frames // 4) if window_frames > 1 else 0
         if (
             not isinstance(window_overlap, int)
             or window_overlap < 0
@@ -466,9 +475,6 @@ class VeraPipeline(DiffusionPipeline):
         )
         windows = self.temporal_windows(source_latents.shape[2], window_frames, window_overlap)
         window_weights = [weight.to(device) for _, _, weight in windows]
-        total_weight = torch.zeros(source_latents.shape[2], device=device)
-        for (start, stop, _), weight in zip(windows, window_weights, strict=True):
-            total_weight[start:stop] += weight
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         # Steps are indexed from 0 on every call (sigmas[i] below relies on it).
         self.scheduler.set_begin_index(0)
@@ -512,8 +518,6 @@ class VeraPipeline(DiffusionPipeline):
                         velocity = window_velocity
                     else:
                         velocity[:, :, start:stop] += window_velocity * weight.view(1, 1, -1, 1, 1)
-                if len(windows) > 1:
-                    velocity = velocity / total_weight.view(1, 1, -1, 1, 1)
 
                 # x_t = (1 - sigma) x_0 + sigma noise and v = noise - x_0, so x_0 = x_t - sigma v.
                 composite_x0 = (latents - sigma * velocity).chunk(3, dim=1)[2]

@@ -18,8 +18,10 @@ diffusers' `TransformerBlockRegistry`, so the block-level hooks know what a bloc
   (diffusers' "skip" mode returns zeros that the predicted last block ignores). The output heads still run with
   the step's own timestep modulation. `interval` 1 never skips.
 
-All three key their state on the pipeline's single ``cache_context("cond_uncond")``: with classifier-free guidance
-the conditional and unconditional passes are one batched forward, so one decision covers both.
+All three key their state on the pipeline's ``cache_context``: one per temporal window of a long clip (each window
+is compared with itself on the previous step), and with classifier-free guidance the conditional and unconditional
+passes are one batched forward, so one decision covers both. MagCache's calibration of a long clip keeps the ratios
+of the last window (the windows' ratios follow the same schedule).
 
 What is not offered, and why:
 

@@ -374,6 +374,7 @@ def _save_checkpoint(
     step: int,
     config: TrainConfig,
     generator: torch.Generator,
+    batches_per_epoch: int,
 ) -> None:
     """Write the pipeline folder (EMA weights) and the resume state, each folder swapped in atomically."""
     out = Path(config.out)
@@ -399,6 +400,8 @@ def _save_checkpoint(
             "ema": ema.state_dict(),
             "generator": generator.get_state(),
             "torch_rng": torch.get_rng_state(),
+            # Where in the data the run is: a resume must see the same epochs (same data, same process count).
+            "batches_per_epoch": batches_per_epoch,
         },
     )
     _write_json_atomic(training / "config.json", asdict(config))
@@ -445,6 +448,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
             "learning_rate",
             "branch_lr_scales",
             "ema_decay",
+            "seed",  # the data order of every epoch follows from it
         ):
             value = getattr(config, key)
             saved_value = tuple(saved[key]) if isinstance(saved[key], list) else saved[key]
@@ -536,6 +540,12 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
             f"--batch-size {config.batch_size} is larger than the {len(dataset) // dist.world_size} training clips "
             "per process; use a smaller batch or more data"
         )
+    if resume and state.get("batches_per_epoch", sampler.batches_per_epoch) != sampler.batches_per_epoch:
+        raise ValueError(
+            f"--resume: the run had {state['batches_per_epoch']} batches per epoch and now has "
+            f"{sampler.batches_per_epoch} (the dataset or the number of processes changed); resume with the same "
+            "data and process count, or start a new run with --init"
+        )
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=config.batch_size,
@@ -543,6 +553,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
         drop_last=True,
         collate_fn=collate_layered,
         num_workers=config.num_workers,
+        # Its own generator: each epoch's iterator draws a worker seed, which must not come from the global stream
+        # that dropout (the text encoder's) draws from, or a resumed run would be one draw out of step.
+        generator=torch.Generator().manual_seed(config.seed),
     )
     prompts = PromptCache(pipe, dist.device, model.dtype)
     log_path = out / "training" / "log.jsonl"
@@ -595,7 +608,17 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
                 )
             if step % config.save_every == 0 or step == config.steps:
                 if dist.is_main:
-                    _save_checkpoint(pipe, model, trainable, ema, optimizer, step, config, generator)
+                    _save_checkpoint(
+                        pipe,
+                        model,
+                        trainable,
+                        ema,
+                        optimizer,
+                        step,
+                        config,
+                        generator,
+                        sampler.batches_per_epoch,
+                    )
                     log_path.parent.mkdir(parents=True, exist_ok=True)
                     with log_path.open("a") as log:
                         for row in pending_log:
