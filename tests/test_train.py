@@ -395,7 +395,9 @@ def test_epoch_sampler_shares_and_skips():
 def test_resume_refuses_another_seed_or_another_epoch_length(tmp_path):
     data = tmp_path / "data"
     generate_dataset(data, {"train": 8}, frames=4, height=32, width=32, seed=5)
-    config = TrainConfig(data=str(data), out=str(tmp_path / "run"), preset="tiny", steps=1, batch_size=3, seed=2)
+    config = TrainConfig(
+        data=str(data), out=str(tmp_path / "run"), preset="tiny", steps=1, batch_size=3, seed=2
+    )
     train(config, progress=False)
     config.steps, config.seed = 2, 3
     with pytest.raises(ValueError, match="seed=3 differs"):
