@@ -265,3 +265,27 @@ def test_speed_and_memory_flags_reach_the_pipeline_and_keep_results_exact(
                 assert "memory:" not in log
     # Group offloading and the text encoder's swap are exact; the space-to-depth codec has nothing to tile.
     assert np.array_equal(results[0], results[1])
+
+
+def test_words_a_word_level_model_cannot_read_are_reported(tmp_path: Path) -> None:
+    import dataclasses
+
+    from vera_engine.presets import TINY, build_random_pipeline
+
+    words = dataclasses.replace(TINY, name="tiny-words", tokenizer="word", max_sequence_length=16)
+    model = tmp_path / "words-model"
+    build_random_pipeline(words, vocabulary=["add a red ball"]).save_pretrained(model)
+    with EngineProcess(tmp_path / "spool", model) as engine, EngineClient(engine.address) as client:
+        client.wait_until_serving(120)
+        stages = {}
+        for prompt in ("add a red ball", "add a purple ball quickly"):
+            seen: list[str] = []
+            job = client.submit_arrays(_plate(frames=1), [1], prompt=prompt, steps=2)
+            final = client.wait(job, callback=lambda s, seen=seen: seen.append(s.stage))
+            assert final.state == pb.JOB_STATE_SUCCEEDED, final.error
+            _, exr = _read(client.fetch(job, tmp_path / f"out{len(stages)}")[0])
+            stages[prompt] = (seen, exr.getattribute("vera/unknown_words"))
+    assert stages["add a red ball"][1] == "none" and "sampling" in stages["add a red ball"][0]
+    seen, unknown = stages["add a purple ball quickly"]
+    assert unknown == "purple, quickly"
+    assert "sampling (unknown words: purple, quickly)" in seen

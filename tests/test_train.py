@@ -325,6 +325,7 @@ def test_model_card_has_the_loss_curve_and_eval_figures(dataset_dir, tmp_path):
     assert "| background_change | matte_iou | 0.9 | ≥ 0.85 (met) |" in text
     assert "| background_change | composite_psnr | 20 | ≥ 28 (not met) |" in text
     assert "4 steps of batch 2" in text
+    assert "- from random weights" in text and "text encoder over bytes (ByT5 tokenizer)" in text
     with Image.open(out / "loss_curve.png") as image:
         assert image.size == (640, 320)
         # The curve is drawn: the plot holds more than the white background and the frame.

@@ -132,10 +132,18 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--out", required=True, help="pipeline folder to write (checkpoints replace it atomically)"
     )
-    start = parser.add_mutually_exclusive_group()
-    start.add_argument("--init", help="pipeline folder to start from (convert-wan output, or a trained Vera)")
-    start.add_argument(
-        "--preset", default="tiny", help="random-weight tiny preset to start from (default: tiny)"
+    parser.add_argument(
+        "--init", help="pipeline folder to start from (convert-wan output, or a trained Vera)"
+    )
+    parser.add_argument(
+        "--preset",
+        help="random-weight tiny preset to start from (default: tiny); with --init, only for --fresh-text-encoder",
+    )
+    parser.add_argument(
+        "--fresh-text-encoder",
+        action="store_true",
+        help="with --init: keep its transformer, start a new tokenizer and text encoder of --preset's kind (a "
+        "word-level vocabulary is built from the training instructions)",
     )
     parser.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     parser.add_argument("--steps", type=int, default=1000)
@@ -189,11 +197,18 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
 def _run_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, parse_branch_lr_scales, parse_mask_dropout, train
 
+    if args.init and args.preset and not args.fresh_text_encoder:
+        raise ValueError(
+            "--init and --preset start from different weights; give one, or add --fresh-text-encoder to keep "
+            "--init's transformer with a new text encoder of --preset's kind"
+        )
+
     config = TrainConfig(
         data=args.data,
         out=args.out,
         init=args.init,
-        preset=args.preset,
+        preset=args.preset or "tiny",
+        fresh_text_encoder=args.fresh_text_encoder,
         steps=args.steps,
         batch_size=args.batch_size,
         learning_rate=args.lr,

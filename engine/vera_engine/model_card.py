@@ -101,8 +101,12 @@ def write_model_card(
     train_command: str,
     eval_command: str,
     machine: str,
+    started_from: str | None = None,
 ) -> Path:
-    """Write `README.md` and `loss_curve.png` into `model_dir` for the run in `run_dir`."""
+    """Write `README.md` and `loss_curve.png` into `model_dir` for the run in `run_dir`.
+
+    `started_from`: for a run with `--init`, a sentence saying what the init model was and how it was trained.
+    """
     model_dir, run_dir = Path(model_dir), Path(run_dir)
     log = read_log(run_dir)
     config = json.loads((run_dir / "training" / "config.json").read_text())
@@ -112,6 +116,21 @@ def write_model_card(
     seconds, resumes = training_seconds(log)
     first, last = log[0], log[-1]
     size = sum(p.stat().st_size for p in model_dir.rglob("*") if p.is_file())
+    tokenizer_class = index["tokenizer"][1]
+    reads = (
+        "bytes (ByT5 tokenizer)"
+        if tokenizer_class == "ByT5Tokenizer"
+        else "words (a vocabulary of the training instructions)"
+    )
+    if config.get("init"):
+        start = f"- started from `{config['init']}`" + (
+            ": its transformer, with a new tokenizer and text encoder"
+            if config.get("fresh_text_encoder")
+            else ""
+        )
+        start_lines = [start + (f". {started_from}" if started_from else "")]
+    else:
+        start_lines = ["- from random weights"]
     lines = [
         f"# {name}",
         "",
@@ -124,7 +143,7 @@ def write_model_card(
         "## Shape",
         "",
         f"- native size {index['native_width']}x{index['native_height']}, {index['native_frames']} frames; "
-        f"lossless space-to-depth codec (no VAE); byte-level T5 text encoder",
+        f"lossless space-to-depth codec (no VAE); a small T5 text encoder over {reads}",
         f"- transformer: {transformer['num_layers']} layers, {transformer['num_attention_heads']} heads x "
         f"{transformer['attention_head_dim']}, FFN {transformer['ffn_dim']}, patch {transformer['patch_size']}, "
         f"{transformer['in_channels']} latent channels",
@@ -142,6 +161,7 @@ def write_model_card(
         "",
         f"`{train_command}`",
         "",
+        *start_lines,
         f"- {last['step']} steps of batch {config['batch_size']} on {machine}, {seconds / 60:.0f} minutes of "
         f"training" + (f" (stopped and resumed {resumes} time{'s' * (resumes > 1)})" if resumes else ""),
         f"- base learning rate {config['learning_rate']:g}, branch multipliers {config['branch_lr_scales']}, text "
@@ -150,7 +170,7 @@ def write_model_card(
         f"{config.get('text_dropout', 0):g}, noise-level shift {config.get('timestep_shift', 1):g}",
         f"- loss {first['loss']:.3f} at step {first['step']} -> {last['loss']:.3f} at step {last['step']} "
         "(flow-matching MSE, mean of the three layers)",
-        "- from scratch, so the paper's per-branch multipliers (which keep the pretrained edit branch close to the",
+        "- no pretrained weights, so the paper's per-branch multipliers (which keep the pretrained edit branch close to the",
         "  video prior) are set to 1 and the text encoder is trained too",
         "",
         "![loss curve](loss_curve.png)",

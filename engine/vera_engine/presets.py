@@ -5,6 +5,7 @@ encoder and the lossless codec it runs with. `build_random_pipeline` makes a com
 preset, which is what tests and the tiny benchmark run on.
 """
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,9 +22,12 @@ class VeraPreset:
     native_width: int
     native_frames: int
     max_sequence_length: int = 512
-    # Tiny checkpoints only: a small T5 encoder over bytes (ByT5 tokenizer: no vocabulary file to ship) and the
-    # space-to-depth codec. Full-size presets use umT5-XXL and the Wan VAE from a real Wan folder.
+    # Tiny checkpoints only: a small T5 encoder trained with the model, over bytes ("byte": ByT5's tokenizer, no
+    # vocabulary) or words ("word": a vocabulary built from the training instructions, see
+    # models/word_tokenizer.py), and the space-to-depth codec. Full-size presets use umT5-XXL and the Wan VAE from a
+    # real Wan folder.
     text_encoder: dict[str, Any] = field(default_factory=dict)
+    tokenizer: str = "byte"
     codec_spatial_factor: int | None = None
 
 
@@ -87,7 +91,8 @@ TINY = VeraPreset(
 
 # The shape of the checkpoint shipped in the repository (the engine's default model): small enough to train on a
 # 2-core CPU in about an hour and to ship in a few MB. A token covers 4x4 pixels (space-to-depth 2, patch 2):
-# 48 values, well under the 128-wide hidden state, which must carry a token's noise to predict it.
+# 48 values, well under the 128-wide hidden state, which must carry a token's noise to predict it. Its encoder
+# reads words: over bytes it had not learned to read colours or directions after 3500 steps (model card).
 VERA_TINY = VeraPreset(
     name="vera-tiny",
     transformer=dict(
@@ -105,8 +110,10 @@ VERA_TINY = VeraPreset(
     native_height=32,
     native_width=32,
     native_frames=8,
-    max_sequence_length=160,
+    # The longest synthetic instruction is 29 words and punctuation marks, plus </s>.
+    max_sequence_length=48,
     text_encoder=dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4),
+    tokenizer="word",
     codec_spatial_factor=2,
 )
 
@@ -130,23 +137,34 @@ def build_random_transformer(preset: "str | VeraPreset", seed: int = 0, **overri
     return VeraTransformer3DModel(**{**preset.transformer, **overrides})
 
 
-def build_random_pipeline(preset: "str | VeraPreset" = "tiny", seed: int = 0, scheduler: str = "unipc"):
-    """A complete `VeraPipeline` with random weights (tiny presets only: they need no downloaded parts).
+def build_text_encoder(
+    preset: "str | VeraPreset", seed: int = 0, vocabulary: "Iterable[str] | None" = None
+) -> tuple[Any, Any]:
+    """A tiny preset's tokenizer and seeded random T5 encoder.
 
-    The text encoder is a small T5 over bytes, the codec is lossless space-to-depth: everything is created here.
+    `vocabulary`: the texts a word-level tokenizer takes its words from (the training instructions); required by
+    presets with `tokenizer="word"`, ignored by byte-level ones.
     """
     from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
-    from .models.space_to_depth_codec import SpaceToDepthCodec
-    from .pipeline_vera import VeraPipeline, make_scheduler
+    from .models.word_tokenizer import build_word_tokenizer
 
     preset = get_preset(preset) if isinstance(preset, str) else preset
-    if preset.codec_spatial_factor is None:
+    if not preset.text_encoder:
         raise ValueError(
-            f"preset {preset.name!r} is a full Wan size: its pipeline needs the umT5 encoder and the Wan VAE from a "
-            "real Wan2.1 folder (use `vera-engine convert-wan`); random pipelines exist for tiny presets only"
+            f"preset {preset.name!r} is a full Wan size: it uses the umT5 encoder from a real Wan2.1 folder"
         )
-    tokenizer = ByT5Tokenizer()
+    if preset.tokenizer == "word":
+        if vocabulary is None:
+            raise ValueError(
+                f"preset {preset.name!r} reads words: pass vocabulary= (the training instructions) to build its "
+                "tokenizer"
+            )
+        tokenizer = build_word_tokenizer(vocabulary)
+    elif preset.tokenizer == "byte":
+        tokenizer = ByT5Tokenizer()
+    else:
+        raise ValueError(f"preset {preset.name!r}: tokenizer={preset.tokenizer!r}; expected 'byte' or 'word'")
     torch.manual_seed(seed)
     text_encoder = T5EncoderModel(
         T5Config(
@@ -161,6 +179,30 @@ def build_random_pipeline(preset: "str | VeraPreset" = "tiny", seed: int = 0, sc
             eos_token_id=tokenizer.eos_token_id,
         )
     ).eval()
+    return tokenizer, text_encoder
+
+
+def build_random_pipeline(
+    preset: "str | VeraPreset" = "tiny",
+    seed: int = 0,
+    scheduler: str = "unipc",
+    vocabulary: "Iterable[str] | None" = None,
+):
+    """A complete `VeraPipeline` with random weights (tiny presets only: they need no downloaded parts).
+
+    The text encoder is a small T5 (over bytes, or over the words of `vocabulary` for word-level presets), the
+    codec is lossless space-to-depth: everything is created here.
+    """
+    from .models.space_to_depth_codec import SpaceToDepthCodec
+    from .pipeline_vera import VeraPipeline, make_scheduler
+
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    if preset.codec_spatial_factor is None:
+        raise ValueError(
+            f"preset {preset.name!r} is a full Wan size: its pipeline needs the umT5 encoder and the Wan VAE from a "
+            "real Wan2.1 folder (use `vera-engine convert-wan`); random pipelines exist for tiny presets only"
+        )
+    tokenizer, text_encoder = build_text_encoder(preset, seed, vocabulary)
     codec = SpaceToDepthCodec(spatial_factor=preset.codec_spatial_factor)
     transformer = build_random_transformer(preset, seed=seed + 1)
     if codec.latent_channels != transformer.config.in_channels:

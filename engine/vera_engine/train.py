@@ -18,7 +18,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +58,10 @@ class TrainConfig:
     # 0 keeps the text encoder frozen (the paper's setting, for a pretrained umT5). A tiny checkpoint trained from
     # scratch has a random encoder, and learning it (at this multiple of the base rate) is what lets it read words.
     text_encoder_lr_scale: float = 0.0
+    # With `init`: replace the init pipeline's tokenizer and text encoder by fresh ones of `preset`'s kind (a
+    # word-level vocabulary from this run's data), keeping its transformer: how a trained tiny model changes the
+    # words it reads without relearning to denoise.
+    fresh_text_encoder: bool = False
     # Training noise levels: u ~ U(0, 1) mapped to sigma = s·u / (1 + (s − 1)·u). s = 1 is uniform; s > 1 spends
     # more of training at high noise, where layout and colour are decided (matches inference's flow_shift).
     timestep_shift: float = 1.0
@@ -211,14 +215,36 @@ class _Distributed:
             torch.distributed.destroy_process_group()
 
 
-def _load_or_build_pipeline(config: TrainConfig):
+def _load_or_build_pipeline(config: TrainConfig, vocabulary: Callable[[], list[str]], resume: bool):
+    """The run's starting pipeline; `vocabulary()` lists the training instructions (read only when needed)."""
     from .pipeline_vera import VeraPipeline
-    from .presets import build_random_pipeline
+    from .presets import build_random_pipeline, build_text_encoder, get_preset
 
+    preset = get_preset(config.preset)
     if config.init:
         pipe = VeraPipeline.from_pretrained(config.init)
+        # A resumed run is its own init: its text encoder is already the fresh one, trained.
+        if config.fresh_text_encoder and not resume:
+            tokenizer, text_encoder = build_text_encoder(
+                preset, config.seed, vocabulary() if preset.tokenizer == "word" else None
+            )
+            text_dim = pipe.transformer.config.text_dim
+            if text_encoder.config.d_model != text_dim:
+                raise ValueError(
+                    f"--fresh-text-encoder: preset {preset.name!r} makes a {text_encoder.config.d_model}-wide "
+                    f"encoder but the transformer of {config.init} reads {text_dim}-wide text states; pick the "
+                    "preset the init model was built from"
+                )
+            pipe.register_modules(tokenizer=tokenizer, text_encoder=text_encoder)
+            pipe.register_to_config(max_sequence_length=preset.max_sequence_length)
     else:
-        pipe = build_random_pipeline(config.preset, seed=config.seed)
+        if config.fresh_text_encoder:
+            raise ValueError(
+                "--fresh-text-encoder replaces the encoder of an --init model; a preset's is new already"
+            )
+        pipe = build_random_pipeline(
+            preset, seed=config.seed, vocabulary=vocabulary() if preset.tokenizer == "word" else None
+        )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -463,7 +489,10 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     random.seed(config.seed + dist.rank)
     np.random.seed(config.seed + dist.rank)
     torch.manual_seed(config.seed + dist.rank)
-    pipe = _load_or_build_pipeline(config)
+    dataset = LayeredVideoDataset(
+        config.data, "train", frames=config.frames, size=config.size, seed=config.seed
+    )
+    pipe = _load_or_build_pipeline(config, dataset.instructions, resume)
     if resume:
         from diffusers.models.model_loading_utils import load_state_dict
 
@@ -531,9 +560,6 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
             f"--steps {config.steps}: the run is already at step {start_step}; ask for more steps"
         )
 
-    dataset = LayeredVideoDataset(
-        config.data, "train", frames=config.frames, size=config.size, seed=config.seed
-    )
     sampler = EpochSampler(len(dataset), config.batch_size, config.seed, dist.world_size, dist.rank)
     if sampler.batches_per_epoch == 0:
         raise ValueError(

@@ -429,6 +429,16 @@ class LayeredVideoDataset:
         """Choose the augmentation draws of this epoch."""
         self.epoch = int(epoch)
 
+    def instructions(self) -> list[str]:
+        """Every instruction this dataset can hand out: each clip's, and its mirror when flips are on.
+
+        Read from the clips' metadata only (no pixels): what a word-level tokenizer's vocabulary is built from.
+        """
+        texts = [
+            json.loads((self.root / e["path"] / META_FILE).read_text())["instruction"] for e in self.entries
+        ]
+        return texts + [mirror_text(t) for t in texts] if self.hflip else texts
+
     def clip(self, index: int) -> LayeredClip:
         """The full, un-augmented clip ``index``."""
         if self._cache is not None and index in self._cache:

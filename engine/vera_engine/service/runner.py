@@ -171,6 +171,7 @@ class PipelineRunner:
         """Edit the spooled plate as the header asks and write the layered EXRs."""
         from ..colour import ColourConverter
         from ..layers import edit_plate, write_result_sequence
+        from ..models.word_tokenizer import unknown_words
         from ..pipeline_vera import VeraInterrupted
         from ..step_cache import step_cache
 
@@ -196,7 +197,12 @@ class PipelineRunner:
             return {}
 
         ctx.check_cancelled()
-        ctx.stage("sampling", 0.05)
+        # A word-level checkpoint reads unknown words as <unk>: the edit still runs, and the artist is told which
+        # words had no effect (in the progress stage and in the result's header).
+        unknown = unknown_words(pipe.tokenizer, header.prompt)
+        if unknown:
+            log.warning("job %s: the model does not know the words %s", ctx.job_id, ", ".join(unknown))
+        ctx.stage(f"sampling (unknown words: {', '.join(unknown)})" if unknown else "sampling", 0.05)
         try:
             with step_cache(
                 pipe, header.step_cache, num_inference_steps=steps, guidance_scale=header.guidance
@@ -243,6 +249,7 @@ class PipelineRunner:
                 "model": self.name,
                 "model_hash": self.hash,
                 "step_cache": cache_used,
+                "unknown_words": ", ".join(unknown) or "none",
             },
             chromaticities=colour.chromaticities(),
             data_window=data_window,
