@@ -1,5 +1,6 @@
 """VeraTransformer3DModel: Wan equivalence, joint attention, conditioning and checkpoints (tiny, CPU, float32)."""
 
+import copy
 import math
 
 import pytest
@@ -267,3 +268,31 @@ def test_group_offloading_is_block_level(tiny_wan):
     with torch.no_grad():
         got = vera(edit, alpha, composite, timestep, text, source_latents=source).edit
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
+def test_masked_text_padding_is_invisible_and_wan_style_padding_is_not(tiny_wan):
+    wan_style = _randomise(VeraTransformer3DModel.from_wan(tiny_wan)).eval()
+    masked = copy.deepcopy(wan_style)
+    masked.register_to_config(mask_text_padding=True)  # what train --fresh-text-encoder does
+    (e, a, c, s, m), text, timestep = _inputs()
+    # The pipeline's padding: zero states past the prompt. More of it must not matter when it is masked.
+    short = torch.cat([text, torch.zeros(1, 3, text.shape[2])], dim=1)
+    long = torch.cat([text, torch.zeros(1, 20, text.shape[2])], dim=1)
+
+    def run(model, states):
+        with torch.no_grad():
+            return torch.cat(model(e, a, c, timestep, states, s, m, return_dict=False))
+
+    torch.testing.assert_close(run(masked, short), run(masked, long), rtol=0, atol=1e-5)
+    assert (run(wan_style, short) - run(wan_style, long)).abs().max() > 1e-3
+    # What the prompt says still matters, and a prompt with no padding is attended as Wan attends it.
+    assert (run(masked, short) - run(masked, short * 0.5)).abs().max() > 1e-3
+    torch.testing.assert_close(run(masked, text), run(wan_style, text), rtol=0, atol=1e-5)
+    # Each sample of a batch is masked by its own prompt's length.
+    batch = torch.cat([short, torch.cat([text[:, :4], torch.zeros(1, 6, text.shape[2])], dim=1)])
+    mask = masked.text_padding_mask(batch)
+    assert mask.shape == (2, 1, 1, 10) and mask[0, 0, 0].tolist() == [True] * 7 + [False] * 3
+    assert mask[1, 0, 0].tolist() == [True] * 4 + [False] * 6
+    assert wan_style.text_padding_mask(batch) is None
+    # A text that is all padding (nothing to mask it against) is attended whole rather than not at all.
+    assert masked.text_padding_mask(torch.zeros(1, 5, text.shape[2])).all()

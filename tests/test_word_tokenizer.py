@@ -29,7 +29,13 @@ def dataset_dir(tmp_path_factory):
 @pytest.fixture
 def tiny_words(monkeypatch):
     """The tiny preset reading words: a shape tests can train in seconds."""
-    preset = dataclasses.replace(presets.TINY, name="tiny-words", tokenizer="word", max_sequence_length=24)
+    preset = dataclasses.replace(
+        presets.TINY,
+        name="tiny-words",
+        tokenizer="word",
+        max_sequence_length=24,
+        transformer={**presets.TINY.transformer, "mask_text_padding": True},
+    )
     monkeypatch.setitem(presets.PRESETS, preset.name, preset)
     return preset
 
@@ -123,6 +129,7 @@ def test_a_fresh_text_encoder_keeps_the_init_transformer(tiny_words, dataset_dir
     start, run = VeraPipeline.from_pretrained(init), VeraPipeline.from_pretrained(tmp_path / "run")
     assert type(start.tokenizer).__name__ == "ByT5Tokenizer" and "red" in run.tokenizer.get_vocab()
     assert run.config.max_sequence_length == 24
+    assert run.transformer.config.mask_text_padding and not start.transformer.config.mask_text_padding
     for key, value in start.transformer.state_dict().items():
         assert torch.equal(run.transformer.state_dict()[key], value), key
     summary = {"object_addition": {"count": 1.0, "colour_ok": 1.0}}

@@ -106,6 +106,8 @@ VERA_TINY = VeraPreset(
         ffn_dim=384,
         num_layers=4,
         rope_max_seq_len=64,
+        # Cross-attention sees the prompt, not its zero padding (see VeraTransformer3DModel.text_padding_mask).
+        mask_text_padding=True,
     ),
     native_height=32,
     native_width=32,

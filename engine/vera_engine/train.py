@@ -59,8 +59,8 @@ class TrainConfig:
     # scratch has a random encoder, and learning it (at this multiple of the base rate) is what lets it read words.
     text_encoder_lr_scale: float = 0.0
     # With `init`: replace the init pipeline's tokenizer and text encoder by fresh ones of `preset`'s kind (a
-    # word-level vocabulary from this run's data), keeping its transformer: how a trained tiny model changes the
-    # words it reads without relearning to denoise.
+    # word-level vocabulary from this run's data, the preset's `mask_text_padding`), keeping the transformer's
+    # weights: how a trained tiny model changes the words it reads without relearning to denoise.
     fresh_text_encoder: bool = False
     # Training noise levels: u ~ U(0, 1) mapped to sigma = s·u / (1 + (s − 1)·u). s = 1 is uniform; s > 1 spends
     # more of training at high noise, where layout and colour are decided (matches inference's flow_shift).
@@ -237,6 +237,10 @@ def _load_or_build_pipeline(config: TrainConfig, vocabulary: Callable[[], list[s
                 )
             pipe.register_modules(tokenizer=tokenizer, text_encoder=text_encoder)
             pipe.register_to_config(max_sequence_length=preset.max_sequence_length)
+            # The new encoder comes with the preset's way of reading its padding.
+            pipe.transformer.register_to_config(
+                mask_text_padding=preset.transformer.get("mask_text_padding", False)
+            )
     else:
         if config.fresh_text_encoder:
             raise ValueError(

@@ -177,7 +177,9 @@ class VeraMoTBlock(nn.Module):
         temb: torch.Tensor,
         rotary_emb: tuple[torch.Tensor, torch.Tensor],
         branches: tuple[str, ...] = BRANCHES,
+        text_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        # text_mask: None (attend to every text position, Wan's way) or batch, 1, 1, text_len booleans
         # hidden_states: batch, num_branches, seq_len, inner_dim
         # encoder_hidden_states: batch, num_branches, text_len, inner_dim (each branch embeds the text itself)
         # temb: batch, num_branches, 6, inner_dim
@@ -206,7 +208,7 @@ class VeraMoTBlock(nn.Module):
 
             # 2. Cross-attention to the text, per branch
             norm_states = block.norm2(states.float()).type_as(states)
-            states = states + block.attn2(norm_states, encoder_hidden_states[:, index], None, None)
+            states = states + block.attn2(norm_states, encoder_hidden_states[:, index], text_mask, None)
 
             # 3. Feed-forward, per branch
             norm_states = (block.norm3(states.float()) * (1 + c_scale_msa) + c_shift_msa).type_as(states)
@@ -288,6 +290,7 @@ class VeraTransformer3DModel(ModelMixin, ConfigMixin, CacheMixin, AttentionMixin
         qk_norm: str | None = "rms_norm_across_heads",
         eps: float = 1e-6,
         rope_max_seq_len: int = 1024,
+        mask_text_padding: bool = False,
     ) -> None:
         super().__init__()
         inner_dim = num_attention_heads * attention_head_dim
@@ -463,17 +466,32 @@ class VeraTransformer3DModel(ModelMixin, ConfigMixin, CacheMixin, AttentionMixin
         timestep_proj: torch.Tensor,
         rotary_emb: tuple[torch.Tensor, torch.Tensor],
         branches: tuple[str, ...],
+        text_mask: torch.Tensor | None,
     ) -> torch.Tensor:
         for block in self.blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 hidden_states = self._gradient_checkpointing_func(
-                    block, hidden_states, encoder_hidden_states, timestep_proj, rotary_emb, branches
+                    block, hidden_states, encoder_hidden_states, timestep_proj, rotary_emb, branches, text_mask
                 )
             else:
                 hidden_states = block(
-                    hidden_states, encoder_hidden_states, timestep_proj, rotary_emb, branches
+                    hidden_states, encoder_hidden_states, timestep_proj, rotary_emb, branches, text_mask
                 )
         return hidden_states
+
+    def text_padding_mask(self, encoder_hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """`(B, 1, 1, text_len)` True where the cross-attention may look, or None to look everywhere (Wan).
+
+        With `mask_text_padding` the padding is left out: positions whose text state is exactly zero, which is
+        how the pipeline (like Wan) pads a prompt. Wan attends to that padding, and a pretrained Wan has learned
+        to; a small model trained from scratch learns instead to park its cross-attention there (95-99% of the
+        attention of the vera-tiny run that had it), where the text cannot steer it.
+        """
+        if not self.config.mask_text_padding:
+            return None
+        present = encoder_hidden_states.abs().amax(dim=-1) > 0
+        present = present | ~present.any(dim=1, keepdim=True)  # an all-zero text keeps every position
+        return present[:, None, None, :]
 
     def _head(
         self, name: str, hidden_states: torch.Tensor, temb: torch.Tensor, grid: tuple[int, ...]
@@ -569,7 +587,8 @@ class VeraTransformer3DModel(ModelMixin, ConfigMixin, CacheMixin, AttentionMixin
         temb, timestep_proj, text = self._embed_conditions(timestep, encoder_hidden_states, BRANCHES)
 
         # 3. Mixture-of-Transformers blocks
-        hidden_states = self._run_blocks(hidden_states, text, timestep_proj, rotary_emb, BRANCHES)
+        text_mask = self.text_padding_mask(encoder_hidden_states)
+        hidden_states = self._run_blocks(hidden_states, text, timestep_proj, rotary_emb, BRANCHES, text_mask)
 
         # 4. Output norm, projection and unpatchify, per branch
         edit, alpha, composite = (
@@ -604,6 +623,11 @@ class VeraTransformer3DModel(ModelMixin, ConfigMixin, CacheMixin, AttentionMixin
             tokens = tokens + getattr(self, f"{branch}_layer_embedding")
         temb, timestep_proj, text = self._embed_conditions(timestep, encoder_hidden_states, (branch,))
         tokens = self._run_blocks(
-            tokens.unsqueeze(1).contiguous(), text, timestep_proj, rotary_emb, (branch,)
+            tokens.unsqueeze(1).contiguous(),
+            text,
+            timestep_proj,
+            rotary_emb,
+            (branch,),
+            self.text_padding_mask(encoder_hidden_states),
         )
         return self._head(branch, tokens[:, 0], temb[0], grid)
