@@ -471,7 +471,13 @@ class VeraTransformer3DModel(ModelMixin, ConfigMixin, CacheMixin, AttentionMixin
         for block in self.blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 hidden_states = self._gradient_checkpointing_func(
-                    block, hidden_states, encoder_hidden_states, timestep_proj, rotary_emb, branches, text_mask
+                    block,
+                    hidden_states,
+                    encoder_hidden_states,
+                    timestep_proj,
+                    rotary_emb,
+                    branches,
+                    text_mask,
                 )
             else:
                 hidden_states = block(
