@@ -20,7 +20,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
 from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
 from diffusers.models.attention import AttentionMixin
-from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
 from diffusers.models.cache_utils import CacheMixin
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import FP32LayerNorm
@@ -170,6 +170,25 @@ class VeraMoTBlock(nn.Module):
             outputs.append(attn.to_out[1](attn.to_out[0](branch_states)))
         return outputs
 
+    @staticmethod
+    def masked_cross_attention(
+        attn: nn.Module, hidden_states: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Wan's cross-attention (`WanAttnProcessor` without image context) leaving out the masked text positions.
+
+        Always through torch's SDPA (diffusers' `native` backend): flash, sage and ring backends take no mask, and
+        attending a few dozen text tokens costs little next to the joint self-attention, which keeps its backend.
+        """
+        query, key, value = _get_qkv_projections(attn, hidden_states, text)
+        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
+        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        out = dispatch_attention_fn(
+            query, key, value, attn_mask=text_mask, backend=AttentionBackendName.NATIVE
+        )
+        out = out.flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -208,7 +227,12 @@ class VeraMoTBlock(nn.Module):
 
             # 2. Cross-attention to the text, per branch
             norm_states = block.norm2(states.float()).type_as(states)
-            states = states + block.attn2(norm_states, encoder_hidden_states[:, index], text_mask, None)
+            if text_mask is None:
+                states = states + block.attn2(norm_states, encoder_hidden_states[:, index], None, None)
+            else:
+                states = states + self.masked_cross_attention(
+                    block.attn2, norm_states, encoder_hidden_states[:, index], text_mask
+                )
 
             # 3. Feed-forward, per branch
             norm_states = (block.norm3(states.float()) * (1 + c_scale_msa) + c_shift_msa).type_as(states)
