@@ -123,7 +123,8 @@ def write_model_card(
         else "words (a vocabulary of the training instructions)"
     )
     if config.get("init"):
-        start = f"- started from `{config['init']}`" + (
+        # The init folder's path is the trainer's machine's business; `started_from` says what that model was.
+        start = "- started from the `--init` model" + (
             ": its transformer, with a new tokenizer and text encoder"
             if config.get("fresh_text_encoder")
             else ""

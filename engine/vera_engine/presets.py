@@ -92,7 +92,8 @@ TINY = VeraPreset(
 # The shape of the checkpoint shipped in the repository (the engine's default model): small enough to train on a
 # 2-core CPU in about an hour and to ship in a few MB. A token covers 4x4 pixels (space-to-depth 2, patch 2):
 # 48 values, well under the 128-wide hidden state, which must carry a token's noise to predict it. Its encoder
-# reads words: over bytes it had not learned to read colours or directions after 3500 steps (model card).
+# reads words and its cross-attention leaves out the prompt's padding: the byte-level version, which attended the
+# padding, had not learned to read colours or directions after 3500 steps (model card).
 VERA_TINY = VeraPreset(
     name="vera-tiny",
     transformer=dict(

@@ -2,8 +2,9 @@
 
 Why words, not bytes: a small text encoder learned from scratch has to turn "red" into one direction the DiT's
 cross-attention can find. Over bytes it must first learn to spell (the colour is three tokens among sixty, its
-position in the sentence varies with the paraphrase); over words the colour is one token from the first step, and
-the shipped byte-level checkpoint never learned to read its instructions in the steps a CPU affords. A full-size
+position in the sentence varies with the paraphrase); over words the colour is one token from the first step. (The
+byte-level vera-tiny never read its instructions; most of that was its cross-attention parking on the prompt's
+padding, which `mask_text_padding` fixes, but words are the shorter path either way.) A full-size
 Vera keeps Wan's umT5 and its tokenizer; this is only for checkpoints whose encoder is trained with them.
 
 The vocabulary is every word of the training instructions (lower-cased; punctuation split off), so a studio's own
