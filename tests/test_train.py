@@ -19,11 +19,14 @@ from vera_engine.train import (
     TrainConfig,
     branch_of_parameter,
     branch_parameter_groups,
+    clip_gradients,
     encode_batch,
     flow_matching_loss,
     parse_branch_lr_scales,
     parse_mask_dropout,
+    read_history,
     read_log,
+    run_history,
     train,
     warmup_factor,
 )
@@ -180,46 +183,99 @@ def test_train_cli_errors_are_clear(dataset_dir, tmp_path, capsys):
     )
 
 
-@pytest.mark.slow
-def test_ddp_with_two_gloo_processes(dataset_dir, tmp_path):
+def _torchrun_train(
+    dataset_dir, out, *args: str, script: str = "-m vera_engine.cli"
+) -> subprocess.CompletedProcess:
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     assert torchrun, "torchrun comes with torch"
-    out = tmp_path / "ddp"
-    run = subprocess.run(
+    options = {"--data": dataset_dir, "--out": out, "--batch-size": 2, "--lr": 1e-3, "--text-encoder-lr": 1}
+    options |= {"--warmup-steps": 0, "--ema-decay": 0.5, "--save-every": 2, "--log-every": 1}
+    return subprocess.run(
         [
             torchrun,
             "--standalone",
             "--nproc_per_node",
             "2",
-            "-m",
-            "vera_engine.cli",
+            *script.split(),
             "train",
-            "--data",
-            str(dataset_dir),
-            "--out",
-            str(out),
-            "--steps",
-            "3",
-            "--batch-size",
-            "2",
-            "--lr",
-            "1e-3",
-            "--save-every",
-            "3",
-            "--log-every",
-            "1",
+            *(str(item) for pair in options.items() for item in pair),
             "--no-progress",
+            *args,
         ],
         capture_output=True,
         text=True,
         timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert [row["step"] for row in read_log(out)] == [1, 2, 3]
-    config = json.loads((out / "training" / "config.json").read_text())
-    assert config["batch_size"] == 2
-    VeraPipeline.from_pretrained(out)
+
+
+def _folder_tensors(out) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = [
+        "transformer/diffusion_pytorch_model.safetensors",  # EMA weights
+        "text_encoder/model.safetensors",
+        "training/raw_transformer/diffusion_pytorch_model.safetensors",
+        "training/raw_text_encoder/model.safetensors",
+        "training/state.safetensors",  # optimiser moments and EMA, saved whole
+    ]
+    tensors = {f"{name}:{key}": value for name in files for key, value in load_file(str(out / name)).items()}
+    # Random-generator states: under several processes a resume reseeds them from the step (not compared).
+    return {key: value for key, value in tensors.items() if value.dtype != torch.uint8}
+
+
+@pytest.mark.slow
+def test_fsdp_learns_what_ddp_learns_and_runs_resume_across_them(dataset_dir, tmp_path):
+    # Two gloo processes, the text encoder trained too (replicated, its gradients averaged by hand). One run starts
+    # under DDP and resumes under FSDP, the other the reverse: sharding must change neither what is learned nor
+    # what a checkpoint holds, so both end with the same weights, EMA and optimiser state.
+    runs = {}
+    for name, first, second in (("ddp_then_fsdp", [], ["--fsdp"]), ("fsdp_then_ddp", ["--fsdp"], [])):
+        out = tmp_path / name
+        for steps, extra in (("2", first), ("4", ["--resume", *second])):
+            run = _torchrun_train(dataset_dir, out, "--steps", steps, *extra)
+            assert run.returncode == 0, run.stderr[-3000:]
+        assert [row["step"] for row in read_log(out)] == [1, 2, 3, 4]
+        assert read_history(out)[1] == {"from_step": 2, "changed": {"fsdp": [bool(first), bool(second)]}}
+        VeraPipeline.from_pretrained(out)
+        runs[name] = _folder_tensors(out)
+    assert runs["ddp_then_fsdp"].keys() == runs["fsdp_then_ddp"].keys()
+    for key, value in runs["ddp_then_fsdp"].items():
+        torch.testing.assert_close(runs["fsdp_then_ddp"][key], value, atol=1e-4, rtol=1e-4, msg=key)
+    start = build_random_pipeline("tiny", seed=0).transformer.state_dict()
+    key = "transformer/diffusion_pytorch_model.safetensors:blocks.0.alpha.ffn.net.2.weight"
+    assert not torch.equal(runs["ddp_then_fsdp"][key], start["blocks.0.alpha.ffn.net.2.weight"]), (
+        "it must learn"
+    )
+
+
+@pytest.mark.slow
+def test_replicas_that_drift_apart_stop_the_run_at_its_first_save(dataset_dir, tmp_path):
+    worker = os.path.join(os.path.dirname(__file__), "workers", "train_without_text_sync.py")
+    run = _torchrun_train(dataset_dir, tmp_path / "drift", "--steps", "2", script=worker)
+    assert run.returncode != 0
+    assert "the replicated weights differ between processes" in run.stderr
+    assert not (tmp_path / "drift" / "training").exists(), "nothing is saved from diverged replicas"
+
+
+def test_fsdp_needs_torchrun_and_clipping_matches_torch(dataset_dir, tmp_path, capsys):
+    code = main(
+        ["train", "--data", str(dataset_dir), "--out", str(tmp_path / "one"), "--fsdp", "--steps", "1"]
+    )
+    assert code == 2
+    assert "--fsdp shards the transformer across processes: run under torchrun" in capsys.readouterr().err
+    # Without sharded parameters, the FSDP-aware clipping is torch's.
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(3)]
+    for param in params:
+        param.grad = torch.randn_like(param) * 4
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for copy, param in zip(copies, params, strict=True):
+        copy.grad = param.grad.clone()
+    expected = float(torch.nn.utils.clip_grad_norm_(copies, 1.0))
+    assert clip_gradients(params, 1.0) == pytest.approx(expected, rel=1e-6) and expected > 1.0
+    for copy, param in zip(copies, params, strict=True):
+        torch.testing.assert_close(param.grad, copy.grad)
 
 
 def test_the_pipeline_folder_holds_the_ema_weights_and_resume_restores_them(dataset_dir, tmp_path):
@@ -295,20 +351,21 @@ def test_model_card_has_the_loss_curve_and_eval_figures(dataset_dir, tmp_path):
     from vera_engine.model_card import write_model_card
 
     out = tmp_path / "card"
-    train(
-        TrainConfig(
-            data=str(dataset_dir),
-            out=str(out),
-            preset="tiny",
-            steps=4,
-            batch_size=2,
-            learning_rate=1e-3,
-            warmup_steps=0,
-            save_every=4,
-            log_every=1,
-        ),
-        progress=False,
+    config = TrainConfig(
+        data=str(dataset_dir),
+        out=str(out),
+        preset="tiny",
+        steps=4,
+        batch_size=2,
+        learning_rate=1e-3,
+        warmup_steps=0,
+        save_every=2,
+        log_every=1,
     )
+    train(config, progress=False)
+    # Resumed with another noise-level shift: the card says which steps trained with which.
+    config.steps, config.timestep_shift = 6, 3.0
+    train(config, resume=True, progress=False)
     summary = {"background_change": {"count": 2.0, "matte_iou": 0.9, "composite_psnr": 20.0}}
     report = {"steps": 10, "guidance": 1.0, "summary": summary, "targets": check_targets(summary)}
     card = write_model_card(
@@ -324,12 +381,47 @@ def test_model_card_has_the_loss_curve_and_eval_figures(dataset_dir, tmp_path):
     text = card.read_text()
     assert "| background_change | matte_iou | 0.9 | ≥ 0.85 (met) |" in text
     assert "| background_change | composite_psnr | 20 | ≥ 28 (not met) |" in text
-    assert "4 steps of batch 2" in text
+    assert "6 steps of batch 2" in text
+    assert "noise-level shift 1, precision auto" in text
+    assert "- from step 4 (resumed with other settings): timestep_shift 1.0 -> 3.0" in text
     assert "- from random weights" in text and "text encoder over bytes (ByT5 tokenizer)" in text
     with Image.open(out / "loss_curve.png") as image:
         assert image.size == (640, 320)
         # The curve is drawn: the plot holds more than the white background and the frame.
         assert len(image.getcolors(10_000) or []) > 3
+
+
+def test_the_run_history_records_what_each_resume_changed(dataset_dir, tmp_path):
+    out = tmp_path / "history"
+    config = TrainConfig(
+        data=str(dataset_dir),
+        out=str(out),
+        preset="tiny",
+        steps=2,
+        batch_size=2,
+        warmup_steps=0,
+        save_every=2,
+    )
+    train(config, progress=False)
+    [first] = read_history(out)
+    assert first["from_step"] == 0 and first["settings"]["timestep_shift"] == 1.0
+    # More steps alone is not a change of recipe; a new precision and shift are.
+    config.steps = 4
+    train(config, resume=True, progress=False)
+    assert read_history(out) == [first]
+    config.steps, config.timestep_shift, config.mixed_precision = 6, 2.0, "no"
+    train(config, resume=True, progress=False)
+    assert read_history(out) == [
+        first,
+        {"from_step": 4, "changed": {"timestep_shift": [1.0, 2.0], "mixed_precision": ["auto", "no"]}},
+    ]
+    # A run saved before histories were kept: its saved config becomes the first stretch.
+    saved = json.loads((out / "training" / "config.json").read_text())
+    config.timestep_shift = 4.0
+    assert run_history(saved, config, 6, None) == [
+        {"from_step": 0, "settings": saved},
+        {"from_step": 6, "changed": {"timestep_shift": [2.0, 4.0]}},
+    ]
 
 
 def test_training_time_leaves_out_the_gap_of_a_resume():

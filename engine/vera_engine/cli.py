@@ -177,10 +177,16 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--ema-decay", type=float, default=0.999)
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun: shard the transformer's weights, gradients, optimiser and EMA state across the "
+        "processes (FSDP2) instead of replicating it (DDP); for sizes whose AdamW state does not fit one GPU",
+    )
+    parser.add_argument(
         "--mixed-precision",
         choices=("auto", "no", "bf16"),
         default="auto",
-        help="auto: bf16 autocast on CUDA, float32 on CPU",
+        help="auto: bf16 autocast on CUDA, float32 on CPU; bf16 also pays on CPUs with AVX-512 BF16",
     )
     parser.add_argument("--frames", type=int, help="frames per training crop (default: whole clips)")
     parser.add_argument(
@@ -220,6 +226,7 @@ def _run_train(args: argparse.Namespace) -> int:
         timestep_shift=args.timestep_shift,
         ema_decay=args.ema_decay,
         gradient_checkpointing=args.gradient_checkpointing,
+        fsdp=args.fsdp,
         mixed_precision=args.mixed_precision,
         frames=args.frames,
         size=tuple(args.size) if args.size else None,

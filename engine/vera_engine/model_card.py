@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .train import read_log, smoothed
+from .train import read_history, read_log, smoothed
 
 
 def plot_loss_curve(
@@ -110,6 +110,9 @@ def write_model_card(
     model_dir, run_dir = Path(model_dir), Path(run_dir)
     log = read_log(run_dir)
     config = json.loads((run_dir / "training" / "config.json").read_text())
+    # What the run started with and what each resume changed (runs saved before histories were kept: config only).
+    history = read_history(run_dir)
+    first_settings = history[0]["settings"] if history else config
     index = json.loads((model_dir / "model_index.json").read_text())
     transformer = json.loads((model_dir / "transformer" / "config.json").read_text())
     plot_loss_curve(log, model_dir / "loss_curve.png")
@@ -122,11 +125,12 @@ def write_model_card(
         if tokenizer_class == "ByT5Tokenizer"
         else "words (a vocabulary of the training instructions)"
     )
-    if config.get("init"):
+    # A resume points `init` at the run itself: what the run started from is in its first stretch.
+    if first_settings.get("init"):
         # The init folder's path is the trainer's machine's business; `started_from` says what that model was.
         start = "- started from the `--init` model" + (
             ": its transformer, with a new tokenizer and text encoder"
-            if config.get("fresh_text_encoder")
+            if first_settings.get("fresh_text_encoder")
             else ""
         )
         start_lines = [start + (f". {started_from}" if started_from else "")]
@@ -165,10 +169,16 @@ def write_model_card(
         *start_lines,
         f"- {last['step']} steps of batch {config['batch_size']} on {machine}, {seconds / 60:.0f} minutes of "
         f"training" + (f" (stopped and resumed {resumes} time{'s' * (resumes > 1)})" if resumes else ""),
-        f"- base learning rate {config['learning_rate']:g}, branch multipliers {config['branch_lr_scales']}, text "
-        f"encoder x{config.get('text_encoder_lr_scale', 0):g}, warm-up {config['warmup_steps']}, EMA "
-        f"{config['ema_decay']:g}, mask dropout {config['mask_dropout']}, text dropout "
-        f"{config.get('text_dropout', 0):g}, noise-level shift {config.get('timestep_shift', 1):g}",
+        f"- base learning rate {first_settings['learning_rate']:g}, branch multipliers "
+        f"{first_settings['branch_lr_scales']}, text encoder x{first_settings.get('text_encoder_lr_scale', 0):g}, "
+        f"warm-up {first_settings['warmup_steps']}, EMA {first_settings['ema_decay']:g}, mask dropout "
+        f"{first_settings['mask_dropout']}, text dropout {first_settings.get('text_dropout', 0):g}, noise-level "
+        f"shift {first_settings.get('timestep_shift', 1):g}, precision {first_settings.get('mixed_precision', 'auto')}",
+        *[
+            f"- from step {stretch['from_step']} (resumed with other settings): "
+            + ", ".join(f"{key} {old} -> {new}" for key, (old, new) in stretch["changed"].items())
+            for stretch in history[1:]
+        ],
         f"- loss {first['loss']:.3f} at step {first['step']} -> {last['loss']:.3f} at step {last['step']} "
         "(flow-matching MSE, mean of the three layers)",
         "- no pretrained weights, so the paper's per-branch multipliers (which keep the pretrained edit branch close to the",

@@ -3,14 +3,16 @@
 Flow matching on all three layers with equally weighted losses, per-branch learning rates (edit 0.1×, alpha 10×,
 composite 10× the base by default), mask dropout per task (0.3 background change, 0.9 object addition), linear
 warm-up, EMA of the weights, optional gradient checkpointing, bf16 autocast on GPUs. One process on a CPU;
-DDP under `torchrun` on GPUs (or on CPUs with gloo).
+DDP under `torchrun` on GPUs (or on CPUs with gloo), or FSDP (`fsdp=True`: each process holds a shard of the
+transformer's weights, gradients, optimiser and EMA state, for sizes whose AdamW state does not fit one GPU).
 
 Conventions are diffusers' (those of the Wan weights and schedulers): `x_t = (1 − σ)·x_0 + σ·noise`, the model
 predicts `v = noise − x_0` at timestep `1000·σ`. The paper writes the same flow with time reversed.
 
 Output: a pipeline folder (`VeraPipeline.from_pretrained` loads it; the transformer holds the EMA weights) plus
 `training/` inside it with what resuming needs (raw weights, optimiser, EMA, step, RNG: safetensors + JSON) and
-`training/log.jsonl` with the losses.
+`training/log.jsonl` with the losses, and `training/history.json`: the settings each stretch of the run trained with
+(a resume may change those that carry no optimiser state, such as the noise-level shift or the precision).
 """
 
 import json
@@ -67,6 +69,9 @@ class TrainConfig:
     timestep_shift: float = 1.0
     ema_decay: float = 0.999
     gradient_checkpointing: bool = False
+    # Under torchrun: shard the transformer (each MoT block, then the rest) with FSDP2 instead of replicating it
+    # with DDP. Checkpoints are the same full-weight folders either way, so a run may resume with or without it.
+    fsdp: bool = False
     mixed_precision: str = "auto"  # auto: bf16 autocast on CUDA, float32 elsewhere; or "no" / "bf16"
     frames: int | None = None
     size: tuple[int, int] | None = None
@@ -210,9 +215,118 @@ class _Distributed:
         torch.distributed.all_reduce(tensor)
         return float(tensor) / self.world_size
 
+    def average_gradients(self, parameters: list[torch.nn.Parameter]) -> None:
+        """Average across processes the gradients that no DDP / FSDP wrapper reduces (a trained text encoder's).
+
+        Every process runs the same encoder code, so the same parameters have gradients everywhere.
+        """
+        grads = [p.grad for p in parameters if p.grad is not None]
+        if self.world_size == 1 or not grads:
+            return
+        flat = torch.cat([grad.reshape(-1) for grad in grads])
+        torch.distributed.all_reduce(flat)
+        flat /= self.world_size
+        offset = 0
+        for grad in grads:
+            grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
+            offset += grad.numel()
+
+    def check_replicas_agree(self, parameters: list[torch.nn.Parameter], what: str) -> None:
+        """Raise on every process if the replicated `parameters` differ between processes (checked at each save:
+        only process 0 writes, and a diverged run would otherwise save one replica's weights as the run's)."""
+        if self.world_size == 1 or not parameters:
+            return
+        sums = torch.stack([p.detach().double().sum() for p in parameters]).to(self.device)
+        reference = sums.clone()
+        torch.distributed.broadcast(reference, src=0)
+        worst = (sums - reference).abs().max()
+        torch.distributed.all_reduce(worst, op=torch.distributed.ReduceOp.MAX)
+        if float(worst) > 1e-6 * max(1.0, float(reference.abs().max())):
+            raise RuntimeError(
+                f"the {what} differ between processes (largest checksum difference {float(worst):.3g}); the "
+                "processes must start from the same weights and reduce the same gradients"
+            )
+
     def close(self) -> None:
         if self.world_size > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def shard_transformer(model: torch.nn.Module) -> None:
+    """FSDP2 (`fully_shard`) over the default device mesh: each MoT block is one unit, the embeddings and output
+    heads another. Parameter names are unchanged, so branch groups and checkpoints read them as usual."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+
+
+def _is_sharded(value: Any) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(value, DTensor)
+
+
+def _gather_full(value: Any) -> Any:
+    """`value` (nested dicts / lists of tensors) with every sharded tensor gathered whole, on the CPU.
+
+    A collective under FSDP: every process calls it on the same structure, in the same order.
+    """
+    if isinstance(value, torch.Tensor):
+        return (value.full_tensor() if _is_sharded(value) else value).detach().cpu()
+    if isinstance(value, Mapping):
+        return {key: _gather_full(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_gather_full(item) for item in value)
+    return value
+
+
+def _shard_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A saved whole tensor laid out as `param` is (its shard, for a sharded parameter of the same shape)."""
+    if _is_sharded(param) and tuple(full.shape) == tuple(param.shape):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(full.to(param.device, param.dtype), param.device_mesh, param.placements)
+    return full
+
+
+def _shard_optimizer_state(state: Mapping[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """A saved (whole-tensor) optimiser state dict with each parameter's moments laid out as the parameter is."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return {
+        "state": {
+            index: {
+                key: _shard_like(value, params[int(index)]) if isinstance(value, torch.Tensor) else value
+                for key, value in entry.items()
+            }
+            for index, entry in state["state"].items()
+        },
+        "param_groups": state["param_groups"],
+    }
+
+
+def clip_gradients(parameters: list[torch.nn.Parameter], max_norm: float) -> float:
+    """`clip_grad_norm_` over parameters some of which are sharded (FSDP) and some replicated; the total norm.
+
+    Sharded gradients contribute their local shards' squares, summed across processes in one all-reduce.
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    sharded = [grad.to_local() for grad in grads if _is_sharded(grad)]
+    replicated = [grad for grad in grads if not _is_sharded(grad)]
+    device = grads[0].device if grads else torch.device("cpu")
+    sharded_squares = torch.zeros((), dtype=torch.float64, device=device)
+    for grad in sharded:
+        sharded_squares += grad.detach().double().pow(2).sum()
+    if sharded:
+        torch.distributed.all_reduce(sharded_squares)
+    replicated_squares = sum(float(grad.detach().double().pow(2).sum()) for grad in replicated)
+    total = (float(sharded_squares) + replicated_squares) ** 0.5
+    coefficient = max_norm / (total + 1e-6)
+    if coefficient < 1.0:
+        for grad in grads:
+            grad.mul_(coefficient)
+    return total
 
 
 def _load_or_build_pipeline(config: TrainConfig, vocabulary: Callable[[], list[str]], resume: bool):
@@ -395,6 +509,63 @@ def _write_json_atomic(path: Path, data: Any) -> None:
     tmp.replace(path)
 
 
+# Settings whose change at a resume is bookkeeping, not a change of recipe.
+_UNRECORDED_CHANGES = ("out", "init", "steps")
+
+
+def run_history(
+    saved_config: Mapping[str, Any],
+    config: TrainConfig,
+    start_step: int,
+    history: list[dict[str, Any]] | None,
+) -> list[dict[str, Any]]:
+    """The run's history after resuming at `start_step`: `history` (or, for runs saved before histories were
+    kept, one stretch of `saved_config`'s settings from step 0) plus a stretch naming what `config` changes.
+
+    Each stretch is `{"from_step": N, "settings": {...}}` (the first: every setting) or `{"from_step": N,
+    "changed": {name: [old, new]}}`; a resume that changes nothing adds nothing.
+    """
+    history = (
+        [dict(stretch) for stretch in history]
+        if history
+        else [{"from_step": 0, "settings": dict(saved_config)}]
+    )
+    current = json.loads(json.dumps(asdict(config)))  # tuples as lists, as in the saved JSON
+    changed = {
+        key: [saved_config.get(key), value]
+        for key, value in current.items()
+        if key not in _UNRECORDED_CHANGES and saved_config.get(key) != value
+    }
+    if changed:
+        history.append({"from_step": start_step, "changed": changed})
+    return history
+
+
+def read_history(out: "str | os.PathLike[str]") -> list[dict[str, Any]]:
+    """The stretches of a training run (`training/history.json`); [] for a run saved before histories were kept."""
+    path = Path(out) / "training" / "history.json"
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def _unsharded(model: torch.nn.Module, weights: Mapping[str, torch.Tensor] | None) -> torch.nn.Module:
+    """`model` itself, or (given its gathered `weights`) an ordinary copy of the sharded `model` to save."""
+    if weights is None:
+        return model
+    plain = VeraTransformer3DModel.from_config(model.config)
+    plain.load_state_dict(weights, strict=True)
+    return plain
+
+
+def _save_pipeline(pipe: Any, folder: Path, transformer_weights: Mapping[str, torch.Tensor] | None) -> None:
+    """`pipe.save_pretrained(folder)`, with an ordinary copy in place of a sharded transformer."""
+    sharded = pipe.transformer
+    pipe.transformer = _unsharded(sharded, transformer_weights)
+    try:
+        pipe.save_pretrained(folder, safe_serialization=True)
+    finally:
+        pipe.transformer = sharded
+
+
 def _save_checkpoint(
     pipe: Any,
     model: torch.nn.Module,
@@ -405,29 +576,45 @@ def _save_checkpoint(
     config: TrainConfig,
     generator: torch.Generator,
     batches_per_epoch: int,
+    history: list[dict[str, Any]],
+    dist: _Distributed,
 ) -> None:
-    """Write the pipeline folder (EMA weights) and the resume state, each folder swapped in atomically."""
+    """Write the pipeline folder (EMA weights) and the resume state, each folder swapped in atomically.
+
+    Every process calls it: replicated weights are checked to agree, and under FSDP the shards are gathered into
+    whole tensors (collectives); process 0 alone writes, the same full-weight folder with or without FSDP.
+    """
+    dist.check_replicas_agree([p for p in trainable if not _is_sharded(p)], "replicated weights")
+    if not (dist.is_main or config.fsdp):
+        return
     out = Path(config.out)
     staging = out.with_name(out.name + ".saving")
-    if staging.exists():
+    if dist.is_main and staging.exists():
         shutil.rmtree(staging)
     ema.store(trainable)
     ema.copy_to(trainable)
     try:
-        pipe.save_pretrained(staging, safe_serialization=True)
+        ema_weights = _gather_full(model.state_dict()) if config.fsdp else None
+        if dist.is_main:
+            _save_pipeline(pipe, staging, ema_weights)
     finally:
         ema.restore(trainable)
+    raw_weights = _gather_full(model.state_dict()) if config.fsdp else None
+    optimizer_state = _gather_full(optimizer.state_dict())
+    ema_state = _gather_full(ema.state_dict())
+    if not dist.is_main:
+        return
     training = staging / "training"
     training.mkdir()
-    model.save_pretrained(training / "raw_transformer", safe_serialization=True)
+    _unsharded(model, raw_weights).save_pretrained(training / "raw_transformer", safe_serialization=True)
     if any(p.requires_grad for p in pipe.text_encoder.parameters()):
         pipe.text_encoder.save_pretrained(training / "raw_text_encoder", safe_serialization=True)
     save_state(
         training / "state",
         {
             "step": step,
-            "optimizer": optimizer.state_dict(),
-            "ema": ema.state_dict(),
+            "optimizer": optimizer_state,
+            "ema": ema_state,
             "generator": generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             # Where in the data the run is: a resume must see the same epochs (same data, same process count).
@@ -435,6 +622,7 @@ def _save_checkpoint(
         },
     )
     _write_json_atomic(training / "config.json", asdict(config))
+    _write_json_atomic(training / "history.json", history)
     old_log = out / "training" / "log.jsonl"
     if old_log.exists():
         shutil.copy2(old_log, training / "log.jsonl")
@@ -461,6 +649,11 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     from .data.dataset import LayeredVideoDataset, collate_layered
 
     dist = _Distributed()
+    if config.fsdp and dist.world_size == 1:
+        raise ValueError(
+            "--fsdp shards the transformer across processes: run under torchrun with --nproc_per_node 2 or more "
+            "(a single process trains the whole model without it)"
+        )
     out = Path(config.out)
     state_path = out / "training" / "state.safetensors"
     if resume:
@@ -514,11 +707,14 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     pipe.text_encoder.requires_grad_(train_text).train(train_text)
     if config.gradient_checkpointing:
         model.enable_gradient_checkpointing()
+    if config.fsdp:
+        shard_transformer(model)  # before the optimiser and EMA are made: they hold the sharded parameters
 
     use_bf16 = config.mixed_precision == "bf16" or (
         config.mixed_precision == "auto" and dist.device.type == "cuda"
     )
-    trainable = list(model.parameters()) + (list(pipe.text_encoder.parameters()) if train_text else [])
+    text_parameters = list(pipe.text_encoder.parameters()) if train_text else []
+    trainable = list(model.parameters()) + text_parameters
     ema = EMAModel(
         trainable,
         decay=config.ema_decay,
@@ -537,7 +733,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
             }
         )
     train_model: torch.nn.Module = model
-    if dist.world_size > 1:
+    if dist.world_size > 1 and not config.fsdp:
         from torch.nn.parallel import DistributedDataParallel
 
         train_model = DistributedDataParallel(
@@ -549,8 +745,12 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     start_step = 0
     if resume:
         state = load_state(out / "training" / "state")
-        optimizer.load_state_dict(state["optimizer"])
+        # Saved whole; under FSDP each process keeps its parameters' shard of the moments and the average.
+        optimizer.load_state_dict(
+            _shard_optimizer_state(state["optimizer"], optimizer) if config.fsdp else state["optimizer"]
+        )
         ema.load_state_dict(state["ema"])
+        ema.shadow_params = [_shard_like(s, p) for s, p in zip(ema.shadow_params, trainable, strict=True)]
         ema.to(dist.device)
         if dist.world_size == 1:
             generator.set_state(state["generator"])
@@ -559,6 +759,11 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
             # Only rank 0's streams are saved: give every rank its own again, as at the start of the run.
             generator.manual_seed(config.seed * 1009 + dist.rank + 7919 * int(state["step"]))
         start_step = int(state["step"])
+    history = (
+        run_history(saved, config, start_step, read_history(out))
+        if resume
+        else [{"from_step": 0, "settings": json.loads(json.dumps(asdict(config)))}]
+    )
     if start_step >= config.steps:
         raise ValueError(
             f"--steps {config.steps}: the run is already at step {start_step}; ask for more steps"
@@ -619,7 +824,13 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
                 loss, parts = flow_matching_loss(train_model, latents, text, generator, config.timestep_shift)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+            if train_text:
+                dist.average_gradients(text_parameters)
+            grad_norm = (
+                clip_gradients(trainable, config.max_grad_norm)
+                if config.fsdp
+                else torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+            )
             optimizer.step()
             ema.step(trainable)
             step += 1
@@ -637,18 +848,20 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
                     }
                 )
             if step % config.save_every == 0 or step == config.steps:
+                _save_checkpoint(
+                    pipe,
+                    model,
+                    trainable,
+                    ema,
+                    optimizer,
+                    step,
+                    config,
+                    generator,
+                    sampler.batches_per_epoch,
+                    history,
+                    dist,
+                )
                 if dist.is_main:
-                    _save_checkpoint(
-                        pipe,
-                        model,
-                        trainable,
-                        ema,
-                        optimizer,
-                        step,
-                        config,
-                        generator,
-                        sampler.batches_per_epoch,
-                    )
                     log_path.parent.mkdir(parents=True, exist_ok=True)
                     with log_path.open("a") as log:
                         for row in pending_log:
