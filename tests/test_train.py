@@ -22,6 +22,7 @@ from vera_engine.train import (
     clip_gradients,
     encode_batch,
     flow_matching_loss,
+    learning_rate_factor,
     parse_branch_lr_scales,
     parse_mask_dropout,
     read_history,
@@ -79,6 +80,10 @@ def test_options_parse_and_reject_nonsense():
     with pytest.raises(ValueError, match="expected a probability"):
         parse_mask_dropout("background_change=1.5")
     assert warmup_factor(0, 200) == pytest.approx(1 / 200) and warmup_factor(500, 200) == 1.0
+    # Warm-up, constant, then a linear cool-down whose last step still moves the weights.
+    factors = [learning_rate_factor(step, 2, 10, 4) for step in range(10)]
+    assert factors == pytest.approx([0.5, 1, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25])
+    assert [learning_rate_factor(step, 0, 10) for step in (0, 9)] == [1.0, 1.0]
 
 
 def test_mask_dropout_follows_the_task_and_needs_a_mask(dataset_dir):
@@ -181,6 +186,12 @@ def test_train_cli_errors_are_clear(dataset_dir, tmp_path, capsys):
     assert (
         main(["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "o2"), "--no-progress"]) == 2
     )
+    capsys.readouterr()
+    assert (
+        main(["train", "--data", str(dataset_dir), "--out", str(tmp_path / "o3"), "--cooldown-steps", "-5"])
+        == 2
+    )
+    assert "--cooldown-steps -5: expected 0 or more" in capsys.readouterr().err
 
 
 def _torchrun_train(
@@ -410,11 +421,21 @@ def test_the_run_history_records_what_each_resume_changed(dataset_dir, tmp_path)
     train(config, resume=True, progress=False)
     assert read_history(out) == [first]
     config.steps, config.timestep_shift, config.mixed_precision = 6, 2.0, "no"
+    config.cooldown_steps = 2  # the last two steps at 1x and 0.5x the learning rate
     train(config, resume=True, progress=False)
     assert read_history(out) == [
         first,
-        {"from_step": 4, "changed": {"timestep_shift": [1.0, 2.0], "mixed_precision": ["auto", "no"]}},
+        {
+            "from_step": 4,
+            "changed": {
+                "cooldown_steps": [0, 2],
+                "timestep_shift": [1.0, 2.0],
+                "mixed_precision": ["auto", "no"],
+            },
+        },
     ]
+    rates = {row["step"]: row["lr"] for row in read_log(out)}
+    assert rates[6] == pytest.approx(0.5 * rates[4])
     # A run saved before histories were kept: its saved config becomes the first stretch.
     saved = json.loads((out / "training" / "config.json").read_text())
     config.timestep_shift = 4.0

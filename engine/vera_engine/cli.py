@@ -157,6 +157,13 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--mask-dropout", default=dropout, help=f"mask dropout per task (default: {dropout})")
     parser.add_argument("--warmup-steps", type=int, default=200)
     parser.add_argument(
+        "--cooldown-steps",
+        type=int,
+        default=0,
+        help="decay the learning rate linearly to 0 over the last N of --steps (default 0: constant after warm-up, "
+        "as in the paper); may be added at a --resume",
+    )
+    parser.add_argument(
         "--text-dropout",
         type=float,
         default=0.1,
@@ -221,6 +228,7 @@ def _run_train(args: argparse.Namespace) -> int:
         branch_lr_scales=parse_branch_lr_scales(args.branch_lr),
         mask_dropout=parse_mask_dropout(args.mask_dropout),
         warmup_steps=args.warmup_steps,
+        cooldown_steps=args.cooldown_steps,
         text_dropout=args.text_dropout,
         text_encoder_lr_scale=args.text_encoder_lr,
         timestep_shift=args.timestep_shift,

@@ -55,6 +55,9 @@ class TrainConfig:
     branch_lr_scales: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_BRANCH_LR_SCALES))
     mask_dropout: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MASK_DROPOUT))
     warmup_steps: int = 200
+    # Linear decay of the learning rate to 0 over the last this-many of `steps` (0: constant after warm-up, the
+    # paper's schedule). A schedule, not optimiser state: a resume may add it once the run's length is known.
+    cooldown_steps: int = 0
     # Instructions replaced by "" this often, so the unconditional pass of classifier-free guidance is trained.
     text_dropout: float = 0.1
     # 0 keeps the text encoder frozen (the paper's setting, for a pretrained umT5). A tiny checkpoint trained from
@@ -156,6 +159,15 @@ def warmup_factor(step: int, warmup_steps: int) -> float:
     if warmup_steps <= 0:
         return 1.0
     return min(1.0, (step + 1) / warmup_steps)
+
+
+def learning_rate_factor(step: int, warmup_steps: int, total_steps: int, cooldown_steps: int = 0) -> float:
+    """The multiple of the base learning rate at 0-based `step`: `warmup_factor`, and over the last `cooldown_steps`
+    of `total_steps` a linear decay towards 0 (its last step at 1/cooldown of the base)."""
+    factor = warmup_factor(step, warmup_steps)
+    if cooldown_steps > 0:
+        factor *= min(1.0, (total_steps - step) / cooldown_steps)
+    return factor
 
 
 def _parse_mapping(text: str, keys: tuple[str, ...], what: str) -> dict[str, float]:
@@ -268,17 +280,20 @@ def _is_sharded(value: Any) -> bool:
     return isinstance(value, DTensor)
 
 
-def _gather_full(value: Any) -> Any:
+def _gather_full(value: Any, keep: bool = True) -> Any:
     """`value` (nested dicts / lists of tensors) with every sharded tensor gathered whole, on the CPU.
 
-    A collective under FSDP: every process calls it on the same structure, in the same order.
+    A collective under FSDP: every process calls it on the same structure, in the same order. Processes that do
+    not write (`keep=False`) take part in each gather and drop the result (tensors come back as None), so only the
+    writing process holds a whole copy in host memory.
     """
     if isinstance(value, torch.Tensor):
-        return (value.full_tensor() if _is_sharded(value) else value).detach().cpu()
+        whole = value.full_tensor() if _is_sharded(value) else value
+        return whole.detach().cpu() if keep else None
     if isinstance(value, Mapping):
-        return {key: _gather_full(item) for key, item in value.items()}
+        return {key: _gather_full(item, keep) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_gather_full(item) for item in value)
+        return type(value)(_gather_full(item, keep) for item in value)
     return value
 
 
@@ -594,14 +609,14 @@ def _save_checkpoint(
     ema.store(trainable)
     ema.copy_to(trainable)
     try:
-        ema_weights = _gather_full(model.state_dict()) if config.fsdp else None
+        ema_weights = _gather_full(model.state_dict(), dist.is_main) if config.fsdp else None
         if dist.is_main:
             _save_pipeline(pipe, staging, ema_weights)
     finally:
         ema.restore(trainable)
-    raw_weights = _gather_full(model.state_dict()) if config.fsdp else None
-    optimizer_state = _gather_full(optimizer.state_dict())
-    ema_state = _gather_full(ema.state_dict())
+    raw_weights = _gather_full(model.state_dict(), dist.is_main) if config.fsdp else None
+    optimizer_state = _gather_full(optimizer.state_dict(), dist.is_main)
+    ema_state = _gather_full(ema.state_dict(), dist.is_main)
     if not dist.is_main:
         return
     training = staging / "training"
@@ -648,6 +663,10 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
 
     from .data.dataset import LayeredVideoDataset, collate_layered
 
+    if config.cooldown_steps < 0 or config.warmup_steps < 0:
+        raise ValueError(
+            f"--warmup-steps {config.warmup_steps}, --cooldown-steps {config.cooldown_steps}: expected 0 or more"
+        )
     dist = _Distributed()
     if config.fsdp and dist.world_size == 1:
         raise ValueError(
@@ -810,7 +829,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
             if step >= config.steps:
                 break
             for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * warmup_factor(step, config.warmup_steps)
+                group["lr"] = group["initial_lr"] * learning_rate_factor(
+                    step, config.warmup_steps, config.steps, config.cooldown_steps
+                )
             latents = encode_batch(pipe, batch, config.mask_dropout, generator, dist.device)
             drop_text = torch.rand(len(batch["instruction"]), generator=generator) < config.text_dropout
             instructions = [
