@@ -240,16 +240,20 @@ def test_fsdp_learns_what_ddp_learns_and_runs_resume_across_them(dataset_dir, tm
     # Two gloo processes, the text encoder trained too (replicated, its gradients averaged by hand). One run starts
     # under DDP and resumes under FSDP, the other the reverse: sharding must change neither what is learned nor
     # what a checkpoint holds, so both end with the same weights, EMA and optimiser state.
-    runs = {}
+    runs, norms = {}, {}
     for name, first, second in (("ddp_then_fsdp", [], ["--fsdp"]), ("fsdp_then_ddp", ["--fsdp"], [])):
         out = tmp_path / name
         for steps, extra in (("2", first), ("4", ["--resume", *second])):
             run = _torchrun_train(dataset_dir, out, "--steps", steps, *extra)
             assert run.returncode == 0, run.stderr[-3000:]
         assert [row["step"] for row in read_log(out)] == [1, 2, 3, 4]
+        norms[name] = [row["grad_norm"] for row in read_log(out)]
         assert read_history(out)[1] == {"from_step": 2, "changed": {"fsdp": [bool(first), bool(second)]}}
         VeraPipeline.from_pretrained(out)
         runs[name] = _folder_tensors(out)
+    # The same gradient norms, one of them above the clipping threshold (1.0): each way's clipping is exercised.
+    assert norms["fsdp_then_ddp"] == pytest.approx(norms["ddp_then_fsdp"], rel=1e-4)
+    assert max(norms["ddp_then_fsdp"]) > 1
     assert runs["ddp_then_fsdp"].keys() == runs["fsdp_then_ddp"].keys()
     for key, value in runs["ddp_then_fsdp"].items():
         torch.testing.assert_close(runs["fsdp_then_ddp"][key], value, atol=1e-4, rtol=1e-4, msg=key)
@@ -396,6 +400,12 @@ def test_model_card_has_the_loss_curve_and_eval_figures(dataset_dir, tmp_path):
     assert "noise-level shift 1, precision auto" in text
     assert "- from step 4 (resumed with other settings): timestep_shift 1.0 -> 3.0" in text
     assert "- from random weights" in text and "text encoder over bytes (ByT5 tokenizer)" in text
+    # A run resumed before histories were kept cannot say what it started from.
+    (out / "training" / "history.json").unlink()
+    text = write_model_card(
+        out, out, report, name="t", data_command="d", train_command="t", eval_command="e", machine="m"
+    ).read_text()
+    assert "- started from: not recorded (the run was resumed before training histories were kept)" in text
     with Image.open(out / "loss_curve.png") as image:
         assert image.size == (640, 320)
         # The curve is drawn: the plot holds more than the white background and the frame.
@@ -416,32 +426,30 @@ def test_the_run_history_records_what_each_resume_changed(dataset_dir, tmp_path)
     train(config, progress=False)
     [first] = read_history(out)
     assert first["from_step"] == 0 and first["settings"]["timestep_shift"] == 1.0
-    # More steps alone is not a change of recipe; a new precision and shift are.
-    config.steps = 4
+    # More steps or other save intervals are not a change of recipe; a new precision, shift or cool-down is (and
+    # with a cool-down the length of the run is too: the schedule depends on it).
+    config.steps, config.save_every = 4, 4
     train(config, resume=True, progress=False)
     assert read_history(out) == [first]
     config.steps, config.timestep_shift, config.mixed_precision = 6, 2.0, "no"
+    config.text_encoder_lr_scale = 1.0
+    with pytest.raises(ValueError, match=r"text_encoder_lr_scale=1\.0 differs"):
+        train(config, resume=True, progress=False)
+    config.text_encoder_lr_scale = 0.0
     config.cooldown_steps = 2  # the last two steps at 1x and 0.5x the learning rate
     train(config, resume=True, progress=False)
-    assert read_history(out) == [
-        first,
-        {
-            "from_step": 4,
-            "changed": {
-                "cooldown_steps": [0, 2],
-                "timestep_shift": [1.0, 2.0],
-                "mixed_precision": ["auto", "no"],
-            },
-        },
-    ]
+    changed = {"cooldown_steps": [0, 2], "timestep_shift": [1.0, 2.0], "mixed_precision": ["auto", "no"]}
+    assert read_history(out) == [first, {"from_step": 4, "changed": {"steps": [4, 6], **changed}}]
     rates = {row["step"]: row["lr"] for row in read_log(out)}
     assert rates[6] == pytest.approx(0.5 * rates[4])
-    # A run saved before histories were kept: its saved config becomes the first stretch.
+    # A run saved before histories were kept: its saved config becomes the first stretch, except `init`, which a
+    # resume had pointed at the run itself.
     saved = json.loads((out / "training" / "config.json").read_text())
-    config.timestep_shift = 4.0
+    assert saved["init"] == saved["out"]
+    config.timestep_shift, config.steps = 4.0, 8
     assert run_history(saved, config, 6, None) == [
-        {"from_step": 0, "settings": saved},
-        {"from_step": 6, "changed": {"timestep_shift": [2.0, 4.0]}},
+        {"from_step": 0, "settings": {**saved, "init": "unknown"}},
+        {"from_step": 6, "changed": {"steps": [6, 8], "timestep_shift": [2.0, 4.0]}},
     ]
 
 

@@ -126,7 +126,13 @@ def write_model_card(
         else "words (a vocabulary of the training instructions)"
     )
     # A resume points `init` at the run itself: what the run started from is in its first stretch.
-    if first_settings.get("init"):
+    if first_settings.get("init") == "unknown" or first_settings.get("init") == first_settings.get("out"):
+        start_lines = [
+            f"- started from: {started_from}"
+            if started_from
+            else "- started from: not recorded (the run was resumed before training histories were kept)"
+        ]
+    elif first_settings.get("init"):
         # The init folder's path is the trainer's machine's business; `started_from` says what that model was.
         start = "- started from the `--init` model" + (
             ": its transformer, with a new tokenizer and text encoder"
@@ -173,7 +179,13 @@ def write_model_card(
         f"{first_settings['branch_lr_scales']}, text encoder x{first_settings.get('text_encoder_lr_scale', 0):g}, "
         f"warm-up {first_settings['warmup_steps']}, EMA {first_settings['ema_decay']:g}, mask dropout "
         f"{first_settings['mask_dropout']}, text dropout {first_settings.get('text_dropout', 0):g}, noise-level "
-        f"shift {first_settings.get('timestep_shift', 1):g}, precision {first_settings.get('mixed_precision', 'auto')}",
+        f"shift {first_settings.get('timestep_shift', 1):g}, precision {first_settings.get('mixed_precision', 'auto')}"
+        + (
+            f", learning rate decayed to 0 over the last {first_settings['cooldown_steps']} of "
+            f"{first_settings['steps']} steps"
+            if first_settings.get("cooldown_steps")
+            else ""
+        ),
         *[
             f"- from step {stretch['from_step']} (resumed with other settings): "
             + ", ".join(f"{key} {old} -> {new}" for key, (old, new) in stretch["changed"].items())

@@ -15,6 +15,7 @@ Output: a pipeline folder (`VeraPipeline.from_pretrained` loads it; the transfor
 (a resume may change those that carry no optimiser state, such as the noise-level shift or the precision).
 """
 
+import gc
 import json
 import os
 import random
@@ -248,15 +249,19 @@ class _Distributed:
         only process 0 writes, and a diverged run would otherwise save one replica's weights as the run's)."""
         if self.world_size == 1 or not parameters:
             return
-        sums = torch.stack([p.detach().double().sum() for p in parameters]).to(self.device)
-        reference = sums.clone()
+        # Two checksums per parameter (the sum and the sum of squares, so differences cannot cancel out), each
+        # compared with process 0's to a relative 1e-6: replicas that reduce the same gradients agree exactly.
+        checksums = torch.stack(
+            [torch.stack([p.detach().double().sum(), p.detach().double().pow(2).sum()]) for p in parameters]
+        ).to(self.device)
+        reference = checksums.clone()
         torch.distributed.broadcast(reference, src=0)
-        worst = (sums - reference).abs().max()
+        worst = ((checksums - reference).abs() / reference.abs().clamp(min=1.0)).max()
         torch.distributed.all_reduce(worst, op=torch.distributed.ReduceOp.MAX)
-        if float(worst) > 1e-6 * max(1.0, float(reference.abs().max())):
+        if float(worst) > 1e-6:
             raise RuntimeError(
-                f"the {what} differ between processes (largest checksum difference {float(worst):.3g}); the "
-                "processes must start from the same weights and reduce the same gradients"
+                f"the {what} differ between processes (largest relative checksum difference {float(worst):.3g}); "
+                "the processes must start from the same weights and reduce the same gradients"
             )
 
     def close(self) -> None:
@@ -302,7 +307,10 @@ def _shard_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     if _is_sharded(param) and tuple(full.shape) == tuple(param.shape):
         from torch.distributed.tensor import distribute_tensor
 
-        return distribute_tensor(full.to(param.device, param.dtype), param.device_mesh, param.placements)
+        # Every process read the whole tensor from disk: each cuts its own shard, nothing is scattered.
+        return distribute_tensor(
+            full.to(param.device, param.dtype), param.device_mesh, param.placements, src_data_rank=None
+        )
     return full
 
 
@@ -524,8 +532,9 @@ def _write_json_atomic(path: Path, data: Any) -> None:
     tmp.replace(path)
 
 
-# Settings whose change at a resume is bookkeeping, not a change of recipe.
-_UNRECORDED_CHANGES = ("out", "init", "steps")
+# Settings whose change at a resume is bookkeeping, not a change of recipe (`fresh_text_encoder` only acts when a
+# run starts). `steps` is recorded when a cool-down makes the schedule depend on it.
+_UNRECORDED_CHANGES = ("out", "init", "steps", "fresh_text_encoder", "num_workers", "save_every", "log_every")
 
 
 def run_history(
@@ -540,16 +549,22 @@ def run_history(
     Each stretch is `{"from_step": N, "settings": {...}}` (the first: every setting) or `{"from_step": N,
     "changed": {name: [old, new]}}`; a resume that changes nothing adds nothing.
     """
-    history = (
-        [dict(stretch) for stretch in history]
-        if history
-        else [{"from_step": 0, "settings": dict(saved_config)}]
-    )
+    if history:
+        history = [dict(stretch) for stretch in history]
+    else:
+        first = dict(saved_config)
+        if first.get("init") == first.get("out"):
+            # Resumed before histories were kept: a resume points `init` at the run itself, so what the run
+            # started from is no longer known.
+            first["init"] = "unknown"
+        history = [{"from_step": 0, "settings": first}]
     current = json.loads(json.dumps(asdict(config)))  # tuples as lists, as in the saved JSON
+    cooldown = bool(saved_config.get("cooldown_steps") or config.cooldown_steps)
     changed = {
         key: [saved_config.get(key), value]
         for key, value in current.items()
-        if key not in _UNRECORDED_CHANGES and saved_config.get(key) != value
+        if (key not in _UNRECORDED_CHANGES or (key == "steps" and cooldown))
+        and saved_config.get(key) != value
     }
     if changed:
         history.append({"from_step": start_step, "changed": changed})
@@ -566,8 +581,9 @@ def _unsharded(model: torch.nn.Module, weights: Mapping[str, torch.Tensor] | Non
     """`model` itself, or (given its gathered `weights`) an ordinary copy of the sharded `model` to save."""
     if weights is None:
         return model
-    plain = VeraTransformer3DModel.from_config(model.config)
-    plain.load_state_dict(weights, strict=True)
+    with torch.device("meta"):  # no random initialisation of weights about to be replaced
+        plain = VeraTransformer3DModel.from_config(model.config)
+    plain.load_state_dict(weights, strict=True, assign=True)
     return plain
 
 
@@ -612,6 +628,7 @@ def _save_checkpoint(
         ema_weights = _gather_full(model.state_dict(), dist.is_main) if config.fsdp else None
         if dist.is_main:
             _save_pipeline(pipe, staging, ema_weights)
+        del ema_weights
     finally:
         ema.restore(trainable)
     raw_weights = _gather_full(model.state_dict(), dist.is_main) if config.fsdp else None
@@ -690,6 +707,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
             "learning_rate",
             "branch_lr_scales",
             "ema_decay",
+            "text_encoder_lr_scale",  # the optimiser's text-encoder group keeps its saved rate
             "seed",  # the data order of every epoch follows from it
         ):
             value = getattr(config, key)
@@ -716,6 +734,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
             str(out / "training" / "raw_transformer" / "diffusion_pytorch_model.safetensors")
         )
         pipe.transformer.load_state_dict(raw, strict=True)
+        del raw  # every process read it: do not hold a second copy of the weights for the whole run
         raw_text = out / "training" / "raw_text_encoder" / "model.safetensors"
         if config.text_encoder_lr_scale > 0 and raw_text.is_file():
             pipe.text_encoder.load_state_dict(load_state_dict(str(raw_text)), strict=False)
@@ -762,6 +781,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
 
     generator = torch.Generator().manual_seed(config.seed * 1009 + dist.rank)
     start_step = 0
+    saved_batches_per_epoch: int | None = None
     if resume:
         state = load_state(out / "training" / "state")
         # Saved whole; under FSDP each process keeps its parameters' shard of the moments and the average.
@@ -778,6 +798,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
             # Only rank 0's streams are saved: give every rank its own again, as at the start of the run.
             generator.manual_seed(config.seed * 1009 + dist.rank + 7919 * int(state["step"]))
         start_step = int(state["step"])
+        saved_batches_per_epoch = state.get("batches_per_epoch")
+        del state  # the optimiser and EMA hold their copies (or shards) now
     history = (
         run_history(saved, config, start_step, read_history(out))
         if resume
@@ -794,9 +816,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
             f"--batch-size {config.batch_size} is larger than the {len(dataset) // dist.world_size} training clips "
             "per process; use a smaller batch or more data"
         )
-    if resume and state.get("batches_per_epoch", sampler.batches_per_epoch) != sampler.batches_per_epoch:
+    if resume and saved_batches_per_epoch not in (None, sampler.batches_per_epoch):
         raise ValueError(
-            f"--resume: the run had {state['batches_per_epoch']} batches per epoch and now has "
+            f"--resume: the run had {saved_batches_per_epoch} batches per epoch and now has "
             f"{sampler.batches_per_epoch} (the dataset or the number of processes changed); resume with the same "
             "data and process count, or start a new run with --init"
         )
@@ -892,6 +914,11 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
         epoch += 1
     bar.close()
     elapsed = time.perf_counter() - started
+    # DDP's reducer holds the process group. Dropped after the group is destroyed, the reducer's destructor would
+    # drop its last reference, and gloo's destructor then waits for worker threads that need the GIL it holds (a
+    # hang at exit, seen here). Dropped first, the group's last reference goes with destroy_process_group instead.
+    del train_model
+    gc.collect()
     dist.close()
     return {
         "steps": step,
