@@ -559,12 +559,13 @@ def run_history(
             first["init"] = "unknown"
         history = [{"from_step": 0, "settings": first}]
     current = json.loads(json.dumps(asdict(config)))  # tuples as lists, as in the saved JSON
-    cooldown = bool(saved_config.get("cooldown_steps") or config.cooldown_steps)
+    # A setting the run's saved config predates is the behaviour it had then: the setting's default.
+    before = {**json.loads(json.dumps(asdict(TrainConfig(data="", out="")))), **saved_config}
+    cooldown = bool(before["cooldown_steps"] or config.cooldown_steps)
     changed = {
-        key: [saved_config.get(key), value]
+        key: [before[key], value]
         for key, value in current.items()
-        if (key not in _UNRECORDED_CHANGES or (key == "steps" and cooldown))
-        and saved_config.get(key) != value
+        if (key not in _UNRECORDED_CHANGES or (key == "steps" and cooldown)) and before[key] != value
     }
     if changed:
         history.append({"from_step": start_step, "changed": changed})
