@@ -40,6 +40,12 @@ def dataset_dir(tmp_path_factory):
     return root
 
 
+def _tiny_config(dataset_dir, out, **settings) -> TrainConfig:
+    """A run of the tiny preset on the module's dataset: batch 2, no warm-up, saved every 2 steps; `settings` override."""
+    defaults = dict(preset="tiny", steps=2, batch_size=2, warmup_steps=0, save_every=2)
+    return TrainConfig(data=str(dataset_dir), out=str(out), **{**defaults, **settings})
+
+
 def _fixed_batch_loss(pipe, dataset_dir) -> float:
     # The same clips, crops, noise and timesteps every time: a loss that can only move if the weights do.
     dataset = LayeredVideoDataset(dataset_dir, "train", random_crop=False, hflip=False)
@@ -297,17 +303,7 @@ def test_the_pipeline_folder_holds_the_ema_weights_and_resume_restores_them(data
     from diffusers.models.model_loading_utils import load_state_dict
 
     out = tmp_path / "ema"
-    config = TrainConfig(
-        data=str(dataset_dir),
-        out=str(out),
-        preset="tiny",
-        steps=2,
-        batch_size=2,
-        learning_rate=1e-2,
-        warmup_steps=0,
-        ema_decay=0.5,
-        save_every=2,
-    )
+    config = _tiny_config(dataset_dir, out, learning_rate=1e-2, ema_decay=0.5)
     train(config, progress=False)
     ema = VeraPipeline.from_pretrained(out).transformer.state_dict()
     raw = load_state_dict(str(out / "training" / "raw_transformer" / "diffusion_pytorch_model.safetensors"))
@@ -366,17 +362,7 @@ def test_model_card_has_the_loss_curve_and_eval_figures(dataset_dir, tmp_path):
     from vera_engine.model_card import write_model_card
 
     out = tmp_path / "card"
-    config = TrainConfig(
-        data=str(dataset_dir),
-        out=str(out),
-        preset="tiny",
-        steps=4,
-        batch_size=2,
-        learning_rate=1e-3,
-        warmup_steps=0,
-        save_every=2,
-        log_every=1,
-    )
+    config = _tiny_config(dataset_dir, out, steps=4, learning_rate=1e-3, log_every=1)
     train(config, progress=False)
     # Resumed with another noise-level shift: the card says which steps trained with which.
     config.steps, config.timestep_shift = 6, 3.0
@@ -414,15 +400,7 @@ def test_model_card_has_the_loss_curve_and_eval_figures(dataset_dir, tmp_path):
 
 def test_the_run_history_records_what_each_resume_changed(dataset_dir, tmp_path):
     out = tmp_path / "history"
-    config = TrainConfig(
-        data=str(dataset_dir),
-        out=str(out),
-        preset="tiny",
-        steps=2,
-        batch_size=2,
-        warmup_steps=0,
-        save_every=2,
-    )
+    config = _tiny_config(dataset_dir, out)
     train(config, progress=False)
     [first] = read_history(out)
     assert first["from_step"] == 0 and first["settings"]["timestep_shift"] == 1.0
