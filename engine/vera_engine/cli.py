@@ -145,6 +145,11 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
         help="with --init: keep its transformer, start a new tokenizer and text encoder of --preset's kind (a "
         "word-level vocabulary is built from the training instructions)",
     )
+    parser.add_argument(
+        "--frame-position-embedding",
+        action="store_true",
+        help="with --init: add frame-position embeddings (zero at first) to its transformer",
+    )
     parser.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=4, help="clips per process and step")
@@ -222,6 +227,7 @@ def _run_train(args: argparse.Namespace) -> int:
         init=args.init,
         preset=args.preset or "tiny",
         fresh_text_encoder=args.fresh_text_encoder,
+        frame_position_embedding=args.frame_position_embedding,
         steps=args.steps,
         batch_size=args.batch_size,
         learning_rate=args.lr,

@@ -68,6 +68,9 @@ class TrainConfig:
     # word-level vocabulary from this run's data, the preset's `mask_text_padding`), keeping the transformer's
     # weights: how a trained tiny model changes the words it reads without relearning to denoise.
     fresh_text_encoder: bool = False
+    # With `init`: give its transformer the frame-position embedding (`VeraTransformer3DModel`'s
+    # `frame_position_embedding`, zero at first, so the init model's output is unchanged until it trains).
+    frame_position_embedding: bool = False
     # Training noise levels: u ~ U(0, 1) mapped to sigma = s·u / (1 + (s − 1)·u). s = 1 is uniform; s > 1 spends
     # more of training at high noise, where layout and colour are decided (matches inference's flow_shift).
     timestep_shift: float = 1.0
@@ -352,8 +355,19 @@ def clip_gradients(parameters: list[torch.nn.Parameter], max_norm: float) -> flo
     return total
 
 
+def with_frame_position_embedding(model: VeraTransformer3DModel) -> VeraTransformer3DModel:
+    """A copy of `model` with frame-position embeddings added (zero, so it computes exactly what `model` does)."""
+    # A keyword, not an edited config dict: diffusers resets the keys a loaded config.json lacked to their defaults.
+    new = VeraTransformer3DModel.from_config(model.config, frame_position_embedding=True)
+    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any("frame_position_embedding" not in key for key in missing):
+        raise ValueError(f"cannot add frame-position embeddings: missing {missing}, unexpected {unexpected}")
+    return new.to(device=model.device, dtype=model.dtype)
+
+
 def _load_or_build_pipeline(config: TrainConfig, vocabulary: Callable[[], list[str]], resume: bool):
     """The run's starting pipeline; `vocabulary()` lists the training instructions (read only when needed)."""
+    from .models.word_tokenizer import extend_word_tokenizer, is_word_tokenizer
     from .pipeline_vera import VeraPipeline
     from .presets import build_random_pipeline, build_text_encoder, get_preset
 
@@ -378,10 +392,24 @@ def _load_or_build_pipeline(config: TrainConfig, vocabulary: Callable[[], list[s
             pipe.transformer.register_to_config(
                 mask_text_padding=preset.transformer.get("mask_text_padding", False)
             )
+        elif not resume and is_word_tokenizer(pipe.tokenizer):
+            # New words in this run's data (a reworded or extended dataset) join the init model's vocabulary;
+            # the words it knows keep their ids, so its trained encoder still reads them.
+            tokenizer = extend_word_tokenizer(pipe.tokenizer, vocabulary())
+            if len(tokenizer) > len(pipe.tokenizer):
+                pipe.text_encoder.resize_token_embeddings(len(tokenizer))
+                pipe.register_modules(tokenizer=tokenizer)
+        if config.frame_position_embedding and not pipe.transformer.config.frame_position_embedding:
+            pipe.register_modules(transformer=with_frame_position_embedding(pipe.transformer))
     else:
         if config.fresh_text_encoder:
             raise ValueError(
                 "--fresh-text-encoder replaces the encoder of an --init model; a preset's is new already"
+            )
+        if config.frame_position_embedding:
+            raise ValueError(
+                "--frame-position-embedding adds the embedding to an --init model; a preset says itself whether "
+                "it has one"
             )
         pipe = build_random_pipeline(
             preset, seed=config.seed, vocabulary=vocabulary() if preset.tokenizer == "word" else None
@@ -534,7 +562,16 @@ def _write_json_atomic(path: Path, data: Any) -> None:
 
 # Settings whose change at a resume is bookkeeping, not a change of recipe (`fresh_text_encoder` only acts when a
 # run starts). `steps` is recorded when a cool-down makes the schedule depend on it.
-_UNRECORDED_CHANGES = ("out", "init", "steps", "fresh_text_encoder", "num_workers", "save_every", "log_every")
+_UNRECORDED_CHANGES = (
+    "out",
+    "init",
+    "steps",
+    "fresh_text_encoder",
+    "frame_position_embedding",
+    "num_workers",
+    "save_every",
+    "log_every",
+)
 
 
 def run_history(

@@ -48,7 +48,7 @@ from vera_engine.data.dataset import (
 )
 
 GENERATOR_NAME = "vera_engine.data.synthetic"
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 
 # Object colours: the vocabulary of instructions and of the colour check in evaluation (metrics.py).
 # Chosen far apart in sRGB so shading (at most ±8%) never makes one look nearest to another.
@@ -95,22 +95,30 @@ _MOTION_PHRASES: dict[str, list[str]] = {
         "moving left to right",
         "travelling to the right",
         "drifting rightwards",
+        "going to the right",
+        "that moves right",
+        "and move it right",
     ],
     "top_to_bottom": [
         "moving from top to bottom",
         "falling downwards",
         "moving down the frame",
         "sliding downwards",
+        "going down",
+        "that moves down",
+        "and move it down",
     ],
     "bottom_to_top": [
         "moving from bottom to top",
         "rising upwards",
         "moving up the frame",
         "floating upwards",
+        "going up",
+        "that moves up",
+        "and move it up",
     ],
-    "static": ["that stays still", "that does not move", "standing still", "at rest"],
+    "static": ["that stays still", "that does not move", "standing still", "at rest", "and keep it still"],
 }
-_MOTION_PHRASES["right_to_left"] = [mirror_text(p) for p in _MOTION_PHRASES["left_to_right"]]
 _POSITION_PHRASES: dict[str, list[str]] = {
     "upper": ["in the upper half", "near the top of the frame", "in the top half"],
     "middle": ["across the middle", "at mid-height", "through the middle of the frame"],
@@ -121,8 +129,6 @@ _POSITION_PHRASES: dict[str, list[str]] = {
     "lower_left": ["in the bottom-left corner", "in the lower left", "near the bottom left"],
     "middle_center": ["in the centre of the frame", "in the middle of the frame", "at the centre"],
 }
-for _name in ("left", "upper_left", "lower_left"):
-    _POSITION_PHRASES[mirror_text(_name)] = [mirror_text(p) for p in _POSITION_PHRASES[_name]]
 _SHAPE_WORDS = {
     "circle": ["circle", "disc", "ball"],
     "square": ["square", "box"],
@@ -144,6 +150,7 @@ _ADD_TEMPLATES = (
     "put {obj} {position} {motion}",
     "make {obj} appear {position}, {motion}",
     "place {obj} {motion} {position}",
+    "add {obj} {position} {motion}",
 )
 _BG_TEMPLATES = (
     "replace the background with {bg}",
@@ -153,6 +160,57 @@ _BG_TEMPLATES = (
     "put the {subject} in front of {bg}",
     "give the {subject} a new background: {bg}",
 )
+
+# The "reworded" wording (`wording="reworded"`): other phrases and sentence shapes made only of words the training
+# wording uses, never used for training. A held-out split in it checks that a model follows what an instruction
+# says rather than the sentences it was trained on.
+_REWORDED_MOTION_PHRASES: dict[str, list[str]] = {
+    "left_to_right": ["moving to the right", "going rightwards", "travelling from left to right"],
+    "top_to_bottom": ["moving downwards", "going down the frame", "falling down"],
+    "bottom_to_top": ["moving upwards", "rising up the frame", "going upwards"],
+    "static": ["that stays at rest", "not moving", "still and at rest"],
+}
+_REWORDED_POSITION_PHRASES: dict[str, list[str]] = {
+    "upper": ["in the top half of the frame", "near the top"],
+    "middle": ["across the middle of the frame", "through the middle"],
+    "lower": ["in the bottom half of the frame", "near the bottom"],
+    "left": ["in the left half of the frame", "near the left side"],
+    "center": ["through the centre", "down the central column"],
+    "upper_left": ["in the top left", "near the upper left corner"],
+    "lower_left": ["in the bottom left", "near the lower left corner"],
+    "middle_center": ["in the centre", "at the centre of the frame"],
+}
+_REWORDED_ADD_TEMPLATES = (
+    "{obj} {position}, {motion}",
+    "add to the frame {obj} {position}, {motion}",
+    "put in {obj} {motion}, {position}",
+    "make {obj} {motion} {position}",
+)
+_REWORDED_BG_TEMPLATES = (
+    "make the background {bg}",
+    "change the backdrop to {bg}",
+    "put {bg} behind the {subject}",
+    "keep the {subject}, and give it {bg} behind it",
+)
+for _table in (_MOTION_PHRASES, _REWORDED_MOTION_PHRASES):
+    _table["right_to_left"] = [mirror_text(p) for p in _table["left_to_right"]]
+for _table in (_POSITION_PHRASES, _REWORDED_POSITION_PHRASES):
+    for _name in ("left", "upper_left", "lower_left"):
+        _table[mirror_text(_name)] = [mirror_text(p) for p in _table[_name]]
+WORDINGS: dict[str, dict[str, Any]] = {
+    "train": {
+        "motion": _MOTION_PHRASES,
+        "position": _POSITION_PHRASES,
+        "add": _ADD_TEMPLATES,
+        "background": _BG_TEMPLATES,
+    },
+    "reworded": {
+        "motion": _REWORDED_MOTION_PHRASES,
+        "position": _REWORDED_POSITION_PHRASES,
+        "add": _REWORDED_ADD_TEMPLATES,
+        "background": _REWORDED_BG_TEMPLATES,
+    },
+}
 
 
 def _article(phrase: str) -> str:
@@ -363,12 +421,17 @@ def _background(
     avoid: Sequence[str] = (),
     *,
     exact: bool = False,
+    frame: tuple[float, float, int, int] | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """A procedural background canvas (height, width, 3) and the facts that describe it.
 
     ``exact``: the picture is a function of its description alone (no random angle, period, phase or cell
     size; only kinds a sentence can pin down). Background change uses it for the new background, because
     the model must generate that from the instruction and eval compares it with the ground truth.
+    ``frame`` = (x, y, frame_height, frame_width): where the first frame's window lies on the canvas. An exact
+    picture is laid out in that window (a gradient runs from its left edge to its right edge, a radial gradient
+    is centred in it, stripes and checkers start at its corner, their size a fraction of it), so the first frame
+    shows exactly what the sentence says and a camera pan moves it from there. Default: the whole canvas.
     """
     if exact and kind not in EXACT_BACKGROUND_KINDS:
         raise ValueError(
@@ -379,6 +442,11 @@ def _background(
     rgb0 = np.array(BACKGROUND_COLOURS[c0], np.float32)
     rgb1 = np.array(BACKGROUND_COLOURS[c1], np.float32)
     yy, xx = (v.astype(np.float64) for v in _grid(height, width))
+    fx0, fy0, frame_h, frame_w = frame if frame is not None else (0.0, 0.0, height, width)
+    if exact:
+        # Coordinates of the first frame's window: the picture is drawn in it.
+        xx, yy = xx - fx0, yy - fy0
+        height, width = frame_h, frame_w
     scale = float(min(height, width))
     if kind == "gradient":
         angle, side0, side1 = _choice(rng, _GRADIENT_DIRECTIONS)
@@ -387,7 +455,12 @@ def _background(
             angle += 180.0
         a = math.radians(angle + (0.0 if exact else rng.uniform(-8, 8)))
         u = (xx - width / 2) * math.cos(a) + (yy - height / 2) * math.sin(a)
-        t = (u - u.min()) / max(u.max() - u.min(), 1e-6)
+        if exact:
+            # From one edge (or corner) of the frame to the other, whatever the pan shows beyond it.
+            reach = width / 2 * abs(math.cos(a)) + height / 2 * abs(math.sin(a))
+            t = np.clip((u + reach) / (2 * reach), 0.0, 1.0)
+        else:
+            t = (u - u.min()) / max(u.max() - u.min(), 1e-6)
         description = f"a gradient from {c0} {side0} to {c1} {side1}"
     elif kind == "stripes":
         orientation, angle = _choice(rng, (("vertical", 0.0), ("horizontal", 90.0), ("diagonal", 45.0)))
@@ -596,6 +669,7 @@ def generate_object_addition(
     clip_id: str = "",
     bits: int = 8,
     occlusion: bool | None = None,
+    wording: str = "train",
 ) -> LayeredClip:
     """One object-addition clip: the source lacks the object; the edit layer is the object and its shadow.
 
@@ -695,10 +769,11 @@ def generate_object_addition(
 
     size_word = _choice(rng, _SIZE_WORDS[size])
     obj = _article(" ".join(w for w in (size_word, colour, _choice(rng, _SHAPE_WORDS[shape])) if w))
-    instruction = _choice(rng, _ADD_TEMPLATES).format(
+    phrases = WORDINGS[wording]
+    instruction = _choice(rng, phrases["add"]).format(
         obj=obj,
-        motion=_choice(rng, _MOTION_PHRASES[direction]),
-        position=_choice(rng, _POSITION_PHRASES[position]),
+        motion=_choice(rng, phrases["motion"][direction]),
+        position=_choice(rng, phrases["position"][position]),
     )
     fields = {
         "colour": colour,
@@ -728,7 +803,14 @@ def generate_object_addition(
 
 
 def generate_background_change(
-    seed: int, *, frames: int = 8, height: int = 64, width: int = 64, clip_id: str = "", bits: int = 8
+    seed: int,
+    *,
+    frames: int = 8,
+    height: int = 64,
+    width: int = 64,
+    clip_id: str = "",
+    bits: int = 8,
+    wording: str = "train",
 ) -> LayeredClip:
     """One background-change clip: a textured subject is kept; the edit layer is the new background."""
     rng = np.random.default_rng(seed)
@@ -741,7 +823,10 @@ def generate_background_change(
     # subject's own colour.
     new_kind = _choice(rng, [k for k in EXACT_BACKGROUND_KINDS if k != old_facts["kind"]])
     avoid = [*old_facts["colours"], colour]
-    new_canvas, new_facts = _background(rng, *camera["canvas"], kind=new_kind, avoid=avoid, exact=True)
+    first_window = (float(camera["xs"][0]), float(camera["ys"][0]), height, width)
+    new_canvas, new_facts = _background(
+        rng, *camera["canvas"], kind=new_kind, avoid=avoid, exact=True, frame=first_window
+    )
     # Same camera for both: the new background pans exactly like the old one.
     old_bg, new_bg = _film(old_canvas, camera, height, width), _film(new_canvas, camera, height, width)
 
@@ -782,7 +867,9 @@ def generate_background_change(
     alpha = (1.0 - matte).astype(np.float32)
 
     subject = f"{colour} {_choice(rng, _SHAPE_WORDS[shape])}"
-    instruction = _choice(rng, _BG_TEMPLATES).format(bg=new_facts["description"], subject=subject)
+    instruction = _choice(rng, WORDINGS[wording]["background"]).format(
+        bg=new_facts["description"], subject=subject
+    )
     fields = {
         "subject": {"shape": shape, "colour": colour, "second_colour": second, "texture": texture},
         "new_background": new_facts,
@@ -817,6 +904,7 @@ def generate_clip(
     width: int = 64,
     clip_id: str = "",
     bits: int = 8,
+    wording: str = "train",
 ) -> LayeredClip:
     """Generate one clip of ``task`` ("object_addition" or "background_change") from ``seed``.
 
@@ -825,9 +913,13 @@ def generate_clip(
     """
     if task not in _GENERATORS:
         raise ValueError(f"task {task!r} is not known; expected one of {TASKS}.")
+    if wording not in WORDINGS:
+        raise ValueError(f"wording {wording!r} is not known; expected one of {tuple(WORDINGS)}.")
     _check_size(frames, height, width)
     code_type(bits)
-    return _GENERATORS[task](int(seed), frames=frames, height=height, width=width, clip_id=clip_id, bits=bits)
+    return _GENERATORS[task](
+        int(seed), frames=frames, height=height, width=width, clip_id=clip_id, bits=bits, wording=wording
+    )
 
 
 def clip_seed(seed: int, split: str, index: int) -> int:
@@ -848,6 +940,7 @@ def generate_split(
     width: int = 64,
     bits: int = 8,
     previews: bool = False,
+    wording: str = "train",
 ) -> list[dict[str, Any]]:
     """Write ``count`` clips to ``root/split/NNNNNN/`` (tasks alternate) and return their index entries."""
     if count < 0:
@@ -868,6 +961,7 @@ def generate_split(
             width=width,
             clip_id=f"{split}/{name}",
             bits=bits,
+            wording=wording,
         )
         folder = Path(root) / split / name
         entries.append(save_clip(clip, folder, bits=bits))
@@ -887,8 +981,13 @@ def generate_dataset(
     width: int = 64,
     bits: int = 8,
     previews: bool = False,
+    wording: str = "train",
 ) -> Path:
-    """Write a whole dataset (default: 100 training and 20 held-out clips) and its ``index.json``."""
+    """Write a whole dataset (default: 100 training and 20 held-out clips) and its ``index.json``.
+
+    ``wording``: the instructions' phrases and sentence shapes, "train" or "reworded" (other phrasings of the
+    same words, for a held-out split that checks a model reads instructions rather than recognising sentences).
+    """
     splits = dict(splits or {"train": 100, "heldout": 20})
     entries = {
         name: generate_split(
@@ -902,6 +1001,7 @@ def generate_dataset(
             width=width,
             bits=bits,
             previews=previews,
+            wording=wording,
         )
         for name, n in splits.items()
     }
@@ -914,6 +1014,7 @@ def generate_dataset(
         "height": height,
         "width": width,
         "bits": bits,
+        "wording": wording,
     }
     return write_index(root, entries, generator=generator)
 
@@ -952,6 +1053,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--bits", type=int, default=8, choices=(8, 16), help="code width of the colour layers"
     )
     parser.add_argument("--previews", action="store_true", help="also write preview.png contact sheets")
+    parser.add_argument(
+        "--wording",
+        default="train",
+        choices=tuple(WORDINGS),
+        help="instruction phrasing: the training one, or 'reworded' (other sentences of the same words)",
+    )
     args = parser.parse_args(argv)
     start = time.perf_counter()
     index = generate_dataset(
@@ -964,6 +1071,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         width=args.width,
         bits=args.bits,
         previews=args.previews,
+        wording=args.wording,
     )
     print(
         f"wrote {args.train + args.heldout} clips to {args.out} in {time.perf_counter() - start:.1f} s ({index})"

@@ -75,6 +75,24 @@ def apply_rotary_emb(
     return out.type_as(hidden_states)
 
 
+# Frequencies (in multiples of pi, per axis) of the frame-position features: a period of 2 frame widths down to a
+# quarter frame, so "left half", "top-left corner" and a stripe's phase are all a linear read-out.
+FRAME_POSITION_FREQUENCIES: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
+
+
+def frame_position_features(grid: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+    """Fourier features of each token's place in the clip, as fractions of it: `(f·h·w, 6 · len(FREQUENCIES))`.
+
+    Token centres are normalised to (0, 1) along time, height and width, so the features mean the same thing at
+    every resolution and clip length the model samples at ("the upper half" is y < 0.5 whatever the size).
+    """
+    axes = [(torch.arange(n, device=device, dtype=torch.float32) + 0.5) / n for n in grid]
+    t, y, x = torch.meshgrid(*axes, indexing="ij")
+    coordinates = torch.stack([t, y, x], dim=-1).reshape(-1, 3, 1)  # seq_len, 3, 1
+    angles = coordinates * torch.tensor(FRAME_POSITION_FREQUENCIES, device=device) * math.pi
+    return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(1)
+
+
 class VeraBranchEnds(nn.Module):
     """The parts of one Wan model outside its blocks: patch embedding, time/text embedder, output norm and head.
 
@@ -90,9 +108,12 @@ class VeraBranchEnds(nn.Module):
         freq_dim: int,
         text_dim: int,
         eps: float,
+        frame_position_embedding: bool = False,
     ) -> None:
         super().__init__()
         self.patch_embedding = nn.Conv3d(in_channels, inner_dim, kernel_size=patch_size, stride=patch_size)
+        if frame_position_embedding:
+            self.frame_position_embedding = nn.Linear(6 * len(FRAME_POSITION_FREQUENCIES), inner_dim)
         self.condition_embedder = WanTimeTextImageEmbedding(
             dim=inner_dim, time_freq_dim=freq_dim, time_proj_dim=inner_dim * 6, text_embed_dim=text_dim
         )
@@ -262,7 +283,15 @@ class VeraTransformer3DModel(ModelMixin, ConfigMixin, CacheMixin, AttentionMixin
     r"""The Vera Mixture-of-Transformers: three Wan2.1 DiTs (edit, alpha, composite) with joint self-attention.
 
     The constructor's arguments are the config and mean what they mean for `WanTransformer3DModel` (one branch has
-    exactly a Wan model's shape); Vera adds no hyper-parameters of its own.
+    exactly a Wan model's shape), plus two switches for small checkpoints trained from scratch, both off by default
+    so that a model built from Wan stays exactly Wan: `mask_text_padding` (see `text_padding_mask`) and
+    `frame_position_embedding`.
+
+    `frame_position_embedding`: Wan's tokens know where they are only relative to each other (RoPE); a pretrained
+    Wan has learned the frame's edges from billions of videos, a tiny model trained from scratch has not, and
+    "in the upper half", "moving left to right" or "a gradient from red on the left" need the absolute place.
+    With it, each branch adds a learned projection (zero at initialisation, so adding it to a trained model changes
+    nothing until it trains) of `frame_position_features`, the token's place as a fraction of the clip.
 
     Conditioning (paper App. A.2): the source video latents go through `source_embedding` and are **added to the
     composite tokens**; the optional mask latents (the mask encoded as a 3-channel grey video) go through
@@ -315,6 +344,7 @@ class VeraTransformer3DModel(ModelMixin, ConfigMixin, CacheMixin, AttentionMixin
         eps: float = 1e-6,
         rope_max_seq_len: int = 1024,
         mask_text_padding: bool = False,
+        frame_position_embedding: bool = False,
     ) -> None:
         super().__init__()
         inner_dim = num_attention_heads * attention_head_dim
@@ -326,7 +356,14 @@ class VeraTransformer3DModel(ModelMixin, ConfigMixin, CacheMixin, AttentionMixin
         self.branches = nn.ModuleDict(
             {
                 name: VeraBranchEnds(
-                    inner_dim, in_channels, out_channels, patch_size, freq_dim, text_dim, eps
+                    inner_dim,
+                    in_channels,
+                    out_channels,
+                    patch_size,
+                    freq_dim,
+                    text_dim,
+                    eps,
+                    frame_position_embedding,
                 )
                 for name in BRANCHES
             }
@@ -370,9 +407,26 @@ class VeraTransformer3DModel(ModelMixin, ConfigMixin, CacheMixin, AttentionMixin
 
     @torch.no_grad()
     def zero_vera_only_parameters(self) -> None:
-        """Reset the source/mask patch embeddings and the layer embeddings to zero (their initial state)."""
+        """Reset the source/mask patch embeddings, the layer embeddings and the frame-position projections (when
+        the model has them) to zero: their initial state."""
         for name in VERA_ONLY_PARAMETERS:
             self.get_parameter(name).zero_()
+        for name in BRANCHES:
+            projection = getattr(self.branches[name], "frame_position_embedding", None)
+            if projection is not None:
+                projection.weight.zero_()
+                projection.bias.zero_()
+
+    def _embed_tokens(self, branch: str, latents: torch.Tensor) -> torch.Tensor:
+        """A branch's patch embedding of `latents`, plus its frame-position embedding when the model has one."""
+        ends = self.branches[branch]
+        tokens = self._patchify(ends.patch_embedding, latents)
+        if self.config.frame_position_embedding:
+            p_t, p_h, p_w = self.config.patch_size
+            grid = (latents.shape[2] // p_t, latents.shape[3] // p_h, latents.shape[4] // p_w)
+            features = frame_position_features(grid, tokens.device).to(ends.frame_position_embedding.weight.dtype)
+            tokens = tokens + ends.frame_position_embedding(features).to(tokens.dtype)
+        return tokens
 
     # ------------------------------------------------------------------------------------------------------------
     # Construction from Wan
@@ -599,15 +653,15 @@ class VeraTransformer3DModel(ModelMixin, ConfigMixin, CacheMixin, AttentionMixin
         rotary_emb = self.rope(edit_latents)
 
         # 1. Patch embedding per layer, plus Vera's conditions and layer identities
-        edit_tokens = self._patchify(self.branches["edit"].patch_embedding, edit_latents)
-        alpha_tokens = self._patchify(self.branches["alpha"].patch_embedding, alpha_latents)
+        edit_tokens = self._embed_tokens("edit", edit_latents)
+        alpha_tokens = self._embed_tokens("alpha", alpha_latents)
         alpha_tokens = alpha_tokens + self.alpha_layer_embedding
         if mask_latents is not None:
             mask_tokens = self._patchify(self.mask_embedding, mask_latents)
             if mask_keep is not None:
                 mask_tokens = mask_tokens * mask_keep.to(mask_tokens.dtype).view(-1, 1, 1)
             alpha_tokens = alpha_tokens + mask_tokens
-        composite_tokens = self._patchify(self.branches["composite"].patch_embedding, composite_latents)
+        composite_tokens = self._embed_tokens("composite", composite_latents)
         composite_tokens = composite_tokens + self.composite_layer_embedding
         composite_tokens = composite_tokens + self._patchify(self.source_embedding, source_latents)
         # batch, 3, seq_len, inner_dim
@@ -648,7 +702,7 @@ class VeraTransformer3DModel(ModelMixin, ConfigMixin, CacheMixin, AttentionMixin
         _, _, num_frames, height, width = hidden_states.shape
         grid = (num_frames // p_t, height // p_h, width // p_w)
         rotary_emb = self.rope(hidden_states)
-        tokens = self._patchify(self.branches[branch].patch_embedding, hidden_states)
+        tokens = self._embed_tokens(branch, hidden_states)
         if branch != "edit":
             tokens = tokens + getattr(self, f"{branch}_layer_embedding")
         temb, timestep_proj, text = self._embed_conditions(timestep, encoder_hidden_states, (branch,))

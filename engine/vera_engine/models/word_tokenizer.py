@@ -39,7 +39,10 @@ def build_word_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
     vocabulary = sorted({word for text in texts for word in words_of(text)} - set(SPECIAL_TOKENS))
     if not vocabulary:
         raise ValueError("no words to build a vocabulary from: every instruction was empty")
-    vocab = {token: index for index, token in enumerate((*SPECIAL_TOKENS, *vocabulary))}
+    return _word_tokenizer({token: index for index, token in enumerate((*SPECIAL_TOKENS, *vocabulary))})
+
+
+def _word_tokenizer(vocab: dict[str, int]) -> PreTrainedTokenizerFast:
     tokenizer = Tokenizer(WordLevel(vocab, unk_token=UNK))
     tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -48,6 +51,29 @@ def build_word_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
         single=f"$A {EOS}", special_tokens=[(EOS, vocab[EOS])]
     )
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token=PAD, eos_token=EOS, unk_token=UNK)
+
+
+def is_word_tokenizer(tokenizer: object) -> bool:
+    """Whether `tokenizer` is a word-level one built by `build_word_tokenizer` (not bytes, not sentencepiece)."""
+    if not isinstance(tokenizer, PreTrainedTokenizerFast):
+        return False
+    return type(tokenizer.backend_tokenizer.model).__name__ == "WordLevel"
+
+
+def extend_word_tokenizer(tokenizer: PreTrainedTokenizerFast, texts: Iterable[str]) -> PreTrainedTokenizerFast:
+    """`tokenizer` with the words of `texts` it lacks appended (sorted); the words it has keep their ids.
+
+    Returns `tokenizer` itself when it knows every word. A text encoder trained with the old tokenizer reads the
+    old ids as before once its embedding table is resized to the new length (`resize_token_embeddings`).
+    """
+    vocab = tokenizer.get_vocab()
+    new_words = sorted({word for text in texts for word in words_of(text)} - set(vocab))
+    if not new_words:
+        return tokenizer
+    ordered = sorted(vocab, key=vocab.__getitem__)
+    if ordered[: len(SPECIAL_TOKENS)] != list(SPECIAL_TOKENS) or vocab[ordered[-1]] != len(ordered) - 1:
+        raise ValueError("the tokenizer's ids are not 0..n-1 with pad, eos, unk first: it was not built here")
+    return _word_tokenizer({token: index for index, token in enumerate((*ordered, *new_words))})
 
 
 def unknown_words(tokenizer: PreTrainedTokenizerFast, text: str) -> list[str]:
