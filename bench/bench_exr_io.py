@@ -1,4 +1,4 @@
-"""EXR I/O benchmark: vera_engine.exr reading + writing a half RGBA sequence against ``oiiotool`` doing the same.
+"""EXR I/O benchmark: vera_engine.imaging.exr reading + writing a half RGBA sequence against ``oiiotool`` doing the same.
 
 Generates ``--frames`` frames (default 81) of ``--width`` x ``--height`` (2048x1080) half RGBA, ZIP-compressed,
 with film-like content (smooth gradients plus grain, so compression does real work), then times in one run:
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import OpenImageIO as oiio
 
-from vera_engine import exr
+from vera_engine.imaging import exr
 
 
 def make_sequence(directory: Path, frames: int, width: int, height: int) -> str:

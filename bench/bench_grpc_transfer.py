@@ -202,7 +202,7 @@ def main() -> None:
                 ]
 
                 if args.exr:
-                    from vera_engine.exr import write_sequence
+                    from vera_engine.imaging.exr import write_sequence
 
                     exr_dir = scratch / "exr"
                     paths = write_sequence(

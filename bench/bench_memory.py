@@ -1,4 +1,4 @@
-"""Peak memory of one Vera sampling call under each memory option (`vera_engine.memory.MemoryOptions`).
+"""Peak memory of one Vera sampling call under each memory option (`vera_engine.acceleration.memory.MemoryOptions`).
 
 Each option runs in a fresh process on the same saved pipeline folder (loaded with `load_pipeline`, placed with
 `apply_memory_options`), so one option's allocations cannot hide another's. Reported per option:
@@ -132,8 +132,8 @@ def build_pipeline(config: str, seed: int = 0) -> Any:
     from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel
 
     from vera_engine.models.transformer_vera import VeraTransformer3DModel
-    from vera_engine.pipeline_vera import VeraPipeline, make_scheduler
-    from vera_engine.presets import get_preset
+    from vera_engine.pipelines.pipeline_vera import VeraPipeline, make_scheduler
+    from vera_engine.pipelines.presets import get_preset
 
     spec = CONFIGS[config]
     transformer_config = spec["transformer"]
@@ -189,14 +189,14 @@ def measure(
     """Load `model`, apply the option set `option` on `device`, sample once and return the memory figures."""
     import torch
 
-    from vera_engine.memory import (
+    from vera_engine.acceleration.memory import (
         MemoryOptions,
         apply_memory_options,
         module_bytes,
         offload_folder_size,
         watch_onloads,
     )
-    from vera_engine.model_store import load_pipeline
+    from vera_engine.pipelines.model_store import load_pipeline
 
     kwargs = dict(OPTION_SETS[option])
     if kwargs.get("offload_to_disk") == "<tmp>":
@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
             pipe = build_pipeline(args.config)
             if args.precision == "bfloat16" or (args.precision == "auto" and device.startswith("cuda")):
                 # Saved as it will run: half the disk and load time of float32 for the full-size config.
-                from vera_engine.bench import cast_keeping_fp32_modules
+                from vera_engine.tools.bench import cast_keeping_fp32_modules
 
                 cast_keeping_fp32_modules(pipe.transformer, torch.bfloat16)
                 pipe.text_encoder.to(torch.bfloat16)

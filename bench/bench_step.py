@@ -9,7 +9,7 @@ Prints both `vera-engine bench-step` reports and the ratios (time and FLOPs) Ver
 
 import argparse
 
-from vera_engine.bench import bench_step, print_result
+from vera_engine.tools.bench import bench_step, print_result
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Step caching (vera_engine.step_cache) against uncached sampling, measured in one run.
+"""Step caching (vera_engine.acceleration.step_cache) against uncached sampling, measured in one run.
 
 Samples each held-out clip uncached and with every cache setting (same seed, same steps and guidance), back to
 back so that load on the machine affects all settings alike, and reports per setting, against the uncached result:
@@ -22,9 +22,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from vera_engine.data.dataset import LayeredClip, iter_clips
-from vera_engine.metrics import PSNR_CAP_DB, matte_iou, psnr
-from vera_engine.step_cache import BlockEvaluationCounter, calibrate_mag_ratios, parse_step_cache, step_cache
+from vera_engine.acceleration.step_cache import (
+    BlockEvaluationCounter,
+    calibrate_mag_ratios,
+    parse_step_cache,
+    step_cache,
+)
+from vera_engine.training.data.dataset import LayeredClip, iter_clips
+from vera_engine.training.metrics import PSNR_CAP_DB, matte_iou, psnr
 
 DEFAULT_SETTINGS = (
     "first_block:0.1",
@@ -217,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the full report (per clip too) here")
     args = parser.parse_args(argv)
 
-    from vera_engine.model_store import load_pipeline
+    from vera_engine.pipelines.model_store import load_pipeline
 
     if args.clips < 1:
         parser.error(f"--clips {args.clips}: expected at least 1")

@@ -5,7 +5,7 @@ Usage (repository root):
     python bench/bench_train_step.py --preset vera-tiny --batch-size 64 --device cuda
 
 Both precisions run in this one process on the same batch, so their ratio is what to compare across machines.
-The loss is `vera_engine.train.flow_matching_loss`, the one `vera-engine train` uses; the batch is random latents
+The loss is `vera_engine.training.train.flow_matching_loss`, the one `vera-engine train` uses; the batch is random latents
 of the preset's native size and a prompt half of zero padding (the tiny presets mask it). It also prints the two
 losses on that batch with the same noise, to show bf16 autocast is not changing what is learned.
 """
@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from vera_engine.presets import build_random_transformer, get_preset
-from vera_engine.train import flow_matching_loss
+from vera_engine.pipelines.presets import build_random_transformer, get_preset
+from vera_engine.training.train import flow_matching_loss
 
 
 def random_batch(preset_name: str, batch_size: int, device: torch.device) -> tuple[dict, torch.Tensor]:

@@ -55,7 +55,7 @@ def make_tiny_wan_pipeline_parts(seed: int = 0) -> dict:
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel
 
-    from vera_engine.pipeline_vera import make_scheduler
+    from vera_engine.pipelines.pipeline_vera import make_scheduler
 
     torch.manual_seed(seed)
     tokenizer = ByT5Tokenizer()

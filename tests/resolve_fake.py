@@ -51,8 +51,8 @@ from typing import Any
 
 import numpy as np
 
-from vera_engine.exr import write_exr
-from vera_plugin.resolve_timeline import frame_to_timecode, parse_sequence_path, timecode_to_frame
+from vera_engine.imaging.exr import write_exr
+from vera_plugin.hosts.resolve.timeline import frame_to_timecode, parse_sequence_path, timecode_to_frame
 
 FAKE_SIZE = (24, 16)  # width, height of every fake frame (the engine takes 16 px and up)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vera_engine.exr import write_exr
+from vera_engine.imaging.exr import write_exr
 from vera_engine.service import Engine, create_server
 from vera_engine.service.testing import EngineProcess, PassThroughRunner, tiny_model_dir
 from vera_plugin import cli

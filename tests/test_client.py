@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from google import protobuf
 
-from vera_engine.exr import write_exr
+from vera_engine.imaging.exr import write_exr
 from vera_plugin.client import EngineClient, EngineError, format_frames, frame_path, parse_frames
 
 pytestmark = pytest.mark.timeout(120)

@@ -6,8 +6,8 @@ import numpy as np
 import PyOpenColorIO as ocio
 import pytest
 
-from vera_engine import colour
-from vera_engine.colour import BUILTIN_CONFIG, ColourConverter
+from vera_engine.imaging import colour
+from vera_engine.imaging.colour import BUILTIN_CONFIG, ColourConverter
 
 # AP1 (ACEScg) -> linear Rec.709 with Bradford D60 -> D65, as published by ACES / colour-science.
 AP1_TO_REC709 = np.array(

@@ -6,8 +6,8 @@ import numpy as np
 import OpenEXR
 import pytest
 
-from vera_engine import exr
-from vera_engine.composite import (
+from vera_engine.imaging import exr
+from vera_engine.imaging.composite import (
     composite_over_plate,
     fill_unmatted,
     premultiply,

@@ -10,9 +10,9 @@ import torch
 from diffusers import WanPipeline
 
 from vera_engine import VeraPipeline
-from vera_engine.bench import bench_step, step_flops
-from vera_engine.cli import main
-from vera_engine.presets import WAN_1_3B
+from vera_engine.pipelines.presets import WAN_1_3B
+from vera_engine.tools.bench import bench_step, step_flops
+from vera_engine.tools.cli import main
 
 from .conftest import make_tiny_wan_pipeline_parts
 
@@ -103,7 +103,7 @@ def test_bench_step_cli_json_and_full_size_refused_on_cpu():
         [
             sys.executable,
             "-m",
-            "vera_engine.cli",
+            "vera_engine.tools.cli",
             "bench-step",
             "--config",
             "tiny",
@@ -121,7 +121,7 @@ def test_bench_step_cli_json_and_full_size_refused_on_cpu():
     report = json.loads(run.stdout.strip().splitlines()[-1])
     assert report["config"] == "tiny" and report["tokens_per_stream"] == 256
     refused = subprocess.run(
-        [sys.executable, "-m", "vera_engine.cli", "bench-step", "--config", "wan-1.3b", "--device", "cpu"],
+        [sys.executable, "-m", "vera_engine", "bench-step", "--config", "wan-1.3b", "--device", "cpu"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -157,7 +157,7 @@ def test_bench_step_cfg_modes_run_the_forwards_they_name(monkeypatch, cfg, seque
 
 @pytest.mark.slow
 def test_compiled_repeated_block_gives_the_eager_result():
-    from vera_engine.presets import build_random_transformer
+    from vera_engine.pipelines.presets import build_random_transformer
 
     model = build_random_transformer("tiny", seed=1).eval()
     with torch.no_grad():

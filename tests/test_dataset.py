@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from vera_engine.data import (
+from vera_engine.training.data import (
     LayeredVideoDataset,
     clip_seed,
     collate_layered,
@@ -19,7 +19,7 @@ from vera_engine.data import (
     read_index,
     save_clip,
 )
-from vera_engine.metrics import centroid_direction, position_matches
+from vera_engine.training.data.geometry import centroid_direction, position_matches
 
 
 def eq2(input, edit, alpha):

@@ -7,15 +7,15 @@ import sys
 import numpy as np
 import pytest
 
-from vera_engine.exr import find_frames, read_layers, read_plate
-from vera_engine.model_store import resolve_model_dir
+from vera_engine.imaging.exr import find_frames, read_layers, read_plate
+from vera_engine.pipelines.model_store import resolve_model_dir
 
 
 @pytest.mark.slow
 def test_demo_runs_the_whole_product_on_the_shipped_checkpoint(tmp_path):
     out = tmp_path / "demo"
     run = subprocess.run(
-        [sys.executable, "-m", "vera_engine.cli", "demo", "--out", str(out), "--steps", "6"],
+        [sys.executable, "-m", "vera_engine", "demo", "--out", str(out), "--steps", "6"],
         capture_output=True,
         text=True,
         timeout=600,

@@ -6,10 +6,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from vera_engine.cli import main
-from vera_engine.data import generate_dataset, iter_clips
-from vera_engine.evaluate import TARGETS, check_targets, evaluate_pipeline, format_report
-from vera_engine.presets import build_random_pipeline
+from vera_engine.pipelines.presets import build_random_pipeline
+from vera_engine.tools.cli import main
+from vera_engine.training.data import generate_dataset, iter_clips
+from vera_engine.training.evaluate import TARGETS, check_targets, evaluate_pipeline, format_report
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import numpy as np
 import OpenEXR
 import pytest
 
-from vera_engine import exr
-from vera_engine.exr import PlateError, Window
+from vera_engine.imaging import exr
+from vera_engine.imaging.exr import PlateError, Window
 
 RNG = np.random.default_rng(7)
 

@@ -1,4 +1,4 @@
-"""Memory options (`vera_engine.memory`): each one leaves the result as it was, and really does what it says.
+"""Memory options (`vera_engine.acceleration.memory`): each one leaves the result as it was, and really does what it says.
 
 On a CPU-only machine the offload target and the compute device are the same memory, so device memory cannot show
 a saving here. What these tests check instead is the mechanism: the hooks diffusers installs, every onload/offload
@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from vera_engine.memory import MemoryOptions, apply_memory_options, group_bytes, watch_onloads
+from vera_engine.acceleration.memory import MemoryOptions, apply_memory_options, group_bytes, watch_onloads
 from vera_engine.models.transformer_vera import VeraMoTBlock, VeraTransformer3DModel
-from vera_engine.pipeline_vera import VeraPipeline
-from vera_engine.presets import build_random_pipeline
+from vera_engine.pipelines.pipeline_vera import VeraPipeline
+from vera_engine.pipelines.presets import build_random_pipeline
 
 from .conftest import make_tiny_wan_pipeline_parts
 

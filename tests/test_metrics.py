@@ -5,16 +5,14 @@ import math
 import numpy as np
 import pytest
 
-from vera_engine.data import LayeredClip, compose_layers, generate_clip, generate_dataset
-from vera_engine.data.synthetic import PALETTE
-from vera_engine.metrics import (
-    centroid_direction,
+from vera_engine.training.data import LayeredClip, compose_layers, generate_clip, generate_dataset
+from vera_engine.training.data.geometry import centroid_direction, matte_centroids, position_matches
+from vera_engine.training.data.synthetic import PALETTE
+from vera_engine.training.metrics import (
     evaluate_clip,
     evaluate_split,
-    matte_centroids,
     matte_iou,
     nearest_colour_name,
-    position_matches,
     preservation_exact,
     psnr,
     summarize,

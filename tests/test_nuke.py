@@ -51,7 +51,7 @@ def fake_nuke_session(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
     assert Path(nuke.__file__).is_relative_to(FAKES)
     nuke._fake_reset()
     yield nuke
-    host = sys.modules.get("vera_plugin.hosts.nuke")
+    host = sys.modules.get("vera_plugin.hosts.nuke.adapter")
     if host is not None:
         for run in list(host._RUNS.values()):
             run.cancel.set()
@@ -68,8 +68,8 @@ def nk(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
 
 @pytest.fixture
 def host(nk: ModuleType) -> ModuleType:
-    """``vera_plugin.hosts.nuke``, imported against the fake."""
-    return importlib.import_module("vera_plugin.hosts.nuke")
+    """``vera_plugin.hosts.nuke``'s code (its adapter module, private helpers included), imported against the fake."""
+    return importlib.import_module("vera_plugin.hosts.nuke.adapter")
 
 
 def write_plate(folder: Path, frames: tuple[int, ...] = FRAMES, seed: int = 0, channels: str = "RGBA") -> str:

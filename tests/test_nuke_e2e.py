@@ -13,7 +13,7 @@ import numpy as np
 import OpenImageIO as oiio
 import pytest
 
-from vera_engine.model_store import resolve_model_dir
+from vera_engine.pipelines.model_store import resolve_model_dir
 from vera_engine.service.testing import EngineProcess
 from vera_plugin.client import EngineClient
 from vera_proto.vera.v1 import engine_pb2 as pb
@@ -43,7 +43,7 @@ def nk(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
 
 @pytest.fixture
 def host(nk: ModuleType) -> ModuleType:
-    return importlib.import_module("vera_plugin.hosts.nuke")
+    return importlib.import_module("vera_plugin.hosts.nuke.adapter")
 
 
 @pytest.fixture(scope="module")

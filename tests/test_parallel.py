@@ -10,8 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from vera_engine.parallel import context_parallel_config, enable_context_parallel, init_distributed
-from vera_engine.presets import build_random_transformer
+from vera_engine.acceleration.parallel import (
+    context_parallel_config,
+    enable_context_parallel,
+    init_distributed,
+)
+from vera_engine.pipelines.presets import build_random_transformer
 
 WORKER = Path(__file__).parent / "workers" / "context_parallel_check.py"
 

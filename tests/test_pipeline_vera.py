@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from vera_engine import VeraInterrupted, VeraPipeline, VeraTransformer3DModel
-from vera_engine.pipeline_vera import make_scheduler
-from vera_engine.presets import build_random_pipeline
+from vera_engine.pipelines.pipeline_vera import make_scheduler
+from vera_engine.pipelines.presets import build_random_pipeline
 
 from .conftest import make_tiny_wan_pipeline_parts
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vera_engine.colour import ColourConverter
-from vera_engine.composite import composite_over_plate, premultiply
-from vera_engine.preview import (
+from vera_engine.imaging.colour import ColourConverter
+from vera_engine.imaging.composite import composite_over_plate, premultiply
+from vera_engine.imaging.preview import (
     checkerboard,
     contact_sheet,
     preview_frames,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vera_engine.resize import (
+from vera_engine.imaging.resize import (
     FitMapping,
     box_filter,
     fit_frames,

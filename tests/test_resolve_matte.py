@@ -1,4 +1,4 @@
-"""vera_plugin.resolve_matte: the matte.A channel of Vera's layered EXRs as grey EXRs Resolve can take as a
+"""vera_plugin.hosts.resolve.matte: the matte.A channel of Vera's layered EXRs as grey EXRs Resolve can take as a
 clip matte, read and written without OpenImageIO (checked against OpenImageIO)."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import numpy as np
 import OpenImageIO as oiio
 import pytest
 
-from vera_engine.exr import Window, write_exr, write_layered_exr
-from vera_plugin.resolve_matte import MatteError, read_channel, write_grey_exr, write_mattes
+from vera_engine.imaging.exr import Window, write_exr, write_layered_exr
+from vera_plugin.hosts.resolve.matte import MatteError, read_channel, write_grey_exr, write_mattes
 
 
 def _oiio(path: Path) -> tuple[np.ndarray, oiio.ImageSpec]:

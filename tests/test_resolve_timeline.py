@@ -1,4 +1,4 @@
-"""vera_plugin.resolve_timeline: the timecode, frame-range, path and render arithmetic of the Resolve adapter."""
+"""vera_plugin.hosts.resolve.timeline: the timecode, frame-range, path and render arithmetic of the Resolve adapter."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from vera_plugin.resolve_timeline import (
+from vera_plugin.hosts.resolve.timeline import (
     ClipRange,
     SequencePath,
     append_clip_info,

@@ -14,7 +14,7 @@ import pytest
 from tests.resolve_fake import FakeBmd, FakeDispatcher, FakeFusion, FakeResolve, FakeUI
 from vera_engine.service import Engine, create_server
 from vera_engine.service.testing import PassThroughRunner
-from vera_plugin.resolve_window import TOP_CLIP, WINDOW_ID, VeraEditWindow
+from vera_plugin.hosts.resolve.window import TOP_CLIP, WINDOW_ID, VeraEditWindow
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -165,7 +165,7 @@ def test_resolve_modules_need_only_grpcio_and_protobuf(tmp_path: Path) -> None:
     import textwrap
 
     from tests.test_client import _isolated_site
-    from vera_engine.exr import write_layered_exr
+    from vera_engine.imaging.exr import write_layered_exr
 
     result = write_layered_exr(tmp_path / "vera_edit.0001.exr", np.zeros((16, 16, 4), np.float32),
                                np.zeros((16, 16, 4), np.float32), np.ones((16, 16), np.float32))  # fmt: skip
@@ -181,13 +181,13 @@ def test_resolve_modules_need_only_grpcio_and_protobuf(tmp_path: Path) -> None:
                     raise ImportError("blocked: " + name)
 
         sys.meta_path.insert(0, Block())
-        from vera_plugin.hosts import resolve as vr
-        from vera_plugin import resolve_timeline as rt, resolve_window
-        from vera_plugin.resolve_matte import write_mattes
+        from vera_plugin.hosts import resolve as vera_resolve
+        from vera_plugin.hosts.resolve import timeline, window as resolve_window
+        from vera_plugin.hosts.resolve.matte import write_mattes
 
         print(json.dumps({{
-            "tc": rt.timecode_to_frame("01:00:00:00", 24),
-            "seq": rt.parse_sequence_path("/s/p.[1001-1002].exr").pattern,
+            "tc": timeline.timecode_to_frame("01:00:00:00", 24),
+            "seq": timeline.parse_sequence_path("/s/p.[1001-1002].exr").pattern,
             "window": resolve_window.WINDOW_ID,
             "mattes": write_mattes([{str(result)!r}], {str(tmp_path / "matte")!r}),  # no numpy: no mattes
             "heavy": sorted(m for m in ("numpy", "torch", "OpenImageIO", "vera_engine") if m in sys.modules),

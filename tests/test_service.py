@@ -20,7 +20,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from vera_engine.exr import write_exr
+from vera_engine.imaging.exr import write_exr
 from vera_engine.service import Engine, auth, create_server, serve_main
 from vera_engine.service.store import JobStore
 from vera_engine.service.testing import PassThroughRunner
@@ -734,8 +734,8 @@ def test_serve_parser_plugs_into_a_cli(tmp_path: Path) -> None:
 def test_serve_speed_and_memory_flags_are_checked(tmp_path: Path, capsys) -> None:
     import argparse
 
-    from vera_engine.memory import MemoryOptions
-    from vera_engine.service.server import add_serve_parser, memory_options, run_serve
+    from vera_engine.acceleration.memory import MemoryOptions
+    from vera_engine.service.serve import add_serve_parser, memory_options, run_serve
 
     parser = add_serve_parser(argparse.ArgumentParser().add_subparsers())
 
@@ -784,8 +784,8 @@ def test_disk_offload_folder_is_per_model_and_compiled_engines_offer_exact_sampl
     import numpy as np
     import torch
 
-    from vera_engine.memory import MemoryOptions
-    from vera_engine.presets import build_random_pipeline
+    from vera_engine.acceleration.memory import MemoryOptions
+    from vera_engine.pipelines.presets import build_random_pipeline
     from vera_engine.service.runner import PipelineRunner
 
     # Two checkpoints of the same shape (same block names) sharing one --offload-to-disk folder.

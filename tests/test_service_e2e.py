@@ -182,7 +182,7 @@ def test_cancel_mid_run_stops_the_pipeline(tiny_model: Path, tmp_path: Path) -> 
 
 
 def test_exr_plate_with_overscan_keeps_windows_and_plate_pixels(tiny_model: Path, tmp_path: Path) -> None:
-    from vera_engine.exr import Window, write_exr
+    from vera_engine.imaging.exr import Window, write_exr
 
     rng = np.random.default_rng(3)
     data, display = Window(-8, -4, 64, 48), Window(0, 0, 48, 40)
@@ -270,7 +270,7 @@ def test_speed_and_memory_flags_reach_the_pipeline_and_keep_results_exact(
 def test_words_a_word_level_model_cannot_read_are_reported(tmp_path: Path) -> None:
     import dataclasses
 
-    from vera_engine.presets import TINY, build_random_pipeline
+    from vera_engine.pipelines.presets import TINY, build_random_pipeline
 
     words = dataclasses.replace(TINY, name="tiny-words", tokenizer="word", max_sequence_length=16)
     model = tmp_path / "words-model"

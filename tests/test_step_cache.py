@@ -1,4 +1,4 @@
-"""Step caching (vera_engine.step_cache) on the shipped checkpoint: parsing, real skipping, exactness at the
+"""Step caching (vera_engine.acceleration.step_cache) on the shipped checkpoint: parsing, real skipping, exactness at the
 never-skip strengths, clean-up after every call, and classifier-free guidance's batched forward."""
 
 import importlib.util
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from vera_engine.step_cache import (
+from vera_engine.acceleration.step_cache import (
     STEP_CACHE_CHOICES,
     BlockEvaluationCounter,
     StepCacheSpec,
@@ -94,14 +94,14 @@ def test_choices_and_never_skips():
 
 @pytest.fixture(scope="module")
 def pipe():
-    from vera_engine.model_store import load_pipeline
+    from vera_engine.pipelines.model_store import load_pipeline
 
     return load_pipeline("default", device="cpu")
 
 
 @pytest.fixture(scope="module")
 def clip():
-    from vera_engine.data.synthetic import generate_clip
+    from vera_engine.training.data.synthetic import generate_clip
 
     return generate_clip("object_addition", 7, frames=4, height=32, width=32)
 
@@ -135,7 +135,7 @@ def uncached(pipe, clip):
 @pytest.fixture(scope="module")
 def mag_ratios(pipe):
     """MagCache ratios for both guidance scales, measured once on another clip (as the engine would)."""
-    from vera_engine.data.synthetic import generate_clip
+    from vera_engine.training.data.synthetic import generate_clip
 
     other = generate_clip("background_change", 8, frames=4, height=32, width=32)
     return {
@@ -292,8 +292,8 @@ def test_taylorseer_predicts_the_last_block_and_skips_the_rest(pipe):
 
 
 def test_bench_compare_reports_every_setting():
-    from vera_engine.data.synthetic import generate_clip
-    from vera_engine.presets import build_random_pipeline
+    from vera_engine.pipelines.presets import build_random_pipeline
+    from vera_engine.training.data.synthetic import generate_clip
 
     path = Path(__file__).resolve().parents[1] / "bench" / "bench_step_cache.py"
     spec = importlib.util.spec_from_file_location("bench_step_cache", path)
@@ -325,7 +325,7 @@ def test_bench_compare_reports_every_setting():
 
 
 def test_step_caches_refuse_a_context_parallel_transformer():
-    from vera_engine.presets import build_random_pipeline
+    from vera_engine.pipelines.presets import build_random_pipeline
 
     pipe = build_random_pipeline("tiny")
     pipe.transformer._parallel_config = object()  # what enable_context_parallel leaves on the model
@@ -340,7 +340,7 @@ def test_step_caches_refuse_a_context_parallel_transformer():
 
 @pytest.mark.parametrize("spec", ["first_block:0.1", "taylorseer:2"])
 def test_step_caches_keep_one_state_per_temporal_window(spec):
-    from vera_engine.presets import build_random_pipeline
+    from vera_engine.pipelines.presets import build_random_pipeline
 
     pipe = build_random_pipeline("tiny")
     video = np.random.default_rng(0).random((10, 32, 32, 3), dtype=np.float32)  # 3 windows of 4 frames

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from vera_engine.data import synthetic
-from vera_engine.data.dataset import snap
-from vera_engine.data.synthetic import (
+from vera_engine.training.data import synthetic
+from vera_engine.training.data.dataset import snap
+from vera_engine.training.data.synthetic import (
     PALETTE,
     SHADOW_RGB,
     clip_seed,
@@ -13,7 +13,7 @@ from vera_engine.data.synthetic import (
     generate_clip,
     generate_object_addition,
 )
-from vera_engine.metrics import evaluate_clip
+from vera_engine.training.metrics import evaluate_clip
 
 TASKS = ("object_addition", "background_change")
 
@@ -223,7 +223,7 @@ def test_gaussian_blur_is_normalised_and_compact():
 def test_exact_backgrounds_are_determined_by_their_description():
     # Background change asks the model to paint the new background from the instruction alone, and eval
     # compares it with ground truth: two canvases with the same description must be the same picture.
-    from vera_engine.data.synthetic import EXACT_BACKGROUND_KINDS, _background
+    from vera_engine.training.data.synthetic import EXACT_BACKGROUND_KINDS, _background
 
     by_description: dict[str, np.ndarray] = {}
     repeats = 0

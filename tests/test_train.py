@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from vera_engine import VeraPipeline
-from vera_engine.cli import main
-from vera_engine.data import generate_dataset
-from vera_engine.data.dataset import LayeredVideoDataset, collate_layered
-from vera_engine.presets import build_random_pipeline
-from vera_engine.train import (
+from vera_engine.pipelines.presets import build_random_pipeline
+from vera_engine.tools.cli import main
+from vera_engine.training.data import generate_dataset
+from vera_engine.training.data.dataset import LayeredVideoDataset, collate_layered
+from vera_engine.training.train import (
     BRANCHES,
     TrainConfig,
     branch_of_parameter,
@@ -201,7 +201,7 @@ def test_train_cli_errors_are_clear(dataset_dir, tmp_path, capsys):
 
 
 def _torchrun_train(
-    dataset_dir, out, *args: str, script: str = "-m vera_engine.cli"
+    dataset_dir, out, *args: str, script: str = "-m vera_engine"
 ) -> subprocess.CompletedProcess:
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     assert torchrun, "torchrun comes with torch"
@@ -348,7 +348,7 @@ def test_text_encoder_is_frozen_by_default_and_trains_when_asked(dataset_dir, tm
 
 
 def test_timestep_shift_moves_training_towards_high_noise():
-    from vera_engine.train import shifted_sigmas
+    from vera_engine.training.train import shifted_sigmas
 
     u = torch.tensor([0.0, 0.5, 1.0])
     assert torch.equal(shifted_sigmas(u, 1.0), u)
@@ -358,8 +358,8 @@ def test_timestep_shift_moves_training_towards_high_noise():
 def test_model_card_has_the_loss_curve_and_eval_figures(dataset_dir, tmp_path):
     from PIL import Image
 
-    from vera_engine.evaluate import check_targets
-    from vera_engine.model_card import write_model_card
+    from vera_engine.training.evaluate import check_targets
+    from vera_engine.training.model_card import write_model_card
 
     out = tmp_path / "card"
     config = _tiny_config(dataset_dir, out, steps=4, learning_rate=1e-3, log_every=1)
@@ -433,7 +433,7 @@ def test_the_run_history_records_what_each_resume_changed(dataset_dir, tmp_path)
 
 
 def test_training_time_leaves_out_the_gap_of_a_resume():
-    from vera_engine.model_card import training_seconds
+    from vera_engine.training.model_card import training_seconds
 
     log = [{"step": s, "time": 100.0 + 2.0 * s} for s in range(0, 100, 10)]
     assert training_seconds(log) == (pytest.approx(180.0), 0)
@@ -476,7 +476,7 @@ def test_a_run_resumed_mid_epoch_ends_with_the_weights_of_an_uninterrupted_run(
 
 
 def test_epoch_sampler_shares_and_skips():
-    from vera_engine.train import EpochSampler
+    from vera_engine.training.train import EpochSampler
 
     sampler = EpochSampler(10, batch_size=2, seed=0, num_replicas=2, rank=1)
     sampler.set_epoch(3)
@@ -508,3 +508,31 @@ def test_resume_refuses_another_seed_or_another_epoch_length(tmp_path):
     generate_dataset(data, {"train": 9}, frames=4, height=32, width=32, seed=5)  # 3 batches per epoch, not 2
     with pytest.raises(ValueError, match="had 2 batches per epoch and now has 3"):
         train(config, resume=True, progress=False)
+
+
+def test_train_flags_are_the_config_fields_with_its_defaults():
+    import argparse
+    import dataclasses
+
+    from vera_engine.tools.config_cli import add_config_arguments, config_from_arguments, given
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, TrainConfig)
+    # Nothing but the required fields: the config is the dataclass's own defaults.
+    args = parser.parse_args(["--data", "D", "--out", "O"])
+    assert config_from_arguments(TrainConfig, args) == TrainConfig(data="D", out="O")
+    assert not given(args, "preset") and given(args, "data")
+    # Every field has a flag, and its help shows the dataclass's default.
+    text = parser.format_help()
+    for field in dataclasses.fields(TrainConfig):
+        flag = field.metadata.get("flag", "--" + field.name.replace("_", "-"))
+        assert flag in text, flag
+    assert "(default: 1000)" in text and "edit=0.1,alpha=10,composite=10" in text
+    args = parser.parse_args(
+        ["--data", "D", "--out", "O", "--lr", "3e-4", "--branch-lr", "edit=1", "--size", "16", "24", "--fsdp"]
+    )
+    config = config_from_arguments(TrainConfig, args)
+    assert config.learning_rate == 3e-4 and config.size == (16, 24) and config.fsdp
+    assert config.branch_lr_scales == {"edit": 1.0, "alpha": 10.0, "composite": 10.0}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--data", "D", "--out", "O", "--mixed-precision", "fp8"])

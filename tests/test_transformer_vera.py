@@ -296,3 +296,51 @@ def test_masked_text_padding_is_invisible_and_wan_style_padding_is_not(tiny_wan)
     assert wan_style.text_padding_mask(batch) is None
     # A text that is all padding (nothing to mask it against) is attended whole rather than not at all.
     assert masked.text_padding_mask(torch.zeros(1, 5, text.shape[2])).all()
+
+
+def _forward(model: VeraTransformer3DModel, latents: list[torch.Tensor], text, timestep) -> tuple:
+    with torch.no_grad():
+        return model(*latents[:3], timestep, text, latents[3], latents[4], return_dict=False)
+
+
+def test_frame_position_embedding_starts_at_zero_and_is_read_by_every_branch(tiny_wan):
+    from vera_engine.training.train import with_frame_position_embedding
+
+    base = _randomise(VeraTransformer3DModel.from_wan(tiny_wan)).eval()
+    assert not base.config.frame_position_embedding
+    with_positions = with_frame_position_embedding(base).eval()
+    assert with_positions.config.frame_position_embedding
+    latents, text, timestep = _inputs()
+    # Added at zero: the model computes exactly what it did.
+    for got, expected in zip(
+        _forward(with_positions, latents, text, timestep),
+        _forward(base, latents, text, timestep),
+        strict=False,
+    ):
+        torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    # Once trained (here: random), every branch reads it, in the joint model and run alone.
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name in BRANCHES:
+            for param in with_positions.branches[name].frame_position_embedding.parameters():
+                param.copy_(torch.randn(param.shape, generator=generator))
+    moved = _forward(with_positions, latents, text, timestep)
+    for got, expected in zip(moved, _forward(base, latents, text, timestep), strict=False):
+        assert (got - expected).abs().max() > 1e-2
+    with torch.no_grad():
+        alone = with_positions.forward_branch("alpha", latents[1], timestep, text)
+        assert (alone - base.forward_branch("alpha", latents[1], timestep, text)).abs().max() > 1e-2
+    # Saved and loaded like any other config switch.
+    assert "branches.edit.frame_position_embedding.weight" in with_positions.state_dict()
+
+
+def test_frame_position_features_are_fractions_of_the_clip():
+    from vera_engine.models.transformer_vera import FRAME_POSITION_FREQUENCIES, frame_position_features
+
+    coarse = frame_position_features((1, 3, 3), torch.device("cpu"))
+    fine = frame_position_features((1, 9, 9), torch.device("cpu"))
+    assert coarse.shape == (9, 6 * len(FRAME_POSITION_FREQUENCIES))
+    # The centre token of a 3x3 grid and of a 9x9 grid is the same place: the same features.
+    torch.testing.assert_close(coarse[4], fine[4 * 9 + 4])
+    # Every token of a grid has its own features.
+    assert torch.cdist(fine, fine).add(torch.eye(81) * 10).min() > 1e-3

@@ -6,15 +6,16 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from vera_engine import VeraPipeline, presets
-from vera_engine.cli import main
-from vera_engine.data import generate_dataset
-from vera_engine.data.dataset import LayeredVideoDataset, mirror_text
-from vera_engine.evaluate import check_targets
-from vera_engine.model_card import write_model_card
+from vera_engine import VeraPipeline
 from vera_engine.models.word_tokenizer import build_word_tokenizer, unknown_words, words_of
-from vera_engine.presets import build_random_pipeline
-from vera_engine.train import TrainConfig, train
+from vera_engine.pipelines import presets
+from vera_engine.pipelines.presets import build_random_pipeline
+from vera_engine.tools.cli import main
+from vera_engine.training.data import generate_dataset
+from vera_engine.training.data.dataset import LayeredVideoDataset, mirror_text
+from vera_engine.training.evaluate import check_targets
+from vera_engine.training.model_card import write_model_card
+from vera_engine.training.train import TrainConfig, train
 
 TEXTS = ["Add a red circle moving left to right, in the top-left corner", "change the background to blue"]
 
@@ -184,3 +185,54 @@ def test_fresh_text_encoder_errors_name_the_fix(tiny_words, dataset_dir, tmp_pat
     ]
     assert main([*common, *args]) == 2
     assert "reads 32-wide text states" in capsys.readouterr().err
+
+
+def test_extending_a_vocabulary_keeps_the_ids_it_had():
+    from vera_engine.models.word_tokenizer import extend_word_tokenizer, is_word_tokenizer
+
+    old = build_word_tokenizer(TEXTS)
+    assert is_word_tokenizer(old) and extend_word_tokenizer(old, TEXTS) is old
+    new = extend_word_tokenizer(old, [*TEXTS, "add a green box heading upwards"])
+    assert len(new) == len(old) + 4  # green, box, heading, upwards
+    for word, index in old.get_vocab().items():
+        assert new.get_vocab()[word] == index
+    assert unknown_words(new, "add a green box heading upwards") == []
+    from transformers import ByT5Tokenizer
+
+    assert not is_word_tokenizer(ByT5Tokenizer())
+
+
+def test_an_init_model_meeting_new_words_learns_them_and_keeps_its_own(tiny_words, dataset_dir, tmp_path):
+    # A word model trained on other sentences: the data here has words it never saw.
+    init = tmp_path / "init"
+    build_random_pipeline("tiny-words", seed=3, vocabulary=["add a red circle"]).save_pretrained(init)
+    train(
+        TrainConfig(
+            data=str(dataset_dir),
+            out=str(tmp_path / "run"),
+            init=str(init),
+            steps=1,
+            batch_size=2,
+            save_every=1,
+            learning_rate=0.0,
+            warmup_steps=0,
+            ema_decay=0.0,
+            text_encoder_lr_scale=1.0,
+            frame_position_embedding=True,
+        ),
+        progress=False,
+    )
+    start, run = VeraPipeline.from_pretrained(init), VeraPipeline.from_pretrained(tmp_path / "run")
+    for text in LayeredVideoDataset(dataset_dir, "train").instructions():
+        assert unknown_words(run.tokenizer, text) == [], text
+    old_vocab = start.tokenizer.get_vocab()
+    assert {word: run.tokenizer.get_vocab()[word] for word in old_vocab} == old_vocab
+    # The old words' embeddings are the trained ones (nothing moved at learning rate 0).
+    old_rows = run.text_encoder.get_input_embeddings().weight[: len(old_vocab)]
+    torch.testing.assert_close(old_rows, start.text_encoder.get_input_embeddings().weight, atol=0, rtol=0)
+    # And the transformer gained its (zero) frame-position embeddings.
+    assert (
+        run.transformer.config.frame_position_embedding
+        and not start.transformer.config.frame_position_embedding
+    )
+    assert run.transformer.branches["edit"].frame_position_embedding.weight.abs().max() == 0

@@ -12,10 +12,10 @@ _LAZY_EXPORTS = {
     "VeraTransformer3DModel": "vera_engine.models.transformer_vera",
     "VeraTransformerOutput": "vera_engine.models.transformer_vera",
     "SpaceToDepthCodec": "vera_engine.models.space_to_depth_codec",
-    "VeraPipeline": "vera_engine.pipeline_vera",
-    "VeraPipelineOutput": "vera_engine.pipeline_vera",
-    "VeraInterrupted": "vera_engine.pipeline_vera",
-    "make_scheduler": "vera_engine.pipeline_vera",
+    "VeraPipeline": "vera_engine.pipelines.pipeline_vera",
+    "VeraPipelineOutput": "vera_engine.pipelines.pipeline_vera",
+    "VeraInterrupted": "vera_engine.pipelines.pipeline_vera",
+    "make_scheduler": "vera_engine.pipelines.pipeline_vera",
 }
 
 __all__ = ["__version__", *_LAZY_EXPORTS]

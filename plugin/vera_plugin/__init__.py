@@ -3,6 +3,6 @@
 Imports with only grpcio and protobuf installed (a DCC's Python): numpy and PySide6 are optional.
 """
 
-from .client import EngineClient, EngineError
+from vera_plugin.client import EngineClient, EngineError
 
 __all__ = ["EngineClient", "EngineError"]

@@ -30,9 +30,8 @@ from typing import Any, TextIO
 
 from google.protobuf import json_format
 
+from vera_plugin.client import DEFAULT_ADDRESS, EngineClient, EngineError, parse_frames, state_name
 from vera_proto.vera.v1 import engine_pb2 as pb
-
-from .client import DEFAULT_ADDRESS, EngineClient, EngineError, parse_frames, state_name
 
 EXIT_OK = 0
 EXIT_JOB_FAILED = 1
@@ -382,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_panel(argv: Sequence[str]) -> int:
     """`vera panel`: the standalone panel; its own options are parsed by `vera_plugin.panel.main`."""
     try:
-        from .panel import main as panel_main
+        from vera_plugin.panel import main as panel_main
     except ImportError as exc:
         print(
             f"vera panel: error: {exc}; install the 'ui' extra (pip install 'vera-edit[ui]')", file=sys.stderr

@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from vera_plugin.cache import CachedResult, find_results, job_dir
+from vera_plugin.client import EngineClient, EngineError, state_name
 from vera_proto.vera.v1 import engine_pb2 as pb
-
-from .cache import CachedResult, find_results, job_dir
-from .client import EngineClient, EngineError, state_name
 
 __all__ = [
     "GenerateCancelled",
@@ -223,6 +222,6 @@ def run_generate(
 
 
 def _span(frames: Sequence[int]) -> str:
-    from .client import format_frames
+    from vera_plugin.client import format_frames
 
     return format_frames(sorted(frames)) or "none"

@@ -22,10 +22,8 @@ from typing import Any
 import shiboken6
 from PySide6 import QtCore, QtGui, QtWidgets
 
-from vera_proto.vera.v1 import engine_pb2 as pb
-
-from .cache import cache_root, job_dir
-from .client import (
+from vera_plugin.cache import cache_root, job_dir
+from vera_plugin.client import (
     DEFAULT_ADDRESS,
     FINAL_STATES,
     EngineClient,
@@ -34,8 +32,16 @@ from .client import (
     parse_frames,
     state_name,
 )
-from .generate import client_options_from_env, describe_engine_error, status_text
-from .schema_ui import AUTO_COLORSPACE, Field, OptionsError, fields_for_model, find_model, job_options
+from vera_plugin.generate import client_options_from_env, describe_engine_error, status_text
+from vera_plugin.schema_ui import (
+    AUTO_COLORSPACE,
+    Field,
+    OptionsError,
+    fields_for_model,
+    find_model,
+    job_options,
+)
+from vera_proto.vera.v1 import engine_pb2 as pb
 
 __all__ = ["VeraPanel", "main"]
 

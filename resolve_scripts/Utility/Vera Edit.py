@@ -1,6 +1,6 @@
 """Vera Edit for DaVinci Resolve: Workspace ▸ Scripts ▸ Vera Edit.
 
-Thin on purpose: the window and all the work live in ``vera_plugin`` (``vera_plugin.resolve_window`` and
+Thin on purpose: the window and all the work live in ``vera_plugin`` (``vera_plugin.hosts.resolve.window`` and
 ``vera_plugin.hosts.resolve``). Install notes are in the README's Resolve section: this file goes into
 Resolve's ``Fusion/Scripts/Utility`` folder, and Resolve's Python needs grpcio, protobuf and vera_plugin
 (installed, or found through ``$VERA_PLUGIN_PATH``, the folders holding ``vera_plugin`` and ``vera_proto``).
@@ -14,7 +14,7 @@ for _path in reversed([p for p in os.environ.get("VERA_PLUGIN_PATH", "").split(o
         sys.path.insert(0, _path)
 
 try:
-    from vera_plugin.resolve_window import main
+    from vera_plugin.hosts.resolve.window import main
 except ImportError as _exc:  # say what is missing in Resolve's console instead of a bare traceback
     print(
         f"Vera Edit: cannot load vera_plugin ({_exc}). Install grpcio and protobuf into the Python Resolve "

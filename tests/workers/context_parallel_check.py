@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import torch
 
-from vera_engine.parallel import enable_context_parallel, init_distributed
-from vera_engine.presets import build_random_transformer
+from vera_engine.acceleration.parallel import enable_context_parallel, init_distributed
+from vera_engine.pipelines.presets import build_random_transformer
 
 
 def transformer_inputs(model, frames: int, height: int, width: int, seed: int) -> dict:
@@ -86,7 +86,7 @@ def main() -> None:
         reference_no_mask = model(**{**inputs, "mask_latents": None})
 
     # 2. The shipped checkpoint, sampled through the whole pipeline.
-    from vera_engine.model_store import load_pipeline
+    from vera_engine.pipelines.model_store import load_pipeline
 
     pipe = load_pipeline("default", device="cpu")
     rng = np.random.default_rng(5)

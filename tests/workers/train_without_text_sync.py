@@ -4,8 +4,8 @@ process's weights as the run's."""
 
 import sys
 
-from vera_engine import train
-from vera_engine.cli import main
+from vera_engine.tools.cli import main
+from vera_engine.training import train
 
 train._Distributed.average_gradients = lambda self, parameters: None  # the bug this guards against
 sys.exit(main(sys.argv[1:]))

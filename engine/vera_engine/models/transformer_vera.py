@@ -93,7 +93,7 @@ def frame_position_features(grid: tuple[int, int, int], device: torch.device) ->
     return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(1)
 
 
-class VeraBranchEnds(nn.Module):
+class VeraBranchEmbeddingsAndHead(nn.Module):
     """The parts of one Wan model outside its blocks: patch embedding, time/text embedder, output norm and head.
 
     Attribute names are Wan's, so `WanTransformer3DModel` weights load here unchanged.
@@ -355,7 +355,7 @@ class VeraTransformer3DModel(ModelMixin, ConfigMixin, CacheMixin, AttentionMixin
         self.rope = WanRotaryPosEmbed(attention_head_dim, patch_size, rope_max_seq_len)
         self.branches = nn.ModuleDict(
             {
-                name: VeraBranchEnds(
+                name: VeraBranchEmbeddingsAndHead(
                     inner_dim,
                     in_channels,
                     out_channels,
@@ -419,13 +419,15 @@ class VeraTransformer3DModel(ModelMixin, ConfigMixin, CacheMixin, AttentionMixin
 
     def _embed_tokens(self, branch: str, latents: torch.Tensor) -> torch.Tensor:
         """A branch's patch embedding of `latents`, plus its frame-position embedding when the model has one."""
-        ends = self.branches[branch]
-        tokens = self._patchify(ends.patch_embedding, latents)
+        branch_io = self.branches[branch]
+        tokens = self._patchify(branch_io.patch_embedding, latents)
         if self.config.frame_position_embedding:
             p_t, p_h, p_w = self.config.patch_size
             grid = (latents.shape[2] // p_t, latents.shape[3] // p_h, latents.shape[4] // p_w)
-            features = frame_position_features(grid, tokens.device).to(ends.frame_position_embedding.weight.dtype)
-            tokens = tokens + ends.frame_position_embedding(features).to(tokens.dtype)
+            features = frame_position_features(grid, tokens.device).to(
+                branch_io.frame_position_embedding.weight.dtype
+            )
+            tokens = tokens + branch_io.frame_position_embedding(features).to(tokens.dtype)
         return tokens
 
     # ------------------------------------------------------------------------------------------------------------
@@ -568,8 +570,8 @@ class VeraTransformer3DModel(ModelMixin, ConfigMixin, CacheMixin, AttentionMixin
 
         With `mask_text_padding` the padding is left out: positions whose text state is exactly zero, which is
         how the pipeline (like Wan) pads a prompt. Wan attends to that padding, and a pretrained Wan has learned
-        to; a small model trained from scratch learns instead to park its cross-attention there (95-99% of the
-        attention of the vera-tiny run that had it), where the text cannot steer it.
+        to; a small model trained from scratch learns instead to park its cross-attention there, where the text
+        cannot steer it (docs/TINY_MODEL.md).
         """
         if not self.config.mask_text_padding:
             return None
@@ -580,13 +582,15 @@ class VeraTransformer3DModel(ModelMixin, ConfigMixin, CacheMixin, AttentionMixin
     def _head(
         self, name: str, hidden_states: torch.Tensor, temb: torch.Tensor, grid: tuple[int, ...]
     ) -> torch.Tensor:
-        ends = self.branches[name]
+        branch_io = self.branches[name]
         batch_size = hidden_states.shape[0]
         post_patch_num_frames, post_patch_height, post_patch_width = grid
         p_t, p_h, p_w = self.config.patch_size
-        shift, scale = (ends.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
-        hidden_states = (ends.norm_out(hidden_states.float()) * (1 + scale) + shift).type_as(hidden_states)
-        hidden_states = ends.proj_out(hidden_states)
+        shift, scale = (branch_io.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
+        hidden_states = (branch_io.norm_out(hidden_states.float()) * (1 + scale) + shift).type_as(
+            hidden_states
+        )
+        hidden_states = branch_io.proj_out(hidden_states)
         hidden_states = hidden_states.reshape(
             batch_size, post_patch_num_frames, post_patch_height, post_patch_width, p_t, p_h, p_w, -1
         )

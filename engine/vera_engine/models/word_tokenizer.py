@@ -1,11 +1,9 @@
 """A word-level tokenizer for tiny checkpoints trained from scratch, built with Hugging Face `tokenizers`.
 
 Why words, not bytes: a small text encoder learned from scratch has to turn "red" into one direction the DiT's
-cross-attention can find. Over bytes it must first learn to spell (the colour is three tokens among sixty, its
-position in the sentence varies with the paraphrase); over words the colour is one token from the first step. (The
-byte-level vera-tiny never read its instructions; most of that was its cross-attention parking on the prompt's
-padding, which `mask_text_padding` fixes, but words are the shorter path either way.) A full-size
-Vera keeps Wan's umT5 and its tokenizer; this is only for checkpoints whose encoder is trained with them.
+cross-attention can find; over words the colour is one token from the first step (docs/TINY_MODEL.md has the
+runs behind this). A full-size Vera keeps Wan's umT5 and its tokenizer; this is only for checkpoints whose encoder
+is trained with them.
 
 The vocabulary is every word of the training instructions (lower-cased; punctuation split off), so a studio's own
 layered data brings its own words. Unknown words at inference map to `<unk>`: the edit still runs, and
@@ -60,7 +58,9 @@ def is_word_tokenizer(tokenizer: object) -> bool:
     return type(tokenizer.backend_tokenizer.model).__name__ == "WordLevel"
 
 
-def extend_word_tokenizer(tokenizer: PreTrainedTokenizerFast, texts: Iterable[str]) -> PreTrainedTokenizerFast:
+def extend_word_tokenizer(
+    tokenizer: PreTrainedTokenizerFast, texts: Iterable[str]
+) -> PreTrainedTokenizerFast:
     """`tokenizer` with the words of `texts` it lacks appended (sorted); the words it has keep their ids.
 
     Returns `tokenizer` itself when it knows every word. A text encoder trained with the old tokenizer reads the

@@ -1,7 +1,17 @@
-"""The engine's job service: the vera.v1.Engine gRPC server, its durable job store, spool and worker."""
+"""The engine's job service (`vera.v1.Engine` over gRPC).
 
-from .server import Engine, EngineServicer, add_serve_parser, create_server, run_serve, serve_main
-from .worker import JobCancelled, JobContext, JobRunner
+- `engine.py`: the core (spool, durable job store, worker); `servicer.py`: the RPCs and the gRPC server;
+  `serve.py`: ``vera-engine serve``.
+- `spool.py` (uploads on disk), `store.py` (job records in SQLite), `worker.py` (the job thread and its events),
+  `runner.py` (what a job runs: the pipeline and the layers), `schema.py` (each model's options, and request
+  validation against them), `auth.py` (TLS and tokens), `imageio.py` (frames in), `testing.py` (runners and an
+  engine process for tests).
+"""
+
+from vera_engine.service.engine import Engine
+from vera_engine.service.serve import add_serve_parser, run_serve, serve_main
+from vera_engine.service.servicer import EngineServicer, create_server
+from vera_engine.service.worker import JobCancelled, JobContext, JobRunner
 
 __all__ = [
     "Engine",

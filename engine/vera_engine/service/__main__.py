@@ -2,7 +2,7 @@
 
 import sys
 
-from .server import serve_main
+from vera_engine.service.serve import serve_main
 
 if __name__ == "__main__":
     sys.exit(serve_main(sys.argv[1:]))

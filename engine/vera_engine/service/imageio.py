@@ -1,4 +1,4 @@
-"""Decoding spooled frames: plates through :mod:`vera_engine.exr`, single-channel masks through OpenImageIO."""
+"""Decoding spooled frames: plates through :mod:`vera_engine.imaging.exr`, single-channel masks through OpenImageIO."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import exr
+from vera_engine.imaging import exr
 
 
 class ImageReadError(ValueError):

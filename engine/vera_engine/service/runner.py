@@ -1,4 +1,4 @@
-"""The real job runner: a :class:`~vera_engine.VeraPipeline` driven through :mod:`vera_engine.layers`.
+"""The real job runner: a :class:`~vera_engine.VeraPipeline` driven through :mod:`vera_engine.imaging.edit_plate`.
 
 Reads the spooled plate, converts and fits it (layers.edit_plate), samples with per-step progress,
 rate-bounded previews and cancellation, and writes ``vera_edit.####.exr`` with the plate's frame numbers.
@@ -15,11 +15,14 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from vera_engine.pipelines.model_store import (
+    check_attention_backend,
+    check_safetensors_only,
+    resolve_model_dir,
+)
+from vera_engine.service.schema import STEP_CACHES, ModelDefaults, model_info
+from vera_engine.service.worker import JobCancelled, JobContext
 from vera_proto.vera.v1 import engine_pb2 as pb
-
-from ..model_store import check_attention_backend, check_safetensors_only, resolve_model_dir
-from .schema import STEP_CACHES, ModelDefaults, model_info
-from .worker import JobCancelled, JobContext
 
 DEFAULT_STEPS = 30
 
@@ -39,7 +42,7 @@ def weights_hash(files: list[Path], root: Path) -> str:
 
 def scene_linear_spaces() -> list[str]:
     """Scene-linear colour spaces of the OCIO config, the default working space first."""
-    from ..colour import DEFAULT_WORKING_SPACE, load_config
+    from vera_engine.imaging.colour import DEFAULT_WORKING_SPACE, load_config
 
     config = load_config()
     names = [cs.getName() for cs in config.getColorSpaces() if cs.getEncoding() == "scene-linear"]
@@ -100,7 +103,7 @@ class PipelineRunner:
     def load(self) -> None:
         """Load the pipeline onto the device (called once on the worker thread)."""
 
-        from ..model_store import load_pipeline
+        from vera_engine.pipelines.model_store import load_pipeline
 
         self.hash = weights_hash(self.weights, self.model_dir)
         memory = self.memory
@@ -128,7 +131,7 @@ class PipelineRunner:
     def models(self) -> list[pb.ModelInfo]:
         """This runner's one model with its options schema."""
         if self._models is None:
-            from ..exr import COLOUR_COMPRESSIONS
+            from vera_engine.imaging.exr import COLOUR_COMPRESSIONS
 
             defaults = ModelDefaults(
                 name=self.name,
@@ -169,11 +172,11 @@ class PipelineRunner:
 
     def run(self, ctx: JobContext) -> list[Path]:
         """Edit the spooled plate as the header asks and write the layered EXRs."""
-        from ..colour import ColourConverter
-        from ..layers import edit_plate, write_result_sequence
-        from ..models.word_tokenizer import unknown_words
-        from ..pipeline_vera import VeraInterrupted
-        from ..step_cache import step_cache
+        from vera_engine.acceleration.step_cache import step_cache
+        from vera_engine.imaging.colour import ColourConverter
+        from vera_engine.imaging.edit_plate import edit_plate, write_result_sequence
+        from vera_engine.models.word_tokenizer import unknown_words
+        from vera_engine.pipelines.pipeline_vera import VeraInterrupted
 
         header = ctx.header
         pipe = self.pipe

@@ -11,9 +11,8 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from vera_engine.service.spool import MAX_FRAMES, InputError
 from vera_proto.vera.v1 import engine_pb2 as pb
-
-from .spool import MAX_FRAMES, InputError
 
 TASKS = ("object_addition", "background_change")
 # Step caches a job may ask for, fastest-for-its-error first after exact sampling (docs/BENCHMARKS.md, "Step

@@ -26,9 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from vera_engine.service import imageio
 from vera_proto.vera.v1 import engine_pb2 as pb
-
-from . import imageio
 
 MANIFEST = "manifest.json"
 MIN_SIDE = 16

@@ -19,10 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from vera_engine.service.schema import ModelDefaults, model_info
+from vera_engine.service.worker import JobContext
 from vera_proto.vera.v1 import engine_pb2 as pb
-
-from .schema import ModelDefaults, model_info
-from .worker import JobContext
 
 
 class PassThroughRunner:
@@ -48,7 +47,7 @@ class PassThroughRunner:
 
     def models(self) -> list[pb.ModelInfo]:
         """One model called 'passthrough' with the standard schema."""
-        from ..exr import COLOUR_COMPRESSIONS
+        from vera_engine.imaging.exr import COLOUR_COMPRESSIONS
 
         defaults = ModelDefaults(
             name="passthrough", native_height=32, native_width=32, frame_window=4, steps=3
@@ -61,7 +60,7 @@ class PassThroughRunner:
 
     def run(self, ctx: JobContext) -> list[Path]:
         """Step through ``header.steps`` steps, then write composite = plate, empty edit and matte."""
-        from ..exr import write_layered_exr
+        from vera_engine.imaging.exr import write_layered_exr
 
         self.started.append(ctx.job_id)
         if self.fail_prompt and ctx.header.prompt == self.fail_prompt:
@@ -107,7 +106,7 @@ def tiny_model_dir(root: Path) -> Path:
     """A tiny random-weight Vera pipeline saved under ``root/tiny-vera`` (built once, then reused)."""
     target = Path(root) / "tiny-vera"
     if not (target / "model_index.json").is_file():
-        from ..presets import build_random_pipeline
+        from vera_engine.pipelines.presets import build_random_pipeline
 
         tmp = Path(root) / f".tiny-vera-{os.getpid()}"
         build_random_pipeline("tiny", seed=0).save_pretrained(tmp)

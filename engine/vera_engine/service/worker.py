@@ -22,10 +22,9 @@ from typing import Protocol
 
 import numpy as np
 
+from vera_engine.service import store as job_store
+from vera_engine.service.spool import InputError, Spool, SpooledInputs
 from vera_proto.vera.v1 import engine_pb2 as pb
-
-from . import store as st
-from .spool import InputError, Spool, SpooledInputs
 
 log = logging.getLogger("vera_engine.service")
 
@@ -176,7 +175,7 @@ class Worker:
 
     def __init__(
         self,
-        store: st.JobStore,
+        store: job_store.JobStore,
         spool: Spool,
         runner: JobRunner,
         events: Events,
@@ -250,7 +249,7 @@ class Worker:
                 continue
             self._run(record)
 
-    def _run(self, record: st.JobRecord) -> None:
+    def _run(self, record: job_store.JobRecord) -> None:
         cancel = threading.Event()
         live = LiveState(job_id=record.id)
         with self._lock:
@@ -262,7 +261,7 @@ class Worker:
         # A previous attempt (before a crash) may have left part of the results: start clean.
         shutil.rmtree(out_dir, ignore_errors=True)
         out_dir.mkdir(parents=True)
-        state, error, outputs = st.FAILED, "", []
+        state, error, outputs = job_store.FAILED, "", []
         try:
             if self.load_error is not None:
                 raise RuntimeError(self.load_error)
@@ -280,9 +279,9 @@ class Worker:
             del ctx
             # A cancel that arrives after the last step is too late: the results exist, keep them.
             outputs = sorted(Path(p).name for p in paths)
-            state = st.SUCCEEDED
+            state = job_store.SUCCEEDED
         except JobCancelled:
-            state = st.CANCELLED
+            state = job_store.CANCELLED
         except InputError as exc:
             error = str(exc)
         except Exception as exc:
@@ -292,13 +291,13 @@ class Worker:
             with self._lock:
                 self._cancel.pop(record.id, None)
                 self.live = None
-        if self._stop.is_set() and state != st.SUCCEEDED:
+        if self._stop.is_set() and state != job_store.SUCCEEDED:
             # Shutting down: leave the job RUNNING so the next start resumes it.
             log.info("job %s: interrupted by shutdown; it resumes when the engine restarts", record.id)
             self.store.requeue(record.id)
             free_memory()
             return
-        if state == st.CANCELLED:
+        if state == job_store.CANCELLED:
             shutil.rmtree(out_dir, ignore_errors=True)
         self.store.finish(record.id, state, error=error, outputs=outputs)
         self.spool.remove_inputs(record.id)

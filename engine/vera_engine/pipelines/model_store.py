@@ -1,0 +1,120 @@
+"""Where models come from: a local pipeline folder, or `default` — the checkpoint shipped in the repository.
+
+No hub, no downloads: a model is a folder on disk (`model_index.json` + component folders, safetensors only).
+`$VERA_MODEL` overrides what `default` means, e.g. to make a studio's own fine-tune the default.
+"""
+
+import os
+from pathlib import Path
+from typing import Any
+
+DEFAULT_MODEL_NAME = "vera-tiny"
+SHIPPED_MODEL_DIR = Path(__file__).resolve().parents[1] / "checkpoints" / DEFAULT_MODEL_NAME
+
+# Pickle-based weight formats: loading them runs code, so a model folder holding any is refused.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def resolve_model_dir(model: "str | os.PathLike[str]" = "default") -> Path:
+    """The pipeline folder for `model`: a folder path, or 'default' ($VERA_MODEL, else the shipped checkpoint)."""
+    if os.fspath(model) == "default":
+        override = os.environ.get("VERA_MODEL")
+        path = Path(override) if override else SHIPPED_MODEL_DIR
+        if not (path / "model_index.json").is_file():
+            where = f"$VERA_MODEL={override}" if override else str(SHIPPED_MODEL_DIR)
+            raise FileNotFoundError(
+                f"model 'default': no pipeline folder at {where}; pass a folder written by save_pretrained, "
+                "`vera-engine convert-wan` or `vera-engine train`"
+            )
+        return path
+    path = Path(model)
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"model {os.fspath(model)!r} is not a Vera pipeline folder (no model_index.json); pass a folder written "
+            "by save_pretrained, `vera-engine convert-wan` or `vera-engine train`, or 'default'"
+        )
+    return path
+
+
+def check_safetensors_only(folder: Path) -> list[Path]:
+    """The folder's safetensors files; a `ValueError` if it holds pickle weights anywhere."""
+    pickles = [p for p in folder.rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES]
+    if pickles:
+        names = ", ".join(str(p.relative_to(folder)) for p in pickles[:5])
+        raise ValueError(
+            f"{folder}: contains pickle weight files ({names}); the engine loads safetensors only: re-save the "
+            "model with save_pretrained(safe_serialization=True)"
+        )
+    weights = sorted(folder.rglob("*.safetensors"))
+    if not weights:
+        raise ValueError(f"{folder}: no .safetensors weights found")
+    return weights
+
+
+def load_pipeline(
+    model: "str | os.PathLike[str]" = "default",
+    device: str | None = None,
+    precision: str = "auto",
+    *,
+    memory: Any = None,
+    attention_backend: str | None = None,
+    compile_blocks: bool = False,
+) -> Any:
+    """Load a `VeraPipeline` from `model` (see `resolve_model_dir`), refusing pickle weights.
+
+    `precision`: "auto" runs the transformer and text encoder in bfloat16 on a GPU (norms and modulation stay
+    float32, the VAE stays float32, as for Wan) and everything in float32 on a CPU; or "float32" / "bfloat16".
+    `memory`: a `vera_engine.acceleration.memory.MemoryOptions` placing the components on `device` (offloading, VAE tiling);
+    without it every component goes to `device`. `attention_backend`: a diffusers attention backend name for the
+    joint attention (`native`, `_native_cudnn`, `flash`, `_flash_3`, `sage`, ...). `compile_blocks`: compile the
+    repeated MoT block with `torch.compile` (the first job pays the compilation).
+    """
+    import torch
+
+    from vera_engine.pipelines.pipeline_vera import VeraPipeline
+
+    if precision not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"precision={precision!r}; expected 'auto', 'float32' or 'bfloat16'")
+    if attention_backend is not None:
+        check_attention_backend(attention_backend)
+    on_gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    half = precision == "bfloat16" or (precision == "auto" and on_gpu)
+    torch_dtype: Any = torch.float32
+    if half:
+        torch_dtype = {
+            "transformer": torch.bfloat16,
+            "text_encoder": torch.bfloat16,
+            "default": torch.float32,
+        }
+    folder = resolve_model_dir(model)
+    check_safetensors_only(folder)
+    pipe = VeraPipeline.from_pretrained(folder, dtype=torch_dtype)
+    pipe.set_progress_bar_config(disable=True)
+    if memory is not None:
+        from vera_engine.acceleration.memory import apply_memory_options
+
+        apply_memory_options(pipe, memory, device or ("cuda" if on_gpu else "cpu"))
+    elif device:
+        pipe.to(device)
+    if attention_backend is not None:
+        pipe.transformer.set_attention_backend(attention_backend)
+    if compile_blocks:
+        pipe.transformer.compile_repeated_blocks(fullgraph=True)
+    return pipe
+
+
+def check_attention_backend(name: str) -> None:
+    """Refuse an attention backend diffusers does not know (listing the ones it does) or cannot run here."""
+    from diffusers.models.attention_dispatch import (
+        AttentionBackendName,
+        _check_attention_backend_requirements,
+    )
+
+    known = [backend.value for backend in AttentionBackendName]
+    if name not in known:
+        raise ValueError(f"attention backend {name!r} is not known to diffusers; expected one of {known}")
+    try:
+        # diffusers' own check that the backend's package (flash-attn, sageattention, kernels) is installed.
+        _check_attention_backend_requirements(AttentionBackendName(name))
+    except RuntimeError as exc:
+        raise ValueError(f"attention backend {name!r} cannot run here: {exc}") from None

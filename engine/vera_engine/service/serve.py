@@ -1,0 +1,213 @@
+"""``vera-engine serve``: the command line that starts an engine process (arguments, model and memory options,
+binding and security checks, signal handling); the service itself is in `engine.py` and `servicer.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+from vera_engine.service import auth
+from vera_engine.service.engine import DEFAULT_QUEUE, DEFAULT_RETENTION_HOURS, Engine
+from vera_engine.service.servicer import DEFAULT_PORT, create_server
+from vera_engine.service.spool import SpoolInUse
+
+log = logging.getLogger("vera_engine.service")
+
+
+def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the ``serve`` command to ``vera-engine``'s subparsers."""
+    parser = subparsers.add_parser(
+        "serve",
+        help="run the gRPC engine service",
+        description="Run the Vera Edit engine: a gRPC service (vera.v1.Engine) with a durable job queue.",
+    )
+    _serve_arguments(parser)
+    parser.set_defaults(handler=run_serve)
+    return parser
+
+
+def _serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default="default",
+        metavar="DIR|default",
+        help="model folder, or 'default' (default: %(default)s)",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    parser.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help="port, 0 = any free (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--spool", type=Path, required=True, metavar="DIR", help="folder for job inputs, results and state"
+    )
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    perf = parser.add_argument_group("speed and memory (docs/BENCHMARKS.md has the figures)")
+    perf.add_argument(
+        "--attention-backend",
+        metavar="NAME",
+        help="diffusers attention backend for the joint attention: native (default), _native_cudnn, flash, "
+        "_flash_3, sage (8-bit, approximate), ...",
+    )
+    perf.add_argument(
+        "--compile", action="store_true", help="torch.compile the repeated MoT block (the first job compiles)"
+    )
+    perf.add_argument(
+        "--text-encoder-offload",
+        choices=("none", "cpu", "swap"),
+        default="none",
+        help="cpu: the text encoder stays on the CPU and encodes there; swap: it visits the GPU only to encode "
+        "(default: none)",
+    )
+    perf.add_argument(
+        "--group-offload",
+        type=int,
+        metavar="BLOCKS",
+        help="keep the transformer in CPU memory and bring BLOCKS MoT blocks at a time onto the device",
+    )
+    perf.add_argument(
+        "--offload-to-disk", metavar="DIR", help="with --group-offload: page the blocks from files in DIR"
+    )
+    perf.add_argument(
+        "--offload-stream",
+        action="store_true",
+        help="with --group-offload 1 on CUDA: prefetch the next block on a side stream",
+    )
+    perf.add_argument(
+        "--model-cpu-offload", action="store_true", help="whole components visit the device one at a time"
+    )
+    perf.add_argument("--vae-tiling", action="store_true", help="encode and decode the Wan VAE in tiles")
+    parser.add_argument(
+        "--allow-root",
+        dest="allowed_roots",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="DIR",
+        help="folder under which clients may send frames by path (repeatable; default: none)",
+    )
+    parser.add_argument(
+        "--queue-size", type=int, default=DEFAULT_QUEUE, help="jobs that may wait (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--retention-hours",
+        type=float,
+        default=DEFAULT_RETENTION_HOURS,
+        help="keep finished jobs' results this long (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--preview-interval", type=float, default=1.0, help="seconds between previews (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--token-file", type=Path, metavar="FILE", help="file with accepted bearer tokens, one per line"
+    )
+    parser.add_argument("--tls-cert", type=Path, metavar="PEM", help="PEM certificate chain for TLS")
+    parser.add_argument("--tls-key", type=Path, metavar="PEM", help="PEM private key for TLS")
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a non-loopback bind without token and TLS (not advised)",
+    )
+    parser.add_argument("--log-level", default="INFO", help="logging level (default: %(default)s)")
+
+
+def memory_options(args: argparse.Namespace) -> Any:
+    """The serve flags as `vera_engine.acceleration.memory.MemoryOptions`, or None when none is given (all on the device)."""
+    from vera_engine.acceleration.memory import MemoryOptions
+
+    if args.group_offload is not None and args.group_offload < 1:
+        raise ValueError(f"--group-offload {args.group_offload}: expected 1 or more MoT blocks at a time")
+    if args.model_cpu_offload and (args.group_offload is not None or args.text_encoder_offload != "none"):
+        raise ValueError(
+            "--model-cpu-offload moves whole components itself: drop --group-offload / --text-encoder-offload"
+        )
+    if args.offload_to_disk and args.group_offload is None:
+        raise ValueError("--offload-to-disk needs --group-offload BLOCKS")
+    if args.offload_stream and args.group_offload is None:
+        raise ValueError("--offload-stream needs --group-offload 1")
+    options = MemoryOptions(
+        text_encoder_offload=args.text_encoder_offload,
+        group_offload="block" if args.group_offload is not None else None,
+        num_blocks_per_group=args.group_offload if args.group_offload is not None else 1,
+        use_stream=args.offload_stream,
+        offload_to_disk=args.offload_to_disk,
+        model_cpu_offload=args.model_cpu_offload,
+        vae_tiling=args.vae_tiling,
+    )
+    return None if options == MemoryOptions() else options
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Run the service until SIGINT/SIGTERM; returns the exit code (2 for bad options)."""
+    import sys
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        auth.check_bind_policy(args.host, args.token_file, args.tls_cert, args.tls_key, args.insecure)
+        tokens = auth.read_tokens(args.token_file) if args.token_file else []
+        for root in args.allowed_roots:
+            if not root.is_dir():
+                raise auth.PolicyError(f"--allow-root {root}: not a folder")
+        if args.queue_size < 1:
+            raise auth.PolicyError(f"--queue-size {args.queue_size}: expected at least 1")
+        from vera_engine.service.runner import PipelineRunner
+
+        runner = PipelineRunner(
+            args.model,
+            device=args.device,
+            memory=memory_options(args),
+            attention_backend=args.attention_backend,
+            compile_blocks=args.compile,
+        )
+    except (auth.PolicyError, ValueError, FileNotFoundError) as exc:
+        print(f"vera-engine serve: error: {exc}", file=sys.stderr)
+        return 2
+    if args.insecure and not auth.is_loopback(args.host):
+        log.warning("--insecure: %s accepts unauthenticated plain-text connections", args.host)
+    try:
+        engine = Engine(
+            args.spool,
+            runner,
+            queue_capacity=args.queue_size,
+            allowed_roots=args.allowed_roots,
+            retention_seconds=args.retention_hours * 3600,
+            preview_interval=args.preview_interval,
+        )
+    except SpoolInUse as exc:
+        print(f"vera-engine serve: error: {exc}", file=sys.stderr)
+        return 2
+    tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
+    try:
+        server, port = create_server(engine, args.host, args.port, tokens=tokens, tls=tls)
+    except OSError as exc:
+        print(f"vera-engine serve: error: {exc}", file=sys.stderr)
+        engine.store.close()
+        engine.spool.unlock()
+        return 1
+    engine.start()
+    server.start()
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    # A machine-readable line: tests and wrappers that pass --port 0 read the port from it.
+    print(f"vera-engine listening on {args.host}:{port}", flush=True)
+    done.wait()
+    log.info("shutting down")
+    server.stop(grace=5.0).wait()
+    engine.stop()
+    return 0
+
+
+def serve_main(argv: list[str] | None = None) -> int:
+    """``vera-engine serve`` as a standalone entry point."""
+    parser = argparse.ArgumentParser(
+        prog="vera-engine serve", description="Run the Vera Edit engine service."
+    )
+    _serve_arguments(parser)
+    return run_serve(parser.parse_args(argv))

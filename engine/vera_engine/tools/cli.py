@@ -1,0 +1,251 @@
+"""`vera-engine`: the engine's command line (convert Wan checkpoints, benchmark a step, serve, train, ...).
+
+Exit codes: 0 success, 2 bad arguments or input (the message says which), 1 anything else.
+"""
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def _add_convert_wan(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "convert-wan",
+        help="build a Vera pipeline folder from a diffusers-format Wan2.1 T2V folder",
+        description="Initialise all three Vera branches from a Wan2.1 text-to-video transformer and carry its VAE, "
+        "text encoder, tokenizer and scheduler over into a Vera pipeline folder.",
+    )
+    parser.add_argument(
+        "--wan", required=True, help="diffusers-format Wan2.1 T2V folder (with model_index.json)"
+    )
+    parser.add_argument("--out", required=True, help="folder to write the Vera pipeline to")
+    parser.add_argument("--native-height", type=int, default=480)
+    parser.add_argument("--native-width", type=int, default=832)
+    parser.add_argument("--native-frames", type=int, default=49)
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="weight dtype of the Vera transformer; norms and modulation stay float32 (default: float32)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.set_defaults(handler=_run_convert_wan)
+
+
+def _run_convert_wan(args: argparse.Namespace) -> int:
+    import torch
+
+    from vera_engine.tools.convert import convert_wan
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    out = convert_wan(
+        args.wan,
+        args.out,
+        native_height=args.native_height,
+        native_width=args.native_width,
+        native_frames=args.native_frames,
+        torch_dtype=dtype,
+        overwrite=args.overwrite,
+    )
+    print(f"wrote Vera pipeline to {out}")
+    return 0
+
+
+def _add_bench_step(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "bench-step",
+        help="time one denoising step of a named Vera size (random weights)",
+        description="Time one denoising step (one transformer forward over the three streams, CFG batched) and "
+        "print tokens per stream, the step's FLOPs, seconds, achieved TFLOP/s and peak memory.",
+    )
+    parser.add_argument("--config", default="tiny", help="tiny, wan-1.3b or wan-14b (default: tiny)")
+    parser.add_argument("--frames", type=int, help="pixel frames (default: the preset's native window)")
+    parser.add_argument("--height", type=int, help="pixel height (default: native)")
+    parser.add_argument("--width", type=int, help="pixel width (default: native)")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--no-cfg", dest="cfg", action="store_false", help="one pass per step (guidance 1)")
+    parser.add_argument(
+        "--cfg-sequential",
+        action="store_true",
+        help="run CFG's two passes one after the other (batch 1 each) instead of as one batch of 2",
+    )
+    parser.add_argument(
+        "--attention-backend",
+        help="diffusers attention backend (native, _native_cudnn, flash, _flash_3, sage)",
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the repeated MoT block (first step compiles)"
+    )
+    parser.add_argument(
+        "--context-parallel",
+        choices=("ulysses", "ring"),
+        help="split the sequence across the processes of a torchrun launch (only rank 0 prints)",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=50, help="steps per clip for the per-clip estimate (default: 50)"
+    )
+    parser.add_argument(
+        "--reference-wan", action="store_true", help="time a single Wan transformer of the same size"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timed steps after one warm-up (median reported)"
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(handler=_run_bench_step)
+
+
+def _run_bench_step(args: argparse.Namespace) -> int:
+    from vera_engine.tools.bench import bench_step, print_result
+
+    result = bench_step(
+        args.config,
+        frames=args.frames,
+        height=args.height,
+        width=args.width,
+        device=args.device,
+        dtype=args.dtype,
+        cfg=args.cfg,
+        cfg_sequential=args.cfg_sequential,
+        attention_backend=args.attention_backend,
+        compile_blocks=args.compile,
+        context_parallel=args.context_parallel,
+        reference_wan=args.reference_wan,
+        repeats=args.repeats,
+        steps=args.steps,
+    )
+    if result.rank == 0:
+        print_result(result, as_json=args.json)
+    return 0
+
+
+def _add_train(subparsers: argparse._SubParsersAction) -> None:
+    from vera_engine.tools.config_cli import add_config_arguments
+    from vera_engine.training.train import TrainConfig
+
+    parser = subparsers.add_parser(
+        "train",
+        help="train Vera on a layered dataset (flow matching on all three layers)",
+        description="Vera's recipe: flow matching on edit, alpha and composite with equal weights, per-branch "
+        "learning rates, mask dropout per task, warm-up, EMA. Run under torchrun for DDP on several GPUs.",
+    )
+    add_config_arguments(parser, TrainConfig)
+    parser.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.set_defaults(handler=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from vera_engine.tools.config_cli import config_from_arguments, given
+    from vera_engine.training.train import TrainConfig, train
+
+    if given(args, "init") and given(args, "preset") and not args.fresh_text_encoder:
+        raise ValueError(
+            "--init and --preset start from different weights; give one, or add --fresh-text-encoder to keep "
+            "--init's transformer with a new text encoder of --preset's kind"
+        )
+    config = config_from_arguments(TrainConfig, args)
+    summary = train(config, resume=args.resume, progress=args.progress)
+    if summary.get("rank", 0) == 0:
+        print(
+            f"trained to step {summary['steps']} ({summary['seconds_per_step']:.3g} s/step), "
+            f"loss {summary['last'].get('loss', float('nan')):.4f}; pipeline in {summary['out']}"
+        )
+    return 0
+
+
+def _add_eval(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="score a Vera pipeline on a held-out split of a layered dataset",
+        description="Background change: matte IoU and composite PSNR against ground truth; object addition: "
+        "matte non-empty, edit colour and direction of motion as instructed; both: exact preservation where the "
+        "matte is zero. Prints a table (or JSON) and checks the shipped checkpoint's targets.",
+    )
+    parser.add_argument(
+        "--model", default="default", help="pipeline folder, or 'default' for the shipped one"
+    )
+    parser.add_argument("--data", required=True, help="layered dataset folder")
+    parser.add_argument("--split", default="heldout")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--guidance", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--report", help="also write the full report (per-clip results) as JSON here")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.set_defaults(handler=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from vera_engine.pipelines.model_store import load_pipeline
+    from vera_engine.training.evaluate import evaluate_pipeline, format_report, write_report
+
+    pipe = load_pipeline(args.model)
+    report = evaluate_pipeline(
+        pipe, args.data, args.split, steps=args.steps, guidance=args.guidance, seed=args.seed
+    )
+    if args.report:
+        write_report(report, args.report)
+    if args.json:
+        print(json.dumps({"summary": report["summary"], "targets": report["targets"]}, default=str))
+    else:
+        print(format_report(report))
+    return 0
+
+
+def _add_demo(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="the whole product end to end on the shipped checkpoint (about a minute on a CPU)",
+        description="Write a sample scene-linear EXR plate, start an engine, submit it through the gRPC client, "
+        "show progress, fetch the layered EXRs and write a contact sheet.",
+    )
+    parser.add_argument(
+        "--out", default="vera_demo", help="folder for everything it writes (default: vera_demo)"
+    )
+    parser.add_argument(
+        "--model", default="default", help="pipeline folder, or 'default' for the shipped one"
+    )
+    parser.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(handler=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from vera_engine.tools.demo import run_demo
+
+    run_demo(args.out, model=args.model, steps=args.steps, seed=args.seed)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `vera-engine` argument parser with all its subcommands."""
+    from vera_engine import __version__
+
+    parser = argparse.ArgumentParser(prog="vera-engine", description="Vera Edit engine.")
+    parser.add_argument("--version", action="version", version=f"vera-engine {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from vera_engine.service.serve import add_serve_parser
+
+    for add in (add_serve_parser, _add_convert_wan, _add_bench_step, _add_train, _add_eval, _add_demo):
+        add(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `vera-engine`."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"vera-engine {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"vera-engine {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1107 @@
+"""`vera-engine train`: Vera's training recipe (paper §4.1.1, App. A.2) on a layered dataset.
+
+Flow matching on all three layers with equally weighted losses, per-branch learning rates (edit 0.1×, alpha 10×,
+composite 10× the base by default), mask dropout per task (0.3 background change, 0.9 object addition), linear
+warm-up, EMA of the weights, optional gradient checkpointing, bf16 autocast on GPUs. One process on a CPU;
+DDP under `torchrun` on GPUs (or on CPUs with gloo), or FSDP (`fsdp=True`: each process holds a shard of the
+transformer's weights, gradients, optimiser and EMA state, for sizes whose AdamW state does not fit one GPU).
+
+Conventions are diffusers' (those of the Wan weights and schedulers): `x_t = (1 − σ)·x_0 + σ·noise`, the model
+predicts `v = noise − x_0` at timestep `1000·σ`. The paper writes the same flow with time reversed.
+
+Output: a pipeline folder (`VeraPipeline.from_pretrained` loads it; the transformer holds the EMA weights) plus
+`training/` inside it with what resuming needs (raw weights, optimiser, EMA, step, RNG: safetensors + JSON) and
+`training/log.jsonl` with the losses, and `training/history.json`: the settings each stretch of the run trained with
+(a resume may change those that carry no optimiser state, such as the noise-level shift or the precision).
+"""
+
+import gc
+import json
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import MISSING, asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vera_engine.models.transformer_vera import BRANCHES, VeraTransformer3DModel
+from vera_engine.pipelines.pipeline_vera import codec_input
+from vera_engine.training.recipe import DEFAULT_BRANCH_LR_SCALES, DEFAULT_MASK_DROPOUT
+
+# Vera-only parameters train with the branch whose tokens they are added to.
+_CONDITION_OWNERS = {
+    "source_embedding": "composite",
+    "composite_layer_embedding": "composite",
+    "mask_embedding": "alpha",
+    "alpha_layer_embedding": "alpha",
+}
+
+
+def _show_mapping(values: Mapping[str, float]) -> str:
+    return ",".join(f"{key}={value:g}" for key, value in values.items())
+
+
+def _setting(default: Any = MISSING, **metadata: Any) -> Any:
+    """A `TrainConfig` field: its default and, as metadata, its help and command-line form (tools/config_cli.py)."""
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run is defined by; saved in `training/config.json` and checked on resume.
+
+    The fields are also `vera-engine train`'s flags (`--field-name` unless a `flag` says otherwise), with these
+    defaults and help texts.
+    """
+
+    data: str = _setting(help="layered dataset folder (docs/DATASET.md)")
+    out: str = _setting(help="pipeline folder to write (checkpoints replace it atomically)")
+    init: str | None = _setting(
+        None, help="pipeline folder to start from (convert-wan output, or a trained Vera)"
+    )
+    preset: str = _setting(
+        "tiny", help="random-weight tiny preset to start from; with --init, only for --fresh-text-encoder"
+    )
+    steps: int = _setting(1000, help="optimiser steps of the whole run (a resume may raise it)")
+    batch_size: int = _setting(4, help="clips per process and step")
+    learning_rate: float = _setting(1e-5, flag="--lr", help="base learning rate (paper: 1e-5)")
+    branch_lr_scales: dict[str, float] = field(
+        default_factory=lambda: dict(DEFAULT_BRANCH_LR_SCALES),
+        metadata={
+            "flag": "--branch-lr",
+            "parse": lambda text: parse_branch_lr_scales(text),
+            "show": _show_mapping,
+            "help": "per-branch multipliers of --lr",
+        },
+    )
+    mask_dropout: dict[str, float] = field(
+        default_factory=lambda: dict(DEFAULT_MASK_DROPOUT),
+        metadata={
+            "parse": lambda text: parse_mask_dropout(text),
+            "show": _show_mapping,
+            "help": "probability of training without the mask, per task",
+        },
+    )
+    warmup_steps: int = _setting(200, help="linear warm-up of the learning rate over this many steps")
+    cooldown_steps: int = _setting(
+        0,
+        help="decay the learning rate linearly to 0 over the last N of --steps (0: constant after warm-up, as in the "
+        "paper); a schedule, not optimiser state, so a --resume may add it once the run's length is known",
+    )
+    text_dropout: float = _setting(
+        0.1,
+        help="probability of training on an empty instruction (trains classifier-free guidance's other pass)",
+    )
+    text_encoder_lr_scale: float = _setting(
+        0.0,
+        flag="--text-encoder-lr",
+        help="train the text encoder at this multiple of --lr (0: frozen, the paper's setting for a pretrained "
+        "umT5; a tiny checkpoint trained from scratch learns its encoder, which is what lets it read words)",
+    )
+    fresh_text_encoder: bool = _setting(
+        False,
+        help="with --init: keep its transformer, start a new tokenizer and text encoder of --preset's kind (a "
+        "word-level vocabulary from this run's data, the preset's mask_text_padding)",
+    )
+    frame_position_embedding: bool = _setting(
+        False,
+        help="with --init: give its transformer frame-position embeddings (zero at first, so the init model's "
+        "output is unchanged until they train)",
+    )
+    timestep_shift: float = _setting(
+        1.0,
+        help="flow shift of the training noise levels: u ~ U(0, 1) -> sigma = s*u / (1 + (s-1)*u); 1 is uniform, "
+        "3 spends more of training at high noise, where layout and colour are decided (like inference's shift)",
+    )
+    ema_decay: float = _setting(0.999, help="decay of the weights' moving average (the saved model)")
+    gradient_checkpointing: bool = _setting(
+        False, help="recompute each block's activations in the backward pass"
+    )
+    fsdp: bool = _setting(
+        False,
+        help="under torchrun: shard the transformer's weights, gradients, optimiser and EMA state across the "
+        "processes (FSDP2) instead of replicating them (DDP); checkpoints are the same full-weight folders, so a "
+        "run may resume with or without it",
+    )
+    mixed_precision: str = _setting(
+        "auto",
+        choices=("auto", "no", "bf16"),
+        help="auto: bf16 autocast on CUDA, float32 on CPU; bf16 also pays on CPUs with AVX-512 BF16",
+    )
+    frames: int | None = _setting(None, type=int, help="frames per training crop (default: whole clips)")
+    size: tuple[int, int] | None = _setting(
+        None, type=int, nargs=2, metavar=("H", "W"), help="spatial crop (default: full frames)"
+    )
+    save_every: int = _setting(500, help="steps between checkpoints")
+    log_every: int = _setting(10, help="steps between logged losses")
+    seed: int = _setting(0, help="seed of the weights, the data order and the noise")
+    num_workers: int = _setting(0, help="DataLoader worker processes")
+    max_grad_norm: float = _setting(1.0, help="gradient clipping norm")
+
+
+def branch_of_parameter(name: str) -> str:
+    """The branch (edit / alpha / composite) a `VeraTransformer3DModel` parameter belongs to."""
+    parts = name.split(".")
+    if parts[0] == "branches":
+        return parts[1]
+    if parts[0] == "blocks":
+        return parts[2]
+    if parts[0] in _CONDITION_OWNERS:
+        return _CONDITION_OWNERS[parts[0]]
+    raise ValueError(
+        f"parameter {name!r} belongs to no branch; VeraTransformer3DModel has a new parameter kind"
+    )
+
+
+def branch_parameter_groups(
+    model: torch.nn.Module, learning_rate: float, scales: Mapping[str, float]
+) -> list[dict[str, Any]]:
+    """Optimiser parameter groups, one per branch, at `learning_rate × scales[branch]` (paper Table 5)."""
+    unknown = set(scales) - set(BRANCHES)
+    if unknown or set(scales) != set(BRANCHES):
+        raise ValueError(f"branch_lr_scales={dict(scales)}; expected one scale for each of {BRANCHES}")
+    groups: dict[str, list[torch.nn.Parameter]] = {name: [] for name in BRANCHES}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            # FSDP and DDP prefix names (`module.`, `_fsdp_wrapped_module.`): strip what is not ours.
+            clean = name.replace("_fsdp_wrapped_module.", "").removeprefix("module.")
+            groups[branch_of_parameter(clean)].append(param)
+    return [
+        {
+            "params": params,
+            "lr": learning_rate * scales[name],
+            "name": name,
+            "initial_lr": learning_rate * scales[name],
+        }
+        for name, params in groups.items()
+    ]
+
+
+class EpochSampler(torch.utils.data.Sampler[int]):
+    """This process's share of a shuffle that depends only on (seed, epoch), from a chosen batch of the epoch on.
+
+    Like `DistributedSampler` (each of `num_replicas` processes takes every `num_replicas`-th index of the epoch's
+    permutation), plus `skip_batches`, so that a run resumed mid-epoch continues where it stopped instead of
+    replaying the epoch. Incomplete batches are dropped.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.num_replicas, self.rank = num_replicas, rank
+        self.batches_per_epoch = size // num_replicas // batch_size
+        self.epoch, self.skip_batches = 0, 0
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Shuffle for `epoch`, starting after its first `skip_batches` batches."""
+        if not 0 <= skip_batches <= self.batches_per_epoch:
+            raise ValueError(f"skip_batches={skip_batches}; expected 0..{self.batches_per_epoch}")
+        self.epoch, self.skip_batches = epoch, skip_batches
+
+    def __iter__(self) -> "Iterator[int]":
+        order = torch.randperm(
+            self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)
+        ).tolist()
+        share = order[self.rank :: self.num_replicas][: self.batches_per_epoch * self.batch_size]
+        return iter(share[self.skip_batches * self.batch_size :])
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch - self.skip_batches) * self.batch_size
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """Linear warm-up to the full learning rate over `warmup_steps`, then constant (the paper's schedule)."""
+    if warmup_steps <= 0:
+        return 1.0
+    return min(1.0, (step + 1) / warmup_steps)
+
+
+def learning_rate_factor(step: int, warmup_steps: int, total_steps: int, cooldown_steps: int = 0) -> float:
+    """The multiple of the base learning rate at 0-based `step`: `warmup_factor`, and over the last `cooldown_steps`
+    of `total_steps` a linear decay towards 0 (its last step at 1/cooldown of the base)."""
+    factor = warmup_factor(step, warmup_steps)
+    if cooldown_steps > 0:
+        factor *= min(1.0, (total_steps - step) / cooldown_steps)
+    return factor
+
+
+def _parse_mapping(text: str, keys: tuple[str, ...], what: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if key not in keys or not value:
+            raise ValueError(f"{what} item {item!r}; expected KEY=NUMBER with KEY one of {keys}")
+        out[key] = float(value)
+    return out
+
+
+def parse_branch_lr_scales(text: str) -> dict[str, float]:
+    """`edit=0.1,alpha=10,composite=10` -> dict; every branch must be named."""
+    scales = {**DEFAULT_BRANCH_LR_SCALES, **_parse_mapping(text, BRANCHES, "--branch-lr")}
+    return scales
+
+
+def parse_mask_dropout(text: str) -> dict[str, float]:
+    """`object_addition=0.9,background_change=0.3` -> dict of probabilities in [0, 1]."""
+    rates = {**DEFAULT_MASK_DROPOUT, **_parse_mapping(text, tuple(DEFAULT_MASK_DROPOUT), "--mask-dropout")}
+    for task, rate in rates.items():
+        if not 0 <= rate <= 1:
+            raise ValueError(f"--mask-dropout {task}={rate}; expected a probability in [0, 1]")
+    return rates
+
+
+class _Distributed:
+    """Rank, world size and device of this process; initialises torch.distributed under torchrun."""
+
+    def __init__(self) -> None:
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        if self.world_size > 1 and not torch.distributed.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            torch.distributed.init_process_group(backend=backend)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+    def mean(self, value: float) -> float:
+        if self.world_size == 1:
+            return value
+        tensor = torch.tensor([value], device=self.device, dtype=torch.float64)
+        torch.distributed.all_reduce(tensor)
+        return float(tensor) / self.world_size
+
+    def average_gradients(self, parameters: list[torch.nn.Parameter]) -> None:
+        """Average across processes the gradients that no DDP / FSDP wrapper reduces (a trained text encoder's).
+
+        Every process runs the same encoder code, so the same parameters have gradients everywhere.
+        """
+        grads = [p.grad for p in parameters if p.grad is not None]
+        if self.world_size == 1 or not grads:
+            return
+        flat = torch.cat([grad.reshape(-1) for grad in grads])
+        torch.distributed.all_reduce(flat)
+        flat /= self.world_size
+        offset = 0
+        for grad in grads:
+            grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
+            offset += grad.numel()
+
+    def check_replicas_agree(self, parameters: list[torch.nn.Parameter], what: str) -> None:
+        """Raise on every process if the replicated `parameters` differ between processes (checked at each save:
+        only process 0 writes, and a diverged run would otherwise save one replica's weights as the run's)."""
+        if self.world_size == 1 or not parameters:
+            return
+        # Two checksums per parameter (the sum and the sum of squares, so differences cannot cancel out), each
+        # compared with process 0's to a relative 1e-6: replicas that reduce the same gradients agree exactly.
+        checksums = torch.stack(
+            [torch.stack([p.detach().double().sum(), p.detach().double().pow(2).sum()]) for p in parameters]
+        ).to(self.device)
+        reference = checksums.clone()
+        torch.distributed.broadcast(reference, src=0)
+        worst = ((checksums - reference).abs() / reference.abs().clamp(min=1.0)).max()
+        torch.distributed.all_reduce(worst, op=torch.distributed.ReduceOp.MAX)
+        if float(worst) > 1e-6:
+            raise RuntimeError(
+                f"the {what} differ between processes (largest relative checksum difference {float(worst):.3g}); "
+                "the processes must start from the same weights and reduce the same gradients"
+            )
+
+    def close(self) -> None:
+        if self.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def shard_transformer(model: torch.nn.Module) -> None:
+    """FSDP2 (`fully_shard`) over the default device mesh: each MoT block is one unit, the embeddings and output
+    heads another. Parameter names are unchanged, so branch groups and checkpoints read them as usual."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+
+
+def _is_sharded(value: Any) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(value, DTensor)
+
+
+def _gather_full(value: Any, keep: bool = True) -> Any:
+    """`value` (nested dicts / lists of tensors) with every sharded tensor gathered whole, on the CPU.
+
+    A collective under FSDP: every process calls it on the same structure, in the same order. Processes that do
+    not write (`keep=False`) take part in each gather and drop the result (tensors come back as None), so only the
+    writing process holds a whole copy in host memory.
+    """
+    if isinstance(value, torch.Tensor):
+        whole = value.full_tensor() if _is_sharded(value) else value
+        return whole.detach().cpu() if keep else None
+    if isinstance(value, Mapping):
+        return {key: _gather_full(item, keep) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_gather_full(item, keep) for item in value)
+    return value
+
+
+def _shard_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A saved whole tensor laid out as `param` is (its shard, for a sharded parameter of the same shape)."""
+    if _is_sharded(param) and tuple(full.shape) == tuple(param.shape):
+        from torch.distributed.tensor import distribute_tensor
+
+        # Every process read the whole tensor from disk: each cuts its own shard, nothing is scattered.
+        return distribute_tensor(
+            full.to(param.device, param.dtype), param.device_mesh, param.placements, src_data_rank=None
+        )
+    return full
+
+
+def _shard_optimizer_state(state: Mapping[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """A saved (whole-tensor) optimiser state dict with each parameter's moments laid out as the parameter is."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return {
+        "state": {
+            index: {
+                key: _shard_like(value, params[int(index)]) if isinstance(value, torch.Tensor) else value
+                for key, value in entry.items()
+            }
+            for index, entry in state["state"].items()
+        },
+        "param_groups": state["param_groups"],
+    }
+
+
+def clip_gradients(parameters: list[torch.nn.Parameter], max_norm: float) -> float:
+    """`clip_grad_norm_` over parameters some of which are sharded (FSDP) and some replicated; the total norm.
+
+    Sharded gradients contribute their local shards' squares, summed across processes in one all-reduce.
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    sharded = [grad.to_local() for grad in grads if _is_sharded(grad)]
+    replicated = [grad for grad in grads if not _is_sharded(grad)]
+    device = grads[0].device if grads else torch.device("cpu")
+    sharded_squares = torch.zeros((), dtype=torch.float64, device=device)
+    for grad in sharded:
+        sharded_squares += grad.detach().double().pow(2).sum()
+    if sharded:
+        torch.distributed.all_reduce(sharded_squares)
+    replicated_squares = sum(float(grad.detach().double().pow(2).sum()) for grad in replicated)
+    total = (float(sharded_squares) + replicated_squares) ** 0.5
+    coefficient = max_norm / (total + 1e-6)
+    if coefficient < 1.0:
+        for grad in grads:
+            grad.mul_(coefficient)
+    return total
+
+
+def with_frame_position_embedding(model: VeraTransformer3DModel) -> VeraTransformer3DModel:
+    """A copy of `model` with frame-position embeddings added (zero, so it computes exactly what `model` does)."""
+    # A keyword, not an edited config dict: diffusers resets the keys a loaded config.json lacked to their defaults.
+    new = VeraTransformer3DModel.from_config(model.config, frame_position_embedding=True)
+    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any("frame_position_embedding" not in key for key in missing):
+        raise ValueError(f"cannot add frame-position embeddings: missing {missing}, unexpected {unexpected}")
+    return new.to(device=model.device, dtype=model.dtype)
+
+
+def _load_or_build_pipeline(config: TrainConfig, vocabulary: Callable[[], list[str]], resume: bool):
+    """The run's starting pipeline; `vocabulary()` lists the training instructions (read only when needed)."""
+    from vera_engine.models.word_tokenizer import extend_word_tokenizer, is_word_tokenizer
+    from vera_engine.pipelines.pipeline_vera import VeraPipeline
+    from vera_engine.pipelines.presets import build_random_pipeline, build_text_encoder, get_preset
+
+    preset = get_preset(config.preset)
+    if config.init:
+        pipe = VeraPipeline.from_pretrained(config.init)
+        # A resumed run is its own init: its text encoder is already the fresh one, trained.
+        if config.fresh_text_encoder and not resume:
+            tokenizer, text_encoder = build_text_encoder(
+                preset, config.seed, vocabulary() if preset.tokenizer == "word" else None
+            )
+            text_dim = pipe.transformer.config.text_dim
+            if text_encoder.config.d_model != text_dim:
+                raise ValueError(
+                    f"--fresh-text-encoder: preset {preset.name!r} makes a {text_encoder.config.d_model}-wide "
+                    f"encoder but the transformer of {config.init} reads {text_dim}-wide text states; pick the "
+                    "preset the init model was built from"
+                )
+            pipe.register_modules(tokenizer=tokenizer, text_encoder=text_encoder)
+            pipe.register_to_config(max_sequence_length=preset.max_sequence_length)
+            # The new encoder comes with the preset's way of reading its padding.
+            pipe.transformer.register_to_config(
+                mask_text_padding=preset.transformer.get("mask_text_padding", False)
+            )
+        elif not resume and is_word_tokenizer(pipe.tokenizer):
+            # New words in this run's data (a reworded or extended dataset) join the init model's vocabulary;
+            # the words it knows keep their ids, so its trained encoder still reads them.
+            tokenizer = extend_word_tokenizer(pipe.tokenizer, vocabulary())
+            if len(tokenizer) > len(pipe.tokenizer):
+                pipe.text_encoder.resize_token_embeddings(len(tokenizer))
+                pipe.register_modules(tokenizer=tokenizer)
+        if config.frame_position_embedding and not pipe.transformer.config.frame_position_embedding:
+            pipe.register_modules(transformer=with_frame_position_embedding(pipe.transformer))
+    else:
+        if config.fresh_text_encoder:
+            raise ValueError(
+                "--fresh-text-encoder replaces the encoder of an --init model; a preset's is new already"
+            )
+        if config.frame_position_embedding:
+            raise ValueError(
+                "--frame-position-embedding adds the embedding to an --init model; a preset says itself whether "
+                "it has one"
+            )
+        pipe = build_random_pipeline(
+            preset, seed=config.seed, vocabulary=vocabulary() if preset.tokenizer == "word" else None
+        )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+class PromptCache:
+    """Text-encoder states per instruction: the encoder is frozen (as in the paper), so each is computed once."""
+
+    def __init__(self, pipe: Any, device: torch.device, dtype: torch.dtype) -> None:
+        self.pipe, self.device, self.dtype = pipe, device, dtype
+        self._states: dict[str, torch.Tensor] = {}
+
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        for prompt in prompts:
+            if prompt not in self._states:
+                with torch.no_grad():
+                    self._states[prompt] = self.pipe.encode_prompt(prompt, self.device, self.dtype)[0]
+        return torch.stack([self._states[prompt] for prompt in prompts])
+
+
+def shifted_sigmas(u: torch.Tensor, shift: float) -> torch.Tensor:
+    """Map uniform samples to noise levels with the flow shift `shift` (1: unchanged)."""
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def flow_matching_loss(
+    model: torch.nn.Module,
+    batch: Mapping[str, torch.Tensor],
+    text: torch.Tensor,
+    generator: torch.Generator,
+    timestep_shift: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Equally weighted flow-matching loss of the three layers for a batch of encoded latents.
+
+    `batch` holds latents `edit`, `alpha`, `composite`, `source`, `mask` (B, C, f, h, w) and `mask_keep` (B,).
+    """
+    clean = torch.cat([batch["edit"], batch["alpha"], batch["composite"]], dim=1)
+    size = clean.shape[0]
+    device = clean.device
+    noise = torch.randn(clean.shape, generator=generator, device="cpu").to(device)
+    sigma = shifted_sigmas(torch.rand(size, generator=generator, device="cpu"), timestep_shift).to(device)
+    sigma_b = sigma.view(-1, 1, 1, 1, 1)
+    noisy = (1 - sigma_b) * clean + sigma_b * noise
+    target = noise - clean
+    edit, alpha, composite = noisy.chunk(3, dim=1)
+    out = model(
+        edit_latents=edit,
+        alpha_latents=alpha,
+        composite_latents=composite,
+        timestep=sigma * 1000,
+        encoder_hidden_states=text,
+        source_latents=batch["source"],
+        mask_latents=batch["mask"],
+        mask_keep=batch["mask_keep"],
+        return_dict=False,
+    )
+    losses = {
+        name: F.mse_loss(prediction.float(), layer_target.float())
+        for name, prediction, layer_target in zip(BRANCHES, out, target.chunk(3, dim=1), strict=True)
+    }
+    loss = sum(losses.values()) / len(losses)
+    return loss, {name: float(value.detach()) for name, value in losses.items()}
+
+
+def encode_batch(
+    pipe: Any,
+    batch: Mapping[str, Any],
+    mask_dropout: Mapping[str, float],
+    generator: torch.Generator,
+    device: torch.device,
+) -> dict[str, torch.Tensor]:
+    """Latents of a loader batch (videos in [0, 1], channels first) and the per-sample mask keep flags."""
+
+    def encode(video: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return pipe.encode_video(codec_input(video.to(device)))
+
+    drop = torch.tensor([mask_dropout.get(task, 0.0) for task in batch["task"]])
+    keep = (torch.rand(len(drop), generator=generator) >= drop) & batch["has_mask"].cpu()
+    return {
+        "edit": encode(batch["edit"]),
+        "alpha": encode(batch["alpha"]),
+        "composite": encode(batch["composite"]),
+        "source": encode(batch["input"]),
+        "mask": encode(batch["mask"]),
+        "mask_keep": keep.to(device=device, dtype=torch.float32),
+    }
+
+
+def save_state(stem: Path, state: Any) -> None:
+    """Save a nested state (dicts, lists, tensors, numbers) as `stem.safetensors` + `stem.json`, never pickle.
+
+    Tensors go to the safetensors file under their path in the structure; the JSON keeps the structure with
+    `{"__tensor__": key}` where a tensor was. The engine refuses pickle anywhere in a model folder, and this
+    state lives in one.
+    """
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+
+    def encode(value: Any, path: str) -> Any:
+        if isinstance(value, torch.Tensor):
+            tensors[path] = value.detach().cpu().contiguous()
+            return {"__tensor__": path}
+        if isinstance(value, Mapping):
+            return {
+                "__dict__": [
+                    [encode(k, f"{path}.k{i}"), encode(v, f"{path}.{i}")]
+                    for i, (k, v) in enumerate(value.items())
+                ]
+            }
+        if isinstance(value, (list, tuple)):
+            return [encode(v, f"{path}.{i}") for i, v in enumerate(value)]
+        return value
+
+    structure = encode(state, "state")
+    save_file(tensors, str(stem) + ".safetensors")
+    Path(str(stem) + ".json").write_text(json.dumps(structure))
+
+
+def load_state(stem: Path) -> Any:
+    """Read a state written by `save_state`."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(stem) + ".safetensors")
+
+    def decode(value: Any) -> Any:
+        if isinstance(value, dict) and "__tensor__" in value:
+            return tensors[value["__tensor__"]]
+        if isinstance(value, dict) and "__dict__" in value:
+            return {decode(k): decode(v) for k, v in value["__dict__"]}
+        if isinstance(value, list):
+            return [decode(v) for v in value]
+        return value
+
+    return decode(json.loads(Path(str(stem) + ".json").read_text()))
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+# Settings whose change at a resume is bookkeeping, not a change of recipe (`fresh_text_encoder` only acts when a
+# run starts). `steps` is recorded when a cool-down makes the schedule depend on it.
+_UNRECORDED_CHANGES = (
+    "out",
+    "init",
+    "steps",
+    "fresh_text_encoder",
+    "frame_position_embedding",
+    "num_workers",
+    "save_every",
+    "log_every",
+)
+
+
+def run_history(
+    saved_config: Mapping[str, Any],
+    config: TrainConfig,
+    start_step: int,
+    history: list[dict[str, Any]] | None,
+) -> list[dict[str, Any]]:
+    """The run's history after resuming at `start_step`: `history` (or, for runs saved before histories were
+    kept, one stretch of `saved_config`'s settings from step 0) plus a stretch naming what `config` changes.
+
+    Each stretch is `{"from_step": N, "settings": {...}}` (the first: every setting) or `{"from_step": N,
+    "changed": {name: [old, new]}}`; a resume that changes nothing adds nothing.
+    """
+    if history:
+        history = [dict(stretch) for stretch in history]
+    else:
+        first = dict(saved_config)
+        if first.get("init") == first.get("out"):
+            # Resumed before histories were kept: a resume points `init` at the run itself, so what the run
+            # started from is no longer known.
+            first["init"] = "unknown"
+        history = [{"from_step": 0, "settings": first}]
+    current = json.loads(json.dumps(asdict(config)))  # tuples as lists, as in the saved JSON
+    # A setting the run's saved config predates is the behaviour it had then: the setting's default.
+    before = {**json.loads(json.dumps(asdict(TrainConfig(data="", out="")))), **saved_config}
+    cooldown = bool(before["cooldown_steps"] or config.cooldown_steps)
+    changed = {
+        key: [before[key], value]
+        for key, value in current.items()
+        if (key not in _UNRECORDED_CHANGES or (key == "steps" and cooldown)) and before[key] != value
+    }
+    if changed:
+        history.append({"from_step": start_step, "changed": changed})
+    return history
+
+
+def read_history(out: "str | os.PathLike[str]") -> list[dict[str, Any]]:
+    """The stretches of a training run (`training/history.json`); [] for a run saved before histories were kept."""
+    path = Path(out) / "training" / "history.json"
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def _unsharded(model: torch.nn.Module, weights: Mapping[str, torch.Tensor] | None) -> torch.nn.Module:
+    """`model` itself, or (given its gathered `weights`) an ordinary copy of the sharded `model` to save."""
+    if weights is None:
+        return model
+    with torch.device("meta"):  # no random initialisation of weights about to be replaced
+        plain = VeraTransformer3DModel.from_config(model.config)
+    plain.load_state_dict(weights, strict=True, assign=True)
+    return plain
+
+
+def _save_pipeline(pipe: Any, folder: Path, transformer_weights: Mapping[str, torch.Tensor] | None) -> None:
+    """`pipe.save_pretrained(folder)`, with an ordinary copy in place of a sharded transformer."""
+    sharded = pipe.transformer
+    pipe.transformer = _unsharded(sharded, transformer_weights)
+    try:
+        pipe.save_pretrained(folder, safe_serialization=True)
+    finally:
+        pipe.transformer = sharded
+
+
+def _save_checkpoint(
+    pipe: Any,
+    model: torch.nn.Module,
+    trainable: list[torch.nn.Parameter],
+    ema: Any,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    config: TrainConfig,
+    generator: torch.Generator,
+    batches_per_epoch: int,
+    history: list[dict[str, Any]],
+    dist: _Distributed,
+) -> None:
+    """Write the pipeline folder (EMA weights) and the resume state, each folder swapped in atomically.
+
+    Every process calls it: replicated weights are checked to agree, and under FSDP the shards are gathered into
+    whole tensors (collectives); process 0 alone writes, the same full-weight folder with or without FSDP.
+    """
+    dist.check_replicas_agree([p for p in trainable if not _is_sharded(p)], "replicated weights")
+    if not (dist.is_main or config.fsdp):
+        return
+    out = Path(config.out)
+    staging = out.with_name(out.name + ".saving")
+    if dist.is_main and staging.exists():
+        shutil.rmtree(staging)
+    ema.store(trainable)
+    ema.copy_to(trainable)
+    try:
+        ema_weights = _gather_full(model.state_dict(), dist.is_main) if config.fsdp else None
+        if dist.is_main:
+            _save_pipeline(pipe, staging, ema_weights)
+        del ema_weights
+    finally:
+        ema.restore(trainable)
+    raw_weights = _gather_full(model.state_dict(), dist.is_main) if config.fsdp else None
+    optimizer_state = _gather_full(optimizer.state_dict(), dist.is_main)
+    ema_state = _gather_full(ema.state_dict(), dist.is_main)
+    if not dist.is_main:
+        return
+    training = staging / "training"
+    training.mkdir()
+    _unsharded(model, raw_weights).save_pretrained(training / "raw_transformer", safe_serialization=True)
+    if any(p.requires_grad for p in pipe.text_encoder.parameters()):
+        pipe.text_encoder.save_pretrained(training / "raw_text_encoder", safe_serialization=True)
+    save_state(
+        training / "state",
+        {
+            "step": step,
+            "optimizer": optimizer_state,
+            "ema": ema_state,
+            "generator": generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            # Where in the data the run is: a resume must see the same epochs (same data, same process count).
+            "batches_per_epoch": batches_per_epoch,
+        },
+    )
+    _write_json_atomic(training / "config.json", asdict(config))
+    _write_json_atomic(training / "history.json", history)
+    old_log = out / "training" / "log.jsonl"
+    if old_log.exists():
+        shutil.copy2(old_log, training / "log.jsonl")
+    # Keep whatever else the user put in the folder (model card, figures); replace what training owns.
+    if out.exists():
+        for extra in out.iterdir():
+            if not (staging / extra.name).exists():
+                shutil.move(str(extra), staging / extra.name)
+        backup = out.with_name(out.name + ".previous")
+        if backup.exists():
+            shutil.rmtree(backup)
+        out.rename(backup)
+        staging.rename(out)
+        shutil.rmtree(backup)
+    else:
+        staging.rename(out)
+
+
+# Settings a resume must keep: optimiser and EMA state carry their own learning rates and decay (a changed value
+# would be silently ignored), and the data order of every epoch follows from the seed, data and batch size.
+_FIXED_AT_RESUME = (
+    "data",
+    "preset",
+    "batch_size",
+    "frames",
+    "size",
+    "learning_rate",
+    "branch_lr_scales",
+    "ema_decay",
+    "text_encoder_lr_scale",  # the optimiser's text-encoder group keeps its saved rate
+    "seed",
+)
+
+
+@dataclass
+class _Run:
+    """Everything a training run holds while it trains (built by `train`'s stages, in order)."""
+
+    config: TrainConfig
+    dist: "_Distributed"
+    pipe: Any
+    model: VeraTransformer3DModel
+    train_model: torch.nn.Module  # `model`, or its DDP wrapper
+    trainable: list[torch.nn.Parameter]  # the transformer's, then the text encoder's when it trains
+    text_parameters: list[torch.nn.Parameter]
+    ema: Any
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    use_bf16: bool
+    start_step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _check_resume(config: TrainConfig, resume: bool) -> dict[str, Any] | None:
+    """The saved config of the run being resumed (after refusing changes it cannot follow), or None."""
+    out = Path(config.out)
+    if not resume:
+        if (out / "training").exists():
+            raise FileExistsError(f"--out {out} already holds a training run; pass --resume to continue it")
+        return None
+    state_path = out / "training" / "state.safetensors"
+    if not state_path.is_file():
+        raise FileNotFoundError(f"--resume: {state_path} does not exist; start without --resume")
+    saved = json.loads((out / "training" / "config.json").read_text())
+    for key in _FIXED_AT_RESUME:
+        value = getattr(config, key)
+        saved_value = tuple(saved[key]) if isinstance(saved[key], list) else saved[key]
+        if value != saved_value:
+            raise ValueError(
+                f"--resume: {key}={value!r} differs from the run being resumed ({saved_value!r})"
+            )
+    config.init = str(out)
+    return saved
+
+
+def _load_raw_weights(pipe: Any, config: TrainConfig) -> None:
+    """A resumed run trains on from its raw (not EMA) weights; the folder's transformer holds the EMA ones."""
+    from diffusers.models.model_loading_utils import load_state_dict
+
+    training = Path(config.out) / "training"
+    raw = load_state_dict(str(training / "raw_transformer" / "diffusion_pytorch_model.safetensors"))
+    pipe.transformer.load_state_dict(raw, strict=True)
+    del raw  # every process read it: do not hold a second copy of the weights for the whole run
+    raw_text = training / "raw_text_encoder" / "model.safetensors"
+    if config.text_encoder_lr_scale > 0 and raw_text.is_file():
+        pipe.text_encoder.load_state_dict(load_state_dict(str(raw_text)), strict=False)
+
+
+def _prepare_model(pipe: Any, config: TrainConfig, dist: "_Distributed") -> _Run:
+    """Put the model on its device (sharded under FSDP, wrapped by DDP), and make its EMA and optimiser."""
+    from diffusers.training_utils import EMAModel
+
+    pipe.to(dist.device)
+    model: VeraTransformer3DModel = pipe.transformer
+    model.train()
+    train_text = config.text_encoder_lr_scale > 0
+    pipe.text_encoder.requires_grad_(train_text).train(train_text)
+    if config.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    if config.fsdp:
+        shard_transformer(model)  # before the optimiser and EMA are made: they hold the sharded parameters
+
+    text_parameters = list(pipe.text_encoder.parameters()) if train_text else []
+    trainable = list(model.parameters()) + text_parameters
+    ema = EMAModel(
+        trainable, decay=config.ema_decay, model_cls=VeraTransformer3DModel, model_config=model.config
+    )
+    groups = branch_parameter_groups(model, config.learning_rate, config.branch_lr_scales)
+    if train_text:
+        text_lr = config.learning_rate * config.text_encoder_lr_scale
+        groups.append(
+            {"params": text_parameters, "lr": text_lr, "name": "text_encoder", "initial_lr": text_lr}
+        )
+    train_model: torch.nn.Module = model
+    if dist.world_size > 1 and not config.fsdp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(
+            model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None
+        )
+    return _Run(
+        config=config,
+        dist=dist,
+        pipe=pipe,
+        model=model,
+        train_model=train_model,
+        trainable=trainable,
+        text_parameters=text_parameters,
+        ema=ema,
+        optimizer=torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-8),
+        generator=torch.Generator().manual_seed(config.seed * 1009 + dist.rank),
+        use_bf16=config.mixed_precision == "bf16"
+        or (config.mixed_precision == "auto" and dist.device.type == "cuda"),
+    )
+
+
+def _restore_state(run: _Run, saved_config: dict[str, Any] | None) -> int | None:
+    """Load the optimiser, EMA, RNG and step of a resumed run (and its history); returns the saved batches per
+    epoch (None for a new run, or a run saved before they were recorded)."""
+    config, dist = run.config, run.dist
+    out = Path(config.out)
+    if saved_config is None:
+        run.history = [{"from_step": 0, "settings": json.loads(json.dumps(asdict(config)))}]
+        return None
+    state = load_state(out / "training" / "state")
+    # Saved whole; under FSDP each process keeps its parameters' shard of the moments and the average.
+    run.optimizer.load_state_dict(
+        _shard_optimizer_state(state["optimizer"], run.optimizer) if config.fsdp else state["optimizer"]
+    )
+    run.ema.load_state_dict(state["ema"])
+    run.ema.shadow_params = [
+        _shard_like(s, p) for s, p in zip(run.ema.shadow_params, run.trainable, strict=True)
+    ]
+    run.ema.to(dist.device)
+    if dist.world_size == 1:
+        run.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+    else:
+        # Only rank 0's streams are saved: give every rank its own again, as at the start of the run.
+        run.generator.manual_seed(config.seed * 1009 + dist.rank + 7919 * int(state["step"]))
+    run.start_step = int(state["step"])
+    run.history = run_history(saved_config, config, run.start_step, read_history(out))
+    if run.start_step >= config.steps:
+        raise ValueError(
+            f"--steps {config.steps}: the run is already at step {run.start_step}; ask for more steps"
+        )
+    return state.get("batches_per_epoch")
+
+
+def _make_loader(
+    dataset: Any, config: TrainConfig, dist: "_Distributed", saved_batches_per_epoch: int | None
+) -> tuple[EpochSampler, torch.utils.data.DataLoader]:
+    """This process's sampler and loader; a resume must find the epochs it was trained on."""
+    from vera_engine.training.data.dataset import collate_layered
+
+    sampler = EpochSampler(len(dataset), config.batch_size, config.seed, dist.world_size, dist.rank)
+    if sampler.batches_per_epoch == 0:
+        raise ValueError(
+            f"--batch-size {config.batch_size} is larger than the {len(dataset) // dist.world_size} training clips "
+            "per process; use a smaller batch or more data"
+        )
+    if saved_batches_per_epoch not in (None, sampler.batches_per_epoch):
+        raise ValueError(
+            f"--resume: the run had {saved_batches_per_epoch} batches per epoch and now has "
+            f"{sampler.batches_per_epoch} (the dataset or the number of processes changed); resume with the same "
+            "data and process count, or start a new run with --init"
+        )
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=config.batch_size,
+        sampler=sampler,
+        drop_last=True,
+        collate_fn=collate_layered,
+        num_workers=config.num_workers,
+        # Its own generator: each epoch's iterator draws a worker seed, which must not come from the global stream
+        # that dropout (the text encoder's) draws from, or a resumed run would be one draw out of step.
+        generator=torch.Generator().manual_seed(config.seed),
+    )
+    return sampler, loader
+
+
+def _train_step(
+    run: _Run, batch: Mapping[str, Any], step: int, prompts: PromptCache
+) -> tuple[dict[str, float], float]:
+    """One optimiser step on `batch`; returns the (process-averaged) losses and the gradient norm."""
+    config, dist, pipe = run.config, run.dist, run.pipe
+    for group in run.optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * learning_rate_factor(
+            step, config.warmup_steps, config.steps, config.cooldown_steps
+        )
+    latents = encode_batch(pipe, batch, config.mask_dropout, run.generator, dist.device)
+    drop_text = torch.rand(len(batch["instruction"]), generator=run.generator) < config.text_dropout
+    instructions = ["" if drop else p for p, drop in zip(batch["instruction"], drop_text, strict=True)]
+    with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=run.use_bf16):
+        if run.text_parameters:
+            text = torch.cat([pipe.encode_prompt(p, dist.device, run.model.dtype) for p in instructions])
+        else:
+            text = prompts(instructions)
+        loss, parts = flow_matching_loss(run.train_model, latents, text, run.generator, config.timestep_shift)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if run.text_parameters:
+        dist.average_gradients(run.text_parameters)
+    grad_norm = (
+        clip_gradients(run.trainable, config.max_grad_norm)
+        if config.fsdp
+        else torch.nn.utils.clip_grad_norm_(run.trainable, config.max_grad_norm)
+    )
+    run.optimizer.step()
+    run.ema.step(run.trainable)
+    losses = {"loss": dist.mean(float(loss.detach())), **{k: dist.mean(v) for k, v in parts.items()}}
+    return losses, float(grad_norm)
+
+
+def _append_log(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as log:
+        for row in rows:
+            log.write(json.dumps(row) + "\n")
+    rows.clear()
+
+
+def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) a training run; returns a summary with the final losses and timing."""
+    from tqdm.auto import tqdm
+
+    from vera_engine.training.data.dataset import LayeredVideoDataset
+
+    if config.cooldown_steps < 0 or config.warmup_steps < 0:
+        raise ValueError(
+            f"--warmup-steps {config.warmup_steps}, --cooldown-steps {config.cooldown_steps}: expected 0 or more"
+        )
+    # 1. Processes, and the run this one continues (a resume may not change what its saved state fixes)
+    dist = _Distributed()
+    if config.fsdp and dist.world_size == 1:
+        raise ValueError(
+            "--fsdp shards the transformer across processes: run under torchrun with --nproc_per_node 2 or more "
+            "(a single process trains the whole model without it)"
+        )
+    saved_config = _check_resume(config, resume)
+    random.seed(config.seed + dist.rank)
+    np.random.seed(config.seed + dist.rank)
+    torch.manual_seed(config.seed + dist.rank)
+
+    # 2. Data and the starting pipeline (a preset's random weights, an --init model, or the run's raw weights)
+    dataset = LayeredVideoDataset(
+        config.data, "train", frames=config.frames, size=config.size, seed=config.seed
+    )
+    pipe = _load_or_build_pipeline(config, dataset.instructions, resume)
+    if resume:
+        _load_raw_weights(pipe, config)
+
+    # 3. Model on its device, optimiser and EMA; on a resume their saved state, the RNG and the step
+    run = _prepare_model(pipe, config, dist)
+    saved_batches_per_epoch = _restore_state(run, saved_config)
+    sampler, loader = _make_loader(dataset, config, dist, saved_batches_per_epoch)
+
+    # 4. The loop. A resumed run starts at the first batch of the epoch it has not trained on: it sees exactly the
+    # data, in the same order and with the same augmentations, as a run that was never stopped.
+    out = Path(config.out)
+    log_path = out / "training" / "log.jsonl"
+    prompts = PromptCache(pipe, dist.device, run.model.dtype)
+    pending_log: list[dict[str, Any]] = []
+    bar = tqdm(
+        total=config.steps, initial=run.start_step, disable=not (progress and dist.is_main), desc="train"
+    )
+    step = run.start_step
+    epoch, skip = divmod(run.start_step, sampler.batches_per_epoch)
+    started = time.perf_counter()
+    last: dict[str, float] = {}
+    while step < config.steps:
+        dataset.set_epoch(epoch)
+        sampler.set_epoch(epoch, skip_batches=skip)
+        skip = 0
+        for batch in loader:
+            if step >= config.steps:
+                break
+            last, grad_norm = _train_step(run, batch, step, prompts)
+            step += 1
+            bar.update()
+            bar.set_postfix(loss=f"{last['loss']:.4f}")
+            if dist.is_main and (step % config.log_every == 0 or step == config.steps):
+                lr = run.optimizer.param_groups[0]["lr"]
+                pending_log.append(
+                    {"step": step, **last, "grad_norm": grad_norm, "lr": lr, "time": time.time()}
+                )
+            # 5. Checkpoints: the pipeline folder (EMA weights) and what a resume needs, replaced atomically
+            if step % config.save_every == 0 or step == config.steps:
+                _save_checkpoint(
+                    pipe,
+                    run.model,
+                    run.trainable,
+                    run.ema,
+                    run.optimizer,
+                    step,
+                    config,
+                    run.generator,
+                    sampler.batches_per_epoch,
+                    run.history,
+                    dist,
+                )
+                if dist.is_main:
+                    _append_log(log_path, pending_log)
+                dist.barrier()
+        epoch += 1
+    bar.close()
+    elapsed = time.perf_counter() - started
+
+    # 6. Teardown. DDP's reducer holds the process group. Dropped after the group is destroyed, the reducer's
+    # destructor would drop its last reference, and gloo's destructor then waits for worker threads that need the
+    # GIL it holds (a hang at exit, seen here). Dropped first, the group's last reference goes with
+    # destroy_process_group instead.
+    del run.train_model
+    gc.collect()
+    dist.close()
+    return {
+        "steps": step,
+        "seconds": elapsed,
+        "last": last,
+        "out": str(out),
+        "seconds_per_step": elapsed / max(1, step - run.start_step),
+    }
+
+
+def read_log(out: "str | os.PathLike[str]") -> list[dict[str, Any]]:
+    """The logged losses of a training run (`training/log.jsonl`)."""
+    path = Path(out) / "training" / "log.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def smoothed(values: list[float], window: int = 10) -> list[float]:
+    """Moving average used when a loss curve is summarised (model card, tests)."""
+    out = []
+    for index in range(len(values)):
+        chunk = values[max(0, index - window + 1) : index + 1]
+        out.append(sum(chunk) / len(chunk))
+    return out

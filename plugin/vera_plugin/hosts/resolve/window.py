@@ -1,0 +1,374 @@
+"""The "Vera Edit" window inside DaVinci Resolve, built with Fusion's UIManager (``fusion.UIManager`` +
+``bmd.UIDispatcher``), driving :mod:`vera_plugin.hosts.resolve`.
+
+Engine address, model, the options the engine's schema declares (prompt, task, steps, ...), which clip (the
+top clip under the playhead, or a chosen track's), a progress line, Generate and Cancel, and a log where
+errors land. Resolve calls run on the window's thread, from button handlers and a timer; only the engine
+steps (upload, watch, download) run on a worker thread, which talks to the window through a queue. The UI
+objects are passed in, so this module imports neither Resolve nor Fusion.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from vera_plugin.client import DEFAULT_ADDRESS, EngineClient, EngineError
+from vera_plugin.hosts.resolve import adapter as vera_resolve
+from vera_plugin.hosts.resolve.matte import write_mattes
+from vera_plugin.hosts.resolve.timeline import frame_to_timecode
+from vera_plugin.schema_ui import Field, OptionsError, fields_for_model, find_model, job_options
+
+__all__ = ["WINDOW_ID", "VeraEditWindow", "main"]
+
+WINDOW_ID = "VeraEdit"
+TIMER_ID = "VeraEditPoll"
+TOP_CLIP = "Top clip under the playhead"
+
+
+def _bar(fraction: float, width: int = 24) -> str:
+    filled = round(max(0.0, min(1.0, fraction)) * width)
+    return "[" + "#" * filled + "." * (width - filled) + f"] {fraction:4.0%}"
+
+
+class VeraEditWindow:
+    """One "Vera Edit" window: build with :meth:`show`, run with :meth:`run` (blocks until closed)."""
+
+    def __init__(
+        self,
+        ui: Any,
+        dispatcher: Any,
+        resolve: Any,
+        *,
+        address: str | None = None,
+        work_dir: str | os.PathLike[str] | None = None,
+        client_factory: Callable[[str], EngineClient] = EngineClient,
+    ) -> None:
+        self.ui, self.dispatcher, self.resolve = ui, dispatcher, resolve
+        self.address = address or os.environ.get("VERA_ENGINE") or DEFAULT_ADDRESS
+        self.work_dir = Path(work_dir or vera_resolve.default_work_dir())
+        self.client_factory = client_factory
+        self.client: EngineClient | None = None
+        self.fields: list[Field] = []
+        self.model_names: list[str] = []
+        self.window: Any = None
+        self.items: dict[str, Any] = {}
+        self.timer: Any = None
+        # The run in progress.
+        self.clip: vera_resolve.ResolveClip | None = None
+        self.render: vera_resolve.ExrRender | None = None
+        self.job_id = ""
+        self.cancel = threading.Event()
+        self.events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self.worker: threading.Thread | None = None
+        self.placement: vera_resolve.Placement | None = None
+        self._pending_options: dict[str, Any] = {}
+        self.log_lines: list[str] = []
+
+    # -- building ------------------------------------------------------------------------------------------
+
+    def connect(self) -> None:
+        """(Re)connect to the engine at the address field and read its models' options schema."""
+        if self.items.get("Engine") is not None:
+            self.address = self.items["Engine"].Text.strip() or DEFAULT_ADDRESS
+        if self.client is not None:
+            self.client.close()
+        self.client, self.fields, self.model_names = None, [], []
+        client = self.client_factory(self.address)
+        try:
+            info = client.info()
+            model = find_model(info)
+        except (EngineError, OptionsError) as exc:
+            client.close()
+            self.log(f"Cannot reach the engine at {self.address}: {exc}. Start it (vera-engine) and Connect.")
+            return
+        self.client = client
+        self.model_names = [m.name for m in info.models]
+        self.fields = fields_for_model(model)
+        self.log(f"Connected to {self.address}: engine {info.engine_version} on {info.device.name or 'cpu'}")
+
+    def _option_widget(self, field: Field) -> Any:
+        ui, wid = self.ui, f"opt_{field.name}"
+        tip = field.help
+        if field.kind == "text":
+            return ui.TextEdit({"ID": wid, "PlaceholderText": tip, "ToolTip": tip, "MinimumSize": [300, 48]})
+        if field.kind == "bool":
+            return ui.CheckBox(
+                {"ID": wid, "Text": field.label, "Checked": bool(field.default), "ToolTip": tip}
+            )
+        if field.kind == "choice":
+            return ui.ComboBox({"ID": wid, "ToolTip": tip})
+        if field.kind == "float":
+            return ui.DoubleSpinBox({"ID": wid, "Minimum": field.minimum or 0.0, "Maximum": field.maximum or 1e6,
+                                     "Value": float(field.default or 0.0), "SingleStep": 0.5, "ToolTip": tip})  # fmt: skip
+        if field.kind == "int" and field.default is not None:
+            return ui.SpinBox({"ID": wid, "Minimum": int(field.minimum or 0), "Maximum": int(field.maximum or 10**6),
+                               "Value": int(field.default), "ToolTip": tip})  # fmt: skip
+        # Strings, and ints the engine draws itself when left empty (the seed).
+        return ui.LineEdit({"ID": wid, "Text": "" if field.default is None else str(field.default),
+                            "PlaceholderText": "random" if field.kind == "int" else "", "ToolTip": tip})  # fmt: skip
+
+    def _layout(self) -> Any:
+        ui = self.ui
+        rows = [
+            ui.HGroup({"Weight": 0}, [
+                ui.Label({"Text": "Engine", "Weight": 0}),
+                ui.LineEdit({"ID": "Engine", "Text": self.address}),
+                ui.Button({"ID": "Connect", "Text": "Connect", "Weight": 0}),
+            ]),
+            ui.HGroup({"Weight": 0}, [
+                ui.Label({"Text": "Model", "Weight": 0}), ui.ComboBox({"ID": "Model"}),
+                ui.Label({"Text": "Clip", "Weight": 0}), ui.ComboBox({"ID": "Track"}),
+            ]),
+        ]  # fmt: skip
+        for field in self.fields:
+            widget = self._option_widget(field)
+            label = (
+                []
+                if field.kind == "bool"
+                else [ui.Label({"Text": field.label, "Weight": 0, "MinimumSize": [120, 0]})]
+            )
+            rows.append(ui.HGroup({"Weight": 1 if field.kind == "text" else 0}, [*label, widget]))
+        rows += [
+            ui.Label({"ID": "Progress", "Text": _bar(0.0) + " idle", "Weight": 0}),
+            ui.HGroup({"Weight": 0}, [
+                ui.Button({"ID": "Generate", "Text": "Generate"}),
+                ui.Button({"ID": "Cancel", "Text": "Cancel", "Enabled": False}),
+            ]),
+            ui.TextEdit({"ID": "Log", "ReadOnly": True, "Weight": 1, "MinimumSize": [300, 80]}),
+        ]  # fmt: skip
+        return ui.VGroup(rows)
+
+    def show(self) -> None:
+        """Build (or rebuild after Connect, since the options follow the engine's schema) and show the window."""
+        if self.window is not None:
+            self.window.Hide()
+        self.window = self.dispatcher.AddWindow(
+            {"ID": WINDOW_ID, "WindowTitle": "Vera Edit", "Geometry": [200, 200, 460, 520]}, self._layout()
+        )
+        self.items = self.window.GetItems()
+        self.items["Log"].PlainText = "\n".join(self.log_lines)
+        self.items["Model"].AddItems(self.model_names)
+        timeline = self.resolve.GetProjectManager().GetCurrentProject().GetCurrentTimeline()
+        tracks = int(timeline.GetTrackCount("video") or 0) if timeline else 0
+        self.items["Track"].AddItems([TOP_CLIP] + [f"V{t}" for t in range(1, tracks + 1)])
+        for field in self.fields:
+            if field.kind == "choice":
+                choices = self._choices(field)
+                combo = self.items[f"opt_{field.name}"]
+                combo.AddItems(choices)
+                if field.default in choices:
+                    combo.CurrentIndex = choices.index(field.default)
+        on = self.window.On
+        on[WINDOW_ID].Close = lambda ev: self.close()
+        on.Connect.Clicked = lambda ev: self._guard(self._reconnect)
+        on.Generate.Clicked = lambda ev: self._guard(self.generate)
+        on.Cancel.Clicked = lambda ev: self._guard(self.stop)
+        self.window.Show()
+
+    @staticmethod
+    def _choices(field: Field) -> list[str]:
+        # Resolve declares no scene-linear working space to follow: offer the engine's own spaces only.
+        if field.name == "colorspace" and field.default not in field.choices[1:]:
+            return list(field.choices[1:])
+        return list(field.choices)
+
+    def _reconnect(self) -> None:
+        self.connect()
+        self.show()
+
+    # -- feedback --------------------------------------------------------------------------------------------
+
+    def log(self, text: str) -> None:
+        """Append a line to the window's log (and print it to Resolve's console)."""
+        print(f"Vera Edit: {text}")
+        self.log_lines.append(text)
+        if self.items.get("Log") is not None:
+            self.items["Log"].PlainText = "\n".join(self.log_lines)
+
+    def progress(self, fraction: float, message: str) -> None:
+        """Show overall progress."""
+        if self.items.get("Progress") is not None:
+            self.items["Progress"].Text = f"{_bar(fraction)} {message}"
+
+    def _guard(self, action: Callable[[], None]) -> None:
+        try:
+            action()
+        except vera_resolve.VeraCancelled as exc:
+            self.log(f"Cancelled: {exc}")
+            self._finish()
+        except (vera_resolve.ResolveError, EngineError, OptionsError, OSError, ValueError) as exc:
+            self.log(f"Error: {exc}")
+            self._finish()
+
+    def _busy(self, busy: bool) -> None:
+        self.items["Generate"].Enabled = not busy
+        self.items["Cancel"].Enabled = busy
+
+    # -- running ---------------------------------------------------------------------------------------------
+
+    def options(self) -> dict[str, Any]:
+        """The window's values checked against the schema: ``prompt`` plus JobHeader fields."""
+        values: dict[str, Any] = {}
+        for field in self.fields:
+            widget = self.items[f"opt_{field.name}"]
+            if field.kind == "text":
+                values[field.name] = widget.PlainText
+            elif field.kind == "bool":
+                values[field.name] = bool(widget.Checked)
+            elif field.kind == "choice":
+                values[field.name] = widget.CurrentText
+            elif field.kind in ("int", "float") and hasattr(widget, "Value") and field.default is not None:
+                values[field.name] = widget.Value
+            else:
+                text = str(widget.Text).strip()
+                values[field.name] = None if field.kind == "int" and not text else text
+        prompt, options = job_options(self.fields, values)
+        model = self.items["Model"].CurrentText
+        return {"prompt": prompt, **options, **({"model": model} if model else {})}
+
+    def generate(self) -> None:
+        """Generate: check the options, find the clip, get its EXRs (render if needed), then the engine."""
+        if self.client is None:
+            raise vera_resolve.ResolveError(
+                f"not connected to an engine; check the address ({self.address}) and Connect"
+            )
+        if self.worker is not None or self.render is not None:
+            raise vera_resolve.ResolveError("a Generate is already running; wait for it or Cancel")
+        options = self.options()
+        choice = self.items["Track"].CurrentText
+        track = None if choice in ("", TOP_CLIP) else int(choice.lstrip("V"))
+        self.cancel.clear()
+        self.placement, self.job_id = None, ""
+        self.clip = vera_resolve.current_clip(self.resolve, track)
+        self.log(f"Clip: {self.clip.describe()}")
+        self._busy(True)
+        if self.clip.reads_files_directly:
+            self._start_engine(vera_resolve.exr_frames(self.clip, self.work_dir, self.resolve), options)
+            return
+        project = self.resolve.GetProjectManager().GetCurrentProject()
+        target = self.work_dir / "renders" / os.urandom(6).hex()
+        self.render = vera_resolve.ExrRender(project, self.clip, target)
+        self.render.start()
+        self._pending_options = options
+        self.progress(0.0, f"Rendering {self.clip.name} to EXR ({self.render.codec})")
+
+    def _start_engine(self, frames: vera_resolve.ExrFrames, options: dict[str, Any]) -> None:
+        assert self.client is not None and self.clip is not None
+        client, clip, events = self.client, self.clip, self.events
+
+        def work() -> None:
+            try:
+                events.put(("progress", (0.2, f"Uploading {len(frames.paths)} frames to {client.address}")))
+                job_id = vera_resolve.send_clip(client, clip, frames, options)
+                events.put(("job", job_id))
+                vera_resolve.follow_job(
+                    client, job_id, lambda f, m: events.put(("progress", (0.25 + 0.65 * f, m))), self.cancel
+                )
+                files = vera_resolve.fetch_results(client, job_id, self.work_dir / "results" / job_id,
+                                         lambda f, m: events.put(("progress", (0.9 + 0.07 * f, m))))  # fmt: skip
+                events.put(("progress", (0.97, "Writing the clip mattes")))
+                mattes = write_mattes(files, self.work_dir / "results" / job_id / "matte")
+                events.put(("fetched", (files, mattes)))
+            except BaseException as exc:  # reported in the window by the timer, never lost on this thread
+                events.put(("error", exc))
+
+        self.worker = threading.Thread(target=work, name="vera-resolve-engine", daemon=True)
+        self.worker.start()
+
+    def tick(self) -> None:
+        """Timer: advance a render, show the worker's progress, place the results when they are in."""
+        self._guard(self._tick)
+
+    def _tick(self) -> None:
+        if self.render is not None:
+            assert self.clip is not None
+            if self.cancel.is_set():
+                self.render.stop()
+                self.render = None
+                raise vera_resolve.VeraCancelled("render stopped")
+            if not self.render.poll():
+                self.progress(
+                    0.2 * self.render.fraction, f"Rendering {self.clip.name}: {self.render.fraction:.0%}"
+                )
+                return
+            files = self.render.files()
+            self.render = None
+            self._start_engine(
+                vera_resolve.ExrFrames(files, self.clip.frames, rendered=True), self._pending_options
+            )
+        while True:
+            try:
+                kind, value = self.events.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "progress":
+                self.progress(*value)
+            elif kind == "job":
+                self.job_id = value
+                self.log(f"Job {value} submitted")
+            elif kind == "error":
+                raise value
+            elif kind == "fetched":
+                assert self.clip is not None
+                files, mattes = value
+                self.placement = vera_resolve.place_results(self.clip, files, self.resolve, mattes=mattes)
+                self.progress(1.0, "Done")
+                self.log(
+                    f"Placed {self.placement.frames} frames on V{self.placement.track_index} at "
+                    f"{frame_to_timecode(self.placement.record_frame, self.clip.fps)} (bin {vera_resolve.BIN_NAME!r})"
+                    + (
+                        ""
+                        if self.placement.matte_attached
+                        else "; no clip matte (needs numpy and zip/none/rle output)"
+                    )
+                )
+                self._finish()
+
+    def stop(self) -> None:
+        """Cancel: stops the render, or cancels the job on the engine."""
+        self.cancel.set()
+        if self.job_id and self.client is not None:
+            self.client.cancel(self.job_id)
+        self.log("Cancelling...")
+
+    def _finish(self) -> None:
+        if self.render is not None:
+            self.render.stop()
+        self.render, self.worker, self.job_id = None, None, ""
+        if self.items.get("Generate") is not None:
+            self._busy(False)
+
+    def close(self) -> None:
+        """Close the window: cancel what runs and leave the event loop."""
+        if self.worker is not None or self.render is not None:
+            self.stop()
+        if self.timer is not None:
+            self.timer.Stop()
+        if self.client is not None:
+            self.client.close()
+        self.dispatcher.ExitLoop()
+
+    def run(self) -> None:
+        """Connect, show the window and run Resolve's UI event loop until it is closed."""
+        self.connect()
+        self.show()
+        self.timer = self.ui.Timer({"ID": TIMER_ID, "Interval": 200})
+        self.dispatcher.On[TIMER_ID].Timeout = lambda ev: self.tick()
+        self.timer.Start()
+        self.dispatcher.RunLoop()
+        self.window.Hide()
+
+
+def main(resolve: Any = None, fusion: Any = None, bmd: Any = None) -> None:
+    """Entry point of the ``Vera Edit`` script: Resolve passes its ``resolve``, ``fusion`` and ``bmd``."""
+    resolve = resolve or vera_resolve.get_resolve()
+    fusion = fusion or resolve.Fusion()
+    if bmd is None:
+        import DaVinciResolveScript as bmd  # type: ignore[import-not-found, no-redef]
+    ui = fusion.UIManager
+    VeraEditWindow(ui, bmd.UIDispatcher(ui), resolve).run()
