@@ -281,7 +281,7 @@ def test_words_a_word_level_model_cannot_read_are_reported(tmp_path: Path) -> No
         for prompt in ("add a red ball", "add a purple ball quickly"):
             seen: list[str] = []
             job = client.submit_arrays(_plate(frames=1), [1], prompt=prompt, steps=2)
-            final = client.wait(job, callback=lambda s, seen=seen: seen.append(s.stage))
+            final = client.wait(job, callback=lambda s, seen=seen: seen.append(s.stage_detail))
             assert final.state == pb.JOB_STATE_SUCCEEDED, final.error
             _, exr = _read(client.fetch(job, tmp_path / f"out{len(stages)}")[0])
             stages[prompt] = (seen, exr.getattribute("vera/unknown_words"))

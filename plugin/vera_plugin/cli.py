@@ -102,8 +102,8 @@ class Progress:
         parts = [f"[{bar}] {status.progress * 100:5.1f}%", state_name(status.state)]
         if status.state == pb.JOB_STATE_QUEUED:
             parts.append(f"position {status.queue_position + 1} in queue")
-        elif status.stage:
-            parts.append(status.stage)
+        elif status.stage_detail:
+            parts.append(status.stage_detail)
         if status.total_steps:
             parts.append(f"step {status.step}/{status.total_steps}")
         if status.HasField("eta_seconds") and status.state == pb.JOB_STATE_RUNNING:
@@ -115,7 +115,7 @@ class Progress:
             self._last_line = line
         else:
             # Without a terminal: a line per state/stage change and per 10 % of progress.
-            key = (status.state, status.stage, int(status.progress * 10))
+            key = (status.state, status.stage_detail, int(status.progress * 10))
             if key != self._last_key:
                 self._last_key = key
                 print(line, file=self.stream, flush=True)

@@ -6,7 +6,7 @@ Needs only grpcio and protobuf; numpy is imported only by :meth:`EngineClient.su
 >>> with EngineClient("127.0.0.1:50051") as engine:
 ...     job = engine.submit_files("/shots/sh010/plate.####.exr", range(1001, 1101),
 ...                               prompt="add a red ball rolling left to right")
-...     final = engine.wait(job, callback=lambda s: print(s.stage, s.step, s.total_steps))
+...     final = engine.wait(job, callback=lambda s: print(s.stage_detail, s.step, s.total_steps))
 ...     files = engine.fetch(job, "/shots/sh010/vera")
 """
 

@@ -111,7 +111,7 @@ def status_text(status: pb.JobStatus) -> str:
     if status.state == pb.JOB_STATE_QUEUED:
         return f"queued, {status.queue_position} ahead"
     if status.state == pb.JOB_STATE_RUNNING:
-        text = f"{status.stage or 'running'}"
+        text = f"{status.stage_detail or 'running'}"
         if status.total_steps:
             text += f" step {status.step}/{status.total_steps}"
         if status.HasField("eta_seconds"):

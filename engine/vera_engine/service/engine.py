@@ -141,11 +141,12 @@ class Engine:
         if record.state == job_store.QUEUED:
             queued = self.store.queued_ids()
             status.queue_position = queued.index(record.id) if record.id in queued else 0
-            status.stage = "queued" if self.worker.loaded.is_set() else "waiting for the model to load"
+            status.stage = pb.STAGE_QUEUED
+            status.stage_detail = "queued" if self.worker.loaded.is_set() else "waiting for the model to load"
         elif record.state == job_store.RUNNING:
             live = self.worker.live
             if live is not None and live.job_id == record.id:
-                status.stage = live.stage
+                status.stage, status.stage_detail = live.stage, live.stage_detail
                 status.step, status.total_steps = live.step, live.total_steps
                 status.progress = live.progress
                 if live.eta_seconds is not None:
@@ -153,12 +154,13 @@ class Engine:
                 if preview and live.preview is not None:
                     status.preview.CopyFrom(live.preview)
             else:
-                status.stage = "starting"
+                status.stage, status.stage_detail = pb.STAGE_LOADING, "starting"
         elif record.state == job_store.SUCCEEDED:
-            status.stage, status.progress = "done", 1.0
+            status.stage, status.stage_detail, status.progress = pb.STAGE_DONE, "done", 1.0
             status.step = status.total_steps = record.header.steps
         else:
-            status.stage = pb.JobState.Name(record.state).removeprefix("JOB_STATE_").lower()
+            status.stage = pb.STAGE_DONE
+            status.stage_detail = pb.JobState.Name(record.state).removeprefix("JOB_STATE_").lower()
         return status
 
     def info(self) -> pb.EngineInfo:

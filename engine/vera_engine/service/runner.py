@@ -180,7 +180,7 @@ class PipelineRunner:
 
         header = ctx.header
         pipe = self.pipe
-        ctx.stage("reading plate", 0.0)
+        ctx.stage(pb.STAGE_READING, "reading plate", 0.0)
         plate = ctx.inputs.plate()
         mask = ctx.inputs.mask()
         colour = ColourConverter(header.colorspace, hdr=header.hdr)
@@ -205,7 +205,11 @@ class PipelineRunner:
         unknown = unknown_words(pipe.tokenizer, header.prompt)
         if unknown:
             log.warning("job %s: the model does not know the words %s", ctx.job_id, ", ".join(unknown))
-        ctx.stage(f"sampling (unknown words: {', '.join(unknown)})" if unknown else "sampling", 0.05)
+        ctx.stage(
+            pb.STAGE_SAMPLING,
+            f"sampling (unknown words: {', '.join(unknown)})" if unknown else "sampling",
+            0.05,
+        )
         try:
             with step_cache(
                 pipe, header.step_cache, num_inference_steps=steps, guidance_scale=header.guidance
@@ -238,7 +242,7 @@ class PipelineRunner:
             pipe.interrupt = False
         del plate, mask
         ctx.check_cancelled()
-        ctx.stage("writing", 0.9)
+        ctx.stage(pb.STAGE_WRITING, "writing", 0.9)
         data_window, display_window = ctx.inputs.windows() or (None, None)
         return write_result_sequence(
             result,

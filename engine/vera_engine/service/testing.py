@@ -66,7 +66,7 @@ class PassThroughRunner:
         if self.fail_prompt and ctx.header.prompt == self.fail_prompt:
             raise RuntimeError(f"told to fail on prompt {self.fail_prompt!r}")
         plate = ctx.inputs.plate()
-        ctx.stage("sampling")
+        ctx.stage(pb.STAGE_SAMPLING, "sampling")
         for step in range(ctx.header.steps):
             ctx.check_cancelled()
             time.sleep(self.step_seconds)
@@ -79,7 +79,7 @@ class PassThroughRunner:
                 self.at_gate.set()
                 self.gate.wait(30)
         ctx.check_cancelled()
-        ctx.stage("writing")
+        ctx.stage(pb.STAGE_WRITING, "writing")
         paths = []
         for frame, pixels in zip(ctx.inputs.frames, plate, strict=True):
             rgba = (

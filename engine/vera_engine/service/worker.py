@@ -38,7 +38,8 @@ class LiveState:
     """What the worker knows about the running job beyond the store: stage, steps, ETA, preview."""
 
     job_id: str
-    stage: str = "starting"
+    stage: int = pb.STAGE_LOADING
+    stage_detail: str = "starting"
     step: int = 0
     total_steps: int = 0
     progress: float = 0.0
@@ -102,9 +103,9 @@ class JobContext:
         if self._cancel.is_set():
             raise JobCancelled(self.job_id)
 
-    def stage(self, name: str, progress: float | None = None) -> None:
-        """Report a stage change ("loading inputs", "sampling", "writing", ...)."""
-        self._live.stage = name
+    def stage(self, stage: int, detail: str = "", progress: float | None = None) -> None:
+        """Report a stage change: a ``pb.Stage`` value and free text for people (e.g. unknown words)."""
+        self._live.stage, self._live.stage_detail = stage, detail
         if progress is not None:
             self._live.progress = float(progress)
         self._events.bump()

@@ -492,7 +492,7 @@ def follow_job(
             progress(0.0, f"Queued on the engine ({status.queue_position} ahead)")
         elif status.state == pb.JOB_STATE_RUNNING:
             steps = f" step {status.step}/{status.total_steps}" if status.total_steps else ""
-            progress(status.progress, f"Engine: {status.stage or 'running'}{steps}")
+            progress(status.progress, f"Engine: {status.stage_detail or 'running'}{steps}")
         # A UI may also call client.cancel(job_id) itself: the watch then ends CANCELLED (below).
         if _cancelled(cancel):
             client.cancel(job_id)

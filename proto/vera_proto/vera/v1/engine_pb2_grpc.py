@@ -71,7 +71,8 @@ class EngineServicer:
 
     def GetInfo(self, request, context):
         """Unary. Everything a host needs before it submits: engine version, device and its memory, queue length,
-        and every model with its native size, frame window, tasks and the options schema hosts build UI from.
+        limits, workers, and every model with its native size, frame window, tasks, vocabulary and the options
+        schema hosts build UI from.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -83,6 +84,14 @@ class EngineServicer:
         there is one) follows as FrameChunks that each stay under the message limit. The engine spools the
         chunks to disk as they arrive, so its memory stays bounded, and only creates the job once the whole
         upload has arrived and validated: a client that disconnects mid-upload leaves nothing behind.
+
+        Order: the header first, exactly once. Then frames one at a time (a frame's chunks in order, offset 0
+        first, no interleaving of frames). Plate and mask frames may come in any order relative to each other,
+        but each (layer, frame number) exactly once; every JobHeader.frames number needs one plate frame, and
+        one mask frame when has_mask. All plate frames must have the same width and height, and the mask frames
+        the plate's size. An empty SubmitRequest (neither header nor chunk) is INVALID_ARGUMENT.
+        A header that already breaks a limit (too many frames, a prompt too long, an unknown option value) is
+        refused before any frame is spooled.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -92,14 +101,16 @@ class EngineServicer:
         """Server streaming: a job runs for minutes; the engine pushes state changes, step progress, ETA, queue
         position and (when asked) small previews of the predicted composite at a bounded rate, instead of the
         host polling. The stream ends after the job reaches a final state (SUCCEEDED, FAILED, CANCELLED).
+        Previews are decoded only while at least one Watch with previews=true is open.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Fetch(self, request, context):
-        """Server streaming: the results are one multi-layer EXR per plate frame, together far over the message
-        limit, so they come back as chunks, file by file, in frame order.
+        """Server streaming: the results are one multi-layer EXR per plate frame and take, together far over the
+        message limit, so they come back as chunks (at most EngineInfo.chunk_bytes of data each), file by file, in
+        the order of JobStatus.output_files. FAILED_PRECONDITION unless the job SUCCEEDED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -107,6 +118,8 @@ class EngineServicer:
 
     def Cancel(self, request, context):
         """Unary. Cancels a queued job at once, or a running one within one denoising step, and frees its memory.
+        Returns the job's status (CANCELLED, or RUNNING with the cancel requested until the worker stops it; a
+        Watch shows the final state). A job that already ended is FAILED_PRECONDITION.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -114,7 +127,7 @@ class EngineServicer:
 
     def ListJobs(self, request, context):
         """Unary. The jobs the engine knows about (queued, running and finished within the retention period),
-        in submission order.
+        in submission order, a page at a time (ListJobsRequest.page_size, next_page_token).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
