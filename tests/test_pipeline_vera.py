@@ -418,3 +418,53 @@ def test_windows_are_counted_in_latent_frames_with_the_wan_vae_and_interrupt_bet
     finally:
         handle.remove()
     assert len(lengths) == 5 and error.value.step == 1  # stopped before step 2's second window
+
+
+def test_sizes_and_windows_beyond_the_rotary_table_are_refused_naming_the_limit(tiny_pipe):
+    assert tiny_pipe.position_limits == (64, 256, 256)  # rope_max_seq_len 64 x patch (1, 2, 2) x codec 2
+    with pytest.raises(ValueError, match=r"272x272 pixels .* reach at most 256x256 \(rope_max_seq_len 64"):
+        tiny_pipe(np.zeros((1, 272, 272, 3), np.float32), "add a ball", num_inference_steps=1)
+    long_clip = np.zeros((70, 32, 32, 3), np.float32)
+    with pytest.raises(
+        ValueError, match=r"in one pass, spans more frames .* \(64; .* use window_frames <= 64"
+    ):
+        tiny_pipe(long_clip, "add a ball", num_inference_steps=1, window_frames=0)
+    with pytest.raises(ValueError, match="use window_frames <= 64"):
+        tiny_pipe(
+            np.zeros((130, 32, 32, 3), np.float32), "add a ball", num_inference_steps=1, window_frames=65
+        )
+    # Within the reach: windows of the checkpoint's length cover any length.
+    out = tiny_pipe(long_clip, "add a ball", num_inference_steps=1, guidance_scale=1.0)
+    assert out.alpha.shape == (70, 32, 32)
+
+
+def test_a_preview_decodes_only_the_frame_it_shows(tiny_pipe, monkeypatch):
+    decoded = []
+    original = tiny_pipe.decode_latents
+
+    def counting(latents):
+        decoded.append(latents.shape[2])
+        return original(latents)
+
+    monkeypatch.setattr(tiny_pipe, "decode_latents", counting)
+    previews = []
+
+    def callback(pipe, step, timestep, kwargs):
+        previews.append(
+            (
+                pipe.decode_preview(kwargs["composite_x0"], frame=2),
+                pipe.decode_preview(kwargs["composite_x0"]),
+            )
+        )
+        return {}
+
+    tiny_pipe(
+        _video(frames=5),
+        "add a ball",
+        num_inference_steps=1,
+        callback_on_step_end=callback,
+        callback_on_step_end_tensor_inputs=("composite_x0",),
+    )
+    one, whole = previews[0]
+    assert decoded[:2] == [1, 5]  # one latent frame for the one-frame preview, all five for the whole clip
+    np.testing.assert_allclose(one[0], whole[2], atol=1e-6)

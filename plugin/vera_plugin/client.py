@@ -41,21 +41,8 @@ CHUNK_BYTES = 3 * 1024 * 1024  # under gRPC's default 4 MiB limit, so any client
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 FINAL_STATES = frozenset({pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED})
 
-_HEADER_FIELDS = {
-    "task",
-    "negative_prompt",
-    "seed",
-    "steps",
-    "guidance",
-    "step_cache",
-    "model",
-    "colorspace",
-    "bit_depth",
-    "compression",
-    "name",
-    "hdr",
-    "submitted_by",
-}
+# JobHeader fields a caller may pass as options (the contract's own list, so a new field needs no change here).
+_HEADER_FIELDS = {field.name for field in pb.JobHeader.DESCRIPTOR.fields} - {"prompt", "frames", "has_mask"}
 
 
 class EngineError(Exception):

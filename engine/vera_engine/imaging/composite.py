@@ -1,13 +1,17 @@
 """Compositing at plate resolution, in the working space: ``comp = plate·(1−a) + edit_premult``.
 
 Where ``a == 0`` the composite *is* the plate: those pixels are selected, not computed, so they come back bit
-for bit (negative values, values above 1, -0.0, inf and NaN included). The edit colour where ``a == 0`` is
+for bit (negative values, values above 1, -0.0, inf and NaN included). :func:`layers_like_model` chooses the
+delivered matte and premultiplied edit so that this linear ``over`` gives the composite the model made in its own
+(sRGB-encoded) space. The edit colour where ``a == 0`` is
 undefined; :func:`fill_unmatted` replaces it with a smooth extension of the matted colour so premultiplied
 edges and upsampling filters never pull in garbage. Eq. 3 of the Vera paper recovers preserved content
 under semi-transparent alpha (:func:`recover_preserved`).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 
@@ -16,6 +20,7 @@ from vera_engine.imaging.resize import box_filter, upsample_bilinear
 __all__ = [
     "composite_over_plate",
     "fill_unmatted",
+    "layers_like_model",
     "premultiply",
     "recover_preserved",
     "snap_matte",
@@ -153,3 +158,64 @@ def composite_over_plate(
     rgb = np.where(touched, under * (1.0 - a) + edit_premult[..., :3], plate_rgb)
     comp_a = np.where(touched, plate_a * (1.0 - a) + a, plate_a)
     return np.concatenate([rgb, comp_a], axis=-1).astype(np.float32)
+
+
+def layers_like_model(
+    plate: np.ndarray,
+    plate_model: np.ndarray,
+    edit_model: np.ndarray,
+    alpha: np.ndarray,
+    colour: Any,
+    *,
+    under: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The edit layer (premultiplied RGBA), matte and composite a compositor's linear ``over`` turns into the
+    model's own composite.
+
+    The model learned its alpha on composites formed in its sRGB-encoded space, ``(1−a)·P_m + a·E_m``; the same
+    ``a`` and edit colour composited in scene-linear light give something else (a black shadow at a = 0.4 over
+    mid-grey: 0.30 in model space, but 0.394 encoded after a linear over). So, per pixel where ``a > 0``:
+
+    1. the target is the model's composite in the working space, ``T = W((1−a)·P_m + a·E_m) + (1−a)·(P − W(P_m))``,
+       where ``W`` is :meth:`ColourConverter.from_model` and the last term carries the part of the plate the model
+       space cannot hold (highlights above 1, out-of-gamut values) through the uncovered part, as an ``over`` does;
+    2. the delivered matte is ``a' = max(a, 1 − min_c T_c / P_c)`` over channels with ``P_c > 0``: the model's
+       alpha, raised only where the edit is darker than a linear ``over`` at ``a`` can make (shadows, smoke);
+    3. the premultiplied edit is ``T − (1−a')·P``, which is then >= 0 in every channel.
+
+    So ``P·(1−a') + edit = T`` exactly (to float rounding), with one matte for all channels and an edit layer
+    with no negative values. The one exception: a plate channel ``P_c <= 0`` under a target ``T_c < (1−a')·P_c``
+    (negative working-space values under the edit), where the edit is clipped at 0 and the composite is off by
+    at most ``(1−a')·|P_c|``. Where ``a == 1`` this is the edit's own colour ``W(E_m)``; where ``a == 0`` nothing
+    is computed and the composite is the plate, bit for bit.
+
+    ``plate`` (H, W, 3|4) working space; ``plate_model`` (H, W, 3) the plate in model space (clamped to [0, 1], as
+    the model saw it); ``edit_model`` (H, W, 3) straight edit colour in model space; ``alpha`` (H, W) the model's
+    matte; ``colour`` the :class:`~vera_engine.imaging.colour.ColourConverter`; ``under`` (H, W, 3) replaces the
+    plate's colour under the matte (Eq. 3). Returns ``(edit (H, W, 4), matte (H, W), composite (H, W, 4))``.
+    """
+    plate = np.asarray(plate, np.float32)
+    alpha = _check_alpha(alpha, plate.shape[:-1], "the plate")
+    base = plate[..., :3] if under is None else np.asarray(under, np.float32)
+    touched = alpha > 0
+    a = alpha[..., None]
+    model_over = plate_model * (1.0 - a) + edit_model * a
+    target = colour.from_model(model_over)
+    del model_over
+    # The plate's own content beyond the model space shows through the uncovered part (zero for in-range plates).
+    with np.errstate(invalid="ignore", over="ignore"):
+        target += (1.0 - a) * (
+            np.nan_to_num(base, nan=0.0, posinf=0.0, neginf=0.0) - colour.from_model(plate_model)
+        )
+        safe_base = np.where(base > 1e-6, base, np.float32(1.0))
+        ratio = np.where(base > 1e-6, target / safe_base, np.float32(np.inf)).min(axis=-1)
+    matte = np.where(touched, np.clip(np.maximum(alpha, 1.0 - ratio), 0.0, 1.0), np.float32(0.0)).astype(
+        np.float32
+    )
+    m = matte[..., None]
+    with np.errstate(invalid="ignore"):
+        premult = np.where(m > 0, np.maximum(target - (1.0 - m) * base, 0.0), np.float32(0.0)).astype(
+            np.float32
+        )
+    edit = np.concatenate([premult, m], axis=-1)
+    return edit, matte, composite_over_plate(plate, edit, matte, preserved=under)

@@ -1,38 +1,91 @@
-"""Plates in, layers out: the glue between a working-space plate and a :class:`~vera_engine.VeraPipeline`.
+"""Plates in, layers out: the path around one sampling call, frame by frame so a 4K shot fits in memory.
 
-:func:`edit_plate` converts the plate to the model's space, fits it to the checkpoint's resolution, samples,
-maps the edit layer and matte back to plate resolution (matte guided by the full-resolution plate), brings
-the edit colour back to the working space, premultiplies it with clean edges and composites it over the
-*original* plate pixels, which stay bit-exact wherever the matte is 0. :func:`write_result_sequence` writes
-the layered EXRs of ARCHITECTURE.md; :func:`write_result_previews` the contact sheet and MP4.
+1. :func:`sample_plate` reads each plate frame once, converts it to the model's space and fits it to the
+   checkpoint's resolution (frames in parallel), then samples. Only this model-size clip is held whole.
+2. :func:`finish_frames` reads each plate frame again and makes its layers at plate resolution: the matte
+   upsampled edge-aware (guided by the full-resolution plate), the edit colour brought back to the working space,
+   and the composite over the *original* plate pixels, which stay bit-exact wherever the matte is 0. Each frame's
+   layers go to a sink (the engine writes them as an EXR at once) on a thread pool: OpenImageIO, OpenColorIO and
+   numpy release the GIL.
+
+The delivered layers composite like the model (:func:`layers_like_model`): a compositor's linear
+``plate·(1−a) + edit_premult`` gives the model's own composite, which it learned in its sRGB-encoded space.
+
+:func:`edit_plate` runs both for an in-memory plate and returns every layer (:class:`LayeredResult`);
+:func:`write_result_sequence` writes the layered EXRs of ARCHITECTURE.md; :func:`write_result_previews` the
+contact sheet and MP4.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
 from vera_engine import __version__
 from vera_engine.imaging.colour import ColourConverter
-from vera_engine.imaging.composite import (
-    composite_over_plate,
-    fill_unmatted,
-    premultiply,
-    recover_preserved,
-    snap_matte,
-)
+from vera_engine.imaging.composite import fill_unmatted, layers_like_model, recover_preserved, snap_matte
 from vera_engine.imaging.exr import Window, frame_path, write_layered_exr
 from vera_engine.imaging.preview import contact_sheet, preview_frames, write_contact_sheet, write_preview_mp4
 from vera_engine.imaging.resize import FitMapping, fit_frames, fit_mapping, guided_upsample, unfit_frames
 
-__all__ = ["LayeredResult", "edit_plate", "write_result_previews", "write_result_sequence"]
+__all__ = [
+    "FrameLayers",
+    "LayeredResult",
+    "ModelLayers",
+    "PlateFrames",
+    "edit_plate",
+    "finish_frames",
+    "sample_plate",
+    "write_result_previews",
+    "write_result_sequence",
+]
 
 StepCallback = Callable[[Any, int, Any, dict], dict]
+
+
+class PlateFrames(Protocol):
+    """Frames read on demand: ``len()`` and ``[i]`` -> (H, W, C) float32. A (F, H, W, C) numpy array is one."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> np.ndarray: ...
+
+
+@dataclass
+class FrameLayers:
+    """One frame's layers at plate resolution in the working space: ``composite`` (H, W, 4), ``edit`` (H, W, 4)
+    premultiplied, ``matte`` (H, W)."""
+
+    composite: np.ndarray
+    edit: np.ndarray
+    matte: np.ndarray
+
+
+@dataclass
+class ModelLayers:
+    """What the model made, at model resolution in model space, and what finishing needs from sampling.
+
+    ``edit`` (F, h, w, 3) straight colour with the unmatted area filled smoothly, ``alpha`` (F, h, w), ``composite``
+    the model's own composite (diagnostics, and Eq. 3), ``raw_edit`` the edit as sampled, ``video`` the model-size
+    plate, ``guides`` the plate in model space at the matte's scaled size (the guided filter's low-resolution guide,
+    computed once on the first read), ``mapping`` how the plate was fitted.
+    """
+
+    edit: np.ndarray
+    alpha: np.ndarray
+    composite: np.ndarray
+    raw_edit: np.ndarray
+    video: np.ndarray
+    guides: np.ndarray
+    mapping: FitMapping
+    metadata: dict[str, object] = field(default_factory=dict)
 
 
 @dataclass
@@ -52,46 +105,263 @@ class LayeredResult:
     metadata: dict[str, object] = field(default_factory=dict)
 
 
-def _check_plate(plate: np.ndarray) -> np.ndarray:
-    plate = np.asarray(plate)
-    if plate.ndim != 4 or plate.shape[-1] not in (3, 4):
-        raise ValueError(f"plate has shape {plate.shape}; expected (F, H, W, 3 or 4) working-space pixels")
-    if plate.dtype != np.float32:
+def default_workers() -> int:
+    """Frames finished at once: every core, at most 4 (each 4K frame in flight holds about a gigabyte)."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def _plate_frame(plate: PlateFrames, index: int) -> np.ndarray:
+    frame = plate[index]
+    if not isinstance(frame, np.ndarray) or frame.ndim != 3 or frame.shape[-1] not in (3, 4):
+        shape = getattr(frame, "shape", type(frame).__name__)
         raise ValueError(
-            f"plate has dtype {plate.dtype}; expected float32 (read it with vera_engine.imaging.exr)"
+            f"plate frame {index} has shape {shape}; expected (H, W, 3 or 4) working-space pixels"
         )
-    if min(plate.shape[1:3]) < 2:
-        raise ValueError(f"plate is {plate.shape[2]}x{plate.shape[1]} pixels; expected at least 2x2")
-    return plate
+    if frame.dtype != np.float32:
+        raise ValueError(
+            f"plate frame {index} has dtype {frame.dtype}; expected float32 (read it with vera_engine.imaging.exr)"
+        )
+    return frame
 
 
-def _check_mask(mask: np.ndarray | None, plate: np.ndarray) -> np.ndarray | None:
-    if mask is None:
-        return None
-    mask = np.asarray(mask, np.float32)
-    if mask.ndim == 4 and mask.shape[-1] == 1:
-        mask = mask[..., 0]
-    if mask.shape != plate.shape[:3]:
-        raise ValueError(f"mask has shape {mask.shape}; expected {plate.shape[:3]} (F, H, W) like the plate")
-    if not np.isfinite(mask).all() or mask.min() < 0 or mask.max() > 1:
-        raise ValueError("mask must hold finite values in [0, 1]")
-    return mask
+def _mask_frame(mask: PlateFrames, index: int, size: tuple[int, int]) -> np.ndarray:
+    frame = np.asarray(mask[index], np.float32)
+    if frame.ndim == 3 and frame.shape[-1] == 1:
+        frame = frame[..., 0]
+    if frame.shape != size:
+        raise ValueError(f"mask frame {index} has shape {frame.shape}; expected {size} (H, W) like the plate")
+    if not np.isfinite(frame).all() or frame.min() < 0 or frame.max() > 1:
+        raise ValueError(f"mask frame {index} must hold finite values in [0, 1]")
+    return frame
 
 
-def _model_frame(plate: np.ndarray, index: int, colour: ColourConverter) -> np.ndarray:
-    """Frame ``index`` of the plate in model space, (1, H, W, 3). Non-finite pixels become 0 for the model
-    only; the plate itself is never modified."""
-    rgb = np.nan_to_num(plate[index : index + 1, ..., :3], nan=0.0, posinf=0.0, neginf=0.0)
+def _model_rgb(frame: np.ndarray, colour: ColourConverter) -> np.ndarray:
+    """A plate frame's colour in model space, (H, W, 3) in [0, 1]. Non-finite pixels become 0 for the model only;
+    the plate itself is never modified."""
+    rgb = np.nan_to_num(frame[..., :3], nan=0.0, posinf=0.0, neginf=0.0)
     return colour.to_model(rgb)
+
+
+def _in_order(function: Callable[[int], Any], count: int, workers: int) -> list[Any]:
+    """``[function(i) for i in range(count)]`` on a thread pool."""
+    if workers <= 1 or count <= 1:
+        return [function(i) for i in range(count)]
+    with ThreadPoolExecutor(workers, thread_name_prefix="vera-read") as pool:
+        return list(pool.map(function, range(count)))
+
+
+def sample_plate(
+    pipe: Any,
+    plate: PlateFrames,
+    *,
+    prompt: str,
+    colour: ColourConverter,
+    mask: PlateFrames | None = None,
+    negative_prompt: str | None = None,
+    steps: int = 50,
+    guidance: float = 5.0,
+    seed: int = 0,
+    callback: StepCallback | None = None,
+    callback_tensor_inputs: Sequence[str] = ("composite_x0",),
+    window_frames: int | None = None,
+    window_overlap: int | None = None,
+    pad_to_native: bool = False,
+    workers: int | None = None,
+) -> ModelLayers:
+    """Read ``plate`` into the model's space and size and sample ``pipe`` on it (steps 1-2 of the module doc).
+
+    ``mask`` (frames of (H, W) in [0, 1] at plate resolution) is optional. ``callback`` is passed to the pipeline
+    as ``callback_on_step_end``; ``window_frames`` / ``window_overlap`` as they are (None: the checkpoint's).
+    """
+    import torch
+
+    frames = len(plate)
+    if frames < 1:
+        raise ValueError("plate has no frames; expected at least one (H, W, 3 or 4) frame")
+    if mask is not None and len(mask) != frames:
+        raise ValueError(f"mask has {len(mask)} frames; expected {frames} like the plate")
+    first = _plate_frame(plate, 0)
+    height, width = first.shape[:2]
+    if min(height, width) < 2:
+        raise ValueError(f"plate is {width}x{height} pixels; expected at least 2x2")
+    workers = workers or default_workers()
+    mapping = fit_mapping((height, width), tuple(pipe.native_size), multiple=16, pad_to_target=pad_to_native)
+
+    already_read = {0: first}  # frame 0 was read for its size: not read twice
+
+    def read(index: int) -> tuple[np.ndarray, np.ndarray]:
+        frame = already_read.pop(index, None)
+        frame = _plate_frame(plate, index) if frame is None else frame
+        if frame.shape[:2] != (height, width):
+            raise ValueError(
+                f"plate frame {index} is {frame.shape[1]}x{frame.shape[0]}; frame 0 is {width}x{height}"
+            )
+        # Converted first (to [0, 1]), then resized: bright scene-linear highlights would ring across the frame
+        # in the resampling filter otherwise.
+        fitted = np.clip(fit_frames(_model_rgb(frame, colour)[None], mapping), 0.0, 1.0)[0]
+        top, left = mapping.offset
+        guide = fitted[top : top + mapping.scaled_size[0], left : left + mapping.scaled_size[1]]
+        return fitted, guide
+
+    read_frames = _in_order(read, frames, workers)
+    video = np.stack([f for f, _ in read_frames])
+    guides = np.stack([g for _, g in read_frames])
+    del read_frames, first
+    mask_small = None
+    if mask is not None:
+        mask_small = np.stack(
+            [
+                np.clip(fit_frames(_mask_frame(mask, i, (height, width))[None], mapping), 0.0, 1.0)[0]
+                for i in range(frames)
+            ]
+        )
+
+    out = pipe(
+        video,
+        prompt=prompt,
+        mask=mask_small,
+        negative_prompt=negative_prompt,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        generator=torch.Generator().manual_seed(int(seed)),
+        callback_on_step_end=callback,
+        callback_on_step_end_tensor_inputs=tuple(callback_tensor_inputs),
+        **{
+            key: value
+            for key, value in (("window_frames", window_frames), ("window_overlap", window_overlap))
+            if value is not None
+        },
+    )
+    raw_edit = np.asarray(out.edit, np.float32)
+    alpha = np.clip(np.asarray(out.alpha, np.float32), 0.0, 1.0)
+    metadata: dict[str, object] = {
+        "prompt": prompt,
+        "negative_prompt": negative_prompt or "",
+        "seed": int(seed),
+        "steps": int(steps),
+        "guidance": float(guidance),
+        "working_colorspace": colour.working_space,
+        "hdr": bool(colour.hdr),
+        "fit": mapping.to_dict(),
+        "engine_version": __version__,
+    }
+    return ModelLayers(
+        # Clean edit colour where the matte is empty, so upsampling and premultiplication see no garbage.
+        edit=fill_unmatted(raw_edit, alpha),
+        alpha=alpha,
+        composite=np.asarray(out.composite, np.float32),
+        raw_edit=raw_edit,
+        video=video,
+        guides=guides,
+        mapping=mapping,
+        metadata=metadata,
+    )
+
+
+def finish_frame(
+    model: ModelLayers,
+    index: int,
+    frame: np.ndarray,
+    colour: ColourConverter,
+    *,
+    matte_filter: Literal["guided", "bilinear"] = "guided",
+    matte_threshold: float = 1.0 / 512.0,
+    guided_radius: int = 2,
+    guided_eps: float = 1e-3,
+    recover: bool = False,
+) -> FrameLayers:
+    """Frame ``index``'s layers at plate resolution from the model's layers and the plate frame itself."""
+    mapping = model.mapping
+    plate_model = _model_rgb(frame, colour)
+    if matte_filter == "guided":
+        alpha = guided_upsample(
+            model.alpha[index : index + 1],
+            plate_model[None],
+            mapping,
+            radius=guided_radius,
+            eps=guided_eps,
+            low_guide=model.guides[index : index + 1],
+        )[0]
+    else:
+        alpha = unfit_frames(model.alpha[index : index + 1], mapping, filter="triangle")[0]
+    alpha = snap_matte(alpha, matte_threshold)
+    edit_model = np.clip(unfit_frames(model.edit[index : index + 1], mapping), 0.0, 1.0)[0]
+    under = None
+    if recover:
+        preserved_low = recover_preserved(
+            model.composite[index : index + 1],
+            model.raw_edit[index : index + 1],
+            model.alpha[index : index + 1],
+            model.video[index : index + 1],
+        )
+        # A working-space correction of the plate under the matte: exactly 0 wherever Eq. 3 did not apply.
+        delta_low = colour.from_model(preserved_low) - colour.from_model(model.video[index : index + 1])
+        under = frame[..., :3] + unfit_frames(delta_low, mapping)[0]
+        plate_model = colour.to_model(under)
+    edit, matte, composite = layers_like_model(frame, plate_model, edit_model, alpha, colour, under=under)
+    return FrameLayers(composite=composite, edit=edit, matte=matte)
+
+
+def finish_frames(
+    model: ModelLayers,
+    plate: PlateFrames,
+    colour: ColourConverter,
+    sink: Callable[[int, FrameLayers], None],
+    *,
+    workers: int | None = None,
+    cancelled: Callable[[], bool] | None = None,
+    **options: Any,
+) -> None:
+    """Make every frame's layers (:func:`finish_frame`) and hand each to ``sink(index, layers)`` as soon as it
+    exists, ``workers`` frames at a time (the sink runs on the worker thread). At most ``workers`` frames are in
+    memory at once. ``cancelled()`` is checked before each frame; options go to :func:`finish_frame`.
+    """
+    frames = len(plate)
+    if frames != len(model.alpha):
+        raise ValueError(f"plate has {frames} frames but the model made {len(model.alpha)}")
+    workers = workers or default_workers()
+    slots = threading.Semaphore(workers)
+    stop = threading.Event()
+
+    def one(index: int) -> None:
+        try:
+            if stop.is_set() or (cancelled is not None and cancelled()):
+                stop.set()
+                return
+            frame = _plate_frame(plate, index)
+            if frame.shape[:2] != model.mapping.source_size:
+                raise ValueError(
+                    f"plate frame {index} is {frame.shape[1]}x{frame.shape[0]}; expected "
+                    f"{model.mapping.source_size[1]}x{model.mapping.source_size[0]} like the first frame"
+                )
+            layers = finish_frame(model, index, frame, colour, **options)
+            del frame
+            sink(index, layers)
+        finally:
+            slots.release()
+
+    pending: list[Future] = []
+    with ThreadPoolExecutor(workers, thread_name_prefix="vera-finish") as pool:
+        for index in range(frames):
+            slots.acquire()  # back-pressure: no frame is read before a slot is free
+            if stop.is_set():
+                slots.release()
+                break
+            future = pool.submit(one, index)
+            # A failed frame stops the rest: nothing more is read or written after an error.
+            future.add_done_callback(lambda f: stop.set() if f.exception() is not None else None)
+            pending.append(future)
+    for future in pending:
+        future.result()  # the first failure, in frame order
 
 
 def edit_plate(
     pipe: Any,
-    plate: np.ndarray,
+    plate: PlateFrames,
     *,
     prompt: str,
     colour: ColourConverter,
-    mask: np.ndarray | None = None,
+    mask: PlateFrames | None = None,
     negative_prompt: str | None = None,
     steps: int = 50,
     guidance: float = 5.0,
@@ -104,88 +374,60 @@ def edit_plate(
     guided_eps: float = 1e-3,
     recover: bool = False,
     pad_to_native: bool = False,
+    window_frames: int | None = None,
+    window_overlap: int | None = None,
+    workers: int | None = None,
 ) -> LayeredResult:
-    """Edit ``plate`` (F, H, W, 3|4 float32, ``colour.working_space``) with ``pipe`` and return its layers.
+    """Edit ``plate`` (frames of (H, W, 3|4) float32 in ``colour.working_space``) and return all its layers.
 
-    ``mask`` (F, H, W) in [0, 1] at plate resolution is optional. ``callback`` is passed to the pipeline as
-    ``callback_on_step_end``. ``matte_filter`` picks the edge-aware guided upsampling (default) or plain
-    bilinear; mattes within ``matte_threshold`` of 0/1 snap to 0/1. ``recover`` applies Eq. 3 to recover
-    preserved content under semi-transparent alpha. ``pad_to_native`` letterboxes to the full native size
-    instead of the nearest multiple of 16.
+    The in-memory form of :func:`sample_plate` + :func:`finish_frames` (the engine streams instead).
+    ``matte_filter`` picks the edge-aware guided upsampling (default) or plain bilinear; mattes within
+    ``matte_threshold`` of 0/1 snap to 0/1. ``recover`` applies Eq. 3 to recover preserved content under
+    semi-transparent alpha. ``pad_to_native`` letterboxes to the full native size instead of the nearest
+    multiple of 16.
     """
-    import torch
-
-    plate = _check_plate(plate)
-    mask = _check_mask(mask, plate)
     if matte_filter not in ("guided", "bilinear"):
         raise ValueError(f"matte_filter={matte_filter!r} is not one of 'guided', 'bilinear'")
-    frames, height, width = plate.shape[:3]
-
-    # 1. Plate -> model space, then down to the model's size. Converting first (clamped to [0, 1]) keeps
-    #    bright scene-linear highlights from ringing across the frame in the resampling filter.
-    mapping = fit_mapping((height, width), tuple(pipe.native_size), multiple=16, pad_to_target=pad_to_native)
-    video = np.empty((frames, *mapping.canvas_size, 3), np.float32)
-    for i in range(frames):  # frame by frame: a full-resolution model-space copy of a 4K plate is gigabytes
-        video[i] = np.clip(fit_frames(_model_frame(plate, i, colour), mapping), 0.0, 1.0)[0]
-    mask_small = None if mask is None else np.clip(fit_frames(mask, mapping), 0.0, 1.0)
-
-    # 2. Sample.
-    out = pipe(
-        video,
+    model = sample_plate(
+        pipe,
+        plate,
         prompt=prompt,
-        mask=mask_small,
+        colour=colour,
+        mask=mask,
         negative_prompt=negative_prompt,
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        generator=torch.Generator().manual_seed(int(seed)),
-        callback_on_step_end=callback,
-        callback_on_step_end_tensor_inputs=tuple(callback_tensor_inputs),
+        steps=steps,
+        guidance=guidance,
+        seed=seed,
+        callback=callback,
+        callback_tensor_inputs=callback_tensor_inputs,
+        window_frames=window_frames,
+        window_overlap=window_overlap,
+        pad_to_native=pad_to_native,
+        workers=workers,
     )
-    edit_low = np.asarray(out.edit, np.float32)
-    alpha_low = np.clip(np.asarray(out.alpha, np.float32), 0.0, 1.0)
-    model_composite = np.asarray(out.composite, np.float32)
-
-    # 3. Clean edit colour where the matte is empty, so upsampling and premultiplication see no garbage.
-    edit_low = fill_unmatted(edit_low, alpha_low)
-    delta_low = None
-    if recover:
-        preserved_low = recover_preserved(model_composite, np.asarray(out.edit, np.float32), alpha_low, video)
-        # A working-space correction: exactly 0 wherever Eq. 3 did not apply.
-        delta_low = colour.from_model(preserved_low) - colour.from_model(video)
-
-    # 4. Back to plate resolution and the working space, one frame at a time to bound memory at 4K.
+    frames = len(plate)
+    height, width = model.mapping.source_size
     composite = np.empty((frames, height, width, 4), np.float32)
     edit = np.empty((frames, height, width, 4), np.float32)
     matte = np.empty((frames, height, width), np.float32)
-    for i in range(frames):
-        if matte_filter == "guided":
-            guide = _model_frame(plate, i, colour)
-            a = guided_upsample(alpha_low[i : i + 1], guide, mapping, radius=guided_radius, eps=guided_eps)
-        else:
-            a = unfit_frames(alpha_low[i : i + 1], mapping, filter="triangle")
-        a = snap_matte(a, matte_threshold)[0]
-        colour_model = np.clip(unfit_frames(edit_low[i : i + 1], mapping), 0.0, 1.0)[0]
-        edit[i] = premultiply(colour.from_model(colour_model), a)
-        preserved = None
-        if delta_low is not None:
-            preserved = plate[i, ..., :3] + unfit_frames(delta_low[i : i + 1], mapping)[0]
-        composite[i] = composite_over_plate(plate[i], edit[i], a, preserved=preserved)
-        matte[i] = a
 
-    metadata: dict[str, object] = {
-        "prompt": prompt,
-        "negative_prompt": negative_prompt or "",
-        "seed": int(seed),
-        "steps": int(steps),
-        "guidance": float(guidance),
-        "working_colorspace": colour.working_space,
-        "hdr": bool(colour.hdr),
-        "matte_filter": matte_filter,
-        "recover": bool(recover),
-        "fit": mapping.to_dict(),
-        "engine_version": __version__,
-    }
-    return LayeredResult(composite, edit, matte, model_composite, mapping, metadata)
+    def keep(index: int, layers: FrameLayers) -> None:
+        composite[index], edit[index], matte[index] = layers.composite, layers.edit, layers.matte
+
+    finish_frames(
+        model,
+        plate,
+        colour,
+        keep,
+        workers=workers,
+        matte_filter=matte_filter,
+        matte_threshold=matte_threshold,
+        guided_radius=guided_radius,
+        guided_eps=guided_eps,
+        recover=recover,
+    )
+    metadata = {**model.metadata, "matte_filter": matte_filter, "recover": bool(recover)}
+    return LayeredResult(composite, edit, matte, model.composite, model.mapping, metadata)
 
 
 def write_result_sequence(
@@ -212,23 +454,78 @@ def write_result_sequence(
         raise ValueError(
             f"{len(frame_numbers)} frame numbers for {result.matte.shape[0]} frames; pass one per frame"
         )
-    merged = {**result.metadata, **(metadata or {})}
-    pattern = os.path.join(os.fspath(out_dir), f"{name}.####.exr")
-    return [
-        write_layered_exr(
-            frame_path(pattern, number),
-            result.composite[i],
-            result.edit[i],
-            result.matte[i],
+    writer = ResultWriter(
+        out_dir,
+        frame_numbers,
+        name=name,
+        pixel_type=pixel_type,
+        compression=compression,
+        metadata={**result.metadata, **(metadata or {})},
+        chromaticities=chromaticities,
+        data_window=data_window,
+        display_window=display_window,
+    )
+    for i in range(len(frame_numbers)):
+        writer(i, FrameLayers(result.composite[i], result.edit[i], result.matte[i]))
+    return writer.paths
+
+
+class ResultWriter:
+    """A :func:`finish_frames` sink that writes each frame as ``out_dir/<name>.<frame number>.exr`` at once.
+
+    Thread-safe (each frame is its own file, written then renamed by :func:`write_layered_exr`); ``paths``
+    lists the files in frame order once every frame is written; ``on_written(count)`` reports progress.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike[str],
+        frame_numbers: Sequence[int],
+        *,
+        name: str = "vera_edit",
+        pixel_type: str = "half",
+        compression: str = "zip",
+        metadata: Mapping[str, object] | None = None,
+        chromaticities: Sequence[float] | None = None,
+        data_window: Window | None = None,
+        display_window: Window | None = None,
+        on_written: Callable[[int], None] | None = None,
+    ) -> None:
+        self.pattern = os.path.join(os.fspath(out_dir), f"{name}.####.exr")
+        self.frame_numbers = [int(f) for f in frame_numbers]
+        self.options: dict[str, Any] = dict(
             pixel_type=pixel_type,
             compression=compression,
-            metadata=merged,
+            metadata=dict(metadata or {}),
             chromaticities=chromaticities,
             data_window=data_window,
             display_window=display_window,
         )
-        for i, number in enumerate(frame_numbers)
-    ]
+        self.on_written = on_written
+        self._written: dict[int, Path] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, index: int, layers: FrameLayers) -> None:
+        path = write_layered_exr(
+            frame_path(self.pattern, self.frame_numbers[index]),
+            layers.composite,
+            layers.edit,
+            layers.matte,
+            **self.options,
+        )
+        with self._lock:
+            self._written[index] = path
+            count = len(self._written)
+        if self.on_written is not None:
+            self.on_written(count)
+
+    @property
+    def paths(self) -> list[Path]:
+        """The written files in frame order (raises if a frame is missing)."""
+        missing = [self.frame_numbers[i] for i in range(len(self.frame_numbers)) if i not in self._written]
+        if missing:
+            raise RuntimeError(f"frames {missing[:5]} were not written")
+        return [self._written[i] for i in range(len(self.frame_numbers))]
 
 
 def write_result_previews(

@@ -199,13 +199,15 @@ def guided_upsample(
     *,
     radius: int = 2,
     eps: float = 1e-3,
+    low_guide: np.ndarray | None = None,
 ) -> np.ndarray:
     """Upsample a model-resolution matte (F, canvas H, canvas W) to plate size, edges following ``guide``.
 
     ``guide`` is the full-resolution plate (F, H, W, 3), best in a perceptual [0, 1] encoding (the model
     space). ``radius`` is in model pixels, ``eps`` the guided filter's regulariser (larger = smoother).
-    Where the bilinear upsampling of the matte is exactly 0 or 1 the result is too. Returns (F, H, W) in
-    [0, 1].
+    ``low_guide`` (F, scaled H, scaled W, 3): the guide already resized to the matte's scale (the plate as the
+    model saw it, before padding), which saves resizing the full-resolution guide again. Where the bilinear
+    upsampling of the matte is exactly 0 or 1 the result is too. Returns (F, H, W) in [0, 1].
     """
     matte = np.asarray(matte, np.float32)
     guide = np.asarray(guide, np.float32)
@@ -215,13 +217,15 @@ def guided_upsample(
         raise ValueError(f"guide has shape {guide.shape}; expected (F, {mapping.source_size}, 3)")
     if guide.shape[0] != matte.shape[0]:
         raise ValueError(f"guide has {guide.shape[0]} frames but the matte has {matte.shape[0]}")
+    if low_guide is not None and low_guide.shape[:3] != (matte.shape[0], *mapping.scaled_size):
+        raise ValueError(f"low_guide has shape {low_guide.shape}; expected (F, {mapping.scaled_size}, 3)")
     low = _crop(matte[..., None], mapping)[..., 0]
     out = np.empty(guide.shape[:3], np.float32)
     for i in range(matte.shape[0]):
         full_guide = guide[i, ..., :3]
         # The guide at the matte's resolution, by the same filter the plate took on the way in.
-        low_guide = resize_frames(full_guide[None], mapping.scaled_size)[0]
-        a, b = _guided_coefficients(low_guide, low[i], radius, eps)
+        small = resize_frames(full_guide[None], mapping.scaled_size)[0] if low_guide is None else low_guide[i]
+        a, b = _guided_coefficients(small, low[i], radius, eps)
         a_full = upsample_bilinear(a, mapping.source_size)
         b_full = upsample_bilinear(b, mapping.source_size)
         refined = np.einsum("hwc,hwc->hw", a_full, full_guide) + b_full

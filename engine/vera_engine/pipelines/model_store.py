@@ -4,6 +4,7 @@ No hub, no downloads: a model is a folder on disk (`model_index.json` + componen
 `$VERA_MODEL` overrides what `default` means, e.g. to make a studio's own fine-tune the default.
 """
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,29 @@ def check_safetensors_only(folder: Path) -> list[Path]:
     if not weights:
         raise ValueError(f"{folder}: no .safetensors weights found")
     return weights
+
+
+def max_window_frames(model_dir: Path) -> int:
+    """The longest sampling window (frames) a pipeline folder's transformer positions reach, read from its configs
+    (no weights loaded); `VeraPipeline.position_limits` computes the same from a loaded pipeline."""
+    transformer = json.loads((model_dir / "transformer" / "config.json").read_text())
+    positions = int(transformer.get("rope_max_seq_len", 1024))
+    p_t = int(transformer.get("patch_size", (1, 2, 2))[0])
+    codec = json.loads((model_dir / "vae" / "config.json").read_text())
+    t = 1 if codec.get("_class_name") == "SpaceToDepthCodec" else int(codec.get("scale_factor_temporal", 4))
+    return positions * p_t if t == 1 else (positions * p_t - 1) * t + 1
+
+
+def vocabulary(model_dir: Path) -> list[str]:
+    """The words a word-level checkpoint reads (its tokenizer's vocabulary without special tokens), or [] for a
+    tokenizer that reads free text (sentencepiece, bytes)."""
+    path = model_dir / "tokenizer" / "tokenizer.json"
+    if not path.is_file():
+        return []
+    model = json.loads(path.read_text()).get("model", {})
+    if model.get("type") != "WordLevel":
+        return []
+    return sorted(word for word in model.get("vocab", {}) if not (word.startswith("<") and word.endswith(">")))
 
 
 def load_pipeline(

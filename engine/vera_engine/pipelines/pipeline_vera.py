@@ -213,6 +213,36 @@ class VeraPipeline(DiffusionPipeline):
         padded_width = -(-width // (s * p_w)) * s * p_w
         return padded_frames, padded_height, padded_width
 
+    @property
+    def position_limits(self) -> tuple[int, int, int]:
+        """(frames, height, width): the most one sampling window may span, padded, set by how far the transformer's
+        rotary table reaches (`rope_max_seq_len` token positions along each axis)."""
+        positions = self.transformer.config.rope_max_seq_len
+        p_t, p_h, p_w = self.transformer.config.patch_size
+        t, s = self.temporal_compression, self.spatial_compression
+        frames = positions * p_t if t == 1 else (positions * p_t - 1) * t + 1
+        return frames, positions * p_h * s, positions * p_w * s
+
+    def _check_positions(self, frames: int, height: int, width: int, window_frames: int) -> None:
+        """Refuse a window or frame size the rotary table does not cover, naming the limit (instead of a shape
+        error deep inside the RoPE)."""
+        max_frames, max_height, max_width = self.position_limits
+        padded_frames, padded_height, padded_width = self.padded_shape(frames, height, width)
+        reach = f"rope_max_seq_len {self.transformer.config.rope_max_seq_len} positions per axis"
+        if padded_height > max_height or padded_width > max_width:
+            raise ValueError(
+                f"video is {width}x{height} pixels ({padded_width}x{padded_height} padded); this checkpoint's "
+                f"positions reach at most {max_width}x{max_height} ({reach}): fit the video to the model's size "
+                f"{self.native_size[1]}x{self.native_size[0]} first (the engine does)"
+            )
+        span = padded_frames if window_frames == 0 or frames <= window_frames else window_frames
+        if self.padded_shape(span, height, width)[0] > max_frames:
+            what = "the clip, sampled in one pass," if span == padded_frames else f"a window of {span} frames"
+            raise ValueError(
+                f"{what} spans more frames than this checkpoint's positions reach ({max_frames}; {reach}): "
+                f"use window_frames <= {max_frames} (default: the checkpoint's {self.native_frames})"
+            )
+
     # ------------------------------------------------------------------------------------------------------------
     # Encoders
 
@@ -258,12 +288,26 @@ class VeraPipeline(DiffusionPipeline):
         std = torch.tensor(self.vae.config.latents_std, device=like.device, dtype=torch.float32).view(shape)
         return mean, std
 
-    def decode_preview(self, composite_x0: torch.Tensor) -> np.ndarray:
-        """The predicted clean composite of a step (`callback_kwargs["composite_x0"]`) as (F, H, W, 3) in [0, 1]."""
+    def decode_preview(self, composite_x0: torch.Tensor, frame: int | None = None) -> np.ndarray:
+        """The predicted clean composite of a step (`callback_kwargs["composite_x0"]`) as (F, H, W, 3) in [0, 1].
+
+        `frame`: decode only the latent frame that holds video frame `frame` and return that one frame (1, H, W, 3)
+        (a preview shows one frame: decoding the whole clip at Wan size on every preview would cost a full VAE
+        decode). With a temporally compressing codec it is that latent frame decoded on its own, an
+        approximation that is fine for a preview.
+        """
         if self._trim is None:
             raise RuntimeError("decode_preview is for use inside a sampling call's step callback")
         frames, height, width = self._trim
-        video = self.decode_latents(composite_x0)[:, :, :frames, :height, :width]
+        if frame is None:
+            video = self.decode_latents(composite_x0)[:, :, :frames, :height, :width]
+        else:
+            if not 0 <= frame < frames:
+                raise ValueError(f"frame={frame}; expected 0..{frames - 1}")
+            t = self.temporal_compression
+            # Wan's causal VAE keeps the first frame alone in latent 0, then t frames per latent.
+            latent = frame if t == 1 else (0 if frame == 0 else (frame - 1) // t + 1)
+            video = self.decode_latents(composite_x0[:, :, latent : latent + 1])[:, :, :1, :height, :width]
         return _to_frames_last((video + 1) / 2)[0].clamp(0, 1).float().cpu().numpy()
 
     # ------------------------------------------------------------------------------------------------------------
@@ -456,6 +500,7 @@ class VeraPipeline(DiffusionPipeline):
             raise ValueError(
                 f"window_overlap={window_overlap!r}; expected 0 <= overlap < window_frames ({window_frames})"
             )
+        self._check_positions(*video.shape[:3], window_frames)
         self._interrupt = False
         device = self._execution_device
         dtype = self.transformer.dtype

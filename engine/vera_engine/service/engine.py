@@ -157,7 +157,7 @@ class Engine:
                 status.stage, status.stage_detail = pb.STAGE_LOADING, "starting"
         elif record.state == job_store.SUCCEEDED:
             status.stage, status.stage_detail, status.progress = pb.STAGE_DONE, "done", 1.0
-            status.step = status.total_steps = record.header.steps
+            status.step = status.total_steps = record.header.steps * max(1, record.header.takes)
         else:
             status.stage = pb.STAGE_DONE
             status.stage_detail = pb.JobState.Name(record.state).removeprefix("JOB_STATE_").lower()

@@ -18,7 +18,9 @@ from typing import Any
 from vera_engine.pipelines.model_store import (
     check_attention_backend,
     check_safetensors_only,
+    max_window_frames,
     resolve_model_dir,
+    vocabulary,
 )
 from vera_engine.service.schema import STEP_CACHES, ModelDefaults, model_info
 from vera_engine.service.worker import JobCancelled, JobContext
@@ -144,6 +146,8 @@ class PipelineRunner:
                 step_caches=("none",) if self.compile_blocks else STEP_CACHES,
                 description=f"Vera pipeline from {self.model_dir}",
                 weights_hash=self.hash,
+                max_window_frames=max_window_frames(self.model_dir),
+                vocabulary=vocabulary(self.model_dir),
             )
             self._models = [model_info(defaults, scene_linear_spaces(), COLOUR_COMPRESSIONS)]
         return [pb.ModelInfo.FromString(m.SerializeToString()) for m in self._models]
@@ -171,94 +175,126 @@ class PipelineRunner:
         )
 
     def run(self, ctx: JobContext) -> list[Path]:
-        """Edit the spooled plate as the header asks and write the layered EXRs."""
+        """Edit the spooled plate as the header asks and write the layered EXRs, take after take.
+
+        Memory stays bounded at any plate size and length: the plate is read frame by frame (once for the model's
+        copy, again for the layers), and each frame's layers are written as soon as they exist.
+        """
         from vera_engine.acceleration.step_cache import step_cache
         from vera_engine.imaging.colour import ColourConverter
-        from vera_engine.imaging.edit_plate import edit_plate, write_result_sequence
+        from vera_engine.imaging.edit_plate import ResultWriter, finish_frames, sample_plate
         from vera_engine.models.word_tokenizer import unknown_words
         from vera_engine.pipelines.pipeline_vera import VeraInterrupted
 
         header = ctx.header
         pipe = self.pipe
-        ctx.stage(pb.STAGE_READING, "reading plate", 0.0)
-        plate = ctx.inputs.plate()
-        mask = ctx.inputs.mask()
         colour = ColourConverter(header.colorspace, hdr=header.hdr)
         frames = list(header.frames)
         steps = header.steps
-
-        def on_step(pipeline: Any, index: int, _timestep: Any, kwargs: dict) -> dict:
-            if ctx.cancelled():
-                pipeline.interrupt = True  # the pipeline raises VeraInterrupted before the next step
-            if ctx.wants_preview() and "composite_x0" in kwargs:
-                video = pipeline.decode_preview(kwargs["composite_x0"])
-                middle = len(video) // 2
-                ctx.preview(
-                    video[middle], frame=frames[min(middle, len(frames) - 1)], step=index + 1, notify=False
-                )
-            ctx.progress(index + 1, steps, progress=0.05 + 0.85 * (index + 1) / steps)
-            return {}
-
-        ctx.check_cancelled()
+        takes = max(1, header.takes)
+        plate, mask = ctx.inputs.plate_frames(), ctx.inputs.mask_frames()
+        data_window, display_window = ctx.inputs.windows() or (None, None)
         # A word-level checkpoint reads unknown words as <unk>: the edit still runs, and the artist is told which
         # words had no effect (in the progress stage and in the result's header).
         unknown = unknown_words(pipe.tokenizer, header.prompt)
         if unknown:
             log.warning("job %s: the model does not know the words %s", ctx.job_id, ", ".join(unknown))
-        ctx.stage(
-            pb.STAGE_SAMPLING,
-            f"sampling (unknown words: {', '.join(unknown)})" if unknown else "sampling",
-            0.05,
-        )
-        try:
-            with step_cache(
-                pipe, header.step_cache, num_inference_steps=steps, guidance_scale=header.guidance
-            ) as cache:
-                # Recorded in the result: a MagCache calibration job skipped nothing (its result is exact).
-                cache_used = (
-                    f"{cache.spec} (calibration run: exact)" if cache.calibrating else str(cache.spec)
+        # Progress over the whole job: 5% reading, then each take's sampling (85%) and writing (15%) in turn.
+        share = 0.95 / takes
+
+        def progress(take: int, fraction: float) -> float:
+            return 0.05 + share * (take + fraction)
+
+        outputs: list[Path] = []
+        for take in range(takes):
+            ctx.check_cancelled()
+            seed = header.seed + take
+            of_takes = f" (take {take + 1} of {takes})" if takes > 1 else ""
+            ctx.stage(pb.STAGE_READING, f"reading plate{of_takes}", progress(take, 0.0))
+
+            def on_step(pipeline: Any, index: int, _timestep: Any, kwargs: dict, take: int = take) -> dict:
+                if ctx.cancelled():
+                    pipeline.interrupt = True  # the pipeline raises VeraInterrupted before the next step
+                # A preview costs a decode: only while someone watches, at a bounded rate, and only its frame.
+                if ctx.wants_preview() and "composite_x0" in kwargs:
+                    middle = len(frames) // 2
+                    image = pipeline.decode_preview(kwargs["composite_x0"], frame=middle)[0]
+                    ctx.preview(image, frame=frames[middle], step=take * steps + index + 1, notify=False)
+                ctx.progress(
+                    take * steps + index + 1, takes * steps, progress(take, 0.85 * (index + 1) / steps)
                 )
-                if cache.calibrating:
-                    log.info(
-                        "job %s: calibrating %s for this model (this job skips nothing)",
-                        ctx.job_id,
-                        cache.spec,
+                return {}
+
+            detail = f"sampling{of_takes}" + (f" (unknown words: {', '.join(unknown)})" if unknown else "")
+            try:
+                with step_cache(
+                    pipe, header.step_cache, num_inference_steps=steps, guidance_scale=header.guidance
+                ) as cache:
+                    # Recorded in the result: a MagCache calibration job skipped nothing (its result is exact).
+                    cache_used = (
+                        f"{cache.spec} (calibration run: exact)" if cache.calibrating else str(cache.spec)
                     )
-                result = edit_plate(
-                    pipe,
-                    plate,
-                    prompt=header.prompt,
-                    colour=colour,
-                    mask=mask,
-                    negative_prompt=header.negative_prompt or None,
-                    steps=steps,
-                    guidance=header.guidance,
-                    seed=header.seed,
-                    callback=on_step,
-                )
-        except VeraInterrupted:
-            raise JobCancelled(ctx.job_id) from None
-        finally:
-            pipe.interrupt = False
-        del plate, mask
-        ctx.check_cancelled()
-        ctx.stage(pb.STAGE_WRITING, "writing", 0.9)
-        data_window, display_window = ctx.inputs.windows() or (None, None)
-        return write_result_sequence(
-            result,
-            ctx.output_dir,
-            frames,
-            pixel_type=header.bit_depth,
-            compression=header.compression,
-            metadata={
-                "job_id": ctx.job_id,
-                "task": header.task,
-                "model": self.name,
-                "model_hash": self.hash,
-                "step_cache": cache_used,
-                "unknown_words": ", ".join(unknown) or "none",
-            },
-            chromaticities=colour.chromaticities(),
-            data_window=data_window,
-            display_window=display_window,
-        )
+                    if cache.calibrating:
+                        log.info(
+                            "job %s: calibrating %s for this model (this run skips nothing)",
+                            ctx.job_id,
+                            cache.spec,
+                        )
+                    ctx.stage(pb.STAGE_SAMPLING, detail, progress(take, 0.0))
+                    model = sample_plate(
+                        pipe,
+                        plate,
+                        prompt=header.prompt,
+                        colour=colour,
+                        mask=mask,
+                        negative_prompt=header.negative_prompt or None,
+                        steps=steps,
+                        guidance=header.guidance,
+                        seed=seed,
+                        callback=on_step,
+                        window_frames=header.window_frames if header.HasField("window_frames") else None,
+                        window_overlap=header.window_overlap if header.HasField("window_overlap") else None,
+                    )
+            except VeraInterrupted:
+                raise JobCancelled(ctx.job_id) from None
+            finally:
+                pipe.interrupt = False
+            ctx.check_cancelled()
+            ctx.stage(pb.STAGE_WRITING, f"writing{of_takes}", progress(take, 0.85))
+            writer = ResultWriter(
+                ctx.output_dir,
+                frames,
+                name=take_name(take),
+                pixel_type=header.bit_depth,
+                compression=header.compression,
+                metadata={
+                    **model.metadata,
+                    "matte_filter": "guided",
+                    "job_id": ctx.job_id,
+                    "task": header.task,
+                    "take": take + 1,
+                    "takes": takes,
+                    "model": self.name,
+                    "model_hash": self.hash,
+                    "step_cache": cache_used,
+                    "unknown_words": ", ".join(unknown) or "none",
+                },
+                chromaticities=colour.chromaticities(),
+                data_window=data_window,
+                display_window=display_window,
+                on_written=lambda count, take=take, of_takes=of_takes: ctx.stage(
+                    pb.STAGE_WRITING,
+                    f"writing{of_takes}: {count}/{len(frames)} frames",
+                    progress(take, 0.85 + 0.15 * count / len(frames)),
+                ),
+            )
+            finish_frames(model, plate, colour, writer, cancelled=ctx.cancelled)
+            del model
+            ctx.check_cancelled()
+            outputs += writer.paths
+        return outputs
+
+
+def take_name(take: int) -> str:
+    """The file name stem of take ``take`` (0-based): ``vera_edit`` for the first, ``vera_edit_take<k>`` after."""
+    return "vera_edit" if take == 0 else f"vera_edit_take{take + 1}"

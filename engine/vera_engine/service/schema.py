@@ -20,6 +20,7 @@ TASKS = ("object_addition", "background_change")
 STEP_CACHES = ("none", "taylorseer:2", "mag:0.06", "first_block:0.1", "taylorseer:3")
 BIT_DEPTHS = ("half", "float")
 MAX_PROMPT_CHARS = 2000
+MAX_TAKES = 8
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,15 @@ class ModelDefaults:
     step_caches: Sequence[str] = STEP_CACHES
     description: str = ""
     weights_hash: str = ""
+    # The longest window one sampling pass may have (the model's position tables), and the words a word-level
+    # checkpoint reads (empty: free text).
+    max_window_frames: int = 0
+    vocabulary: Sequence[str] = ()
+
+    @property
+    def window_overlap(self) -> int:
+        """The pipeline's default overlap: a quarter of the window, at least one frame."""
+        return max(1, self.frame_window // 4) if self.frame_window > 1 else 0
 
 
 def _value(v: int | float | str | bool) -> pb.OptionValue:
@@ -62,7 +72,9 @@ def options_schema(
     )
     return [
         pb.OptionSpec(name="task", label="Task", type=choice, default=_value(model.tasks[0]), choices=list(model.tasks),
-                      help="object_addition adds something to the shot; background_change replaces what is behind the subject."),
+                      help="What kind of edit this is: object_addition (add something to the shot) or background_change "
+                      "(replace what is behind the subject). Recorded in the results and used for the defaults; the "
+                      "model itself reads what to do from the prompt's words, so say it there too."),
         pb.OptionSpec(name="prompt", label="Prompt", type=text, required=True,
                       help="What to add or the new background, in plain words (e.g. 'a sea turtle swimming left to right')."),
         pb.OptionSpec(name="negative_prompt", label="Negative prompt", type=text, default=_value(""),
@@ -73,6 +85,16 @@ def options_schema(
                       help="Denoising steps: more is slower and usually cleaner."),
         pb.OptionSpec(name="guidance", label="Guidance", type=number, default=_value(model.guidance), min=1.0,
                       max=model.max_guidance, help="How strongly the prompt steers the result (classifier-free guidance; 1 = off, one pass per step)."),
+        pb.OptionSpec(name="takes", label="Takes", type=integer, default=_value(1), min=1, max=MAX_TAKES,
+                      help="Variations in one job: take k uses seed + k - 1; each take is its own set of layers "
+                      "(vera_edit.####.exr, vera_edit_take2.####.exr, ...)."),
+        pb.OptionSpec(name="window_frames", label="Window (frames)", type=integer, default=_value(model.frame_window),
+                      min=0, max=max(model.max_window_frames, model.frame_window),
+                      help="Clips longer than this are sampled as overlapping windows blended at every step; 0 samples "
+                      "the whole clip in one pass (only up to the maximum)."),
+        pb.OptionSpec(name="window_overlap", label="Window overlap (frames)", type=integer,
+                      default=_value(model.window_overlap), min=0, max=max(model.max_window_frames - 1, 0),
+                      help="Frames neighbouring windows share; more is smoother and slower."),
         pb.OptionSpec(name="step_cache", label="Speed-up (approximate)", type=choice, default=_value(model.step_caches[0]),
                       choices=list(model.step_caches), help="Skip transformer work on steps that barely change: faster, "
                       "slightly different from exact sampling. none = exact."),
@@ -98,6 +120,8 @@ def model_info(model: ModelDefaults, colorspaces: Sequence[str], compressions: S
         tasks=list(model.tasks),
         options=options_schema(model, colorspaces, compressions),
         weights_hash=model.weights_hash,
+        max_window_frames=model.max_window_frames,
+        vocabulary=list(model.vocabulary),
     )
 
 
@@ -159,6 +183,7 @@ def resolve_header(header: pb.JobHeader, models: Sequence[pb.ModelInfo]) -> pb.J
         _check_range(info, "guidance", out.guidance)
     else:
         out.guidance = _spec(info, "guidance").default.float_value
+    _resolve_windows_and_takes(info, out)
     frames = list(out.frames)
     if not frames:
         raise InputError("header.frames", "is empty; list the plate's frame numbers (e.g. 1001..1100)")
@@ -169,3 +194,35 @@ def resolve_header(header: pb.JobHeader, models: Sequence[pb.ModelInfo]) -> pb.J
         dup = next(f for f in frames if f in seen or seen.add(f))  # type: ignore[func-returns-value]
         raise InputError("header.frames", f"frame {dup} is listed twice; each frame number must appear once")
     return out
+
+
+def _resolve_windows_and_takes(info: pb.ModelInfo, header: pb.JobHeader) -> None:
+    """Check (and fill) takes, window_frames and window_overlap against the model's limits."""
+    if header.takes:
+        _check_range(info, "takes", header.takes)
+    else:
+        header.takes = 1
+    window = header.window_frames if header.HasField("window_frames") else info.frame_window
+    if header.HasField("window_frames"):
+        _check_range(info, "window_frames", window)
+    overlap_spec = _spec(info, "window_overlap")
+    if header.HasField("window_overlap"):
+        if window and header.window_overlap >= window:
+            raise InputError(
+                "header.window_overlap",
+                f"{header.window_overlap} frames; expected fewer than window_frames ({window})",
+            )
+        _check_range(info, "window_overlap", header.window_overlap)
+    elif header.HasField("window_frames"):
+        header.window_overlap = max(1, window // 4) if window > 1 else 0
+    else:
+        header.window_overlap = overlap_spec.default.int_value
+    header.window_frames = window
+    longest = info.max_window_frames
+    one_pass = window == 0 or len(header.frames) <= window
+    if longest and one_pass and len(header.frames) > longest:
+        raise InputError(
+            "header.window_frames",
+            f"{window} samples the {len(header.frames)} frames in one pass, but this model's positions reach "
+            f"{longest} frames; use window_frames 1..{longest} (default {info.frame_window})",
+        )

@@ -5,6 +5,7 @@ authentication.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import time
@@ -97,6 +98,13 @@ class EngineServicer(pb_grpc.EngineServicer):
 
     def Watch(self, request: pb.WatchRequest, context: grpc.ServicerContext) -> Iterator[pb.JobStatus]:
         """Yield the job's status whenever it changes, until it reaches a final state."""
+        engine = self.engine
+        with (
+            engine.events.watching_previews(request.job_id) if request.previews else contextlib.nullcontext()
+        ):
+            yield from self._watch(request, context)
+
+    def _watch(self, request: pb.WatchRequest, context: grpc.ServicerContext) -> Iterator[pb.JobStatus]:
         engine = self.engine
         last_sent = b""
         last_preview = None

@@ -18,7 +18,7 @@ import os
 import shutil
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -443,6 +443,14 @@ class SpooledInputs:
         """One mask frame, (H, W) float32."""
         return self._read(pb.LAYER_MASK, frame)
 
+    def plate_frames(self) -> FrameSequence:
+        """The plate read frame by frame on demand (a ``PlateFrames`` for ``edit_plate``): never held whole."""
+        return FrameSequence(self.plate_frame, self.frames)
+
+    def mask_frames(self) -> FrameSequence | None:
+        """The mask read frame by frame on demand, or None."""
+        return FrameSequence(self.mask_frame, self.frames) if self.has_mask else None
+
     def plate(self) -> np.ndarray:
         """The whole plate, (F, H, W, C) float32, C the smallest channel count of its frames."""
         frames = [self.plate_frame(f) for f in self.frames]
@@ -454,6 +462,19 @@ class SpooledInputs:
         if not self.has_mask:
             return None
         return np.stack([self.mask_frame(f) for f in self.frames])
+
+
+class FrameSequence:
+    """One layer's frames, read from the spool when indexed: ``len()`` and ``[i]`` (the i-th frame number's pixels)."""
+
+    def __init__(self, read: Callable[[int], np.ndarray], frames: Sequence[int]) -> None:
+        self._read, self.frames = read, list(frames)
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self._read(self.frames[index])
 
 
 class SpoolInUse(RuntimeError):

@@ -8,6 +8,7 @@ turning true.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import shutil
@@ -15,7 +16,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -51,11 +52,34 @@ class LiveState:
 
 
 class Events:
-    """A version counter and condition that Watch streams wait on; bumped on every change of any job."""
+    """A version counter and condition that Watch streams wait on; bumped on every change of any job.
+
+    Also counts, per job, the Watch streams that asked for previews: a job decodes previews only while someone
+    looks at them.
+    """
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self.version = 0
+        self._preview_watchers: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def watching_previews(self, job_id: str) -> Iterator[None]:
+        """Count a Watch stream that wants ``job_id``'s previews for as long as the block runs."""
+        with self._cond:
+            self._preview_watchers[job_id] = self._preview_watchers.get(job_id, 0) + 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                left = self._preview_watchers.pop(job_id) - 1
+                if left:
+                    self._preview_watchers[job_id] = left
+
+    def previews_watched(self, job_id: str) -> bool:
+        """Whether any Watch stream wants ``job_id``'s previews now."""
+        with self._cond:
+            return self._preview_watchers.get(job_id, 0) > 0
 
     def bump(self) -> None:
         """Wake every waiter."""
@@ -124,8 +148,12 @@ class JobContext:
         self._events.bump()
 
     def wants_preview(self) -> bool:
-        """True when enough time passed since the last preview (previews are rate-bounded)."""
-        return time.monotonic() - self._last_preview >= self._preview_interval
+        """True when someone watches this job's previews and enough time passed since the last one (previews
+        cost a decode: they are made only for a watcher, at a bounded rate)."""
+        return (
+            time.monotonic() - self._last_preview >= self._preview_interval
+            and self._events.previews_watched(self.job_id)
+        )
 
     def preview(
         self, image: np.ndarray, frame: int, step: int, max_side: int = 256, notify: bool = True
