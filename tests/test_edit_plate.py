@@ -184,7 +184,10 @@ def test_non_finite_plate_pixels_reach_the_composite_untouched_but_never_the_mod
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"plate": np.zeros((2, 8, 8), np.float32)}, r"plate frame 0 has shape \(8, 8\); expected \(H, W, 3 or 4\)"),
+        (
+            {"plate": np.zeros((2, 8, 8), np.float32)},
+            r"plate frame 0 has shape \(8, 8\); expected \(H, W, 3 or 4\)",
+        ),
         ({"plate": np.zeros((1, 8, 8, 3), np.float64)}, "expected float32"),
         ({"mask": np.zeros((1, 9, 8), np.float32)}, r"mask frame 0 has shape \(9, 8\)"),
         ({"mask": np.full((1, 8, 8), 2.0, np.float32)}, r"finite values in \[0, 1\]"),

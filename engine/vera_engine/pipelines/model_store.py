@@ -72,7 +72,9 @@ def vocabulary(model_dir: Path) -> list[str]:
     model = json.loads(path.read_text()).get("model", {})
     if model.get("type") != "WordLevel":
         return []
-    return sorted(word for word in model.get("vocab", {}) if not (word.startswith("<") and word.endswith(">")))
+    return sorted(
+        word for word in model.get("vocab", {}) if not (word.startswith("<") and word.endswith(">"))
+    )
 
 
 def load_pipeline(
