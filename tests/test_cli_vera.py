@@ -113,7 +113,11 @@ def test_exit_codes_a_script_can_rely_on(passthrough_engine, tmp_path: Path) -> 
     assert result.returncode == 5 and "UNAUTHENTICATED" in result.stderr
     token = tmp_path / "token"
     token.write_text("s3cret\n")
-    assert vera("info", "--engine", secured, "--token-file", str(token)).returncode == 0
+    info = vera("info", "--engine", secured, "--token-file", str(token))
+    assert info.returncode == 0
+    assert (
+        "limits   10000 frames of 16..16384 px a side, 2 GiB a frame; prompt 2000 characters" in info.stdout
+    )
 
     busy = passthrough_engine(queue_capacity=1, step_seconds=0.05)
     first = vera(

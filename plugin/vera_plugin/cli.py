@@ -161,6 +161,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     )
     print(f"queue    {info.queue_length} waiting of {info.queue_capacity}, {info.running} running")
     print(f"model    {'loaded' if info.model_loaded else 'loading'}")
+    limits = info.limits
+    print(
+        f"limits   {limits.max_frames} frames of {limits.min_side}..{limits.max_side} px a side, "
+        f"{limits.max_frame_bytes / gib:g} GiB a frame; prompt {limits.max_prompt_chars} characters, "
+        f"name {limits.max_label_chars}; seed {limits.seed_min}..{limits.seed_max}; "
+        f"half results hold +-{limits.max_half_value:g}"
+    )
     for model in info.models:
         default = " (default)" if model.is_default else ""
         print(
