@@ -34,7 +34,7 @@ from vera_engine.imaging.exr import write_exr
 from vera_engine.service import Engine, create_server, limits
 from vera_engine.service.store import JobStore
 from vera_engine.service.testing import PassThroughRunner
-from vera_plugin.client import EngineClient
+from vera_plugin.client import EngineClient, EngineError
 from vera_proto.vera.v1 import engine_pb2 as pb
 from vera_proto.vera.v1 import engine_pb2_grpc as pb_grpc
 
@@ -501,3 +501,34 @@ def test_a_spool_from_an_older_engine_gains_the_progress_columns(tmp_path: Path)
     record = store.get("old")
     assert record is not None and (record.step, record.total_steps, record.progress) == (0, 0, 0.0)
     store.close()
+
+
+class _BrokenSchemaRunner(PassThroughRunner):
+    """A runner whose schema lookup raises while `broken` is set: a stand-in for a bug inside an RPC."""
+
+    broken = False
+
+    def models(self) -> list[pb.ModelInfo]:
+        if self.broken:
+            raise KeyError("/engine/private/spool/path")
+        return super().models()
+
+
+def test_a_bug_inside_an_rpc_is_internal_and_the_engine_keeps_serving(make_harness, caplog) -> None:
+    runner = _BrokenSchemaRunner()
+    h = make_harness(runner)
+    runner.broken = True
+    with pytest.raises(EngineError) as err:
+        h.client.submit(_header({"frames": [1]}), raw_chunks(P, 1, uniform_frame()))
+    assert err.value.code == "INTERNAL"
+    assert (
+        err.value.details
+        == "the engine failed in Submit (KeyError); it keeps serving, the details are in its log"
+    )
+    assert (
+        "Submit failed" in caplog.text and "/engine/private/spool/path" in caplog.text
+    )  # the log has it all
+    runner.broken = False
+    job = h.client.submit(_header({"frames": [1]}), raw_chunks(P, 1, uniform_frame())).job_id
+    assert h.client.wait(job).state == pb.JOB_STATE_SUCCEEDED
+    assert not list((h.spool / "incoming").iterdir())

@@ -58,8 +58,9 @@ def _abort(context: grpc.ServicerContext, exc: Exception, rpc: str) -> NoReturn:
     else:
         log.error("%s failed:\n%s", rpc, traceback.format_exc())
         code = grpc.StatusCode.INTERNAL
+        # The exception's text may name the engine's own files: it stays in the log with the traceback.
         message = (
-            f"the engine failed in {rpc} ({type(exc).__name__}: {exc}); it keeps serving, details in its log"
+            f"the engine failed in {rpc} ({type(exc).__name__}); it keeps serving, the details are in its log"
         )
     context.abort(code, cap_message(message))
     raise AssertionError("unreachable")  # context.abort raises
