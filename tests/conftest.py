@@ -40,6 +40,24 @@ def passthrough_engine(tmp_path):
 
 
 @pytest.fixture
+def make_harness(tmp_path):
+    """Make in-process engines (`tests.service_helpers.Harness`: engine, loopback server, client); stopped after."""
+    from tests.service_helpers import Harness
+    from vera_engine.service.testing import PassThroughRunner
+
+    made = []
+
+    def make(runner=None, spool=None, **kw):
+        h = Harness(spool or tmp_path / "spool", runner or PassThroughRunner(), **kw)
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        h.stop()
+
+
+@pytest.fixture
 def tiny_wan():
     """A seeded random `WanTransformer3DModel` of a tiny Wan2.1 T2V shape."""
     import torch

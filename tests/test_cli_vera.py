@@ -67,6 +67,8 @@ def test_exit_codes_a_script_can_rely_on(passthrough_engine, tmp_path: Path) -> 
 
     result = vera("edit", "--engine", "127.0.0.1:1", "--timeout", "2", *args)
     assert result.returncode == 3 and "UNAVAILABLE" in result.stderr
+    # Says which address was tried and how to start an engine, not only gRPC's own words.
+    assert "no Vera engine answers at 127.0.0.1:1" in result.stderr and "vera-engine serve" in result.stderr
 
     address = passthrough_engine()
     result = vera("edit", "--engine", address, *args[:-4], "--prompt", "", "--out", str(tmp_path / "o"))
@@ -85,6 +87,7 @@ def test_exit_codes_a_script_can_rely_on(passthrough_engine, tmp_path: Path) -> 
         str(tmp_path / "o"),
     )
     assert result.returncode == 2 and "plate: 1 of 3 frames missing" in result.stderr
+    assert "uploading" not in result.stderr  # found missing before anything is said about uploading
     result = vera(
         "edit",
         "--engine",
@@ -110,7 +113,11 @@ def test_exit_codes_a_script_can_rely_on(passthrough_engine, tmp_path: Path) -> 
     assert result.returncode == 5 and "UNAUTHENTICATED" in result.stderr
     token = tmp_path / "token"
     token.write_text("s3cret\n")
-    assert vera("info", "--engine", secured, "--token-file", str(token)).returncode == 0
+    info = vera("info", "--engine", secured, "--token-file", str(token))
+    assert info.returncode == 0
+    assert (
+        "limits   10000 frames of 16..16384 px a side, 2 GiB a frame; prompt 2000 characters" in info.stdout
+    )
 
     busy = passthrough_engine(queue_capacity=1, step_seconds=0.05)
     first = vera(
@@ -128,6 +135,45 @@ def test_exit_codes_a_script_can_rely_on(passthrough_engine, tmp_path: Path) -> 
     for job in listed:
         cancelled = vera("cancel", job["job_id"], "--engine", busy)
         assert cancelled.returncode == 0 and cancelled.stdout.split() == [job["job_id"], "cancelled"]
+    # A job that already ended cannot be cancelled (4); fetching a cancelled job says so and exits 8.
+    again = vera("cancel", first.stdout.strip(), "--engine", busy)
+    assert again.returncode == 4 and "already ended (JOB_STATE_CANCELLED)" in again.stderr
+    fetched = vera("fetch", first.stdout.strip(), "--engine", busy, "--out", str(tmp_path / "f"))
+    assert fetched.returncode == 8 and "was cancelled" in fetched.stderr
+
+
+def test_cancel_waits_until_a_running_job_has_stopped(passthrough_engine, tmp_path: Path) -> None:
+    # The engine answers Cancel before the job stopped (RUNNING, cancel requested: with a real model a step can
+    # outlast the engine's wait); `vera cancel` reports the state it asked for, not "running".
+    address = passthrough_engine(step_seconds=0.5, cancel_wait_seconds=0.0)
+    plate = write_sequence(tmp_path / "plate", [1])
+    job = vera("edit", "--engine", address, "--plate", plate, "--frames", "1", "--prompt", "x", "--steps", "100",
+               "--detach", "--out", str(tmp_path / "o")).stdout.strip()  # fmt: skip
+    with EngineClient(address) as client:
+        for status in client.watch(job):
+            if status.state == pb.JOB_STATE_RUNNING and status.step >= 1:
+                break
+    cancelled = vera("cancel", job, "--engine", address)
+    assert cancelled.returncode == 0 and cancelled.stdout.split() == [job, "cancelled"], cancelled.stderr
+    with EngineClient(address) as client:
+        final = client.status(job)
+    assert final.state == pb.JOB_STATE_CANCELLED and 1 <= final.step < 100 and final.total_steps == 100
+
+
+def test_output_closed_early_is_not_an_error(passthrough_engine) -> None:
+    """`vera info --json | head`: the reader leaves early; no traceback, and the exit code a shell gives SIGPIPE."""
+    address = passthrough_engine()
+    for command in (["info", "--json"], ["jobs"], ["info"]):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vera_plugin.cli", *command, "--engine", address],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert proc.stdout is not None
+        proc.stdout.close()  # the reader is gone before anything is written
+        _, err = proc.communicate(timeout=60)
+        assert "Traceback" not in err and "BrokenPipe" not in err and "Exception ignored" not in err, err
+        # `vera jobs` on an empty engine writes nothing, so nothing breaks.
+        assert proc.returncode == (0 if command == ["jobs"] else 141), (command, err)
 
 
 @pytest.mark.slow

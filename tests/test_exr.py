@@ -262,6 +262,23 @@ def test_layered_exr_float32_is_exact(tmp_path):
     np.testing.assert_array_equal(channels["matte.A"], matte)
 
 
+def test_half_output_never_turns_a_finite_value_into_infinity(tmp_path):
+    pixels = np.full((16, 16, 3), 0.5, np.float32)
+    pixels[0, 0] = [1e38, -7e4, 65504.0]  # two beyond the half range, one at its edge
+    pixels[1, 1] = [np.inf, -np.inf, np.nan]  # what the caller gave stays what it is
+    path = exr.write_exr(tmp_path / "h.exr", pixels, ("R", "G", "B"))
+    _header, channels = _read_independent(path)
+    assert [float(channels[c][0, 0]) for c in "RGB"] == [65504.0, -65504.0, 65504.0]
+    assert (
+        np.isposinf(channels["R"][1, 1])
+        and np.isneginf(channels["G"][1, 1])
+        and np.isnan(channels["B"][1, 1])
+    )
+    assert float(channels["R"][2, 2]) == 0.5
+    float_path = exr.write_exr(tmp_path / "f.exr", pixels, ("R", "G", "B"), pixel_type="float")
+    assert float(_read_independent(float_path)[1]["R"][0, 0]) == pytest.approx(1e38)  # float output keeps it
+
+
 def test_dwa_is_lossy_for_colour_but_never_for_the_matte(tmp_path):
     height, width = 64, 64
     comp = RNG.uniform(0, 1, (height, width, 4)).astype(np.float32)

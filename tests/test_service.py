@@ -9,98 +9,30 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import threading
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import numpy as np
-import OpenImageIO as oiio
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from vera_engine.imaging.exr import write_exr
-from vera_engine.service import Engine, auth, create_server, serve_main
+from tests.service_helpers import (
+    P,
+    raw_chunks,
+    read_exr_all,
+    uniform_frame,
+    wait_for,
+    wait_running,
+    write_plate,
+)
+from vera_engine.service import Engine, auth, serve_main
 from vera_engine.service.store import JobStore
 from vera_engine.service.testing import PassThroughRunner
 from vera_plugin.client import EngineClient, EngineError
 from vera_proto.vera.v1 import engine_pb2 as pb
 
 pytestmark = pytest.mark.timeout(60)
-
-
-class Harness:
-    """An Engine + gRPC server on a free loopback port, and a client."""
-
-    def __init__(self, spool: Path, runner: PassThroughRunner, tokens=(), tls=None, **engine_kw) -> None:
-        self.spool = spool
-        self.runner = runner
-        self.engine = Engine(spool, runner, **engine_kw)
-        self.server, self.port = create_server(self.engine, "127.0.0.1", 0, tokens=tokens, tls=tls)
-        self.engine.start()
-        self.server.start()
-        self.address = f"127.0.0.1:{self.port}"
-        self.client = EngineClient(self.address, token=tokens[0] if tokens else None, timeout=10)
-
-    def stop(self) -> None:
-        self.client.close()
-        self.server.stop(0).wait()
-        self.engine.stop()
-
-
-@pytest.fixture
-def make_harness(tmp_path: Path) -> Iterator:
-    made: list[Harness] = []
-
-    def make(runner: PassThroughRunner | None = None, spool: Path | None = None, **kw) -> Harness:
-        h = Harness(spool or tmp_path / "spool", runner or PassThroughRunner(), **kw)
-        made.append(h)
-        return h
-
-    yield make
-    for h in made:
-        h.stop()
-
-
-def write_plate(
-    folder: Path, frames, size=(48, 40), channels=("R", "G", "B", "A"), seed=0, pixel_type="half"
-):
-    """Random plate EXRs folder/plate.####.exr; returns the pattern and the pixels written."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    pixels = rng.random((len(frames), size[1], size[0], len(channels)), dtype=np.float32)
-    for frame, px in zip(frames, pixels, strict=True):
-        write_exr(folder / f"plate.{frame:04d}.exr", px, channels, pixel_type=pixel_type)
-    return str(folder / "plate.####.exr"), pixels
-
-
-def read_exr_all(path: Path) -> tuple[np.ndarray, tuple[str, ...], oiio.ImageSpec]:
-    inp = oiio.ImageInput.open(str(path))
-    spec = inp.spec()
-    px = inp.read_image(0, 0, 0, spec.nchannels, "float")
-    inp.close()
-    return np.asarray(px).reshape(spec.height, spec.width, spec.nchannels), tuple(spec.channelnames), spec
-
-
-def wait_for(predicate, timeout: float = 20.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def wait_running(client: EngineClient, job: str, min_step: int = 1) -> pb.JobStatus:
-    for status in client.watch(job):
-        if status.state == pb.JOB_STATE_RUNNING and status.step >= min_step:
-            return status
-        assert status.state not in (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED), (
-            status
-        )
-    raise AssertionError("watch ended before the job ran")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -215,193 +147,26 @@ def test_path_input_only_under_allowed_roots(make_harness, tmp_path: Path) -> No
     outside, _ = write_plate(tmp_path / "elsewhere", [1, 2])
     with pytest.raises(EngineError) as err:
         h.client.submit_files(outside, [1, 2], prompt="x", send_paths=True)
-    assert err.value.code == "INVALID_ARGUMENT" and "plate[1].path" in err.value.details
+    assert err.value.code == "INVALID_ARGUMENT" and "plate frame 1.path" in err.value.details
     assert "outside the allowed roots" in err.value.details
     # A symlink inside the root pointing outside is outside.
     (shared / "link").symlink_to(tmp_path / "elsewhere")
     with pytest.raises(EngineError, match="outside the allowed roots"):
         h.client.submit_files(str(shared / "link" / "plate.####.exr"), [1, 2], prompt="x", send_paths=True)
+    # An engine without --allow-root takes no paths at all.
+    closed = make_harness(spool=tmp_path / "closed")
+    with pytest.raises(EngineError, match=r"plate frame 1\.path: path input is disabled on this engine"):
+        closed.client.submit_files(pattern, [1, 2], prompt="x", send_paths=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Validation
 
 
-def _raw_chunks(
-    layer, frame, array, sample_type=pb.SAMPLE_TYPE_FLOAT32, total=None, channels=None, chunk=1 << 20
-):
-    data = np.ascontiguousarray(array, "<f4" if sample_type == pb.SAMPLE_TYPE_FLOAT32 else "<f2").tobytes()
-    h, w = array.shape[:2]
-    c = channels if channels is not None else array.shape[2]
-    size = total if total is not None else len(data)
-    out = []
-    for off in range(0, max(len(data), 1), chunk):
-        fc = pb.FrameChunk(
-            layer=layer, frame=frame, total_size=size, offset=off, data=data[off : off + chunk]
-        )
-        if off == 0:
-            fc.encoding = pb.ENCODING_RAW
-            fc.raw.CopyFrom(pb.RawFormat(width=w, height=h, channels=c, sample_type=sample_type))
-        out.append(pb.SubmitRequest(chunk=fc))
-    return out
-
-
-def _exr_chunks(layer, frame, data: bytes):
-    fc = pb.FrameChunk(
-        layer=layer, frame=frame, total_size=len(data), offset=0, data=data, encoding=pb.ENCODING_EXR
-    )
-    return [pb.SubmitRequest(chunk=fc)]
-
-
-def _frame(h=20, w=24, c=3, value=0.5):
-    return np.full((h, w, c), value, np.float32)
-
-
-P, M = pb.LAYER_PLATE, pb.LAYER_MASK
-
-
-def _exr_bytes(tmp_path: Path, channels=("R", "G", "B"), size=(24, 20)) -> bytes:
-    path = tmp_path / f"f{len(channels)}.exr"
-    write_exr(path, np.full((size[1], size[0], len(channels)), 0.25, np.float32), channels)
-    return path.read_bytes()
-
-
-def _cases(tmp_path: Path) -> dict[str, tuple[dict, list, str]]:
-    good = _raw_chunks(P, 1, _frame()) + _raw_chunks(P, 2, _frame())
-    nan = _frame()
-    nan[3, 4, 1] = np.nan
-    inf = _frame()
-    inf[0, 0, 0] = np.inf
-    exr = _exr_bytes(tmp_path)
-    write_exr(tmp_path / "nan.exr", nan, ("R", "G", "B"), pixel_type="float")
-    nan_exr = (tmp_path / "nan.exr").read_bytes()
-    return {
-        "empty prompt": ({"prompt": "  "}, good, "header.prompt"),
-        "unknown task": ({"task": "paint"}, good, "header.task"),
-        "steps out of range": ({"steps": 0}, good, "header.steps"),
-        "guidance NaN": ({"guidance": float("nan")}, good, "header.guidance"),
-        "unknown model": ({"model": "nope"}, good, "header.model"),
-        "unknown colorspace": ({"colorspace": "Rec.709 video"}, good, "header.colorspace"),
-        "lossy matte compression": ({"compression": "b44"}, good, "header.compression"),
-        "unknown step cache": ({"step_cache": "taylorseer:7"}, good, "header.step_cache"),
-        "no frames in header": ({"frames": []}, [], "header.frames"),
-        "duplicate frame in header": ({"frames": [1, 2, 1]}, good, "header.frames"),
-        "missing frame": ({}, _raw_chunks(P, 1, _frame()), "plate[2]: missing frames: 2"),
-        "duplicate frame": ({}, good + _raw_chunks(P, 2, _frame()), "plate[2]: duplicate frame"),
-        "frame not in header": ({}, good + _raw_chunks(P, 9, _frame()), "plate[9]"),
-        "wrong size between frames": (
-            {},
-            _raw_chunks(P, 1, _frame()) + _raw_chunks(P, 2, _frame(h=22)),
-            "plate[2]: is 24x22 but earlier frames are 24x20",
-        ),
-        "mask size differs from plate": (
-            {"has_mask": True},
-            good + _raw_chunks(M, 1, _frame(c=1, h=30)) + _raw_chunks(M, 2, _frame(c=1)),
-            "mask[1]: is 24x30",
-        ),
-        "NaN samples": (
-            {},
-            _raw_chunks(P, 1, nan) + _raw_chunks(P, 2, _frame()),
-            "plate[1]: contains NaN or infinite samples (the first at pixel x=4, y=3, channel 1)",
-        ),
-        "NaN in an EXR": ({"frames": [1]}, _exr_chunks(P, 1, nan_exr), "plate[1]: contains NaN or infinite samples"),
-        "NaN straddling chunks": (
-            {"frames": [1]},
-            _raw_chunks(P, 1, nan, chunk=(3 * 24 + 4) * 3 * 4 + 6),  # the NaN's bytes split over two chunks
-            "(the first at pixel x=4, y=3, channel 1)",
-        ),
-        "mask out of range": (
-            {"has_mask": True},
-            good + _raw_chunks(M, 1, _frame(c=1, value=1.5)) + _raw_chunks(M, 2, _frame(c=1)),
-            "mask[1]: mask values range 1.5..1.5; expected 0..1",
-        ),
-        "Inf samples": ({}, _raw_chunks(P, 1, _frame()) + _raw_chunks(P, 2, inf), "plate[2]: contains NaN or infinite samples (the first at pixel x=0, y=0"),
-        "plate with 2 channels": ({}, _raw_chunks(P, 1, _frame(c=2)) + good[1:], "plate[1].raw.channels: 2"),
-        "mask with 3 channels": (
-            {"has_mask": True},
-            good + _raw_chunks(M, 1, _frame(c=3)),
-            "mask[1].raw.channels: 3",
-        ),
-        "mask without has_mask": ({}, good + _raw_chunks(M, 1, _frame(c=1)), "has_mask=false"),
-        "EXR without RGB": (
-            {"frames": [1]},
-            _exr_chunks(P, 1, _exr_bytes(tmp_path, channels=("Y",))),
-            "plate[1]: not a usable OpenEXR frame",
-        ),
-        "truncated EXR bytes": (
-            {"frames": [1]},
-            _exr_chunks(P, 1, exr[: len(exr) * 2 // 3]),
-            "plate[1]: not a usable OpenEXR frame",
-        ),
-        "garbage EXR bytes": ({"frames": [1]}, _exr_chunks(P, 1, b"not an exr at all" * 10), "plate[1]"),
-        "absurd dimensions": (
-            {"frames": [1]},
-            [
-                pb.SubmitRequest(
-                    chunk=pb.FrameChunk(
-                        layer=P, frame=1, encoding=pb.ENCODING_RAW, total_size=100000 * 20 * 3 * 4,
-                        raw=pb.RawFormat(width=100000, height=20, channels=3, sample_type=pb.SAMPLE_TYPE_FLOAT32),
-                    )
-                )
-            ],
-            "plate[1].raw: size 100000x20 is out of range",
-        ),
-        "tiny dimensions": ({"frames": [1]}, _raw_chunks(P, 1, _frame(h=4, w=4)), "plate[1].raw: size 4x4"),
-        "raw size mismatch": (
-            {"frames": [1]},
-            _raw_chunks(P, 1, _frame(), total=100),
-            "plate[1].total_size: 100 bytes, but 24x20x3 float32 is 5760",
-        ),
-        "stream ends mid-frame": ({"frames": [1]}, _raw_chunks(P, 1, _frame(), chunk=1000)[:2], "plate[1]: truncated"),
-        "chunks out of order": (
-            {"frames": [1]},
-            [r for i, r in enumerate(_raw_chunks(P, 1, _frame(), chunk=1000)) if i != 1],
-            "out of order",
-        ),
-        "path input disabled": (
-            {"frames": [1]},
-            [pb.SubmitRequest(chunk=pb.FrameChunk(layer=P, frame=1, encoding=pb.ENCODING_PATH, path="/etc/passwd"))],
-            "plate[1].path: '/etc/passwd' is outside the allowed roots",
-        ),
-        "second header": ({}, [pb.SubmitRequest(header=pb.JobHeader(prompt="x"))], "header: sent twice"),
-        "no encoding": (
-            {"frames": [1]},
-            [pb.SubmitRequest(chunk=pb.FrameChunk(layer=P, frame=1, total_size=4, data=b"abcd"))],
-            "plate[1].encoding",
-        ),
-    }  # fmt: skip
-
-
-def test_malformed_inputs_get_invalid_argument_naming_the_field(make_harness, tmp_path: Path) -> None:
-    h = make_harness()
-    for name, (fields, requests, expected) in _cases(tmp_path).items():
-        header = pb.JobHeader(prompt="add a ball", frames=[1, 2])
-        for key, value in fields.items():
-            if key == "frames":
-                del header.frames[:]
-                header.frames.extend(value)
-            else:
-                setattr(header, key, value)
-        with pytest.raises(EngineError) as err:
-            h.client.submit(header, requests)
-        assert err.value.code == "INVALID_ARGUMENT", (name, err.value)
-        assert expected in err.value.details, (name, err.value.details)
-    # First message not a header.
-    with pytest.raises(grpc.RpcError) as rpc_err:
-        h.client._stub.Submit(iter(_raw_chunks(P, 1, _frame())))
-    assert rpc_err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "first message of a Submit stream must be the JobHeader" in rpc_err.value.details()
-    # The engine keeps serving, created no job and left no upload behind.
-    assert h.client.list_jobs() == []
-    assert not list((h.spool / "incoming").iterdir()) and not list((h.spool / "jobs").iterdir())
-    job = h.client.submit(pb.JobHeader(prompt="ok", frames=[1]), _raw_chunks(P, 1, _frame())).job_id
-    assert h.client.wait(job).state == pb.JOB_STATE_SUCCEEDED
-
-
 def test_client_disconnect_mid_upload_leaves_nothing(make_harness) -> None:
     h = make_harness()
     release = threading.Event()
-    requests = _raw_chunks(P, 1, _frame(h=200, w=200), chunk=10000)
+    requests = raw_chunks(P, 1, uniform_frame(h=200, w=200), chunk=10000)
 
     def stream():
         yield pb.SubmitRequest(header=pb.JobHeader(prompt="x", frames=[1]))
@@ -426,11 +191,11 @@ def test_queue_full_is_resource_exhausted(make_harness) -> None:
     runner = PassThroughRunner(step_seconds=0.05)
     h = make_harness(runner, queue_capacity=1)
     header = pb.JobHeader(prompt="x", frames=[1], steps=200)
-    running = h.client.submit(header, _raw_chunks(P, 1, _frame())).job_id
+    running = h.client.submit(header, raw_chunks(P, 1, uniform_frame())).job_id
     wait_running(h.client, running)
-    queued = h.client.submit(header, _raw_chunks(P, 1, _frame())).job_id
+    queued = h.client.submit(header, raw_chunks(P, 1, uniform_frame())).job_id
     with pytest.raises(EngineError) as err:
-        h.client.submit(header, _raw_chunks(P, 1, _frame()))
+        h.client.submit(header, raw_chunks(P, 1, uniform_frame()))
     assert err.value.code == "RESOURCE_EXHAUSTED" and "queue is full" in err.value.details
     assert len(h.client.list_jobs()) == 2 and not list((h.spool / "incoming").iterdir())
     # Cancelling the queued job at once frees the slot; it never starts.
@@ -442,35 +207,67 @@ def test_queue_full_is_resource_exhausted(make_harness) -> None:
 def test_cancel_running_job_stops_within_a_step(make_harness) -> None:
     runner = PassThroughRunner(gate_step=3)
     h = make_harness(runner)
-    requests = _raw_chunks(P, 1, _frame()) + _raw_chunks(P, 2, _frame())
+    requests = raw_chunks(P, 1, uniform_frame()) + raw_chunks(P, 2, uniform_frame())
     job = h.client.submit(pb.JobHeader(prompt="x", frames=[1, 2], steps=50), requests).job_id
     assert runner.at_gate.wait(20)  # the job is inside step 3
     answer: list[pb.JobStatus] = []
     canceller = threading.Thread(target=lambda: answer.append(h.client.cancel(job)))
     canceller.start()
     wait_for(lambda: h.engine.worker._cancel.get(job) is not None and h.engine.worker._cancel[job].is_set())
+    waiting = h.client.status(job)  # the job is still inside step 3: RUNNING, with the cancel on record
+    assert waiting.state == pb.JOB_STATE_RUNNING and waiting.cancel_requested
     runner.gate.set()  # step 3 ends; the job must not start step 4
     canceller.join(20)
     assert answer[0].state == pb.JOB_STATE_CANCELLED
     assert runner.steps_done[job] == 3
     final = h.client.wait(job)
     assert final.state == pb.JOB_STATE_CANCELLED and final.output_files == []
+    # It keeps where it stopped: 3 of 50 steps (and the stage says it is over).
+    assert (final.step, final.total_steps, final.progress) == (3, 50, pytest.approx(3 / 50))
+    assert final.stage == pb.STAGE_DONE and final.stage_detail == "cancelled"
     assert not (h.spool / "jobs" / job / "out").exists()
     assert not (h.spool / "jobs" / job / "inputs").exists()
     with pytest.raises(EngineError) as err:
         h.client.fetch(job, h.spool.parent / "x")
     assert err.value.code == "FAILED_PRECONDITION"
-    # Cancelling again is harmless and reports the final state; the engine runs the next job.
-    assert h.client.cancel(job).state == pb.JOB_STATE_CANCELLED
+    # Cancelling again is FAILED_PRECONDITION (the job already ended), or its final status when a UI allows that.
+    with pytest.raises(EngineError) as err:
+        h.client.cancel(job)
+    assert (
+        err.value.code == "FAILED_PRECONDITION" and "already ended (JOB_STATE_CANCELLED)" in err.value.details
+    )
+    assert h.client.cancel(job, ended_ok=True).state == pb.JOB_STATE_CANCELLED
+    # The engine runs the next job.
     runner.gate_step = 0
-    nxt = h.client.submit(pb.JobHeader(prompt="x", frames=[1], steps=1), _raw_chunks(P, 1, _frame())).job_id
+    nxt = h.client.submit(
+        pb.JobHeader(prompt="x", frames=[1], steps=1), raw_chunks(P, 1, uniform_frame())
+    ).job_id
     assert h.client.wait(nxt).state == pb.JOB_STATE_SUCCEEDED
+
+
+def test_cancel_between_claim_and_start_stops_the_job_as_it_starts(make_harness) -> None:
+    runner = PassThroughRunner(gate_step=1)
+    h = make_harness(runner)
+    first = h.client.submit(
+        pb.JobHeader(prompt="x", frames=[1], steps=2), raw_chunks(P, 1, uniform_frame())
+    ).job_id
+    assert runner.at_gate.wait(20)
+    second = h.client.submit(
+        pb.JobHeader(prompt="x", frames=[1], steps=2), raw_chunks(P, 1, uniform_frame())
+    ).job_id
+    # What Cancel does when the store shows a job RUNNING that the worker loop has not registered yet.
+    assert h.engine.worker.cancel_running(second)
+    runner.gate_step = 0
+    runner.gate.set()
+    assert h.client.wait(first).state == pb.JOB_STATE_SUCCEEDED
+    final = h.client.wait(second)
+    assert final.state == pb.JOB_STATE_CANCELLED and second not in runner.steps_done
 
 
 def test_failed_job_reports_error_and_engine_continues(make_harness) -> None:
     h = make_harness(PassThroughRunner(fail_prompt="boom"))
-    bad = h.client.submit(pb.JobHeader(prompt="boom", frames=[1]), _raw_chunks(P, 1, _frame())).job_id
-    good = h.client.submit(pb.JobHeader(prompt="fine", frames=[1]), _raw_chunks(P, 1, _frame())).job_id
+    bad = h.client.submit(pb.JobHeader(prompt="boom", frames=[1]), raw_chunks(P, 1, uniform_frame())).job_id
+    good = h.client.submit(pb.JobHeader(prompt="fine", frames=[1]), raw_chunks(P, 1, uniform_frame())).job_id
     final = h.client.wait(bad)
     assert final.state == pb.JOB_STATE_FAILED and "told to fail" in final.error
     assert h.client.wait(good).state == pb.JOB_STATE_SUCCEEDED
@@ -498,7 +295,7 @@ def test_fifo_order_with_concurrent_clients(make_harness) -> None:
             with EngineClient(h.address) as client:
                 for j in range(3):
                     header = pb.JobHeader(prompt=f"client {index} job {j}", frames=[1], steps=2)
-                    submitted.append(client.submit(header, _raw_chunks(P, 1, _frame())).job_id)
+                    submitted.append(client.submit(header, raw_chunks(P, 1, uniform_frame())).job_id)
         except BaseException as exc:
             errors.append(exc)
 
@@ -525,8 +322,8 @@ def test_restart_resumes_interrupted_and_queued_jobs(make_harness, tmp_path: Pat
     spool = tmp_path / "spool"
     first = make_harness(PassThroughRunner(step_seconds=0.05), spool=spool)
     header = pb.JobHeader(prompt="x", frames=[1], steps=40)
-    a = first.client.submit(header, _raw_chunks(P, 1, _frame())).job_id
-    b = first.client.submit(header, _raw_chunks(P, 1, _frame())).job_id
+    a = first.client.submit(header, raw_chunks(P, 1, uniform_frame())).job_id
+    b = first.client.submit(header, raw_chunks(P, 1, uniform_frame())).job_id
     wait_running(first.client, a)
     first.stop()  # a clean stop requeues the running job
     # Simulate a crash too: mark `a` RUNNING again as a kill -9 would leave it.
@@ -573,7 +370,7 @@ def test_job_crashing_the_engine_repeatedly_is_given_up(tmp_path: Path) -> None:
 
 def test_finished_results_served_until_retention_expires(make_harness, tmp_path: Path) -> None:
     h = make_harness(retention_seconds=3600)
-    job = h.client.submit(pb.JobHeader(prompt="x", frames=[1]), _raw_chunks(P, 1, _frame())).job_id
+    job = h.client.submit(pb.JobHeader(prompt="x", frames=[1]), raw_chunks(P, 1, uniform_frame())).job_id
     assert h.client.wait(job).state == pb.JOB_STATE_SUCCEEDED
     assert h.engine.purge_expired() == []
     assert len(h.client.fetch(job, tmp_path / "a")) == 1
@@ -598,7 +395,7 @@ def test_token_required_when_configured(make_harness) -> None:
                 client.info()
             assert err.value.code == "UNAUTHENTICATED"
             with pytest.raises(EngineError) as err:
-                client.submit(pb.JobHeader(prompt="x", frames=[1]), _raw_chunks(P, 1, _frame()))
+                client.submit(pb.JobHeader(prompt="x", frames=[1]), raw_chunks(P, 1, uniform_frame()))
             assert err.value.code == "UNAUTHENTICATED"
             with pytest.raises(EngineError) as err:
                 list(client.watch("anything"))
@@ -648,7 +445,7 @@ def test_tls_with_token(make_harness, tmp_path: Path) -> None:
     cert, key = _self_signed(tmp_path)
     h = make_harness(tokens=["t0ken"], tls=(cert, key))
     with EngineClient(h.address, token="t0ken", ca_cert=cert, timeout=10) as client:
-        job = client.submit(pb.JobHeader(prompt="x", frames=[1]), _raw_chunks(P, 1, _frame())).job_id
+        job = client.submit(pb.JobHeader(prompt="x", frames=[1]), raw_chunks(P, 1, uniform_frame())).job_id
         assert client.wait(job).state == pb.JOB_STATE_SUCCEEDED
     with EngineClient(h.address, token="t0ken", ca_cert=cert, timeout=10) as client:
         assert client.info().models

@@ -5,16 +5,18 @@ The engine address comes from ``--engine HOST:PORT``, else ``$VERA_ENGINE``, els
 from ``--token-file`` or ``$VERA_TOKEN_FILE``.
 
 Exit codes (stable, for scripts):
-  0  success
+  0  success (``vera cancel``: the job stopped, cancelled)
   1  the job failed on the engine, or another engine error
   2  bad arguments or local input (missing frames, bad frame range)
   3  the engine cannot be reached
-  4  the engine rejected the request (INVALID_ARGUMENT, FAILED_PRECONDITION: the message names the field)
+  4  the engine rejected the request (INVALID_ARGUMENT: the message names the field; FAILED_PRECONDITION: the
+     job is in the wrong state, e.g. ``vera cancel`` of a job that already ended)
   5  not authenticated (missing or wrong token)
-  6  the engine's queue is full (RESOURCE_EXHAUSTED): retry later
+  6  the engine's queue is full (RESOURCE_EXHAUSTED "queue is full"): retry later
   7  no such job
-  8  the job was cancelled
+  8  the job was cancelled (``vera edit``, ``vera fetch``)
   130 interrupted (Ctrl-C); ``vera edit`` cancels its job first unless --detach
+  141 stdout was closed early (e.g. ``vera jobs | head``), as for any command killed by SIGPIPE
 Results go to stdout (one output file per line, or JSON with --json); progress and errors to stderr.
 """
 
@@ -30,7 +32,15 @@ from typing import Any, TextIO
 
 from google.protobuf import json_format
 
-from vera_plugin.client import DEFAULT_ADDRESS, EngineClient, EngineError, parse_frames, state_name
+from vera_plugin.client import (
+    DEFAULT_ADDRESS,
+    FINAL_STATES,
+    EngineClient,
+    EngineError,
+    parse_frames,
+    sequence_files,
+    state_name,
+)
 from vera_proto.vera.v1 import engine_pb2 as pb
 
 EXIT_OK = 0
@@ -43,6 +53,7 @@ EXIT_BUSY = 6
 EXIT_NOT_FOUND = 7
 EXIT_CANCELLED = 8
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a command whose reader went away
 
 _CODE_EXITS = {
     "UNAVAILABLE": EXIT_UNREACHABLE,
@@ -52,6 +63,7 @@ _CODE_EXITS = {
     "OUT_OF_RANGE": EXIT_REJECTED,
     "UNAUTHENTICATED": EXIT_UNAUTHENTICATED,
     "PERMISSION_DENIED": EXIT_UNAUTHENTICATED,
+    # RESOURCE_EXHAUSTED is also gRPC's answer to a message over a size limit: retrying unchanged cannot help.
     "RESOURCE_EXHAUSTED": EXIT_BUSY,
     "NOT_FOUND": EXIT_NOT_FOUND,
     "CANCELLED": EXIT_CANCELLED,
@@ -60,6 +72,8 @@ _CODE_EXITS = {
 
 def exit_code_for(error: EngineError) -> int:
     """The exit code for an engine error (see the module docstring)."""
+    if error.code == "RESOURCE_EXHAUSTED" and "queue is full" not in error.details:
+        return EXIT_JOB_FAILED  # a gRPC size limit, not a busy engine: exit 6 would tell a script to retry
     return _CODE_EXITS.get(error.code, EXIT_JOB_FAILED)
 
 
@@ -147,6 +161,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     )
     print(f"queue    {info.queue_length} waiting of {info.queue_capacity}, {info.running} running")
     print(f"model    {'loaded' if info.model_loaded else 'loading'}")
+    limits = info.limits
+    print(
+        f"limits   {limits.max_frames} frames of {limits.min_side}..{limits.max_side} px a side, "
+        f"{limits.max_frame_bytes / gib:g} GiB a frame; prompt {limits.max_prompt_chars} characters, "
+        f"name {limits.max_label_chars}; seed {limits.seed_min}..{limits.seed_max}; "
+        f"half results hold +-{limits.max_half_value:g}"
+    )
     for model in info.models:
         default = " (default)" if model.is_default else ""
         print(
@@ -191,11 +212,25 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    """Cancel a job; prints its final state."""
+    """Cancel a job and wait until it has stopped; prints the job and its final state.
+
+    A running job stops within one denoising step; the engine may answer before that (RUNNING with the cancel
+    requested), so the command follows the job to its final state rather than report a state in between.
+    """
     with _connect(args) as client:
         status = client.cancel(args.job)
+        if status.state not in FINAL_STATES:
+            if not args.quiet:
+                print(f"vera cancel: cancel requested; waiting for job {args.job} to stop", file=sys.stderr)
+            status = client.wait(args.job)
     print(f"{status.job_id} {state_name(status.state)}")
-    return EXIT_OK if status.state in (pb.JOB_STATE_CANCELLED, pb.JOB_STATE_SUCCEEDED) else EXIT_JOB_FAILED
+    if status.state == pb.JOB_STATE_CANCELLED:
+        return EXIT_OK
+    print(
+        f"vera cancel: job {args.job} {state_name(status.state)} before the cancel took effect",
+        file=sys.stderr,
+    )
+    return EXIT_REJECTED
 
 
 def _fetch(client: EngineClient, job: str, out: str, quiet: bool) -> list[str]:
@@ -207,9 +242,21 @@ def _fetch(client: EngineClient, job: str, out: str, quiet: bool) -> list[str]:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
-    """Download a finished job's results."""
+    """Download a finished job's results; a cancelled job exits 8 and a failed one 1, like ``vera edit``."""
     with _connect(args) as client:
-        files = _fetch(client, args.job, args.out, args.quiet)
+        try:
+            files = _fetch(client, args.job, args.out, args.quiet)
+        except EngineError as exc:
+            if exc.code != "FAILED_PRECONDITION":
+                raise
+            status = client.status(args.job)
+            if status.state == pb.JOB_STATE_CANCELLED:
+                print(f"vera fetch: job {args.job} was cancelled; it has no results", file=sys.stderr)
+                return EXIT_CANCELLED
+            if status.state == pb.JOB_STATE_FAILED:
+                print(f"vera fetch: job {args.job} failed: {status.error}", file=sys.stderr)
+                return EXIT_JOB_FAILED
+            raise
     for path in files:
         print(path)
     return EXIT_OK
@@ -237,12 +284,18 @@ def cmd_edit(args: argparse.Namespace) -> int:
         "hdr": args.hdr or None,
     }
     progress = Progress(sys.stderr, quiet=args.quiet)
+    try:  # every frame present before anything is said about uploading them
+        plate = sequence_files(args.plate, frames, "plate")
+        mask = sequence_files(args.mask, frames, "mask") if args.mask else None
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"vera edit: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     with _connect(args) as client:
         if not args.quiet:
             print(f"uploading {len(frames)} frames to {args.engine} ...", file=sys.stderr, flush=True)
         try:
             job = client.submit_files(
-                args.plate, frames, prompt=args.prompt, mask=args.mask, send_paths=args.send_paths, **options
+                plate, frames, prompt=args.prompt, mask=mask, send_paths=args.send_paths, **options
             )
         except (FileNotFoundError, ValueError) as exc:
             print(f"vera edit: error: {exc}", file=sys.stderr)
@@ -256,7 +309,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             progress.done()
             print(f"vera edit: interrupted; cancelling job {job}", file=sys.stderr)
-            client.cancel(job)
+            client.cancel(job, ended_ok=True)
             return EXIT_INTERRUPTED
         progress.done()
         if final.state == pb.JOB_STATE_CANCELLED:
@@ -400,6 +453,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError:
+        # The reader went away (`vera jobs | head`): no traceback, and nothing more to write. Point stdout at
+        # /dev/null so the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except EngineError as exc:
         print(f"vera {args.command}: error: {exc}", file=sys.stderr)
         return exit_code_for(exc)

@@ -33,6 +33,7 @@ __all__ = [
     "format_frames",
     "frame_path",
     "parse_frames",
+    "sequence_files",
     "state_name",
 ]
 
@@ -80,6 +81,28 @@ def frame_path(pattern: str, frame: int) -> str:
     pad = int(token.group(1) or 1) if token.group(0).startswith("%") else len(token.group(0))
     number = f"-{abs(frame):0{pad}d}" if frame < 0 else f"{frame:0{pad}d}"
     return os.path.join(head, name[: token.start()] + number + name[token.end() :])
+
+
+def sequence_files(
+    source: str | Sequence[str | os.PathLike[str]], frames: Sequence[int], what: str
+) -> list[str]:
+    """The file of each frame: ``source`` is a pattern (``plate.####.exr``) or one path per frame.
+
+    Raises FileNotFoundError naming how many frames are missing and the first one (``what``: "plate", "mask").
+    """
+    if isinstance(source, (str, os.PathLike)):
+        paths = [frame_path(os.fspath(source), f) for f in frames]
+    else:
+        paths = [os.fspath(p) for p in source]
+        if len(paths) != len(frames):
+            raise ValueError(f"{what}: {len(paths)} files for {len(frames)} frames; pass one file per frame")
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(
+            f"{what}: {len(missing)} of {len(paths)} frames missing, first {missing[0]}; "
+            "render them or choose a frame range that exists"
+        )
+    return paths
 
 
 def parse_frames(text: str) -> list[int]:
@@ -200,8 +223,15 @@ class EngineClient:
 
     def _error(self, exc: grpc.RpcError) -> EngineError:
         code = exc.code() if hasattr(exc, "code") else None
-        details = exc.details() if hasattr(exc, "details") else str(exc)
-        return EngineError(code.name if code is not None else "UNKNOWN", details or "", self.address)
+        details = (exc.details() if hasattr(exc, "details") else str(exc)) or ""
+        name = code.name if code is not None else "UNKNOWN"
+        if name == "UNAVAILABLE":
+            # gRPC's own text ("failed to connect to all addresses; last error: ...") says little to a person.
+            details = (
+                f"no Vera engine answers at {self.address} ({details}); start one there with `vera-engine serve`, "
+                "or check the address (--engine, $VERA_ENGINE) and whether the engine uses TLS"
+            )
+        return EngineError(name, details, self.address)
 
     def _unary(self, method: Callable[..., Any], request: Any) -> Any:
         try:
@@ -244,9 +274,19 @@ class EngineClient:
         return self._unary(self._stub.GetInfo, pb.GetInfoRequest())
 
     def list_jobs(self, states: Iterable[int | str] = (), limit: int = 0) -> list[pb.JobStatus]:
-        """Jobs known to the engine, in submission order; ``states`` like ``["queued", "running"]``."""
+        """Jobs known to the engine, in submission order; ``states`` like ``["queued", "running"]``.
+
+        ``limit``: only the newest that many (0: all). The engine answers a page at a time; this follows the pages.
+        """
         wanted = [s if isinstance(s, int) else pb.JobState.Value("JOB_STATE_" + s.upper()) for s in states]
-        return list(self._unary(self._stub.ListJobs, pb.ListJobsRequest(states=wanted, limit=limit)).jobs)
+        request = pb.ListJobsRequest(states=wanted, limit=limit)
+        jobs: list[pb.JobStatus] = []
+        while True:
+            reply = self._unary(self._stub.ListJobs, request)
+            jobs.extend(reply.jobs)
+            if not reply.next_page_token:
+                return jobs
+            request.page_token = reply.next_page_token
 
     def status(self, job_id: str) -> pb.JobStatus:
         """The current status of one job."""
@@ -254,9 +294,18 @@ class EngineClient:
             return status
         raise EngineError("NOT_FOUND", f"job {job_id!r}: no status", self.address)
 
-    def cancel(self, job_id: str) -> pb.JobStatus:
-        """Cancel a job; returns its status (CANCELLED, or final if it had already finished)."""
-        return self._unary(self._stub.Cancel, pb.CancelRequest(job_id=job_id))
+    def cancel(self, job_id: str, *, ended_ok: bool = False) -> pb.JobStatus:
+        """Cancel a job; returns its status: CANCELLED, or RUNNING with ``cancel_requested`` until it stops.
+
+        A job that already ended is an EngineError (FAILED_PRECONDITION), unless ``ended_ok``: then its final
+        status is returned (for a UI whose cancel may cross the job's end).
+        """
+        try:
+            return self._unary(self._stub.Cancel, pb.CancelRequest(job_id=job_id))
+        except EngineError as exc:
+            if ended_ok and exc.code == "FAILED_PRECONDITION":
+                return self.status(job_id)
+            raise
 
     # -- submitting ----------------------------------------------------------------------------------------
 
@@ -330,8 +379,8 @@ class EngineClient:
         negative_prompt, seed, steps, guidance, model, colorspace, bit_depth, compression, hdr, name.
         """
         frame_list = [int(f) for f in frames]
-        plate_paths = self._paths(plate, frame_list, "plate")
-        mask_paths = self._paths(mask, frame_list, "mask") if mask is not None else None
+        plate_paths = sequence_files(plate, frame_list, "plate")
+        mask_paths = sequence_files(mask, frame_list, "mask") if mask is not None else None
         header = self._header(prompt, frame_list, mask_paths is not None, options)
 
         def frames_stream() -> Iterator[pb.SubmitRequest]:
@@ -347,24 +396,6 @@ class EngineClient:
                         yield from self._file_chunks(layer, frame, path)
 
         return self.submit(header, frames_stream()).job_id
-
-    @staticmethod
-    def _paths(source: str | Sequence[str | os.PathLike[str]], frames: list[int], what: str) -> list[str]:
-        if isinstance(source, (str, os.PathLike)):
-            paths = [frame_path(os.fspath(source), f) for f in frames]
-        else:
-            paths = [os.fspath(p) for p in source]
-            if len(paths) != len(frames):
-                raise ValueError(
-                    f"{what}: {len(paths)} files for {len(frames)} frames; pass one file per frame"
-                )
-        missing = [p for p in paths if not os.path.isfile(p)]
-        if missing:
-            raise FileNotFoundError(
-                f"{what}: {len(missing)} of {len(paths)} frames missing, first {missing[0]}; "
-                "render them or choose a frame range that exists"
-            )
-        return paths
 
     def submit_arrays(
         self,

@@ -151,7 +151,7 @@ def _follow(
         if not cancel_sent and sink.cancelled():
             cancel_sent = True
             sink.update(latest[-1].progress if latest else 0.0, "cancelling ...")
-            client.cancel(job_id)
+            client.cancel(job_id, ended_ok=True)
         while shown < len(latest):
             status = latest[shown]
             shown += 1
@@ -190,7 +190,7 @@ def run_generate(
             if on_submitted is not None:
                 on_submitted(job_id)
             if sink.cancelled():
-                client.cancel(job_id)
+                client.cancel(job_id, ended_ok=True)
                 raise GenerateCancelled(f"job {job_id} cancelled")
             final = _follow(client, job_id, sink, request.previews, on_status, poll)
             if final.state == pb.JOB_STATE_CANCELLED:

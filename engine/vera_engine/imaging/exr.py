@@ -426,6 +426,20 @@ def _set_metadata(spec: oiio.ImageSpec, metadata: Mapping[str, object] | None, p
             spec.attribute(name, json.dumps(value, sort_keys=True, default=str))
 
 
+HALF_MAX = 65504.0  # the largest finite half float
+
+
+def _fit_pixel_type(pixels: np.ndarray, fmt: str) -> np.ndarray:
+    """For half output, finite values beyond +-65504 held at +-65504: a half cannot hold them and would store
+    infinity. Infinities and NaNs the caller passes stay what they are."""
+    if fmt != "half" or not pixels.size or (pixels.max() <= HALF_MAX and pixels.min() >= -HALF_MAX):
+        return (
+            pixels  # the common case costs two reductions (a NaN fails both tests and takes the exact path)
+        )
+    overflow = np.isfinite(pixels) & (np.abs(pixels) > HALF_MAX)
+    return np.where(overflow, np.copysign(np.float32(HALF_MAX), pixels), pixels).astype(np.float32)
+
+
 def write_exr(
     path: str | os.PathLike[str],
     pixels: np.ndarray,
@@ -443,7 +457,8 @@ def write_exr(
 
     ``pixel_type`` "half" (default) or "float"; ``compression`` one of :data:`COLOUR_COMPRESSIONS`
     (``"dwaa:45"`` sets a DWA level); ``metadata`` keys are written under ``metadata_prefix``;
-    ``chromaticities`` (8 floats: R, G, B, white xy) becomes the standard attribute.
+    ``chromaticities`` (8 floats: R, G, B, white xy) becomes the standard attribute. Half output holds finite
+    values beyond the half range at +-65504 instead of writing them as infinity.
     """
     path = Path(path)
     pixels = np.asarray(pixels)
@@ -480,7 +495,7 @@ def write_exr(
             raise PlateError(
                 f"{path}: cannot open for writing ({out.geterror()}); check the folder's permissions"
             )
-        ok = out.write_image(np.ascontiguousarray(pixels, np.float32))
+        ok = out.write_image(_fit_pixel_type(np.ascontiguousarray(pixels, np.float32), fmt))
         ok = out.close() and ok
         if not ok:
             raise PlateError(

@@ -15,6 +15,7 @@ from pathlib import Path
 from grpc_health.v1 import health, health_pb2
 
 from vera_engine.service import store as job_store
+from vera_engine.service.limits import limits_message
 from vera_engine.service.spool import Spool
 from vera_engine.service.worker import Events, JobRunner, Worker
 from vera_proto.vera.v1 import engine_pb2 as pb
@@ -51,6 +52,7 @@ class Engine:
         retention_seconds: float = DEFAULT_RETENTION_HOURS * 3600,
         preview_interval: float = 1.0,
         max_attempts: int = 3,
+        cancel_wait_seconds: float = 10.0,
     ) -> None:
         if queue_capacity < 1:
             raise ValueError(f"queue_capacity={queue_capacity}; expected at least 1")
@@ -62,6 +64,8 @@ class Engine:
         self.allowed_roots = [Path(r).resolve() for r in allowed_roots]
         self.retention_seconds = retention_seconds
         self.max_attempts = max_attempts
+        # How long Cancel waits for a running job to stop before answering RUNNING with cancel_requested.
+        self.cancel_wait_seconds = cancel_wait_seconds
         self.events = Events()
         self.health = health.HealthServicer()
         self._last_purge = 0.0
@@ -144,6 +148,7 @@ class Engine:
             status.stage = pb.STAGE_QUEUED
             status.stage_detail = "queued" if self.worker.loaded.is_set() else "waiting for the model to load"
         elif record.state == job_store.RUNNING:
+            status.cancel_requested = self.worker.cancel_requested(record.id)
             live = self.worker.live
             if live is not None and live.job_id == record.id:
                 status.stage, status.stage_detail = live.stage, live.stage_detail
@@ -161,6 +166,11 @@ class Engine:
         else:
             status.stage = pb.STAGE_DONE
             status.stage_detail = pb.JobState.Name(record.state).removeprefix("JOB_STATE_").lower()
+            status.step, status.total_steps, status.progress = (
+                record.step,
+                record.total_steps,
+                record.progress,
+            )
         return status
 
     def info(self) -> pb.EngineInfo:
@@ -180,4 +190,5 @@ class Engine:
             chunk_bytes=CHUNK_BYTES,
             allowed_roots=[str(r) for r in self.allowed_roots],
             retention_seconds=self.retention_seconds,
+            limits=limits_message(),
         )

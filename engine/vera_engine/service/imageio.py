@@ -1,8 +1,13 @@
-"""Decoding spooled frames: plates through :mod:`vera_engine.imaging.exr`, single-channel masks through OpenImageIO."""
+"""Decoding spooled frames: plates through :mod:`vera_engine.imaging.exr`, single-channel masks through OpenImageIO.
+
+Frames must be OpenEXR files (OpenImageIO would read other formats too). Error messages leave the file's path
+out: callers name the frame, and a spooled frame's path is the engine's business, not the client's.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -10,25 +15,43 @@ from vera_engine.imaging import exr
 
 
 class ImageReadError(ValueError):
-    """The file is not a readable frame (missing, truncated, corrupt, wrong channels)."""
+    """The file is not a readable frame (missing, truncated, corrupt, not OpenEXR, wrong channels)."""
+
+
+def _without_path(message: str, path: Path) -> str:
+    """``message`` without ``path``, on one line (OpenImageIO repeats its errors on several)."""
+    lines = message.replace(f"{path}: ", "").replace(str(path), "the file").splitlines()
+    return "; ".join(dict.fromkeys(line.strip() for line in lines if line.strip()))
+
+
+def _open_exr(path: Path) -> Any:
+    """An OpenImageIO ImageInput on ``path``, refused unless the file is an OpenEXR image."""
+    import OpenImageIO as oiio
+
+    inp = oiio.ImageInput.open(str(path))
+    if inp is None:
+        error = _without_path(oiio.geterror(), path)
+        raise ImageReadError(f"not a readable image ({error}); expected an OpenEXR file")
+    if inp.format_name() != "openexr":
+        kind = inp.format_name()
+        inp.close()
+        raise ImageReadError(f"is a {kind} image; frames must be OpenEXR files")
+    return inp
 
 
 def read_plate_exr(path: Path) -> np.ndarray:
     """One plate frame's RGB(A) data window as float32 (H, W, 3 or 4)."""
+    _open_exr(path).close()
     try:
         pixels, _channels, _spec = exr.read_exr(path)
     except exr.PlateError as exc:
-        raise ImageReadError(str(exc)) from None
+        raise ImageReadError(_without_path(str(exc), path)) from None
     return pixels
 
 
 def read_mask_exr(path: Path) -> np.ndarray:
     """One mask frame as float32 (H, W, 1): the file's only channel, or its ``A`` channel."""
-    import OpenImageIO as oiio
-
-    inp = oiio.ImageInput.open(str(path))
-    if inp is None:
-        raise ImageReadError(f"{path}: not a readable image ({oiio.geterror()}); expected an OpenEXR file")
+    inp = _open_exr(path)
     try:
         spec = inp.spec()
         names = list(spec.channelnames)
@@ -37,14 +60,12 @@ def read_mask_exr(path: Path) -> np.ndarray:
         elif "A" in names:
             index = names.index("A")
         else:
-            raise ImageReadError(
-                f"{path}: mask has channels {names}; expected a single channel or an 'A' channel"
-            )
+            shown = ", ".join(names[:8]) + (f" ... ({len(names)} channels)" if len(names) > 8 else "")
+            raise ImageReadError(f"mask has channels {shown}; expected a single channel or an 'A' channel")
         pixels = inp.read_image(0, 0, index, index + 1, "float")
         if pixels is None or inp.has_error:
-            raise ImageReadError(
-                f"{path}: could not read the pixels, the file is truncated or corrupt ({inp.geterror()})"
-            )
+            error = _without_path(inp.geterror(), path)
+            raise ImageReadError(f"could not read the pixels, the file is truncated or corrupt ({error})")
         return np.asarray(pixels, np.float32).reshape(spec.height, spec.width, 1)
     finally:
         inp.close()
@@ -52,11 +73,7 @@ def read_mask_exr(path: Path) -> np.ndarray:
 
 def read_windows(path: Path) -> tuple[exr.Window, exr.Window]:
     """(data window, display window) from an EXR's header."""
-    import OpenImageIO as oiio
-
-    inp = oiio.ImageInput.open(str(path))
-    if inp is None:
-        raise ImageReadError(f"{path}: not a readable image ({oiio.geterror()})")
+    inp = _open_exr(path)
     try:
         spec = inp.spec()
         return (

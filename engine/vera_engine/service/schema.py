@@ -11,7 +11,17 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from vera_engine.service.spool import MAX_FRAMES, InputError
+from vera_engine.service.limits import (
+    MAX_CHOICE_CHARS,
+    MAX_FRAMES,
+    MAX_LABEL_CHARS,
+    MAX_PROMPT_CHARS,
+    MAX_TAKES,
+    SEED_MAX,
+    SEED_MIN,
+    quote,
+)
+from vera_engine.service.spool import InputError
 from vera_proto.vera.v1 import engine_pb2 as pb
 
 TASKS = ("object_addition", "background_change")
@@ -19,8 +29,17 @@ TASKS = ("object_addition", "background_change")
 # caching": on the shipped checkpoint taylorseer:2 skips 45% of block work with the matte closest to exact).
 STEP_CACHES = ("none", "taylorseer:2", "mag:0.06", "first_block:0.1", "taylorseer:3")
 BIT_DEPTHS = ("half", "float")
-MAX_PROMPT_CHARS = 2000
-MAX_TAKES = 8
+# The most characters each string field of a JobHeader may have (a ListJobs reply repeats every header).
+STRING_LIMITS = {
+    "prompt": MAX_PROMPT_CHARS,
+    "negative_prompt": MAX_PROMPT_CHARS,
+    "name": MAX_LABEL_CHARS,
+    "submitted_by": MAX_LABEL_CHARS,
+    **dict.fromkeys(
+        ("task", "model", "colorspace", "bit_depth", "compression", "step_cache"), MAX_CHOICE_CHARS
+    ),
+}
+SHOWN_CHOICES = 12  # an error lists at most this many choices (an OCIO config may have hundreds of spaces)
 
 
 @dataclass(frozen=True)
@@ -79,7 +98,7 @@ def options_schema(
                       help="What to add or the new background, in plain words (e.g. 'a sea turtle swimming left to right')."),
         pb.OptionSpec(name="negative_prompt", label="Negative prompt", type=text, default=_value(""),
                       help="What the result should not contain."),
-        pb.OptionSpec(name="seed", label="Seed", type=integer, min=0, max=2**63 - 1,
+        pb.OptionSpec(name="seed", label="Seed", type=integer, min=SEED_MIN, max=SEED_MAX,
                       help="Same seed + same inputs = same result. Leave unset for a random seed (reported back)."),
         pb.OptionSpec(name="steps", label="Steps", type=integer, default=_value(model.steps), min=1, max=model.max_steps,
                       help="Denoising steps: more is slower and usually cleaner."),
@@ -136,15 +155,34 @@ def _check_range(info: pb.ModelInfo, name: str, value: float) -> None:
         or (spec.HasField("min") and value < spec.min)
         or (spec.HasField("max") and value > spec.max)
     ):
-        raise InputError(f"header.{name}", f"{value} is out of range; expected {spec.min:g}..{spec.max:g}")
+        # Integers as integers: a seed range printed with %g would read 9.0072e+15.
+        bounds = (
+            f"{spec.min:.0f}..{spec.max:.0f}"
+            if spec.type == pb.OPTION_TYPE_INT
+            else f"{spec.min:g}..{spec.max:g}"
+        )
+        raise InputError(f"header.{name}", f"{value} is out of range; expected {bounds}")
+
+
+def _listing(names: Sequence[str]) -> str:
+    shown = ", ".join(quote(n) for n in names[:SHOWN_CHOICES])
+    return shown + (f" ... ({len(names)} in all; GetInfo lists them)" if len(names) > SHOWN_CHOICES else "")
 
 
 def _check_choice(info: pb.ModelInfo, header: pb.JobHeader, name: str) -> None:
     spec = _spec(info, name)
     value = getattr(header, name) or spec.default.string_value
     if value not in spec.choices:
-        raise InputError(f"header.{name}", f"{value!r} is not one of {', '.join(spec.choices)}")
+        raise InputError(f"header.{name}", f"{quote(value)} is not one of {_listing(spec.choices)}")
     setattr(header, name, value)
+
+
+def check_string_lengths(header: pb.JobHeader) -> None:
+    """Refuse any string field of ``header`` longer than its limit (``STRING_LIMITS``), before anything else."""
+    for name, limit in STRING_LIMITS.items():
+        length = len(getattr(header, name))
+        if length > limit:
+            raise InputError(f"header.{name}", f"is {length} characters; at most {limit}")
 
 
 def resolve_header(header: pb.JobHeader, models: Sequence[pb.ModelInfo]) -> pb.JobHeader:
@@ -154,21 +192,21 @@ def resolve_header(header: pb.JobHeader, models: Sequence[pb.ModelInfo]) -> pb.J
     """
     out = pb.JobHeader()
     out.CopyFrom(header)
+    check_string_lengths(out)
     if not models:
         raise InputError("header.model", "this engine serves no model")
     if out.model:
         info = next((m for m in models if m.name == out.model), None)
         if info is None:
             raise InputError(
-                "header.model", f"{out.model!r} is not served here; models: {[m.name for m in models]}"
+                "header.model",
+                f"{quote(out.model)} is not served here; models: {_listing([m.name for m in models])}",
             )
     else:
         info = models[0]
         out.model = info.name
     if not out.prompt.strip():
         raise InputError("header.prompt", "is empty; describe the edit, e.g. 'add a red ball rolling left'")
-    if len(out.prompt) > MAX_PROMPT_CHARS:
-        raise InputError("header.prompt", f"is {len(out.prompt)} characters; at most {MAX_PROMPT_CHARS}")
     for name in ("task", "step_cache", "colorspace", "bit_depth", "compression"):
         _check_choice(info, out, name)
     if out.HasField("seed"):

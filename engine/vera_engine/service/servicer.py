@@ -1,25 +1,34 @@
 """The ``vera.v1.Engine`` gRPC servicer: each RPC mapped onto the :class:`~vera_engine.service.engine.Engine`
 (streaming RPCs are generators), and :func:`create_server`, which adds health checking, reflection and
 authentication.
+
+Every RPC answers errors the same way (:func:`_answers_errors`): bad input is INVALID_ARGUMENT naming the field,
+the other refusals carry their own codes, and an unexpected exception is INTERNAL (logged with its traceback)
+while the engine keeps serving. Messages are capped, so a reply's metadata never outgrows gRPC's limit.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import functools
+import inspect
 import logging
+import re
 import time
+import traceback
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any, NoReturn
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
-from vera_engine.service import auth
+from vera_engine.service import auth, reflection
 from vera_engine.service import store as job_store
 from vera_engine.service.engine import CHUNK_BYTES, MAX_MESSAGE_BYTES, SERVICE_NAME, Engine
+from vera_engine.service.limits import MAX_PAGE_SIZE, PAGE_BYTES, cap_message, quote
 from vera_engine.service.schema import resolve_header
 from vera_engine.service.spool import InputError, Upload
 from vera_proto.vera.v1 import engine_pb2 as pb
@@ -28,14 +37,88 @@ from vera_proto.vera.v1 import engine_pb2_grpc as pb_grpc
 log = logging.getLogger("vera_engine.service")
 
 DEFAULT_PORT = 50051
+SHOWN_FILES = 5  # result names an error lists
 
 
-def _not_found(context: grpc.ServicerContext, job_id: str) -> None:
-    context.abort(
+class RpcFailure(Exception):
+    """An RPC's answer other than OK (and other than INVALID_ARGUMENT, which :class:`InputError` carries)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _abort(context: grpc.ServicerContext, exc: Exception, rpc: str) -> NoReturn:
+    if isinstance(exc, RpcFailure):
+        code, message = exc.code, exc.message
+    elif isinstance(exc, InputError):
+        code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    elif isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, f"the engine's spool disk is full: {exc.strerror}"
+    else:
+        log.error("%s failed:\n%s", rpc, traceback.format_exc())
+        code = grpc.StatusCode.INTERNAL
+        # The exception's text may name the engine's own files: it stays in the log with the traceback.
+        message = (
+            f"the engine failed in {rpc} ({type(exc).__name__}); it keeps serving, the details are in its log"
+        )
+    context.abort(code, cap_message(message))
+    raise AssertionError("unreachable")  # context.abort raises
+
+
+def _answers_errors(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap an RPC (plain or generator) so that every exception becomes a status code with a capped message."""
+    if inspect.isgeneratorfunction(method):
+
+        @functools.wraps(method)
+        def streaming(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            try:
+                yield from method(self, request, context)
+            except grpc.RpcError:
+                raise  # the call itself broke (client gone, message over a limit): gRPC has answered already
+            except Exception as exc:
+                _abort(context, exc, method.__name__)
+
+        return streaming
+
+    @functools.wraps(method)
+    def unary(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except grpc.RpcError:
+            raise  # the request stream broke (client gone, message over a limit): gRPC has answered already
+        except Exception as exc:
+            _abort(context, exc, method.__name__)
+
+    return unary
+
+
+def _not_found(job_id: str) -> RpcFailure:
+    return RpcFailure(
         grpc.StatusCode.NOT_FOUND,
-        f"job {job_id!r} is not known to this engine (finished jobs are kept for the retention period); "
+        f"job {quote(job_id)} is not known to this engine (finished jobs are kept for the retention period); "
         "see ListJobs / `vera jobs`",
     )
+
+
+_PAGE_TOKEN = re.compile(r"(\d{1,18})\.(\d{1,10})")
+
+
+def _page_token(after_seq: int, remaining: int) -> str:
+    """Where the next ListJobs page starts: after job ``after_seq``, ``remaining`` jobs left of a ``limit`` (0: all)."""
+    return f"{after_seq}.{remaining}"
+
+
+def _parse_page_token(token: str) -> tuple[int, int]:
+    match = _PAGE_TOKEN.fullmatch(token)
+    if match is None:
+        raise InputError(
+            "page_token",
+            f"{quote(token)} is not a token this engine issued; pass the previous reply's next_page_token, "
+            "or nothing for the first page",
+        )
+    return int(match.group(1)), int(match.group(2))
 
 
 class EngineServicer(pb_grpc.EngineServicer):
@@ -44,10 +127,12 @@ class EngineServicer(pb_grpc.EngineServicer):
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
+    @_answers_errors
     def GetInfo(self, request: pb.GetInfoRequest, context: grpc.ServicerContext) -> pb.EngineInfo:
-        """Engine, device, queue and models with their options schema."""
+        """Engine, device, queue, limits and models with their options schema."""
         return self.engine.info()
 
+    @_answers_errors
     def Submit(
         self, request_iterator: Iterator[pb.SubmitRequest], context: grpc.ServicerContext
     ) -> pb.SubmitResponse:
@@ -62,40 +147,44 @@ class EngineServicer(pb_grpc.EngineServicer):
             header = resolve_header(first.header, engine.runner.models())
             if engine.store.count(job_store.QUEUED) >= engine.queue_capacity:
                 # Refuse before the client spends minutes uploading a plate that cannot be queued.
-                context.abort(
+                raise RpcFailure(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"the queue is full ({engine.queue_capacity} jobs waiting); retry later or use another engine",
                 )
             upload = engine.spool.new_upload(header, engine.allowed_roots)
-            for message in request_iterator:
+            for number, message in enumerate(request_iterator, start=2):
+                if message.HasField("header"):
+                    raise InputError(
+                        "header", f"sent twice (again in message {number}); only the first message is one"
+                    )
                 if not message.HasField("chunk"):
-                    raise InputError("header", "sent twice; only the first message may be a JobHeader")
+                    raise InputError(
+                        "chunk",
+                        f"message {number} is empty (neither header nor chunk); every message after the "
+                        "header carries a FrameChunk",
+                    )
                 upload.add_chunk(message.chunk)
             upload.finish()
-            job_id = uuid.uuid4().hex[:16]
+            job_id = uuid.uuid4().hex  # 32 lower-case hexadecimal characters, as the proto promises
             upload.commit(engine.spool.inputs_dir(job_id))
             try:
                 record = engine.store.add(job_id, header, engine.queue_capacity)
             except job_store.QueueFull as exc:
                 engine.spool.remove_job(job_id)
-                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; retry later or use another engine")
+                raise RpcFailure(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; retry later or use another engine"
+                ) from None
             committed = True
             engine.worker.wake()
             engine.events.bump()
             log.info("job %s: queued (%d frames, %s)", job_id, len(header.frames), header.task)
             return pb.SubmitResponse(job_id=job_id, status=engine.status(record))
-        except InputError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the engine's spool disk is full: {exc}")
-            raise
         finally:
             # A failed, refused or abandoned upload (client gone mid-stream) leaves nothing behind.
             if upload is not None and not committed:
                 upload.discard()
-        raise AssertionError("unreachable")  # context.abort raises
 
+    @_answers_errors
     def Watch(self, request: pb.WatchRequest, context: grpc.ServicerContext) -> Iterator[pb.JobStatus]:
         """Yield the job's status whenever it changes, until it reaches a final state."""
         engine = self.engine
@@ -112,8 +201,7 @@ class EngineServicer(pb_grpc.EngineServicer):
             version = engine.events.version
             record = engine.store.get(request.job_id)
             if record is None:
-                _not_found(context, request.job_id)
-                return
+                raise _not_found(request.job_id)
             status = engine.status(record, preview=request.previews)
             new_preview = status.HasField("preview") and status.preview.SerializeToString() != last_preview
             if new_preview:
@@ -128,15 +216,15 @@ class EngineServicer(pb_grpc.EngineServicer):
                 return
             engine.events.wait(version, timeout=1.0)
 
+    @_answers_errors
     def Fetch(self, request: pb.FetchRequest, context: grpc.ServicerContext) -> Iterator[pb.FetchChunk]:
         """Stream the result files of a finished job, chunk by chunk."""
         engine = self.engine
         record = engine.store.get(request.job_id)
         if record is None:
-            _not_found(context, request.job_id)
-            return
+            raise _not_found(request.job_id)
         if record.state != job_store.SUCCEEDED:
-            context.abort(
+            raise RpcFailure(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"job {record.id} is {pb.JobState.Name(record.state)}; results exist only for "
                 "JOB_STATE_SUCCEEDED jobs" + (f" (error: {record.error})" if record.error else ""),
@@ -144,9 +232,13 @@ class EngineServicer(pb_grpc.EngineServicer):
         names = list(request.files) or record.outputs
         unknown = [n for n in names if n not in record.outputs]
         if unknown:
-            context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"files: {unknown} are not results of job {record.id}; its results are {record.outputs}",
+            shown = ", ".join(quote(n) for n in unknown[:SHOWN_FILES])
+            results = ", ".join(record.outputs[:SHOWN_FILES])
+            more = f" ... ({len(record.outputs)} in all; see JobStatus.output_files)"
+            raise InputError(
+                "files",
+                f"{len(unknown)} not results of job {record.id}, first {shown}; its results are {results}"
+                + (more if len(record.outputs) > SHOWN_FILES else ""),
             )
         out_dir = engine.spool.output_dir(record.id)
         for index, name in enumerate(names):
@@ -154,7 +246,9 @@ class EngineServicer(pb_grpc.EngineServicer):
             try:
                 handle = open(path, "rb")  # noqa: SIM115 - closed below; the generator may be abandoned
             except FileNotFoundError:
-                context.abort(grpc.StatusCode.NOT_FOUND, f"result {name} of job {record.id} was removed")
+                raise RpcFailure(
+                    grpc.StatusCode.NOT_FOUND, f"result {name} of job {record.id} was removed"
+                ) from None
             with handle:
                 size = path.stat().st_size
                 offset = 0
@@ -172,21 +266,27 @@ class EngineServicer(pb_grpc.EngineServicer):
                     if offset >= size or not data:
                         break
 
+    @_answers_errors
     def Cancel(self, request: pb.CancelRequest, context: grpc.ServicerContext) -> pb.JobStatus:
-        """Cancel a queued job at once or a running one within a step; answers with the job's new status."""
+        """Cancel a queued job at once or a running one within a step; answers with the job's new status.
+
+        A job that already ended is FAILED_PRECONDITION (the proto's convention), with its state in the message.
+        """
         engine = self.engine
         record = engine.store.get(request.job_id)
         if record is None:
-            _not_found(context, request.job_id)
-        assert record is not None
+            raise _not_found(request.job_id)
+        asked = False
         if not record.final:
             if engine.store.cancel_if_queued(record.id):
+                asked = True
                 engine.spool.remove_job(record.id)
                 engine.events.bump()
                 log.info("job %s: cancelled while queued", record.id)
             elif engine.worker.cancel_running(record.id):
+                asked = True
                 # Wait (bounded) for the worker to stop the job so the answer shows the final state.
-                deadline = time.monotonic() + 10.0
+                deadline = time.monotonic() + engine.cancel_wait_seconds
                 while time.monotonic() < deadline and context.is_active():
                     version = engine.events.version
                     current = engine.store.get(record.id)
@@ -194,13 +294,45 @@ class EngineServicer(pb_grpc.EngineServicer):
                         break
                     engine.events.wait(version, timeout=0.5)
         record = engine.store.get(request.job_id) or record
+        if not asked:
+            raise RpcFailure(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"job {record.id} already ended ({pb.JobState.Name(record.state)}); only queued or running jobs "
+                "can be cancelled",
+            )
         return engine.status(record)
 
+    @_answers_errors
     def ListJobs(self, request: pb.ListJobsRequest, context: grpc.ServicerContext) -> pb.ListJobsResponse:
-        """The known jobs in submission order."""
-        engine = self.engine
-        records = engine.store.jobs(request.states, request.limit)
-        return pb.ListJobsResponse(jobs=[engine.status(r) for r in records])
+        """The known jobs in submission order, a page at a time (at most MAX_PAGE_SIZE jobs and ~PAGE_BYTES)."""
+        store, states = self.engine.store, list(request.states)
+        page_size = min(request.page_size or MAX_PAGE_SIZE, MAX_PAGE_SIZE)
+        if request.page_token:
+            after_seq, remaining = _parse_page_token(request.page_token)
+        else:
+            # `limit` keeps the newest jobs: start just before the limit-th newest, then page forwards.
+            remaining = request.limit
+            after_seq = max(store.newest_seq(states, request.limit) - 1, 0) if request.limit else 0
+        wanted = min(page_size, remaining) if remaining else page_size
+        records = store.page(states, after_seq, wanted + 1)  # one more than wanted: is there a next page?
+        more = len(records) > wanted
+        response = pb.ListJobsResponse()
+        used = 0
+        for record in records[:wanted]:
+            status = self.engine.status(record)
+            size = status.ByteSize()
+            if response.jobs and used + size > PAGE_BYTES:
+                more = True  # the byte budget ends the page early: replies stay well under 4 MiB
+                break
+            response.jobs.append(status)
+            used += size
+            after_seq = record.seq
+        if remaining:
+            remaining -= len(response.jobs)
+            more = more and remaining > 0
+        if more:
+            response.next_page_token = _page_token(after_seq, remaining)
+        return response
 
 
 def create_server(
@@ -227,21 +359,27 @@ def create_server(
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            # grpcio sets SO_REUSEPORT by default: a second engine on the same port would bind too, and clients
+            # would be split at random between the two. One engine per port.
+            ("grpc.so_reuseport", 0),
         ],
     )
     pb_grpc.add_EngineServicer_to_server(EngineServicer(engine), server)
     health_pb2_grpc.add_HealthServicer_to_server(engine.health, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server,
-    )
+    reflection.enable(server, (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    if tls is not None:
-        bound = server.add_secure_port(address, auth.server_credentials(*tls))
-    else:
-        bound = server.add_insecure_port(address)
+    try:
+        if tls is not None:
+            bound = server.add_secure_port(address, auth.server_credentials(*tls))
+        else:
+            bound = server.add_insecure_port(address)
+    except RuntimeError:  # grpcio raises where older versions returned 0
+        bound = 0
     if not bound:
-        raise OSError(f"cannot bind {address}: port in use or address not available")
+        raise OSError(
+            f"cannot listen on {address}: the port is in use (another engine? `vera info --engine {host}:{port}` "
+            "asks) or the address is not this machine's; stop that process or choose another --port"
+        )
     return server, bound
 
 

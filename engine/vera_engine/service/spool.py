@@ -8,7 +8,8 @@ Layout under the spool root::
     jobs/<job id>/out/              results, vera_edit.####.exr, written atomically by the job runner
 
 Memory stays bounded whatever the plate size: chunks go straight to the frame's file; raw frames are
-validated chunk by chunk, EXR frames decoded (once, to validate them) a few at a time.
+validated chunk by chunk, EXR frames decoded (once, to validate them) a few at a time. Error messages name the
+frame ("plate frame 1004"), never the spool's own files.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -27,13 +29,18 @@ from typing import Any
 import numpy as np
 
 from vera_engine.service import imageio
+from vera_engine.service.limits import (
+    MAX_FRAME_BYTES,
+    MAX_HALF_VALUE,
+    MAX_PATH_CHARS,
+    MAX_SIDE,
+    MIN_SIDE,
+    quote,
+)
 from vera_proto.vera.v1 import engine_pb2 as pb
 
 MANIFEST = "manifest.json"
-MIN_SIDE = 16
-MAX_SIDE = 16384
-MAX_FRAMES = 10000
-MAX_FRAME_BYTES = 2 * 1024**3  # a 16K float32 RGBA frame is 4 GiB: nobody sends that in one frame
+PATH_QUOTE_CHARS = 160  # a path's prefix in error messages: longer than other values', paths are long
 
 _RAW_DTYPES: dict[int, np.dtype] = {
     pb.SAMPLE_TYPE_FLOAT32: np.dtype("<f4"),
@@ -51,7 +58,7 @@ class InputError(ValueError):
 
 
 def _frame_field(layer: int, frame: int) -> str:
-    return f"{_LAYER_NAMES.get(layer, 'layer?')}[{frame}]"
+    return f"{_LAYER_NAMES.get(layer, 'layer?')} frame {frame}"
 
 
 def is_under(path: Path, roots: Sequence[Path]) -> bool:
@@ -91,32 +98,52 @@ def check_shape(field: str, shape: tuple[int, ...], layer: int) -> None:
 
 
 def check_values(
-    field: str, values: np.ndarray, layer: int, width: int, channels: int, start: int = 0
+    field: str,
+    values: np.ndarray,
+    layer: int,
+    width: int,
+    channels: int,
+    start: int = 0,
+    max_abs: float | None = None,
 ) -> None:
-    """Refuse NaN/Inf anywhere and mask values outside [0, 1]; ``values`` is flat, ``start`` its offset."""
+    """Refuse NaN/Inf anywhere, plate samples beyond ``max_abs`` (if given) and mask values outside [0, 1].
+
+    ``values`` is flat, ``start`` its offset in the frame.
+    """
     if not np.isfinite(values).all():
         raise InputError(field, _bad_sample_message(start + _first_bad(values), width, channels))
+    if max_abs is not None and layer == pb.LAYER_PLATE and values.size:
+        beyond = np.abs(values) > max_abs
+        if beyond.any():
+            index = int(np.flatnonzero(beyond)[0])
+            pixel = (start + index) // channels
+            raise InputError(
+                field,
+                f"sample {float(values[index]):g} (pixel x={pixel % width}, y={pixel // width}, channel "
+                f"{(start + index) % channels}) is beyond +-{max_abs:g}, the range of bit_depth 'half' results; "
+                "ask for bit_depth 'float' or scale the plate",
+            )
     if layer == pb.LAYER_MASK and values.size and (values.min() < 0.0 or values.max() > 1.0):
         raise InputError(
             field, f"mask values range {float(values.min()):g}..{float(values.max()):g}; expected 0..1"
         )
 
 
-def check_pixels(field: str, pixels: np.ndarray, layer: int) -> np.ndarray:
+def check_pixels(field: str, pixels: np.ndarray, layer: int, max_abs: float | None = None) -> np.ndarray:
     """Validate a decoded frame (H, W, C) and return it as float32 (mask: (H, W))."""
     check_shape(field, pixels.shape, layer)
-    check_values(field, pixels.reshape(-1), layer, pixels.shape[1], pixels.shape[2])
+    check_values(field, pixels.reshape(-1), layer, pixels.shape[1], pixels.shape[2], max_abs=max_abs)
     out = np.asarray(pixels, dtype=np.float32)
     return out[..., 0] if layer == pb.LAYER_MASK else out
 
 
-def _decode_and_check(path: Path, layer: int, field: str) -> tuple[int, int, int]:
+def _decode_and_check(path: Path, layer: int, field: str, max_abs: float | None) -> tuple[int, int, int]:
     """Decode one EXR frame and validate it; returns its (H, W, C). Runs on the upload's decode threads."""
     try:
         pixels = imageio.read_mask_exr(path) if layer == pb.LAYER_MASK else imageio.read_plate_exr(path)
     except imageio.ImageReadError as exc:
         raise InputError(field, f"not a usable OpenEXR frame: {exc}") from None
-    check_pixels(field, pixels, layer)
+    check_pixels(field, pixels, layer, max_abs)
     return pixels.shape  # type: ignore[return-value]
 
 
@@ -163,6 +190,8 @@ class Upload:
         self.done: dict[int, dict[int, dict[str, Any]]] = {pb.LAYER_PLATE: {}, pb.LAYER_MASK: {}}
         self.size: tuple[int, int] | None = None
         self.bytes_received = 0
+        # Plate samples a half-float result cannot hold are refused now, not written back as infinity later.
+        self.max_abs = MAX_HALF_VALUE if header.bit_depth == "half" else None
         self._open: _OpenFrame | None = None
         self._pending: deque[_Pending] = deque()
         self._pool: ThreadPoolExecutor | None = None
@@ -202,7 +231,9 @@ class Upload:
 
     def _begin(self, chunk: pb.FrameChunk, field: str) -> None:
         if chunk.layer not in _LAYER_NAMES:
-            raise InputError(f"chunk.layer[{chunk.frame}]", "must be LAYER_PLATE or LAYER_MASK")
+            raise InputError(
+                f"frame {chunk.frame}.layer", f"{chunk.layer}; must be LAYER_PLATE or LAYER_MASK"
+            )
         if chunk.frame not in self.expected:
             raise InputError(field, f"frame {chunk.frame} is not in the header's frames list")
         if chunk.layer == pb.LAYER_MASK and not self.header.has_mask:
@@ -271,28 +302,47 @@ class Upload:
         whole = len(buffer) - len(buffer) % item
         values = np.frombuffer(buffer, dtype=cur.dtype, count=whole // item)
         start = (cur.received - len(cur.carry)) // item
-        check_values(cur.field, values, cur.layer, cur.raw.width, cur.raw.channels, start)
+        check_values(cur.field, values, cur.layer, cur.raw.width, cur.raw.channels, start, self.max_abs)
         cur.carry = bytes(buffer[whole:])
 
     def _begin_path(self, chunk: pb.FrameChunk, field: str) -> None:
-        if not chunk.path:
-            raise InputError(f"{field}.path", "is empty")
-        path = Path(chunk.path)
-        if not path.is_absolute():
-            raise InputError(f"{field}.path", f"{chunk.path!r} is not absolute")
-        if not self.allowed_roots or not is_under(path, self.allowed_roots):
-            roots = (
-                ", ".join(str(r) for r in self.allowed_roots) or "none: path input is disabled on this engine"
+        where, text = f"{field}.path", chunk.path
+        shown = quote(text, PATH_QUOTE_CHARS)
+        # Checked before any file-system call: the OS refuses these with errors (ValueError, ENAMETOOLONG) that
+        # would otherwise surface as an engine failure.
+        if not text:
+            raise InputError(where, "is empty; send the absolute path of an OpenEXR file")
+        if len(text) > MAX_PATH_CHARS:
+            raise InputError(where, f"is {len(text)} characters; at most {MAX_PATH_CHARS}")
+        if "\0" in text:
+            raise InputError(where, f"{shown} contains a NUL character")
+        if not os.path.isabs(text):
+            raise InputError(where, f"{shown} is not absolute")
+        if not self.allowed_roots:
+            raise InputError(
+                where, "path input is disabled on this engine (it has no --allow-root); send the bytes"
             )
-            raise InputError(f"{field}.path", f"{chunk.path!r} is outside the allowed roots ({roots})")
-        if not path.is_file():
-            raise InputError(f"{field}.path", f"{chunk.path!r} does not exist or is not a file")
-        self._decode_later(chunk.layer, chunk.frame, field, path, {"encoding": "path", "path": str(path)})
+        # The resolved path is what is checked, recorded and read again when the job runs: a symlink changed
+        # later cannot redirect the job outside the allowed roots.
+        real = Path(os.path.realpath(text))
+        if not is_under(real, self.allowed_roots):
+            roots = ", ".join(str(r) for r in self.allowed_roots)
+            raise InputError(where, f"{shown} is outside the allowed roots ({roots})")
+        try:
+            info = real.stat()
+        except FileNotFoundError:
+            raise InputError(where, f"{shown} does not exist") from None
+        except OSError as exc:
+            raise InputError(where, f"{shown} cannot be read: {exc.strerror or type(exc).__name__}") from None
+        if not stat.S_ISREG(info.st_mode):
+            raise InputError(where, f"{shown} is not a file")
+        entry = {"encoding": "path", "path": str(real), "size": info.st_size, "mtime_ns": info.st_mtime_ns}
+        self._decode_later(chunk.layer, chunk.frame, field, real, entry)
 
     def _decode_later(self, layer: int, frame: int, field: str, path: Path, entry: dict[str, Any]) -> None:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.DECODE_THREADS, thread_name_prefix="vera-upload")
-        future = self._pool.submit(_decode_and_check, path, layer, field)
+        future = self._pool.submit(_decode_and_check, path, layer, field, self.max_abs)
         self._pending.append(_Pending(layer, frame, field, entry, future))
         # Back-pressure: never more frames decoding or waiting than the pool can hold in memory at once.
         while len(self._pending) > 2 * self.DECODE_THREADS:
@@ -358,7 +408,7 @@ class Upload:
             if missing:
                 shown = ", ".join(str(f) for f in missing[:10]) + (" ..." if len(missing) > 10 else "")
                 raise InputError(
-                    f"{_LAYER_NAMES[layer]}[{missing[0]}]",
+                    _frame_field(layer, missing[0]),
                     f"missing frames: {shown} ({len(missing)} of {len(self.expected)} never arrived)",
                 )
 
@@ -416,13 +466,30 @@ class SpooledInputs:
             shape = (entry["height"], entry["width"], entry["channels"])
             pixels = np.fromfile(self.dir / entry["file"], dtype=np.dtype(entry["dtype"])).reshape(shape)
         else:
-            path = Path(entry["path"]) if entry["encoding"] == "path" else self.dir / entry["file"]
+            if entry["encoding"] == "path":
+                path = Path(entry["path"])
+                self._check_unchanged(field, path, entry)
+            else:
+                path = self.dir / entry["file"]
             try:
                 reader = imageio.read_mask_exr if layer == pb.LAYER_MASK else imageio.read_plate_exr
                 pixels = reader(path)
             except imageio.ImageReadError as exc:
                 raise InputError(field, f"changed since it was submitted: {exc}") from None
         return check_pixels(field, pixels, layer)
+
+    @staticmethod
+    def _check_unchanged(field: str, path: Path, entry: dict[str, Any]) -> None:
+        """Fail a frame sent by path whose file changed after Submit checked it (its pixels were never checked)."""
+        try:
+            info = path.stat()
+        except OSError as exc:
+            raise InputError(f"{field}.path", f"{path} cannot be read any more: {exc.strerror}") from None
+        if "size" in entry and (info.st_size, info.st_mtime_ns) != (entry["size"], entry["mtime_ns"]):
+            raise InputError(
+                f"{field}.path",
+                f"{path} changed after it was submitted (size or modification time); submit the job again",
+            )
 
     def windows(self) -> tuple[Any, Any] | None:
         """(data window, display window) of the first plate frame if it came as an EXR, else None.

@@ -35,10 +35,19 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished_at REAL NOT NULL DEFAULT 0,
     attempts INTEGER NOT NULL DEFAULT 0,
     error TEXT NOT NULL DEFAULT '',
-    outputs TEXT NOT NULL DEFAULT '[]'
+    outputs TEXT NOT NULL DEFAULT '[]',
+    step INTEGER NOT NULL DEFAULT 0,
+    total_steps INTEGER NOT NULL DEFAULT 0,
+    progress REAL NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, seq);
 """
+# Columns added after the first release, with their definitions: a spool written by an older engine gains them.
+_ADDED_COLUMNS = {
+    "step": "INTEGER NOT NULL DEFAULT 0",
+    "total_steps": "INTEGER NOT NULL DEFAULT 0",
+    "progress": "REAL NOT NULL DEFAULT 0",
+}
 
 
 class QueueFull(Exception):
@@ -59,6 +68,10 @@ class JobRecord:
     attempts: int = 0
     error: str = ""
     outputs: list[str] = field(default_factory=list)
+    # Where a finished job stopped: denoising steps done of the total, and progress 0..1.
+    step: int = 0
+    total_steps: int = 0
+    progress: float = 0.0
 
     @property
     def final(self) -> bool:
@@ -77,6 +90,10 @@ class JobStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        present = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        for name, definition in _ADDED_COLUMNS.items():
+            if name not in present:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {definition}")
 
     def close(self) -> None:
         """Close the database connection."""
@@ -87,7 +104,21 @@ class JobStore:
 
     @staticmethod
     def _record(row: tuple) -> JobRecord:
-        seq, job_id, state, header, created, started, finished, attempts, error, outputs = row
+        (
+            seq,
+            job_id,
+            state,
+            header,
+            created,
+            started,
+            finished,
+            attempts,
+            error,
+            outputs,
+            step,
+            total,
+            progress,
+        ) = row
         return JobRecord(
             seq=seq,
             id=job_id,
@@ -99,9 +130,15 @@ class JobStore:
             attempts=attempts,
             error=error,
             outputs=json.loads(outputs),
+            step=step,
+            total_steps=total,
+            progress=progress,
         )
 
-    _COLUMNS = "seq, id, state, header, created_at, started_at, finished_at, attempts, error, outputs"
+    _COLUMNS = (
+        "seq, id, state, header, created_at, started_at, finished_at, attempts, error, outputs, "
+        "step, total_steps, progress"
+    )
 
     def get(self, job_id: str) -> JobRecord | None:
         """The job with this id, or None."""
@@ -121,6 +158,28 @@ class JobStore:
         with self._lock:
             rows = self._db.execute(sql, states).fetchall()
         return [self._record(r) for r in reversed(rows)]
+
+    def page(self, states: Iterable[int], after_seq: int, count: int) -> list[JobRecord]:
+        """Up to ``count`` jobs with ``seq > after_seq`` in submission order, optionally only some states."""
+        states = list(states)
+        sql = f"SELECT {self._COLUMNS} FROM jobs WHERE seq > ?"
+        if states:
+            sql += f" AND state IN ({','.join('?' * len(states))})"
+        sql += " ORDER BY seq LIMIT ?"
+        with self._lock:
+            rows = self._db.execute(sql, (after_seq, *states, count)).fetchall()
+        return [self._record(r) for r in rows]
+
+    def newest_seq(self, states: Iterable[int], newest: int) -> int:
+        """The seq of the ``newest``-th newest job (in ``states`` if given); 0 when there are fewer jobs."""
+        states = list(states)
+        sql = "SELECT seq FROM jobs"
+        if states:
+            sql += f" WHERE state IN ({','.join('?' * len(states))})"
+        sql += " ORDER BY seq DESC LIMIT 1 OFFSET ?"
+        with self._lock:
+            row = self._db.execute(sql, (*states, newest - 1)).fetchone()
+        return row[0] if row else 0
 
     def queued_ids(self) -> list[str]:
         """Ids of the waiting jobs in the order they will run."""
@@ -184,14 +243,23 @@ class JobStore:
             )
         return cur.rowcount == 1
 
-    def finish(self, job_id: str, state: int, error: str = "", outputs: Iterable[str] = ()) -> None:
-        """Record a job's final state."""
+    def finish(
+        self,
+        job_id: str,
+        state: int,
+        error: str = "",
+        outputs: Iterable[str] = (),
+        progress: tuple[int, int, float] = (0, 0, 0.0),
+    ) -> None:
+        """Record a job's final state, and ``progress`` (step, total steps, fraction) where it stopped."""
         if state not in FINAL_STATES:
             raise ValueError(f"finish() needs a final state, got {pb.JobState.Name(state)}")
+        step, total, fraction = progress
         with self._lock:
             self._db.execute(
-                "UPDATE jobs SET state = ?, finished_at = ?, error = ?, outputs = ? WHERE id = ?",
-                (state, time.time(), error, json.dumps(list(outputs)), job_id),
+                "UPDATE jobs SET state = ?, finished_at = ?, error = ?, outputs = ?, step = ?, total_steps = ?, "
+                "progress = ? WHERE id = ?",
+                (state, time.time(), error, json.dumps(list(outputs)), step, total, fraction, job_id),
             )
 
     def requeue(self, job_id: str) -> None:

@@ -60,7 +60,7 @@ class PassThroughRunner:
 
     def run(self, ctx: JobContext) -> list[Path]:
         """Step through ``header.steps`` steps, then write composite = plate, empty edit and matte."""
-        from vera_engine.imaging.exr import write_layered_exr
+        from vera_engine.imaging.exr import frame_path, write_layered_exr
 
         self.started.append(ctx.job_id)
         if self.fail_prompt and ctx.header.prompt == self.fail_prompt:
@@ -90,7 +90,7 @@ class PassThroughRunner:
             zeros = np.zeros_like(rgba)
             paths.append(
                 write_layered_exr(
-                    ctx.output_dir / f"vera_edit.{frame:04d}.exr",
+                    frame_path(str(ctx.output_dir / "vera_edit.####.exr"), frame),  # vera_edit.-0003.exr
                     rgba,
                     zeros,
                     zeros[..., 0],

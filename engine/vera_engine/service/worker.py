@@ -24,6 +24,7 @@ from typing import Protocol
 import numpy as np
 
 from vera_engine.service import store as job_store
+from vera_engine.service.limits import MAX_ERROR_CHARS
 from vera_engine.service.spool import InputError, Spool, SpooledInputs
 from vera_proto.vera.v1 import engine_pb2 as pb
 
@@ -224,6 +225,8 @@ class Worker:
         self.load_error: str | None = None
         self.live: LiveState | None = None
         self._cancel: dict[str, threading.Event] = {}
+        # Jobs cancelled after the store marked them RUNNING but before _run registered them: stopped as they start.
+        self._cancel_on_start: set[str] = set()
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="vera-worker", daemon=True)
@@ -246,12 +249,24 @@ class Worker:
         """Tell the worker a job was queued."""
         self._wake.set()
 
-    def cancel_running(self, job_id: str) -> bool:
-        """Ask the running job to stop; False if ``job_id`` is not running here."""
+    def cancel_requested(self, job_id: str) -> bool:
+        """True while ``job_id`` runs here and has been asked to stop."""
         with self._lock:
             event = self._cancel.get(job_id)
-        if event is None:
-            return False
+            return job_id in self._cancel_on_start or (event is not None and event.is_set())
+
+    def cancel_running(self, job_id: str) -> bool:
+        """Ask ``job_id``, which the store shows RUNNING, to stop within a step; False if the worker is stopping.
+
+        A job claimed from the queue but not yet started by the loop is stopped as it starts.
+        """
+        with self._lock:
+            if self._stop.is_set():
+                return False
+            event = self._cancel.get(job_id)
+            if event is None:
+                self._cancel_on_start.add(job_id)
+                return True
         event.set()
         return True
 
@@ -284,6 +299,8 @@ class Worker:
         with self._lock:
             self._cancel[record.id] = cancel
             self.live = live
+            if record.id in self._cancel_on_start:
+                cancel.set()
         self.events.bump()
         log.info("job %s: started (attempt %d)", record.id, record.attempts)
         out_dir = self.spool.output_dir(record.id)
@@ -319,6 +336,7 @@ class Worker:
         finally:
             with self._lock:
                 self._cancel.pop(record.id, None)
+                self._cancel_on_start.discard(record.id)
                 self.live = None
         if self._stop.is_set() and state != job_store.SUCCEEDED:
             # Shutting down: leave the job RUNNING so the next start resumes it.
@@ -328,7 +346,13 @@ class Worker:
             return
         if state == job_store.CANCELLED:
             shutil.rmtree(out_dir, ignore_errors=True)
-        self.store.finish(record.id, state, error=error, outputs=outputs)
+        if (
+            len(error) > MAX_ERROR_CHARS
+        ):  # the full text is in the log; every JobStatus repeats the stored one
+            error = error[: MAX_ERROR_CHARS - 3] + "..."
+        # A cancelled or failed job keeps the progress it had when it stopped (the proto's JobStatus promise).
+        stopped_at = (live.step, live.total_steps, live.progress)
+        self.store.finish(record.id, state, error=error, outputs=outputs, progress=stopped_at)
         self.spool.remove_inputs(record.id)
         free_memory()
         self.events.bump()

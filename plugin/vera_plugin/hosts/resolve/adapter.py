@@ -495,7 +495,7 @@ def follow_job(
             progress(status.progress, f"Engine: {status.stage_detail or 'running'}{steps}")
         # A UI may also call client.cancel(job_id) itself: the watch then ends CANCELLED (below).
         if _cancelled(cancel):
-            client.cancel(job_id)
+            client.cancel(job_id, ended_ok=True)
             raise VeraCancelled(f"cancelled job {job_id} on the engine")
     if final is None:
         raise EngineError("UNAVAILABLE", f"job {job_id}: the engine sent no status", client.address)

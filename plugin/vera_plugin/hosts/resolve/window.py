@@ -333,7 +333,7 @@ class VeraEditWindow:
         """Cancel: stops the render, or cancels the job on the engine."""
         self.cancel.set()
         if self.job_id and self.client is not None:
-            self.client.cancel(self.job_id)
+            self.client.cancel(self.job_id, ended_ok=True)
         self.log("Cancelling...")
 
     def _finish(self) -> None:
