@@ -253,3 +253,33 @@ def test_the_plate_is_read_frame_by_frame_never_held_whole() -> None:
     )
     assert sorted(written) == list(range(24)) and plate.reads == 48
     assert plate.most_alive <= 3  # at most `workers` frames (and the one being handed over) in memory at once
+
+
+def test_vera_edit_asks_for_takes_and_windows(engine, tmp_path: Path) -> None:
+    from vera_plugin.cli import main
+
+    runner, address = engine
+    pattern = _plate(tmp_path, 32, 32)
+    out = tmp_path / "cli-out"
+    args = [
+        "edit",
+        "--engine",
+        address,
+        "--plate",
+        pattern,
+        "--frames",
+        "1001-1004",
+        "--prompt",
+        "add a ball",
+    ]
+    assert (
+        main(
+            [*args, "--takes", "2", "--window", "2", "--overlap", "1", "--seed", "3", "--out", str(out), "-q"]
+        )
+        == 0
+    )
+    assert [call["seed"] for call in runner.pipe.calls] == [3, 4]
+    assert {(call["window_frames"], call["window_overlap"]) for call in runner.pipe.calls} == {(2, 1)}
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("vera_edit_take2.")) == [
+        f"vera_edit_take2.{frame}.exr" for frame in FRAMES
+    ]

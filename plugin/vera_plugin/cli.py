@@ -282,6 +282,9 @@ def cmd_edit(args: argparse.Namespace) -> int:
         "model": args.model,
         "name": args.name,
         "hdr": args.hdr or None,
+        "takes": args.takes,
+        "window_frames": args.window,
+        "window_overlap": args.overlap,
     }
     progress = Progress(sys.stderr, quiet=args.quiet)
     try:  # every frame present before anything is said about uploading them
@@ -384,6 +387,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--step-cache",
         help="opt-in approximate speed-up, one of the model's step_cache choices (`vera info`), e.g. taylorseer:2",
     )
+    edit.add_argument(
+        "--takes",
+        type=int,
+        help="variations in one job (seeds seed..seed+N-1; default 1): take k comes back as vera_edit_take<k>.####.exr",
+    )
+    edit.add_argument(
+        "--window",
+        type=int,
+        help="frames per sampling window for clips longer than it (default: the model's; 0: one pass)",
+    )
+    edit.add_argument("--overlap", type=int, help="frames neighbouring windows share (default: a quarter window)")
     edit.add_argument("--colorspace", help="the plate's scene-linear colour space (default: ACEScg)")
     edit.add_argument(
         "--hdr", action="store_true", help="keep highlights through the ACES SDR view transform"
