@@ -172,10 +172,12 @@ class ColourConverter:
     def __repr__(self) -> str:
         return f"ColourConverter(working_space={self.working_space!r}, hdr={self.hdr}, view={self.view!r})"
 
-    def to_model(self, pixels: np.ndarray) -> np.ndarray:
-        """Working space -> model space (sRGB-encoded Rec.709, clamped to [0, 1]); alpha passes through."""
+    def to_model(self, pixels: np.ndarray, *, clamp: bool = True) -> np.ndarray:
+        """Working space -> model space (sRGB-encoded Rec.709, clamped to [0, 1] unless ``clamp=False``); alpha
+        passes through."""
         rgb, alpha = _split_alpha(pixels)
-        return _join_alpha(np.clip(_apply(self._to_model, rgb), 0.0, 1.0), alpha)
+        converted = _apply(self._to_model, rgb)
+        return _join_alpha(np.clip(converted, 0.0, 1.0, out=converted) if clamp else converted, alpha)
 
     def from_model(self, pixels: np.ndarray) -> np.ndarray:
         """Model space -> working space (the inverse of :meth:`to_model` up to its clamp); alpha untouched."""

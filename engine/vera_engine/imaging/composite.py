@@ -198,24 +198,43 @@ def layers_like_model(
     alpha = _check_alpha(alpha, plate.shape[:-1], "the plate")
     base = plate[..., :3] if under is None else np.asarray(under, np.float32)
     touched = alpha > 0
+    if not touched.all():  # the engine passes the matte's pixels only; other callers may pass whole frames
+        edit = np.zeros((*alpha.shape, 4), np.float32)
+        matte = np.zeros(alpha.shape, np.float32)
+        inside = layers_like_model(
+            plate[touched],
+            plate_model[touched],
+            edit_model[touched],
+            alpha[touched],
+            colour,
+            under=None if under is None else base[touched],
+        )
+        edit[touched], matte[touched] = inside[0], inside[1]
+        return edit, matte, composite_over_plate(plate, edit, matte, preserved=under)
+
     a = alpha[..., None]
-    model_over = plate_model * (1.0 - a) + edit_model * a
+    uncovered = 1.0 - a
+    model_over = plate_model * uncovered
+    model_over += edit_model * a
     target = colour.from_model(model_over)
     del model_over
-    # The plate's own content beyond the model space shows through the uncovered part (zero for in-range plates).
+    # The plate's own content beyond the model space (highlights, out-of-gamut or non-finite values) shows through
+    # the uncovered part. Only where the model's clamp changed the plate: elsewhere W(P_m) is the plate itself.
     with np.errstate(invalid="ignore", over="ignore"):
-        target += (1.0 - a) * (
-            np.nan_to_num(base, nan=0.0, posinf=0.0, neginf=0.0) - colour.from_model(plate_model)
-        )
-        safe_base = np.where(base > 1e-6, base, np.float32(1.0))
-        ratio = np.where(base > 1e-6, target / safe_base, np.float32(np.inf)).min(axis=-1)
-    matte = np.where(touched, np.clip(np.maximum(alpha, 1.0 - ratio), 0.0, 1.0), np.float32(0.0)).astype(
-        np.float32
-    )
+        clamped = ~np.isfinite(base).all(axis=-1)
+        unclamped = colour.to_model(np.nan_to_num(base, nan=0.0, posinf=0.0, neginf=0.0), clamp=False)
+        clamped |= ((unclamped < 0.0) | (unclamped > 1.0)).any(axis=-1)
+        if clamped.any():
+            finite = np.nan_to_num(base[clamped], nan=0.0, posinf=0.0, neginf=0.0)
+            target[clamped] += uncovered[clamped] * (finite - colour.from_model(plate_model[clamped]))
+        positive = base > 1e-6
+        ratio = np.divide(target, base, out=np.full_like(target, np.inf), where=positive).min(axis=-1)
+    matte = np.clip(np.maximum(alpha, 1.0 - ratio), 0.0, 1.0).astype(np.float32)
     m = matte[..., None]
-    with np.errstate(invalid="ignore"):
-        premult = np.where(m > 0, np.maximum(target - (1.0 - m) * base, 0.0), np.float32(0.0)).astype(
-            np.float32
-        )
+    premult = target - (1.0 - m) * base
+    np.maximum(premult, 0.0, out=premult, where=np.isfinite(premult))
+    premult[~np.isfinite(premult)] = 0.0
     edit = np.concatenate([premult, m], axis=-1)
-    return edit, matte, composite_over_plate(plate, edit, matte, preserved=under)
+    plate_a = plate[..., 3:] if plate.shape[-1] == 4 else np.ones_like(m)
+    composite = np.concatenate([base * (1.0 - m) + premult, plate_a * (1.0 - m) + m], axis=-1)
+    return edit, matte, composite

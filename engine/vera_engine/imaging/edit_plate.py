@@ -33,7 +33,14 @@ from vera_engine.imaging.colour import ColourConverter
 from vera_engine.imaging.composite import fill_unmatted, layers_like_model, recover_preserved, snap_matte
 from vera_engine.imaging.exr import Window, frame_path, write_layered_exr
 from vera_engine.imaging.preview import contact_sheet, preview_frames, write_contact_sheet, write_preview_mp4
-from vera_engine.imaging.resize import FitMapping, fit_frames, fit_mapping, guided_upsample, unfit_frames
+from vera_engine.imaging.resize import (
+    FitMapping,
+    fit_frames,
+    fit_mapping,
+    guided_matte,
+    resample_at,
+    upsample_bilinear,
+)
 
 __all__ = [
     "FrameLayers",
@@ -135,10 +142,12 @@ def _mask_frame(mask: PlateFrames, index: int, size: tuple[int, int]) -> np.ndar
     return frame
 
 
-def _model_rgb(frame: np.ndarray, colour: ColourConverter) -> np.ndarray:
-    """A plate frame's colour in model space, (H, W, 3) in [0, 1]. Non-finite pixels become 0 for the model only;
+def _model_rgb(pixels: np.ndarray, colour: ColourConverter) -> np.ndarray:
+    """Plate pixels' colour in model space, (..., 3) in [0, 1]. Non-finite values become 0 for the model only;
     the plate itself is never modified."""
-    rgb = np.nan_to_num(frame[..., :3], nan=0.0, posinf=0.0, neginf=0.0)
+    rgb = pixels[..., :3]
+    if not np.isfinite(rgb).all():
+        rgb = np.nan_to_num(rgb, nan=0.0, posinf=0.0, neginf=0.0)
     return colour.to_model(rgb)
 
 
@@ -270,35 +279,55 @@ def finish_frame(
     guided_eps: float = 1e-3,
     recover: bool = False,
 ) -> FrameLayers:
-    """Frame ``index``'s layers at plate resolution from the model's layers and the plate frame itself."""
+    """Frame ``index``'s layers at plate resolution from the model's layers and the plate frame itself.
+
+    Work at plate resolution is done where the matte is, not over the whole frame: the guide is read where the
+    matte is in transition, the edit colour and the compositing where it is above zero. Elsewhere the composite is
+    a copy of the plate's pixels (bit for bit) and the edit layer and matte are zero.
+    """
     mapping = model.mapping
-    plate_model = _model_rgb(frame, colour)
+    size = mapping.source_size
+    top, left = mapping.offset
+    crop = (slice(top, top + mapping.scaled_size[0]), slice(left, left + mapping.scaled_size[1]))
+    rgb = frame[..., :3]
+
+    def model_rgb_at(ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+        return _model_rgb(rgb[ys, xs], colour)
+
+    low_alpha = model.alpha[index][crop]
     if matte_filter == "guided":
-        alpha = guided_upsample(
-            model.alpha[index : index + 1],
-            plate_model[None],
-            mapping,
-            radius=guided_radius,
-            eps=guided_eps,
-            low_guide=model.guides[index : index + 1],
-        )[0]
-    else:
-        alpha = unfit_frames(model.alpha[index : index + 1], mapping, filter="triangle")[0]
-    alpha = snap_matte(alpha, matte_threshold)
-    edit_model = np.clip(unfit_frames(model.edit[index : index + 1], mapping), 0.0, 1.0)[0]
-    under = None
-    if recover:
-        preserved_low = recover_preserved(
-            model.composite[index : index + 1],
-            model.raw_edit[index : index + 1],
-            model.alpha[index : index + 1],
-            model.video[index : index + 1],
+        alpha = guided_matte(
+            low_alpha, model.guides[index], size, model_rgb_at, radius=guided_radius, eps=guided_eps
         )
-        # A working-space correction of the plate under the matte: exactly 0 wherever Eq. 3 did not apply.
-        delta_low = colour.from_model(preserved_low) - colour.from_model(model.video[index : index + 1])
-        under = frame[..., :3] + unfit_frames(delta_low, mapping)[0]
-        plate_model = colour.to_model(under)
-    edit, matte, composite = layers_like_model(frame, plate_model, edit_model, alpha, colour, under=under)
+    else:
+        alpha = np.clip(upsample_bilinear(low_alpha, size), 0.0, 1.0)
+    alpha = snap_matte(alpha, matte_threshold)
+    ys, xs = np.nonzero(alpha > 0)
+
+    height, width = size
+    composite = np.empty((height, width, 4), np.float32)
+    composite[..., : frame.shape[-1]] = frame
+    if frame.shape[-1] == 3:
+        composite[..., 3] = 1.0  # a plate without alpha is opaque
+    edit = np.zeros((height, width, 4), np.float32)
+    matte = np.zeros((height, width), np.float32)
+    if len(ys):
+        edit_model = np.clip(resample_at(model.edit[index][crop], size, ys, xs, "lanczos3"), 0.0, 1.0)
+        under = None
+        if recover:
+            preserved_low = recover_preserved(
+                model.composite[index : index + 1],
+                model.raw_edit[index : index + 1],
+                model.alpha[index : index + 1],
+                model.video[index : index + 1],
+            )[0]
+            # A working-space correction of the plate under the matte: exactly 0 wherever Eq. 3 did not apply.
+            delta_low = colour.from_model(preserved_low) - colour.from_model(model.video[index])
+            under = rgb[ys, xs] + resample_at(delta_low[crop], size, ys, xs, "lanczos3")
+        plate_model = _model_rgb(rgb[ys, xs] if under is None else under, colour)
+        edit[ys, xs], matte[ys, xs], composite[ys, xs] = layers_like_model(
+            frame[ys, xs], plate_model, edit_model, alpha[ys, xs], colour, under=under
+        )
     return FrameLayers(composite=composite, edit=edit, matte=matte)
 
 
