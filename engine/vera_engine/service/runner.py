@@ -242,6 +242,8 @@ class PipelineRunner:
             pipe.interrupt = False
         del plate, mask
         ctx.check_cancelled()
+        if not ctx.lead:
+            return []  # another rank of a job over several devices: rank 0 writes the layers
         ctx.stage(pb.STAGE_WRITING, "writing", 0.9)
         data_window, display_window = ctx.inputs.windows() or (None, None)
         return write_result_sequence(

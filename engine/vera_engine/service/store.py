@@ -35,7 +35,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished_at REAL NOT NULL DEFAULT 0,
     attempts INTEGER NOT NULL DEFAULT 0,
     error TEXT NOT NULL DEFAULT '',
-    outputs TEXT NOT NULL DEFAULT '[]'
+    outputs TEXT NOT NULL DEFAULT '[]',
+    worker TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, seq);
 """
@@ -59,6 +60,7 @@ class JobRecord:
     attempts: int = 0
     error: str = ""
     outputs: list[str] = field(default_factory=list)
+    worker: str = ""  # the worker that ran (or runs) it: WorkerInfo.name
 
     @property
     def final(self) -> bool:
@@ -77,6 +79,9 @@ class JobStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        if "worker" not in columns:  # a spool written before jobs recorded their worker
+            self._db.execute("ALTER TABLE jobs ADD COLUMN worker TEXT NOT NULL DEFAULT ''")
 
     def close(self) -> None:
         """Close the database connection."""
@@ -87,7 +92,7 @@ class JobStore:
 
     @staticmethod
     def _record(row: tuple) -> JobRecord:
-        seq, job_id, state, header, created, started, finished, attempts, error, outputs = row
+        seq, job_id, state, header, created, started, finished, attempts, error, outputs, worker = row
         return JobRecord(
             seq=seq,
             id=job_id,
@@ -99,9 +104,10 @@ class JobStore:
             attempts=attempts,
             error=error,
             outputs=json.loads(outputs),
+            worker=worker,
         )
 
-    _COLUMNS = "seq, id, state, header, created_at, started_at, finished_at, attempts, error, outputs"
+    _COLUMNS = "seq, id, state, header, created_at, started_at, finished_at, attempts, error, outputs, worker"
 
     def get(self, job_id: str) -> JobRecord | None:
         """The job with this id, or None."""
@@ -156,8 +162,8 @@ class JobStore:
                 raise
         return JobRecord(seq=cur.lastrowid or 0, id=job_id, state=QUEUED, header=header, created_at=now)
 
-    def claim_next(self) -> JobRecord | None:
-        """Atomically move the oldest queued job to RUNNING (counting the attempt) and return it."""
+    def claim_next(self, worker: str = "") -> JobRecord | None:
+        """Atomically move the oldest queued job to RUNNING on ``worker`` (counting the attempt) and return it."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -166,8 +172,8 @@ class JobStore:
                 ).fetchone()
                 if row is not None:
                     self._db.execute(
-                        "UPDATE jobs SET state = ?, started_at = ?, attempts = attempts + 1 WHERE id = ?",
-                        (RUNNING, time.time(), row[0]),
+                        "UPDATE jobs SET state = ?, started_at = ?, attempts = attempts + 1, worker = ? WHERE id = ?",
+                        (RUNNING, time.time(), worker, row[0]),
                     )
                 self._db.execute("COMMIT")
             except BaseException:
@@ -201,6 +207,32 @@ class JobStore:
                 "UPDATE jobs SET state = ?, attempts = MAX(attempts - 1, 0) WHERE id = ? AND state = ?",
                 (QUEUED, job_id, RUNNING),
             )
+
+    def requeue_lost(self, job_id: str, max_attempts: int, cause: str) -> bool:
+        """Put a job whose worker died back in the queue (the attempt counts, as after a crash); after
+        ``max_attempts`` starts, fail it with ``cause`` instead. Returns True if it was requeued.
+
+        The queue runs in submission order, so the job is at its head again.
+        """
+        with self._lock:
+            row = self._db.execute(
+                "SELECT attempts FROM jobs WHERE id = ? AND state = ?", (job_id, RUNNING)
+            ).fetchone()
+            if row is None:
+                return False
+            if row[0] >= max_attempts:
+                self._db.execute(
+                    "UPDATE jobs SET state = ?, finished_at = ?, error = ? WHERE id = ?",
+                    (
+                        FAILED,
+                        time.time(),
+                        f"the worker running this job was lost {row[0]} times; not retrying (last: {cause})",
+                        job_id,
+                    ),
+                )
+                return False
+            self._db.execute("UPDATE jobs SET state = ? WHERE id = ?", (QUEUED, job_id))
+            return True
 
     def recover(self, max_attempts: int) -> tuple[list[str], list[str]]:
         """After a restart: requeue jobs a crash left RUNNING; fail those started ``max_attempts`` times.

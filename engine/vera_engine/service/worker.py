@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import logging
 import shutil
+import socket
 import sys
 import threading
 import time
@@ -83,8 +84,12 @@ class JobContext:
         events: Events,
         cancel: threading.Event,
         preview_interval: float,
+        lead: bool = True,
     ) -> None:
         self.job_id = job_id
+        # False on the other ranks of a job spread over several devices: they run the same sampling call, and only
+        # the lead (rank 0) writes the results.
+        self.lead = lead
         self.header = header
         self.inputs = inputs
         self.output_dir = output_dir
@@ -172,7 +177,9 @@ def free_memory() -> None:
 
 
 class Worker:
-    """Runs queued jobs one at a time on one device."""
+    """Runs queued jobs one at a time on one device, in the engine's process (a pool's is `service.pool.Pool`)."""
+
+    name = "local"
 
     def __init__(
         self,
@@ -218,6 +225,36 @@ class Worker:
         """Tell the worker a job was queued."""
         self._wake.set()
 
+    def live_for(self, job_id: str) -> LiveState | None:
+        """The live state of ``job_id`` if it runs here now."""
+        live = self.live
+        return live if live is not None and live.job_id == job_id else None
+
+    def check_placement(self) -> None:
+        """Every job fits: it runs on this engine's one device."""
+
+    def workers(self) -> list[pb.WorkerInfo]:
+        """This worker, as GetInfo reports it."""
+        live = self.live
+        if not self.loaded.is_set():
+            state = pb.WORKER_STATE_STARTING
+        elif live is not None:
+            state = pb.WORKER_STATE_BUSY
+        else:
+            state = pb.WORKER_STATE_IDLE
+        models = self.runner.models()
+        return [
+            pb.WorkerInfo(
+                name=self.name,
+                node=socket.gethostname(),
+                device=self.runner.device_info(),
+                model=models[0].name if models else "",
+                state=state,
+                job_id=live.job_id if live is not None else "",
+                devices=1,
+            )
+        ]
+
     def cancel_running(self, job_id: str) -> bool:
         """Ask the running job to stop; False if ``job_id`` is not running here."""
         with self._lock:
@@ -241,7 +278,7 @@ class Worker:
         self.loaded.set()
         self.events.bump()
         while not self._stop.is_set():
-            record = self.store.claim_next()
+            record = self.store.claim_next(worker=self.name)
             if record is None:
                 if self.idle_hook is not None:
                     self.idle_hook()
