@@ -96,7 +96,9 @@ def test_two_cpu_workers_run_two_jobs_at_the_same_time(harnesses, tmp_path: Path
     info = h.client.info()
     busy = {w.job_id: w for w in info.workers}
     assert set(busy) == {jobs[0], jobs[1]}
-    assert all(w.state == pb.WORKER_STATE_BUSY and w.model == "passthrough" and w.devices == 1 for w in busy.values())
+    assert all(
+        w.state == pb.WORKER_STATE_BUSY and w.model == "passthrough" and w.devices == 1 for w in busy.values()
+    )
     assert {w.device.kind for w in info.workers} == {"cpu"} and all(w.node for w in info.workers)
 
     finals = [h.client.wait(j) for j in jobs]
@@ -176,7 +178,10 @@ def test_gpus_per_job_2_on_cpu_equals_one_process(harnesses, tmp_path: Path) -> 
     plate = _plate(frames=8, size=(32, 32), seed=3)
     job = dict(prompt="add a red circle moving left", steps=4, seed=7, guidance=2.0, bit_depth="float")
     backend = LocalBackend(
-        ["cpu", "cpu"], RunnerSpec(PipelineRunner, {"model": "default"}), gpus_per_job=2, context_parallel="ulysses"
+        ["cpu", "cpu"],
+        RunnerSpec(PipelineRunner, {"model": "default"}),
+        gpus_per_job=2,
+        context_parallel="ulysses",
     )
     h = PoolHarness(tmp_path / "spool", backend)
     harnesses.append(h)
@@ -196,7 +201,10 @@ def test_gpus_per_job_2_on_cpu_equals_one_process(harnesses, tmp_path: Path) -> 
 
 
 def test_devices_and_pool_flags_are_checked(tmp_path: Path, capsys) -> None:
-    assert parse_devices("cuda:0, cuda:1") == ["cuda:0", "cuda:1"] and parse_devices("cpu,cpu") == ["cpu", "cpu"]
+    assert parse_devices("cuda:0, cuda:1") == ["cuda:0", "cuda:1"] and parse_devices("cpu,cpu") == [
+        "cpu",
+        "cpu",
+    ]
     spool = str(tmp_path / "spool")
     cases = {
         ("--devices", "cpu,cpu,cpu", "--gpus-per-job", "2"): "would stay unused",
@@ -207,7 +215,10 @@ def test_devices_and_pool_flags_are_checked(tmp_path: Path, capsys) -> None:
         ("--devices", "cpu", "--cluster", "auto"): "choose one",
         ("--devices", "cpu", "--device", "cpu"): "--device picks one device",
         ("--devices", "cpu", "--shared-spool"): "--shared-spool needs --cluster",
-        ("--gpus-per-job", "2",): "needs --devices or --cluster",
+        (
+            "--gpus-per-job",
+            "2",
+        ): "needs --devices or --cluster",
         ("--devices", "cpu,cpu", "--gpus-per-job", "2", "--context-parallel", "ring"): "log-sum-exp",
     }
     for flags, message in cases.items():

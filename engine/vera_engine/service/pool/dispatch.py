@@ -162,12 +162,16 @@ class Pool:
             handle.cancel(job_id)
         self._wake.set()
         self._thread.join(timeout)
-        for thread in list(self._threads):
-            thread.join(timeout)
         with self._lock:
             handles = list(self._handles)
+        for thread in list(self._threads):
+            if thread.name.startswith("vera-job-"):
+                thread.join(timeout)  # the interrupted jobs go back to the queue before their workers close
         for handle in handles:
+            # Closing also ends the wait of a worker still starting (e.g. an actor Ray cannot place).
             handle.close()
+        for thread in list(self._threads):
+            thread.join(timeout)
         self.backend.close()
 
     def wake(self) -> None:
