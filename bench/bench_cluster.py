@@ -85,12 +85,18 @@ def _ray_pool(model: str, workers: int, shared_spool: bool) -> Any:
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=workers, resources={RESOURCE: workers}, include_dashboard=False, logging_level="WARNING")
-    return RayBackend("auto", RunnerSpec(PipelineRunner, {"model": model}), resource=RESOURCE, shared_spool=shared_spool)
+    ray.init(
+        num_cpus=workers, resources={RESOURCE: workers}, include_dashboard=False, logging_level="WARNING"
+    )
+    return RayBackend(
+        "auto", RunnerSpec(PipelineRunner, {"model": model}), resource=RESOURCE, shared_spool=shared_spool
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="default")
     parser.add_argument("--frames", type=int, default=49)
     parser.add_argument("--width", type=int, default=832)
@@ -149,10 +155,14 @@ def main() -> None:
     small = plate[: args.throughput_frames, :256, :256]
     throughput = {}
     for workers in (1, 2):
-        front = Front(root / f"throughput{workers}", args.model, _ray_pool(args.model, workers, shared_spool=False))
+        front = Front(
+            root / f"throughput{workers}", args.model, _ray_pool(args.model, workers, shared_spool=False)
+        )
         try:
             front.run(small[:1], **{**job, "steps": 1})
-            throughput[f"{workers}_workers_jobs_per_hour"] = front.throughput(small, args.throughput_jobs, **job)
+            throughput[f"{workers}_workers_jobs_per_hour"] = front.throughput(
+                small, args.throughput_jobs, **job
+            )
         finally:
             front.stop()
         print(workers, "workers", throughput[f"{workers}_workers_jobs_per_hour"], "jobs/h", flush=True)

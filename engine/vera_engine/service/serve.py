@@ -195,10 +195,16 @@ def pool_backend(args: argparse.Namespace) -> Any:
             raise ValueError("--shared-spool needs --cluster")
         return None
     if args.device is not None:
-        raise ValueError("--device picks one device; with --devices or --cluster the pool's workers pick theirs")
+        raise ValueError(
+            "--device picks one device; with --devices or --cluster the pool's workers pick theirs"
+        )
     if args.shared_spool and not args.cluster:
         raise ValueError("--shared-spool needs --cluster (local workers always use the spool directly)")
-    if args.context_parallel == "ring" and args.gpus_per_job > 1 and args.attention_backend in (None, "native"):
+    if (
+        args.context_parallel == "ring"
+        and args.gpus_per_job > 1
+        and args.attention_backend in (None, "native")
+    ):
         raise ValueError(
             "--context-parallel ring merges partial attention by its log-sum-exp, which the native attention "
             "backend does not return: add --attention-backend _native_cudnn (or flash), or use ulysses"
