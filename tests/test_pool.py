@@ -21,6 +21,7 @@ from vera_engine.service import store as job_store
 from vera_engine.service.pool import LocalBackend, RunnerSpec, parse_devices
 from vera_engine.service.runner import PipelineRunner
 from vera_engine.service.testing import PassThroughRunner
+from vera_plugin import cli as vera_cli
 from vera_plugin.client import EngineClient
 from vera_proto.vera.v1 import engine_pb2 as pb
 
@@ -35,7 +36,8 @@ class PoolHarness:
         self.server, port = create_server(self.engine, "127.0.0.1", 0)
         self.engine.start()
         self.server.start()
-        self.client = EngineClient(f"127.0.0.1:{port}", timeout=30)
+        self.address = f"127.0.0.1:{port}"
+        self.client = EngineClient(self.address, timeout=30)
 
     def stop(self) -> None:
         self.client.close()
@@ -78,7 +80,7 @@ def _passthrough_pool(devices: list[str], step_seconds: float = 0.2) -> LocalBac
 
 
 @pytest.mark.slow
-def test_two_cpu_workers_run_two_jobs_at_the_same_time(harnesses, tmp_path: Path) -> None:
+def test_two_cpu_workers_run_two_jobs_at_the_same_time(harnesses, tmp_path: Path, capsys) -> None:
     h = PoolHarness(tmp_path / "spool", _passthrough_pool(["cpu", "cpu"]))
     harnesses.append(h)
     h.client.wait_until_serving(120)
@@ -100,6 +102,14 @@ def test_two_cpu_workers_run_two_jobs_at_the_same_time(harnesses, tmp_path: Path
         w.state == pb.WORKER_STATE_BUSY and w.model == "passthrough" and w.devices == 1 for w in busy.values()
     )
     assert {w.device.kind for w in info.workers} == {"cpu"} and all(w.node for w in info.workers)
+    # `vera info` prints the pool: each worker, its node, device, model, state and job.
+    assert vera_cli.main(["info", "--engine", h.address]) == 0
+    printed = capsys.readouterr().out
+    for worker in info.workers:
+        assert (
+            f"worker   {worker.name} on {worker.node}: test cpu x1, passthrough, busy {worker.job_id}"
+            in printed
+        )
 
     finals = [h.client.wait(j) for j in jobs]
     assert [f.state for f in finals] == [pb.JOB_STATE_SUCCEEDED] * 3, [f.error for f in finals]

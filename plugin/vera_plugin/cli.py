@@ -147,6 +147,15 @@ def cmd_info(args: argparse.Namespace) -> int:
     )
     print(f"queue    {info.queue_length} waiting of {info.queue_capacity}, {info.running} running")
     print(f"model    {'loaded' if info.model_loaded else 'loading'}")
+    for (
+        worker
+    ) in info.workers:  # one for a single-device engine; a pool's every worker, where it is, what it runs
+        state = pb.WorkerState.Name(worker.state).removeprefix("WORKER_STATE_").lower()
+        job = f" {worker.job_id}" if worker.job_id else ""
+        print(
+            f"worker   {worker.name} on {worker.node}: {worker.device.name} x{worker.devices}, {worker.model}, "
+            f"{state}{job}"
+        )
     for model in info.models:
         default = " (default)" if model.is_default else ""
         print(
