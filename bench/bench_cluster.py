@@ -85,8 +85,13 @@ def _ray_pool(model: str, workers: int, shared_spool: bool) -> Any:
 
     if ray.is_initialized():
         ray.shutdown()
+    # address="local": a new single-node instance, never a cluster some other program started on this machine.
     ray.init(
-        num_cpus=workers, resources={RESOURCE: workers}, include_dashboard=False, logging_level="WARNING"
+        address="local",
+        num_cpus=workers,
+        resources={RESOURCE: workers},
+        include_dashboard=False,
+        logging_level="WARNING",
     )
     return RayBackend(
         "auto", RunnerSpec(PipelineRunner, {"model": model}), resource=RESOURCE, shared_spool=shared_spool

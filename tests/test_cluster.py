@@ -58,8 +58,12 @@ def cluster() -> Iterator[Cluster]:
 class Front:
     """A front door (Engine with a Ray pool) in this process on a free loopback port, and a client."""
 
-    def __init__(self, spool: Path, runner: RunnerSpec, *, gpus_per_job: int = 1) -> None:
-        backend = RayBackend("auto", runner, resource=RESOURCE, gpus_per_job=gpus_per_job)
+    def __init__(
+        self, spool: Path, runner: RunnerSpec, *, gpus_per_job: int = 1, shared_spool: bool = False
+    ) -> None:
+        backend = RayBackend(
+            "auto", runner, resource=RESOURCE, gpus_per_job=gpus_per_job, shared_spool=shared_spool
+        )
         self.engine = Engine(spool, PassThroughRunner(), pool=backend)
         self.server, port = create_server(self.engine, "127.0.0.1", 0)
         self.engine.start()
@@ -186,7 +190,8 @@ def test_six_jobs_run_on_both_workers_identical_to_a_single_engine(
 def test_cancel_on_a_remote_worker_stops_within_a_step_and_the_worker_takes_the_next_job(
     cluster: Cluster, fronts: list[Front], tmp_path: Path
 ) -> None:
-    front = Front(tmp_path / "spool", RunnerSpec(PassThroughRunner, {"step_seconds": 0.4}))
+    # With --shared-spool (the workers of this cluster see the test's folders): results are written in place.
+    front = Front(tmp_path / "spool", RunnerSpec(PassThroughRunner, {"step_seconds": 0.4}), shared_spool=True)
     fronts.append(front)
     client = front.client
     client.wait_until_serving(120)
@@ -210,6 +215,8 @@ def test_cancel_on_a_remote_worker_stops_within_a_step_and_the_worker_takes_the_
     following = client.submit_arrays(plate, [1], prompt="next", steps=2)
     final = client.wait(following)
     assert final.state == pb.JOB_STATE_SUCCEEDED and final.worker == answer.worker
+    fetched = client.fetch(following, tmp_path / "out")
+    np.testing.assert_allclose(_read(fetched[0])[..., :3], plate[0], atol=1e-3)
     assert client.status(busy).state == pb.JOB_STATE_RUNNING
     client.cancel(busy)
 
