@@ -168,6 +168,14 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"name {limits.max_label_chars}; seed {limits.seed_min}..{limits.seed_max}; "
         f"half results hold +-{limits.max_half_value:g}"
     )
+    # One worker for a single-device engine; a pool's every worker, where it is, what it runs.
+    for worker in info.workers:
+        state = pb.WorkerState.Name(worker.state).removeprefix("WORKER_STATE_").lower()
+        job = f" {worker.job_id}" if worker.job_id else ""
+        print(
+            f"worker   {worker.name} on {worker.node}: {worker.device.name} x{worker.devices}, {worker.model}, "
+            f"{state}{job}"
+        )
     for model in info.models:
         default = " (default)" if model.is_default else ""
         print(
@@ -397,7 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="frames per sampling window for clips longer than it (default: the model's; 0: one pass)",
     )
-    edit.add_argument("--overlap", type=int, help="frames neighbouring windows share (default: a quarter window)")
+    edit.add_argument(
+        "--overlap", type=int, help="frames neighbouring windows share (default: a quarter window)"
+    )
     edit.add_argument("--colorspace", help="the plate's scene-linear colour space (default: ACEScg)")
     edit.add_argument(
         "--hdr", action="store_true", help="keep highlights through the ACES SDR view transform"

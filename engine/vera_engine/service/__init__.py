@@ -6,6 +6,8 @@
   `runner.py` (what a job runs: the pipeline and the layers), `schema.py` (each model's options, and request
   validation against them), `auth.py` (TLS and tokens), `imageio.py` (frames in), `testing.py` (runners and an
   engine process for tests).
+- `pool/`: several devices behind one engine: the dispatch shared by local worker processes (``--devices``) and
+  Ray actors (``--cluster``), the worker side, and jobs over several devices (``--gpus-per-job``).
 """
 
 from vera_engine.service.engine import Engine

@@ -1,7 +1,8 @@
-"""The engine core: one spool, one job store and one worker, and what the service reports about them.
+"""The engine core: one spool, one job store and the worker(s), and what the service reports about them.
 
 :class:`Engine` accepts uploads, keeps the queue durable (a restarted engine resumes its queued jobs and still
-serves finished results), runs jobs one at a time on its worker and purges results past their retention. The
+serves finished results), runs jobs one at a time on its in-process worker, or on a pool of workers (one per
+device, local or Ray actors: `service/pool/`), and purges results past their retention. The
 gRPC servicer (`servicer.py`) calls into it; `serve.py` builds one from the command line.
 """
 
@@ -11,6 +12,7 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from grpc_health.v1 import health, health_pb2
 
@@ -19,6 +21,9 @@ from vera_engine.service.limits import limits_message
 from vera_engine.service.spool import Spool
 from vera_engine.service.worker import Events, JobRunner, Worker
 from vera_proto.vera.v1 import engine_pb2 as pb
+
+if TYPE_CHECKING:
+    from vera_engine.service.pool import Pool, PoolBackend
 
 log = logging.getLogger("vera_engine.service")
 
@@ -53,6 +58,7 @@ class Engine:
         preview_interval: float = 1.0,
         max_attempts: int = 3,
         cancel_wait_seconds: float = 10.0,
+        pool: PoolBackend | None = None,
     ) -> None:
         if queue_capacity < 1:
             raise ValueError(f"queue_capacity={queue_capacity}; expected at least 1")
@@ -69,15 +75,33 @@ class Engine:
         self.events = Events()
         self.health = health.HealthServicer()
         self._last_purge = 0.0
-        self.worker = Worker(
-            self.store,
-            self.spool,
-            runner,
-            self.events,
-            preview_interval=preview_interval,
-            on_loaded=self._on_loaded,
-            idle_hook=self._idle,
-        )
+        self.worker: Worker | Pool
+        if pool is None:
+            self.worker = Worker(
+                self.store,
+                self.spool,
+                runner,
+                self.events,
+                preview_interval=preview_interval,
+                on_loaded=self._on_loaded,
+                idle_hook=self._idle,
+            )
+        else:
+            # Jobs run on the pool's workers (local processes or Ray actors); `runner` is not loaded here, it only
+            # answers for the schema until a worker has loaded and reported its own.
+            from vera_engine.service.pool import Pool
+
+            self.worker = self.runner = Pool(
+                self.store,
+                self.spool,
+                pool,
+                self.events,
+                runner,
+                preview_interval=preview_interval,
+                max_attempts=max_attempts,
+                on_loaded=self._on_loaded,
+                idle_hook=self._idle,
+            )
         for name in ("", SERVICE_NAME):
             # Live but not ready until the worker has loaded the model.
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -141,6 +165,7 @@ class Engine:
             error=record.error,
             output_files=record.outputs,
             attempts=record.attempts,
+            worker=record.worker,
         )
         if record.state == job_store.QUEUED:
             queued = self.store.queued_ids()
@@ -149,8 +174,8 @@ class Engine:
             status.stage_detail = "queued" if self.worker.loaded.is_set() else "waiting for the model to load"
         elif record.state == job_store.RUNNING:
             status.cancel_requested = self.worker.cancel_requested(record.id)
-            live = self.worker.live
-            if live is not None and live.job_id == record.id:
+            live = self.worker.live_for(record.id)
+            if live is not None:
                 status.stage, status.stage_detail = live.stage, live.stage_detail
                 status.step, status.total_steps = live.step, live.total_steps
                 status.progress = live.progress
@@ -191,4 +216,5 @@ class Engine:
             allowed_roots=[str(r) for r in self.allowed_roots],
             retention_seconds=self.retention_seconds,
             limits=limits_message(),
+            workers=self.worker.workers(),
         )

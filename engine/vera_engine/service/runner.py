@@ -260,6 +260,8 @@ class PipelineRunner:
             finally:
                 pipe.interrupt = False
             ctx.check_cancelled()
+            if not ctx.lead:
+                continue  # another rank of a job over several devices: rank 0 writes the layers
             ctx.stage(pb.STAGE_WRITING, f"writing{of_takes}", progress(take, 0.85))
             writer = ResultWriter(
                 ctx.output_dir,
@@ -288,9 +290,10 @@ class PipelineRunner:
                     progress(take, 0.85 + 0.15 * count / len(frames)),
                 ),
             )
-            finish_frames(model, plate, colour, writer, cancelled=ctx.cancelled)
+            finish_frames(model, plate, colour, writer, cancelled=ctx.cancelled_here)
             del model
-            ctx.check_cancelled()
+            if ctx.cancelled_here():
+                raise JobCancelled(ctx.job_id)
             outputs += writer.paths
         return outputs
 

@@ -81,6 +81,45 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--model-cpu-offload", action="store_true", help="whole components visit the device one at a time"
     )
     perf.add_argument("--vae-tiling", action="store_true", help="encode and decode the Wan VAE in tiles")
+    pool = parser.add_argument_group("several devices behind one engine (README: Scaling out)")
+    pool.add_argument(
+        "--devices",
+        metavar="LIST",
+        help="one worker process per device of this machine, e.g. cuda:0,cuda:1 (cpu may repeat: cpu,cpu)",
+    )
+    pool.add_argument(
+        "--cluster",
+        metavar="ADDRESS",
+        help="run jobs on Ray actors of a Ray cluster: auto, HEAD:6379 or ray://HEAD:10001 (needs vera-edit[cluster])",
+    )
+    pool.add_argument(
+        "--gpus-per-job",
+        type=int,
+        default=1,
+        metavar="N",
+        help="devices per job, split by context parallelism (a Ray placement group on one node, or N of --devices) "
+        "(default: %(default)s)",
+    )
+    pool.add_argument(
+        "--context-parallel",
+        choices=("ulysses", "ring"),
+        default="ulysses",
+        help="how a job over several devices splits attention (ring needs an --attention-backend that returns the "
+        "log-sum-exp, e.g. _native_cudnn or flash) (default: %(default)s)",
+    )
+    pool.add_argument(
+        "--shared-spool",
+        action="store_true",
+        help="with --cluster: the workers see --spool at the same path, so frames and results are not sent "
+        "through Ray's object store",
+    )
+    pool.add_argument(
+        "--worker-resource",
+        default="GPU",
+        metavar="NAME",
+        help="with --cluster: the Ray resource one worker takes per device; other than GPU, workers run on the CPU "
+        "(default: %(default)s)",
+    )
     parser.add_argument(
         "--allow-root",
         dest="allowed_roots",
@@ -141,6 +180,73 @@ def memory_options(args: argparse.Namespace) -> Any:
     return None if options == MemoryOptions() else options
 
 
+def pool_backend(args: argparse.Namespace) -> Any:
+    """The pool the flags ask for (`service.pool`), or None for one in-process worker on one device.
+
+    Raises ValueError naming the flag for combinations that cannot work, and the Ray backend's ClusterError for a
+    cluster that does not answer or has no worker resources.
+    """
+    if args.devices and args.cluster:
+        raise ValueError("--devices and --cluster: choose one (local processes, or Ray actors)")
+    if not (args.devices or args.cluster):
+        if args.gpus_per_job != 1:
+            raise ValueError(f"--gpus-per-job {args.gpus_per_job} needs --devices or --cluster")
+        if args.shared_spool:
+            raise ValueError("--shared-spool needs --cluster")
+        return None
+    if args.device is not None:
+        raise ValueError(
+            "--device picks one device; with --devices or --cluster the pool's workers pick theirs"
+        )
+    if args.shared_spool and not args.cluster:
+        raise ValueError("--shared-spool needs --cluster (local workers always use the spool directly)")
+    if (
+        args.context_parallel == "ring"
+        and args.gpus_per_job > 1
+        and args.attention_backend in (None, "native")
+    ):
+        raise ValueError(
+            "--context-parallel ring merges partial attention by its log-sum-exp, which the native attention "
+            "backend does not return: add --attention-backend _native_cudnn (or flash), or use ulysses"
+        )
+    from vera_engine.service.pool import LocalBackend, RunnerSpec, parse_devices
+    from vera_engine.service.runner import PipelineRunner
+
+    # Each worker resolves the model itself: 'default' or a folder at the same path on every node.
+    runner = RunnerSpec(
+        PipelineRunner,
+        {
+            "model": args.model,
+            "memory": memory_options(args),
+            "attention_backend": args.attention_backend,
+            "compile_blocks": args.compile,
+        },
+    )
+    if args.devices:
+        return LocalBackend(
+            parse_devices(args.devices),
+            runner,
+            gpus_per_job=args.gpus_per_job,
+            context_parallel=args.context_parallel,
+            preview_interval=args.preview_interval,
+        )
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise ValueError("--cluster needs Ray: pip install 'vera-edit[cluster]'") from None
+    from vera_engine.service.pool.ray_backend import RayBackend
+
+    return RayBackend(
+        args.cluster,
+        runner,
+        resource=args.worker_resource,
+        gpus_per_job=args.gpus_per_job,
+        context_parallel=args.context_parallel,
+        shared_spool=args.shared_spool,
+        preview_interval=args.preview_interval,
+    )
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """Run the service until SIGINT/SIGTERM; returns the exit code (2 for bad options)."""
     import sys
@@ -165,7 +271,8 @@ def run_serve(args: argparse.Namespace) -> int:
             attention_backend=args.attention_backend,
             compile_blocks=args.compile,
         )
-    except (auth.PolicyError, ValueError, FileNotFoundError) as exc:
+        pool = pool_backend(args)
+    except (auth.PolicyError, ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"vera-engine serve: error: {exc}", file=sys.stderr)
         return 2
     if args.insecure and not auth.is_loopback(args.host):
@@ -178,9 +285,12 @@ def run_serve(args: argparse.Namespace) -> int:
             allowed_roots=args.allowed_roots,
             retention_seconds=args.retention_hours * 3600,
             preview_interval=args.preview_interval,
+            pool=pool,
         )
     except SpoolInUse as exc:
         print(f"vera-engine serve: error: {exc}", file=sys.stderr)
+        if pool is not None:
+            pool.close()
         return 2
     tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
     try:
@@ -189,6 +299,8 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"vera-engine serve: error: {exc}", file=sys.stderr)
         engine.store.close()
         engine.spool.unlock()
+        if pool is not None:
+            pool.close()
         return 1
     engine.start()
     server.start()

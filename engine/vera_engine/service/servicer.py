@@ -145,6 +145,7 @@ class EngineServicer(pb_grpc.EngineServicer):
             if first is None or not first.HasField("header"):
                 raise InputError("header", "the first message of a Submit stream must be the JobHeader")
             header = resolve_header(first.header, engine.runner.models())
+            engine.worker.check_placement()  # a pool whose nodes are too small for a job refuses it here
             if engine.store.count(job_store.QUEUED) >= engine.queue_capacity:
                 # Refuse before the client spends minutes uploading a plate that cannot be queued.
                 raise RpcFailure(

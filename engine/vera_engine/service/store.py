@@ -38,7 +38,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     outputs TEXT NOT NULL DEFAULT '[]',
     step INTEGER NOT NULL DEFAULT 0,
     total_steps INTEGER NOT NULL DEFAULT 0,
-    progress REAL NOT NULL DEFAULT 0
+    progress REAL NOT NULL DEFAULT 0,
+    worker TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, seq);
 """
@@ -47,6 +48,7 @@ _ADDED_COLUMNS = {
     "step": "INTEGER NOT NULL DEFAULT 0",
     "total_steps": "INTEGER NOT NULL DEFAULT 0",
     "progress": "REAL NOT NULL DEFAULT 0",
+    "worker": "TEXT NOT NULL DEFAULT ''",
 }
 
 
@@ -72,6 +74,7 @@ class JobRecord:
     step: int = 0
     total_steps: int = 0
     progress: float = 0.0
+    worker: str = ""  # the worker that ran (or runs) it: WorkerInfo.name
 
     @property
     def final(self) -> bool:
@@ -118,6 +121,7 @@ class JobStore:
             step,
             total,
             progress,
+            worker,
         ) = row
         return JobRecord(
             seq=seq,
@@ -133,11 +137,12 @@ class JobStore:
             step=step,
             total_steps=total,
             progress=progress,
+            worker=worker,
         )
 
     _COLUMNS = (
         "seq, id, state, header, created_at, started_at, finished_at, attempts, error, outputs, "
-        "step, total_steps, progress"
+        "step, total_steps, progress, worker"
     )
 
     def get(self, job_id: str) -> JobRecord | None:
@@ -215,8 +220,8 @@ class JobStore:
                 raise
         return JobRecord(seq=cur.lastrowid or 0, id=job_id, state=QUEUED, header=header, created_at=now)
 
-    def claim_next(self) -> JobRecord | None:
-        """Atomically move the oldest queued job to RUNNING (counting the attempt) and return it."""
+    def claim_next(self, worker: str = "") -> JobRecord | None:
+        """Atomically move the oldest queued job to RUNNING on ``worker`` (counting the attempt) and return it."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -225,8 +230,8 @@ class JobStore:
                 ).fetchone()
                 if row is not None:
                     self._db.execute(
-                        "UPDATE jobs SET state = ?, started_at = ?, attempts = attempts + 1 WHERE id = ?",
-                        (RUNNING, time.time(), row[0]),
+                        "UPDATE jobs SET state = ?, started_at = ?, attempts = attempts + 1, worker = ? WHERE id = ?",
+                        (RUNNING, time.time(), worker, row[0]),
                     )
                 self._db.execute("COMMIT")
             except BaseException:
@@ -269,6 +274,32 @@ class JobStore:
                 "UPDATE jobs SET state = ?, attempts = MAX(attempts - 1, 0) WHERE id = ? AND state = ?",
                 (QUEUED, job_id, RUNNING),
             )
+
+    def requeue_lost(self, job_id: str, max_attempts: int, cause: str) -> bool:
+        """Put a job whose worker died back in the queue (the attempt counts, as after a crash); after
+        ``max_attempts`` starts, fail it with ``cause`` instead. Returns True if it was requeued.
+
+        The queue runs in submission order, so the job is at its head again.
+        """
+        with self._lock:
+            row = self._db.execute(
+                "SELECT attempts FROM jobs WHERE id = ? AND state = ?", (job_id, RUNNING)
+            ).fetchone()
+            if row is None:
+                return False
+            if row[0] >= max_attempts:
+                self._db.execute(
+                    "UPDATE jobs SET state = ?, finished_at = ?, error = ? WHERE id = ?",
+                    (
+                        FAILED,
+                        time.time(),
+                        f"the worker running this job was lost {row[0]} times; not retrying (last: {cause})",
+                        job_id,
+                    ),
+                )
+                return False
+            self._db.execute("UPDATE jobs SET state = ? WHERE id = ?", (QUEUED, job_id))
+            return True
 
     def recover(self, max_attempts: int) -> tuple[list[str], list[str]]:
         """After a restart: requeue jobs a crash left RUNNING; fail those started ``max_attempts`` times.

@@ -79,6 +79,8 @@ class PassThroughRunner:
                 self.at_gate.set()
                 self.gate.wait(30)
         ctx.check_cancelled()
+        if not ctx.lead:
+            return []
         ctx.stage(pb.STAGE_WRITING, "writing")
         paths = []
         for frame, pixels in zip(ctx.inputs.frames, plate, strict=True):

@@ -12,6 +12,7 @@ import contextlib
 import gc
 import logging
 import shutil
+import socket
 import sys
 import threading
 import time
@@ -77,6 +78,14 @@ class Events:
                 if left:
                     self._preview_watchers[job_id] = left
 
+    def set_previews_watched(self, job_id: str, watched: bool) -> None:
+        """Mirror another process's watchers (a pool worker is told by its front door)."""
+        with self._cond:
+            if watched:
+                self._preview_watchers[job_id] = max(1, self._preview_watchers.get(job_id, 0))
+            else:
+                self._preview_watchers.pop(job_id, None)
+
     def previews_watched(self, job_id: str) -> bool:
         """Whether any Watch stream wants ``job_id``'s previews now."""
         with self._cond:
@@ -108,8 +117,12 @@ class JobContext:
         events: Events,
         cancel: threading.Event,
         preview_interval: float,
+        lead: bool = True,
     ) -> None:
         self.job_id = job_id
+        # False on the other ranks of a job spread over several devices: they run the same sampling call, and only
+        # the lead (rank 0) writes the results.
+        self.lead = lead
         self.header = header
         self.inputs = inputs
         self.output_dir = output_dir
@@ -127,6 +140,11 @@ class JobContext:
         """Raise :class:`JobCancelled` if the job was cancelled."""
         if self._cancel.is_set():
             raise JobCancelled(self.job_id)
+
+    def cancelled_here(self) -> bool:
+        """Whether this process was told to cancel, with no agreement among ranks: for work only the lead rank does
+        (writing the layers), where a group-wide check would wait for ranks that never make it."""
+        return self._cancel.is_set()
 
     def stage(self, stage: int, detail: str = "", progress: float | None = None) -> None:
         """Report a stage change: a ``pb.Stage`` value and free text for people (e.g. unknown words)."""
@@ -201,7 +219,9 @@ def free_memory() -> None:
 
 
 class Worker:
-    """Runs queued jobs one at a time on one device."""
+    """Runs queued jobs one at a time on one device, in the engine's process (a pool's is `service.pool.Pool`)."""
+
+    name = "local"
 
     def __init__(
         self,
@@ -249,6 +269,36 @@ class Worker:
         """Tell the worker a job was queued."""
         self._wake.set()
 
+    def live_for(self, job_id: str) -> LiveState | None:
+        """The live state of ``job_id`` if it runs here now."""
+        live = self.live
+        return live if live is not None and live.job_id == job_id else None
+
+    def check_placement(self) -> None:
+        """Every job fits: it runs on this engine's one device."""
+
+    def workers(self) -> list[pb.WorkerInfo]:
+        """This worker, as GetInfo reports it."""
+        live = self.live
+        if not self.loaded.is_set():
+            state = pb.WORKER_STATE_STARTING
+        elif live is not None:
+            state = pb.WORKER_STATE_BUSY
+        else:
+            state = pb.WORKER_STATE_IDLE
+        models = self.runner.models()
+        return [
+            pb.WorkerInfo(
+                name=self.name,
+                node=socket.gethostname(),
+                device=self.runner.device_info(),
+                model=models[0].name if models else "",
+                state=state,
+                job_id=live.job_id if live is not None else "",
+                devices=1,
+            )
+        ]
+
     def cancel_requested(self, job_id: str) -> bool:
         """True while ``job_id`` runs here and has been asked to stop."""
         with self._lock:
@@ -284,7 +334,7 @@ class Worker:
         self.loaded.set()
         self.events.bump()
         while not self._stop.is_set():
-            record = self.store.claim_next()
+            record = self.store.claim_next(worker=self.name)
             if record is None:
                 if self.idle_hook is not None:
                     self.idle_hook()

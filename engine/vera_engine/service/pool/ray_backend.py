@@ -1,0 +1,373 @@
+"""The Ray backend: the engine's workers as Ray actors across a Ray cluster (``vera-engine serve --cluster``).
+
+Ray does the scheduling, placement and failure detection: each worker is an actor asking for one GPU
+(``num_gpus=1``), or for ``--gpus-per-job N`` a placement group of N GPUs packed on one node with one actor per
+GPU. The front door asks for as many workers as the live nodes have room for (every few seconds, so nodes that
+join are used and workers lost with a node are replaced), and learns from Ray when an actor or its node died
+(``RayActorError``): the job then goes back to the queue (`dispatch.Pool`).
+
+Inputs go to the workers and results come back through Ray's object store (``ray.put`` / the actor's return
+value), unless ``--shared-spool`` says the workers see the front door's spool path. Actors belong to the front
+door's Ray job: a front door that dies takes its actors with it, and a restarted one starts new ones and reruns
+what was queued or running.
+
+``--worker-resource NAME`` asks for a custom resource instead of GPUs (nodes started with
+``ray start --resources '{"NAME": 1}'``); such workers run on the CPU. The tests use it to stand in for GPUs, so
+the placement code they run is the one that places GPU workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from vera_engine.service.pool.dispatch import WorkerHandle, WorkerLost
+from vera_engine.service.pool.host import (
+    GroupSpec,
+    JobOutcome,
+    JobTicket,
+    RunnerSpec,
+    WorkerHost,
+    WorkerReport,
+    free_port,
+)
+from vera_engine.service.spool import InputError
+
+log = logging.getLogger("vera_engine.service")
+
+POLL_SECONDS = 0.5  # longest wait of one progress long-poll inside the actor
+CONNECT_SECONDS = 60.0  # longest wait for ray.init once the address answers
+ACTOR_CONCURRENCY = 4  # run + poll + cancel at the same time on one actor
+
+
+class ClusterError(RuntimeError):
+    """The cluster cannot serve as a pool (unreachable, or without the workers' resource); says which and why."""
+
+
+class RayWorkerHost(WorkerHost):
+    """A WorkerHost as a Ray actor: knows its Ray node and uses the GPU Ray gave it (if any)."""
+
+    def __init__(self, runner: RunnerSpec, preview_interval: float) -> None:
+        import ray
+
+        # Ray sets CUDA_VISIBLE_DEVICES to the GPUs of this actor: it sees its own as cuda:0.
+        device = "cuda" if ray.get_gpu_ids() else "cpu"
+        super().__init__(
+            runner, device, preview_interval=preview_interval, node=ray.get_runtime_context().get_node_id()
+        )
+
+    def rendezvous(self) -> str:
+        """Where rank 0 of a group listens: this node's address and a free port."""
+        import ray
+
+        address = ray.util.get_node_ip_address()
+        return f"tcp://{address}:{free_port(address)}"
+
+    def load_in_group(self, group: GroupSpec | None) -> WorkerReport:
+        """Load as one rank of ``group`` (or alone)."""
+        self.group = group
+        return self.load()
+
+
+def check_address(address: str, timeout: float = 5.0) -> None:
+    """Refuse at once an address where nothing listens (ray.init would retry it for minutes)."""
+    if address == "auto":
+        return  # Ray finds the local cluster itself and says so when there is none
+    target = address.removeprefix("ray://")
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterError(
+            f"--cluster {address!r}: expected auto, HOST:PORT (the head's GCS, port 6379 by default) or "
+            "ray://HOST:10001 (Ray Client)"
+        )
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ClusterError(
+            f"cannot reach the Ray cluster at {address}: {exc}; start one with `ray start --head` and pass its "
+            "address"
+        ) from None
+
+
+def connect(address: str, timeout: float = CONNECT_SECONDS) -> bool:
+    """Connect this process to the Ray cluster at ``address``; returns False if it already was connected."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    check_address(address)
+    outcome: list[BaseException | None] = []
+
+    def init() -> None:
+        try:
+            ray.init(address=address, logging_level=logging.WARNING)
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=init, name="vera-ray-connect", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not outcome:
+        raise ClusterError(f"the Ray cluster at {address} did not answer within {timeout:g} s")
+    error = outcome[0]
+    if error is not None:
+        raise ClusterError(f"cannot connect to the Ray cluster at {address}: {type(error).__name__}: {error}")
+    return True
+
+
+def _alive_nodes() -> list[dict[str, Any]]:
+    import ray
+
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def _death_cause(exc: BaseException) -> str:
+    """The line of a RayActorError that says why the actor died."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        if "died because" in line or ("node" in line.lower() and "died" in line.lower()):
+            return line
+    return lines[0] if lines else type(exc).__name__
+
+
+_actor_class: Any = None
+
+
+def _remote_host_class() -> Any:
+    """RayWorkerHost as a Ray actor class (made once per process)."""
+    global _actor_class
+    if _actor_class is None:
+        import ray
+
+        _actor_class = ray.remote(RayWorkerHost)
+    return _actor_class
+
+
+class RayWorker(WorkerHandle):
+    """A worker of the Ray backend: one actor, or a placement group of N actors on one node for N devices per job."""
+
+    def __init__(self, name: str, backend: RayBackend) -> None:
+        super().__init__(name, backend.gpus_per_job)
+        self.backend = backend
+        self._actors: list[Any] = []
+        self._placement_group: Any = None
+        self._closed = False
+        self._lock = threading.Lock()
+
+    @property
+    def shares_spool(self) -> bool:
+        """Only with --shared-spool: otherwise frames and results go through the object store."""
+        return self.backend.shared_spool
+
+    def _actor_options(self) -> dict[str, Any]:
+        backend = self.backend
+        if backend.resource == "GPU":
+            options: dict[str, Any] = {"num_gpus": 1}
+        else:
+            options = {"resources": {backend.resource: 1}}
+        # num_cpus=0: a worker's arithmetic is on its device; CPU counts must not limit how many GPUs are used.
+        return {**options, "num_cpus": 0, "max_concurrency": ACTOR_CONCURRENCY, "max_restarts": 0}
+
+    def load(self) -> WorkerReport:
+        """Create the actor(s) where Ray places them and wait until every rank loaded the model."""
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        backend = self.backend
+        actor_class = _remote_host_class()
+        options = self._actor_options()
+        count = backend.gpus_per_job
+        try:
+            with self._lock:
+                if self._closed:
+                    raise WorkerLost(f"worker {self.name} was closed while starting")
+                if count > 1:
+                    bundle = {"GPU": 1} if backend.resource == "GPU" else {backend.resource: 1}
+                    self._placement_group = placement_group([bundle] * count, strategy="STRICT_PACK")
+            if count > 1:
+                ray.get(self._placement_group.ready())  # waits until one node has the N devices free
+            with self._lock:
+                if self._closed:
+                    raise WorkerLost(f"worker {self.name} was closed while starting")
+                for rank in range(count):
+                    rank_options = dict(options)
+                    if count > 1:
+                        rank_options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                            placement_group=self._placement_group, placement_group_bundle_index=rank
+                        )
+                    self._actors.append(
+                        actor_class.options(**rank_options).remote(backend.runner, backend.preview_interval)
+                    )
+            if count > 1:
+                init = ray.get(self._actors[0].rendezvous.remote())
+                groups: list[GroupSpec | None] = [
+                    GroupSpec(rank, count, init, backend.context_parallel) for rank in range(count)
+                ]
+            else:
+                groups = [None]
+            reports = ray.get([a.load_in_group.remote(g) for a, g in zip(self._actors, groups, strict=True)])
+        except ray.exceptions.RayActorError as exc:
+            raise WorkerLost(_death_cause(exc)) from None
+        return reports[0]
+
+    def run(
+        self, ticket: JobTicket, inputs: dict[str, bytes] | None, on_update: Callable[[dict[str, Any]], None]
+    ) -> JobOutcome:
+        """Run the job on every rank, following rank 0's progress; the outcome is rank 0's."""
+        import ray
+
+        try:
+            # The frames go into the object store once; every rank of a group reads the same object.
+            inputs_ref = ray.put(inputs) if inputs is not None else None
+            refs = [actor.run.remote(ticket, inputs_ref) for actor in self._actors]
+            seen = -1
+            while True:
+                done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+                if len(done) == len(refs):
+                    return ray.get(refs)[0]
+                seen, snapshot = ray.get(self._actors[0].poll.remote(ticket.job_id, seen, POLL_SECONDS))
+                if snapshot is not None:
+                    on_update(snapshot)
+                else:  # not started yet, or just ended: wait for the result rather than poll again
+                    ray.wait(refs, num_returns=len(refs), timeout=POLL_SECONDS)
+        except ray.exceptions.RayActorError as exc:
+            raise WorkerLost(f"{self.name}: {_death_cause(exc)}") from None
+
+    def cancel(self, job_id: str) -> None:
+        """Tell rank 0 (it answers on its own thread, while the job's thread samples)."""
+        if self._actors:
+            self._actors[0].cancel.remote(job_id)
+
+    def want_previews(self, job_id: str, wanted: bool) -> None:
+        """Tell rank 0, which makes the previews."""
+        if self._actors:
+            self._actors[0].want_previews.remote(job_id, wanted)
+
+    def lost_reason(self) -> str | None:
+        """The worker's node is no longer alive in the cluster."""
+        if self.report is None:
+            return None
+        alive = {n["NodeID"] for n in _alive_nodes()}
+        return None if self.report.node in alive else f"{self.name}: its node {self.report.node} died"
+
+    def close(self) -> None:
+        """Kill the actors and free the placement group."""
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        if not ray.is_initialized():
+            return
+        for actor in self._actors:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception as exc:  # already dead with its node
+                log.debug("worker %s: kill: %s", self.name, exc)
+        if self._placement_group is not None:
+            try:
+                remove_placement_group(self._placement_group)
+            except Exception as exc:
+                log.debug("worker %s: removing its placement group: %s", self.name, exc)
+
+
+class RayBackend:
+    """Workers as Ray actors on a Ray cluster, one per GPU (or per ``gpus_per_job`` GPUs of one node)."""
+
+    def __init__(
+        self,
+        address: str,
+        runner: RunnerSpec,
+        *,
+        resource: str = "GPU",
+        gpus_per_job: int = 1,
+        context_parallel: str = "ulysses",
+        shared_spool: bool = False,
+        preview_interval: float = 1.0,
+    ) -> None:
+        if gpus_per_job < 1:
+            raise ValueError(f"--gpus-per-job {gpus_per_job}: expected 1 or more devices per job")
+        self.address = address
+        self.runner = runner
+        self.resource = resource
+        self.gpus_per_job = gpus_per_job
+        self.context_parallel = context_parallel
+        self.shared_spool = shared_spool
+        self.preview_interval = preview_interval
+        self._owns_connection = connect(address)
+        self._count = 0
+        try:
+            self._check_resource()
+        except ClusterError:
+            self.close()
+            raise
+
+    def _check_resource(self) -> None:
+        nodes = _alive_nodes()
+        if not any(n["Resources"].get(self.resource, 0) >= 1 for n in nodes):
+            how = (
+                "start GPU nodes (`ray start --address HEAD:6379 --num-gpus N`)"
+                if self.resource == "GPU"
+                else f"start nodes with `ray start --address HEAD:6379 --resources '{{\"{self.resource}\": 1}}'`"
+            )
+            raise ClusterError(
+                f"the Ray cluster at {self.address} has no worker resource {self.resource!r} on any of its "
+                f"{len(nodes)} live node(s): {how}, or name the resource with --worker-resource"
+            )
+        largest = self.largest_node()
+        if largest < self.gpus_per_job:
+            log.warning(
+                "--gpus-per-job %d: no node of the cluster has more than %d %r yet; jobs are refused until one joins",
+                self.gpus_per_job,
+                largest,
+                self.resource,
+            )
+
+    def largest_node(self) -> int:
+        """The most worker resources (GPUs) any live node offers."""
+        return max((int(n["Resources"].get(self.resource, 0)) for n in _alive_nodes()), default=0)
+
+    def slots(self) -> int:
+        """How many workers the live nodes have room for: each node's devices, ``gpus_per_job`` at a time."""
+        return sum(int(n["Resources"].get(self.resource, 0)) // self.gpus_per_job for n in _alive_nodes())
+
+    def describe(self) -> str:
+        """The cluster and what a worker asks of it."""
+        return (
+            f"Ray cluster at {self.address}: {self.slots()} worker(s) of {self.gpus_per_job} {self.resource!r} each, "
+            f"{'shared spool' if self.shared_spool else 'frames through the object store'}"
+        )
+
+    def reconcile(self, current: list[WorkerHandle]) -> list[WorkerHandle]:
+        """New actors for the room the live nodes have beyond the current workers (Ray places them)."""
+        missing = self.slots() - len(current)
+        new: list[WorkerHandle] = []
+        for _ in range(max(0, missing)):
+            self._count += 1
+            new.append(RayWorker(f"ray:{self._count}", self))
+        return new
+
+    def check_placement(self) -> None:
+        """INVALID_ARGUMENT when a job's devices do not fit on any live node."""
+        largest = self.largest_node()
+        if self.gpus_per_job > largest:
+            raise InputError(
+                "job",
+                f"needs {self.gpus_per_job} {self.resource!r} devices on one node (this engine runs each job over "
+                f"--gpus-per-job {self.gpus_per_job}), but the largest live node of the Ray cluster has {largest}; "
+                "add a bigger node or restart the engine with a smaller --gpus-per-job",
+            )
+
+    def close(self) -> None:
+        """Disconnect from the cluster if this backend connected."""
+        import ray
+
+        if self._owns_connection and ray.is_initialized():
+            ray.shutdown()

@@ -1,0 +1,261 @@
+"""The local pool (``--devices``): one worker process per device behind one front door, no Ray.
+
+Real worker processes (spawned), the real dispatch code that the Ray backend shares, the model-free runner where the
+model is not the point and the shipped checkpoint where it is (context parallelism over two gloo processes).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import time
+from pathlib import Path
+
+import numpy as np
+import OpenImageIO as oiio
+import pytest
+
+from tests.service_helpers import assert_split_equals_one_process
+from vera_engine.service import Engine, create_server, serve_main
+from vera_engine.service import store as job_store
+from vera_engine.service.pool import LocalBackend, RunnerSpec, parse_devices
+from vera_engine.service.runner import PipelineRunner
+from vera_engine.service.testing import PassThroughRunner
+from vera_plugin import cli as vera_cli
+from vera_plugin.client import EngineClient
+from vera_proto.vera.v1 import engine_pb2 as pb
+
+pytestmark = pytest.mark.timeout(300)
+
+
+class PoolHarness:
+    """An Engine with a local pool + gRPC server on a free loopback port, and a client."""
+
+    def __init__(self, spool: Path, backend: LocalBackend, **engine_kw) -> None:
+        self.engine = Engine(spool, PassThroughRunner(), pool=backend, **engine_kw)
+        self.server, port = create_server(self.engine, "127.0.0.1", 0)
+        self.engine.start()
+        self.server.start()
+        self.address = f"127.0.0.1:{port}"
+        self.client = EngineClient(self.address, timeout=30)
+
+    def stop(self) -> None:
+        self.client.close()
+        self.server.stop(0).wait()
+        self.engine.stop()
+
+
+@pytest.fixture
+def harnesses():
+    made: list[PoolHarness] = []
+    yield made
+    for h in made:
+        h.stop()
+
+
+def _plate(frames: int = 2, size: tuple[int, int] = (32, 40), seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random((frames, size[0], size[1], 3), dtype=np.float32) * 0.8
+
+
+def _read(path: Path) -> np.ndarray:
+    inp = oiio.ImageInput.open(str(path))
+    spec = inp.spec()
+    pixels = np.asarray(inp.read_image(0, 0, 0, spec.nchannels, "float")).reshape(spec.height, spec.width, -1)
+    inp.close()
+    return pixels
+
+
+def _wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _passthrough_pool(devices: list[str], step_seconds: float = 0.2) -> LocalBackend:
+    return LocalBackend(devices, RunnerSpec(PassThroughRunner, {"step_seconds": step_seconds}))
+
+
+@pytest.mark.slow
+def test_two_cpu_workers_run_two_jobs_at_the_same_time(harnesses, tmp_path: Path, capsys) -> None:
+    h = PoolHarness(tmp_path / "spool", _passthrough_pool(["cpu", "cpu"]))
+    harnesses.append(h)
+    h.client.wait_until_serving(120)
+    plate = _plate()
+    jobs = [h.client.submit_arrays(plate, [11, 12], prompt=f"job {i}", steps=8) for i in range(3)]
+
+    def both_running() -> bool:
+        states = {s.job_id: s.state for s in h.client.list_jobs()}
+        return states[jobs[0]] == states[jobs[1]] == pb.JOB_STATE_RUNNING
+
+    _wait_for(both_running, what="the first two jobs running together")
+    # The third waits at the head of the queue while both workers are busy.
+    third = h.client.status(jobs[2])
+    assert third.state == pb.JOB_STATE_QUEUED and third.queue_position == 0
+    info = h.client.info()
+    busy = {w.job_id: w for w in info.workers}
+    assert set(busy) == {jobs[0], jobs[1]}
+    assert all(
+        w.state == pb.WORKER_STATE_BUSY and w.model == "passthrough" and w.devices == 1 for w in busy.values()
+    )
+    assert {w.device.kind for w in info.workers} == {"cpu"} and all(w.node for w in info.workers)
+    # `vera info` prints the pool: each worker, its node, device, model, state and job.
+    assert vera_cli.main(["info", "--engine", h.address]) == 0
+    printed = capsys.readouterr().out
+    for worker in info.workers:
+        assert (
+            f"worker   {worker.name} on {worker.node}: test cpu x1, passthrough, busy {worker.job_id}"
+            in printed
+        )
+
+    finals = [h.client.wait(j) for j in jobs]
+    assert [f.state for f in finals] == [pb.JOB_STATE_SUCCEEDED] * 3, [f.error for f in finals]
+    assert {finals[0].worker, finals[1].worker} == {"local:0", "local:1"}
+    assert finals[2].worker in ("local:0", "local:1") and all(f.attempts == 1 for f in finals)
+    # ListJobs says where each job ran.
+    assert {s.job_id: s.worker for s in h.client.list_jobs()} == {f.job_id: f.worker for f in finals}
+    # The results are the runner's real work (the plate comes back as the composite).
+    files = h.client.fetch(jobs[2], tmp_path / "out")
+    np.testing.assert_allclose(_read(files[0])[..., :3], plate[0], atol=1e-3)
+    assert [w.state for w in h.client.info().workers] == [pb.WORKER_STATE_IDLE] * 2
+
+
+@pytest.mark.slow
+def test_a_killed_worker_process_puts_its_job_back_and_is_replaced(harnesses, tmp_path: Path) -> None:
+    backend = _passthrough_pool(["cpu", "cpu"], step_seconds=0.3)
+    h = PoolHarness(tmp_path / "spool", backend)
+    harnesses.append(h)
+    h.client.wait_until_serving(120)
+    victim_job = h.client.submit_arrays(_plate(), [1, 2], prompt="interrupted", steps=20)
+    status = _wait_for(
+        lambda: (s := h.client.status(victim_job)).state == pb.JOB_STATE_RUNNING and s.step >= 2 and s,
+        what="the job sampling",
+    )
+    pool = h.engine.worker
+    victim = next(w for w in pool._handles if w.name == status.worker)
+    os.kill(victim.pids()[0], signal.SIGKILL)
+    final = h.client.wait(victim_job)
+    assert final.state == pb.JOB_STATE_SUCCEEDED, final.error
+    assert final.attempts == 2 and final.worker != status.worker
+    # The lost worker is listed as such, and a new process took its device.
+    info = h.client.info()
+    states = {w.name: w.state for w in info.workers}
+    assert states[status.worker] == pb.WORKER_STATE_LOST
+    _wait_for(
+        lambda: sum(w.state == pb.WORKER_STATE_IDLE for w in h.client.info().workers) == 2,
+        what="a replacement worker",
+    )
+
+
+@pytest.mark.slow
+def test_a_job_whose_worker_keeps_dying_fails_naming_the_cause(harnesses, tmp_path: Path) -> None:
+    h = PoolHarness(tmp_path / "spool", _passthrough_pool(["cpu"], step_seconds=0.3), max_attempts=1)
+    harnesses.append(h)
+    h.client.wait_until_serving(120)
+    job = h.client.submit_arrays(_plate(), [1, 2], prompt="doomed", steps=20)
+    _wait_for(lambda: h.client.status(job).step >= 1, what="the job sampling")
+    os.kill(h.engine.worker._handles[0].pids()[0], signal.SIGKILL)
+    final = h.client.wait(job)
+    assert final.state == pb.JOB_STATE_FAILED
+    assert "lost 1 times" in final.error and "killed by signal 9" in final.error
+    # The engine keeps serving on the replacement worker.
+    assert h.client.wait(h.client.submit_arrays(_plate(frames=1), [1], prompt="next", steps=2)).state == (
+        pb.JOB_STATE_SUCCEEDED
+    )
+
+
+def _single_process_result(tmp_path: Path, plate: np.ndarray, **job) -> list[np.ndarray]:
+    engine = Engine(tmp_path / "reference-spool", PipelineRunner("default", device="cpu"))
+    server, port = create_server(engine, "127.0.0.1", 0)
+    engine.start()
+    server.start()
+    try:
+        with EngineClient(f"127.0.0.1:{port}", timeout=30) as client:
+            client.wait_until_serving(120)
+            job_id = client.submit_arrays(plate, list(range(1, len(plate) + 1)), **job)
+            assert client.wait(job_id).state == pb.JOB_STATE_SUCCEEDED
+            return [_read(f) for f in client.fetch(job_id, tmp_path / "reference")]
+    finally:
+        server.stop(0).wait()
+        engine.stop()
+
+
+@pytest.mark.slow
+def test_gpus_per_job_2_on_cpu_equals_one_process(harnesses, tmp_path: Path) -> None:
+    plate = _plate(frames=8, size=(32, 32), seed=3)
+    job = dict(prompt="add a red circle moving left", steps=4, seed=7, guidance=2.0, bit_depth="float")
+    backend = LocalBackend(
+        ["cpu", "cpu"],
+        RunnerSpec(PipelineRunner, {"model": "default"}),
+        gpus_per_job=2,
+        context_parallel="ulysses",
+    )
+    h = PoolHarness(tmp_path / "spool", backend)
+    harnesses.append(h)
+    h.client.wait_until_serving(180)
+    (worker,) = h.client.info().workers
+    assert worker.devices == 2 and worker.name == "local:0" and worker.model == "vera-tiny"
+    job_id = h.client.submit_arrays(plate, list(range(1, 9)), **job)
+    final = h.client.wait(job_id)
+    assert final.state == pb.JOB_STATE_SUCCEEDED, final.error
+    split = [_read(f) for f in h.client.fetch(job_id, tmp_path / "split")]
+    # Rank 0 wrote the layers, once.
+    assert final.output_files == [f"vera_edit.{i:04d}.exr" for i in range(1, 9)]
+    single = _single_process_result(tmp_path, plate, **job)
+    assert len(split) == len(single) == 8
+    assert_split_equals_one_process(split, single)
+
+
+def test_devices_and_pool_flags_are_checked(tmp_path: Path, capsys) -> None:
+    assert parse_devices("cuda:0, cuda:1") == ["cuda:0", "cuda:1"] and parse_devices("cpu,cpu") == [
+        "cpu",
+        "cpu",
+    ]
+    spool = str(tmp_path / "spool")
+    cases = {
+        ("--devices", "cpu,cpu,cpu", "--gpus-per-job", "2"): "would stay unused",
+        ("--devices", "cpu", "--gpus-per-job", "2"): "lists only 1",
+        ("--devices", "gpu0"): "'gpu0' is not a device",
+        ("--devices", "cuda:0,cuda:0"): "listed twice",
+        ("--devices", "cuda:7"): "not present",
+        ("--devices", "cpu", "--cluster", "auto"): "choose one",
+        ("--devices", "cpu", "--device", "cpu"): "--device picks one device",
+        ("--devices", "cpu", "--shared-spool"): "--shared-spool needs --cluster",
+        (
+            "--gpus-per-job",
+            "2",
+        ): "needs --devices or --cluster",
+        ("--devices", "cpu,cpu", "--gpus-per-job", "2", "--context-parallel", "ring"): "log-sum-exp",
+    }
+    for flags, message in cases.items():
+        assert serve_main(["--spool", spool, *flags]) == 2, flags
+        assert message in capsys.readouterr().err, flags
+
+
+def test_store_records_workers_and_gives_up_on_jobs_whose_worker_keeps_dying(tmp_path: Path) -> None:
+    # A spool from before jobs recorded their worker is read (the column is added).
+    db = sqlite3.connect(tmp_path / "old.sqlite")
+    db.executescript(
+        job_store._SCHEMA.replace(",\n    worker TEXT NOT NULL DEFAULT ''", "").replace("IF NOT EXISTS ", "")
+    )
+    db.execute("INSERT INTO jobs (id, state, header, created_at) VALUES ('old', 3, x'', 1.0)")
+    db.commit()
+    db.close()
+    store = job_store.JobStore(tmp_path / "old.sqlite")
+    assert store.get("old").worker == ""
+    store.add("j1", pb.JobHeader(prompt="a"), capacity=5)
+    store.add("j2", pb.JobHeader(prompt="b"), capacity=5)
+    assert store.claim_next(worker="ray:1").worker == "ray:1"
+    # Lost once: back at the head of the queue (before j2), the attempt counted.
+    assert store.requeue_lost("j1", max_attempts=2, cause="node x died")
+    assert store.queued_ids() == ["j1", "j2"] and store.get("j1").attempts == 1
+    assert store.claim_next(worker="ray:2").id == "j1"
+    assert not store.requeue_lost("j1", max_attempts=2, cause="node y died")
+    failed = store.get("j1")
+    assert failed.state == job_store.FAILED and failed.worker == "ray:2"
+    assert failed.error == "the worker running this job was lost 2 times; not retrying (last: node y died)"
+    store.close()
