@@ -8,15 +8,17 @@ thread, then call :func:`run_generate` on a worker thread with a :class:`Progres
 
 from __future__ import annotations
 
+import getpass
 import os
+import socket
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from vera_plugin.cache import CachedResult, find_results, job_dir
-from vera_plugin.client import EngineClient, EngineError, state_name
+from vera_plugin.cache import CachedResult, find_takes, job_dir
+from vera_plugin.client import EngineClient, EngineError, frame_path, state_name
 from vera_proto.vera.v1 import engine_pb2 as pb
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "describe_engine_error",
     "run_generate",
     "status_text",
+    "submit_plate",
 ]
 
 
@@ -79,12 +82,85 @@ class GenerateRequest:
 
 @dataclass
 class GenerateResult:
-    """A finished Generate: the job, the seed used and the cached result files."""
+    """A finished Generate: the job, the seed used (of take 1) and the cached result files of every take."""
 
     job_id: str
     seed: int
-    result: CachedResult
+    takes: dict[int, CachedResult]
     final: pb.JobStatus
+
+    @property
+    def result(self) -> CachedResult:
+        """Take 1 (the only take unless the job asked for more)."""
+        return self.takes[1]
+
+
+# JobHeader fields newer than EngineClient.submit_files' own list (engine.proto's window and takes options): sent
+# through the low-level Submit until the client takes them itself.
+_NEWER_HEADER_FIELDS = ("takes", "window_frames", "window_overlap")
+
+
+def submit_plate(
+    client: EngineClient,
+    plate: str | Sequence[str | os.PathLike[str]],
+    frames: Sequence[int],
+    *,
+    prompt: str,
+    mask: str | None = None,
+    **options: Any,
+) -> str:
+    """``client.submit_files(plate, frames, prompt=..., mask=..., **options)``, also for the JobHeader fields
+    ``takes``, ``window_frames`` and ``window_overlap``; returns the job id. ``plate`` (and ``mask``) is a
+    sequence pattern (``plate.####.exr``) or one path per frame."""
+    newer = {k: options.pop(k) for k in _NEWER_HEADER_FIELDS if options.get(k) is not None}
+    options = {k: v for k, v in options.items() if k not in _NEWER_HEADER_FIELDS}
+    if not newer:
+        return client.submit_files(plate, frames, prompt=prompt, mask=mask, **options)
+    unknown = set(options) - set(pb.JobHeader.DESCRIPTOR.fields_by_name)
+    if unknown:
+        raise TypeError(f"unknown job options {sorted(unknown)}; known: JobHeader's fields")
+    frame_list = [int(f) for f in frames]
+    header = pb.JobHeader(
+        prompt=prompt,
+        frames=frame_list,
+        has_mask=mask is not None,
+        **{k: v for k, v in options.items() if v is not None},
+        **newer,
+    )
+    if not header.submitted_by:
+        header.submitted_by = f"{getpass.getuser()}@{socket.gethostname()}"
+    layers = [(pb.LAYER_PLATE, plate)] + ([(pb.LAYER_MASK, mask)] if mask is not None else [])
+    paths = {
+        layer: [frame_path(source, f) for f in frame_list]
+        if isinstance(source, str)
+        else [os.fspath(p) for p in source]
+        for layer, source in layers
+    }
+    if any(len(layer_paths) != len(frame_list) for layer_paths in paths.values()):
+        raise ValueError(f"{len(frame_list)} frames but a different number of files to send")
+    for layer_paths in paths.values():
+        missing = [p for p in layer_paths if not os.path.isfile(p)]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} frames are missing, first {missing[0]}")
+
+    def chunks() -> Iterator[pb.SubmitRequest]:
+        for layer, layer_paths in paths.items():
+            for frame, path in zip(frame_list, layer_paths, strict=True):
+                size, offset = os.path.getsize(path), 0
+                with open(path, "rb") as handle:
+                    while offset < size:
+                        data = handle.read(client.chunk_bytes)
+                        if not data:
+                            raise OSError(f"{path}: file shrank while it was being sent")
+                        chunk = pb.FrameChunk(
+                            layer=layer, frame=frame, total_size=size, offset=offset, data=data
+                        )
+                        if offset == 0:
+                            chunk.encoding = pb.ENCODING_EXR
+                        offset += len(data)
+                        yield pb.SubmitRequest(chunk=chunk)
+
+    return client.submit(header, chunks()).job_id
 
 
 def describe_engine_error(error: EngineError, address: str) -> str:
@@ -184,8 +260,13 @@ def run_generate(
     try:
         with EngineClient(address, **request.client_options) as client:
             sink.update(0.0, f"uploading {len(request.frames)} frames to {address}")
-            job_id = client.submit_files(
-                request.plate, request.frames, prompt=request.prompt, mask=request.mask, **request.options
+            job_id = submit_plate(
+                client,
+                request.plate,
+                request.frames,
+                prompt=request.prompt,
+                mask=request.mask,
+                **request.options,
             )
             if on_submitted is not None:
                 on_submitted(job_id)
@@ -211,14 +292,17 @@ def run_generate(
         raise GenerateError(describe_engine_error(exc, address)) from None
     except (FileNotFoundError, ValueError, TypeError) as exc:
         raise GenerateError(f"Cannot submit: {exc}") from None
-    result = find_results(request.cache_root, job_id)
-    if result is None or list(result.frames) != sorted(request.frames):
-        found = list(result.frames) if result else []
-        raise GenerateError(
-            f"job {job_id}: expected result frames {_span(request.frames)} in {out}, found {_span(found)}; "
-            "the engine returned an incomplete result, Generate again"
-        )
-    return GenerateResult(job_id=job_id, seed=final.seed, result=result, final=final)
+    takes = find_takes(request.cache_root, job_id)
+    for take in range(1, max(1, final.header.takes) + 1):
+        result = takes.get(take)
+        if result is None or list(result.frames) != sorted(request.frames):
+            found = list(result.frames) if result else []
+            which = f" of take {take}" if take > 1 else ""
+            raise GenerateError(
+                f"job {job_id}: expected result frames{which} {_span(request.frames)} in {out}, found "
+                f"{_span(found)}; the engine returned an incomplete result, Generate again"
+            )
+    return GenerateResult(job_id=job_id, seed=final.seed, takes=takes, final=final)
 
 
 def _span(frames: Sequence[int]) -> str:

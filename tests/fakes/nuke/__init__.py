@@ -108,6 +108,13 @@ class Knob:
 
 
 class String_Knob(Knob):
+    """A string knob. Source for the quirks: Foundry's Nuke Python API reference, ``nuke.String_Knob`` (12.2+):
+    ``value()`` and ``getValue()`` "Get the evaluated value of this knob as a string - also see getText()", i.e.
+    TCL is run on the text (``[cmd ...]`` runs a command, ``$name`` reads a variable; Nuke user guide,
+    "Converting Expressions Between Scripting Languages": "[ ] (square brackets) to embed Tcl in ... a string
+    knob"); ``getText()`` "Get the non-evaluated value of this knob". A prompt such as ``add a [red] kite`` read
+    with ``value()`` fails with TCL's own error, as in Nuke."""
+
     def __init__(self, name: str, label: str | None = None, value: str = "") -> None:
         super().__init__(name, label)
         self._value = value
@@ -117,15 +124,24 @@ class String_Knob(Knob):
             raise TypeError(f"{self._name}: a String_Knob takes a str, not {type(val).__name__}")
         self._value = val
 
-    def getText(self) -> str:
+    def setText(self, val: str, view: str = "default") -> None:
+        self.setValue(val, view)
+
+    def getText(self, oc: Any = None) -> str:
         return self._value
 
-    def value(self) -> str:
-        return self._value
+    def value(self, oc: Any = None) -> str:
+        return _tcl(self._value, self._node)
+
+    def getValue(self, oc: Any = None) -> str:
+        return self.value(oc)
 
 
 class EvalString_Knob(String_Knob):
-    pass
+    """``evaluate()``: "Evaluate the string, performing substitutions" (Nuke Python API, nuke.EvalString_Knob)."""
+
+    def evaluate(self, oc: Any = None) -> str:
+        return _tcl(self._value, self._node)
 
 
 class Multiline_Eval_String_Knob(EvalString_Knob):
@@ -133,7 +149,21 @@ class Multiline_Eval_String_Knob(EvalString_Knob):
 
 
 class File_Knob(EvalString_Knob):
-    pass
+    """A file path. Nuke Python API, nuke.File_Knob: ``value()``/``getValue()`` "Returns the string on this knob,
+    will be normalized to technical notation if sequence (%4d)" (no TCL: a ``[file dirname [value root.name]]``
+    path comes back as typed, with ``####`` as ``%04d``); ``getEvaluatedValue()`` and ``evaluate()`` run the TCL."""
+
+    def value(self, oc: Any = None) -> str:
+        return _technical_notation(self._value)
+
+    def getValue(self, oc: Any = None) -> str:
+        return self.value(oc)
+
+    def getEvaluatedValue(self, oc: Any = None) -> str:
+        return _technical_notation(_tcl(self._value, self._node))
+
+    def evaluate(self, oc: Any = None) -> str:
+        return _tcl(self._value, self._node)
 
 
 class Password_Knob(Knob):
@@ -141,8 +171,13 @@ class Password_Knob(Knob):
 
 
 class Script_Knob(String_Knob):
+    """A button running a script; ``value()`` and ``command()`` are the script's text (nuke.Script_Knob)."""
+
     def __init__(self, name: str, label: str | None = None, command: str = "") -> None:
         super().__init__(name, label, command)
+
+    def value(self, oc: Any = None) -> str:
+        return self._value
 
     def command(self) -> str:
         return self._value
@@ -159,6 +194,25 @@ class Script_Knob(String_Knob):
 
 class PyScript_Knob(Script_Knob):
     pass
+
+
+class PyCustom_Knob(Script_Knob):
+    """A knob holding a Python widget. Nuke Python API, nuke.PyCustom_Knob/PythonCustomKnob: its ``command`` is
+    Python *evaluated* (in Nuke's ``__main__`` namespace, as nukescripts.panels' ``WidgetKnob`` expressions are)
+    when the knob's UI is built; ``getObject()`` "Returns the custom knob object as created by the 'command'"."""
+
+    def __init__(self, name: str, label: str | None = None, command: str = "") -> None:
+        super().__init__(name, label, command)
+        self._object: Any = None
+
+    def getObject(self) -> Any:
+        return self._object
+
+    def _build(self) -> Any:
+        import __main__
+
+        self._object = eval(self._value, vars(__main__))  # Nuke evaluates this string too
+        return self._object
 
 
 class Text_Knob(Knob):
@@ -274,6 +328,84 @@ class Pulldown_Knob(Enumeration_Knob):
     pass
 
 
+class Color_Knob(Array_Knob):
+    """An RGB colour; ``setValue(v)`` sets every channel, ``setValue(v, i)`` channel ``i``; ``value(i)``."""
+
+    _size = 3
+
+    def __init__(self, name: str, label: str | None = None, *args: Any) -> None:
+        super().__init__(name, label)
+        self._value = [0.0] * self._size
+
+    def setValue(self, val: Any, chan: int | None = None) -> bool:  # type: ignore[override]
+        if isinstance(val, (list, tuple)):
+            if len(val) != self._size:
+                raise ValueError(f"{self._name}: expected {self._size} values, got {len(val)}")
+            self._value = [float(v) for v in val]
+        elif chan is None:
+            self._value = [float(val)] * self._size
+        else:
+            self._value[chan] = float(val)
+        return True
+
+    def value(self, index: int | None = None) -> Any:
+        return list(self._value) if index is None else self._value[index]
+
+
+class AColor_Knob(Color_Knob):
+    """An RGBA colour (``Constant.color``)."""
+
+    _size = 4
+
+
+class Format:
+    """``nuke.Format``: a named image size (``nuke.addFormat("W H [aspect] name")`` makes one)."""
+
+    def __init__(self, width: int, height: int, name: str, aspect: float = 1.0) -> None:
+        self._width, self._height, self._name, self._aspect = width, height, name, aspect
+
+    def width(self) -> int:
+        return self._width
+
+    def height(self) -> int:
+        return self._height
+
+    def name(self) -> str:
+        return self._name
+
+    def pixelAspect(self) -> float:
+        return self._aspect
+
+
+def addFormat(s: str) -> Format:
+    """``nuke.addFormat("W H [pixel aspect] name")`` (Nuke Python API, nuke.addFormat): adds and returns it."""
+    parts = s.split()
+    if len(parts) not in (3, 4) or not (parts[0].isdigit() and parts[1].isdigit()):
+        raise ValueError(f"addFormat({s!r}): expected 'width height [pixel aspect] name'")
+    aspect = float(parts[2]) if len(parts) == 4 else 1.0
+    fmt = Format(int(parts[0]), int(parts[1]), parts[-1], aspect)
+    _STATE.formats[fmt.name()] = fmt
+    return fmt
+
+
+def formats() -> list[Format]:
+    return list(_STATE.formats.values())
+
+
+class Format_Knob(Knob):
+    """A format knob: ``setValue`` takes a format's name or a ``Format``; ``value()`` is the ``Format``."""
+
+    def setValue(self, val: Any) -> bool:  # type: ignore[override]
+        name = val.name() if isinstance(val, Format) else str(val)
+        if name not in _STATE.formats:
+            raise ValueError(f"{self._name}: unknown format {name!r}; add it with nuke.addFormat first")
+        self._value = name
+        return True
+
+    def value(self) -> Format:
+        return _STATE.formats[self._value]
+
+
 class Channel_Knob(Knob):
     """A channel or channel-set knob: only layers and channels the script knows are accepted (as in Nuke)."""
 
@@ -317,6 +449,70 @@ def _known_channels(name: str) -> bool:
     return name in _STATE.layers.get(layer, [])
 
 
+def _technical_notation(path: str) -> str:
+    # File_Knob.value(): a "####" sequence comes back as "%04d" (Nuke Python API, nuke.File_Knob).
+    return re.sub(r"#+", lambda m: f"%0{len(m.group(0))}d", path)
+
+
+def _tcl(text: str, node: Any = None) -> str:
+    """Nuke's TCL substitution on a string knob: ``\\x`` escapes, ``[command args]`` runs a command (nested ones
+    first), ``$name`` / ``$env(NAME)`` read variables; an unknown command or variable is TCL's error."""
+    out: list[str] = []
+    i = 0
+    while i < len(text):
+        char = text[i]
+        if char == "\\" and i + 1 < len(text):
+            out.append(text[i + 1])
+            i += 2
+        elif char == "[":
+            depth, j = 1, i + 1
+            while j < len(text) and depth:
+                depth += {"[": 1, "]": -1}.get(text[j], 0)
+                j += 1
+            if depth:
+                raise RuntimeError(f"missing close-bracket in {text!r}")
+            out.append(_tcl_command(_tcl(text[i + 1 : j - 1], node), node))
+            i = j
+        elif char == "$":
+            match = re.match(r"\$(\w+)(?:\(([^)]*)\))?", text[i:])
+            if match is None:
+                out.append(char)  # a lone $ is literal
+                i += 1
+                continue
+            name, index = match.groups()
+            if name == "env" and index is not None and index in os.environ:
+                out.append(os.environ[index])
+            else:
+                shown = name if index is None else f"{name}({index})"
+                raise RuntimeError(f'can\'t read "{shown}": no such variable')
+            i += match.end()
+        else:
+            out.append(char)
+            i += 1
+    return "".join(out)
+
+
+def _tcl_command(command: str, node: Any) -> str:
+    # The few TCL commands path expressions use: value (Nuke), file dirname / file tail (TCL), frame (Nuke).
+    words = command.split()
+    if not words:
+        return ""
+    if words[0] == "value" and len(words) == 2:
+        path = words[1]
+        owner, _, knob = path.rpartition(".")
+        target = _STATE.root if owner == "root" else (node if owner in ("", "this") else toNode(owner))
+        if target is None or target.knob(knob) is None:
+            raise RuntimeError(f"value: no such knob {path!r}")
+        found = target[knob]
+        return found.evaluate() if isinstance(found, EvalString_Knob) else str(found.value())
+    if words[0] == "file" and len(words) >= 3 and words[1] in ("dirname", "tail"):
+        argument = " ".join(words[2:])
+        return os.path.dirname(argument) if words[1] == "dirname" else os.path.basename(argument)
+    if words == ["frame"]:
+        return str(_STATE.frame)
+    raise RuntimeError(f'invalid command name "{words[0]}"')
+
+
 # --------------------------------------------------------------------------------------------------------
 # Nodes
 
@@ -357,6 +553,21 @@ _CLASS_KNOBS: dict[str, list[tuple[type[Knob], str, Any]]] = {
     ],
     "Copy": [(Channel_Knob, f"{d}{i}", "none") for i in range(4) for d in ("from", "to")],
     "Switch": [(Int_Knob, "which", 0)],
+    # Reformat "to box" with "distort" scales the image to exactly box_width x box_height (nearest pixel here).
+    "Reformat": [
+        (Enumeration_Knob, "type", ["to format", "to box", "scale"]),
+        (Int_Knob, "box_width", 200),
+        (Int_Knob, "box_height", 200),
+        (Boolean_Knob, "box_fixed", False),
+        (Enumeration_Knob, "resize", ["none", "width", "height", "fit", "fill", "distort"]),
+    ],
+    # Constant: one colour over a format, for the frames first..last.
+    "Constant": [
+        (AColor_Knob, "color", 0.0),
+        (Format_Knob, "format", None),
+        (Int_Knob, "first", 1),
+        (Int_Knob, "last", 1),
+    ],
     "Input": [(Int_Knob, "number", 0)],
     "Output": [],
     "Dot": [],
@@ -367,10 +578,22 @@ _CLASS_KNOBS: dict[str, list[tuple[type[Knob], str, Any]]] = {
         (Int_Knob, "last_frame", 100),
         (Enumeration_Knob, "colorManagement", ["Nuke", "OCIO"]),
         (String_Knob, "workingSpaceLUT", "linear"),
+        (Format_Knob, "format", None),
     ],
 }
 _COMMON_KNOBS = ("label", "onCreate", "knobChanged", "onDestroy", "tile_color_hex")
-_MAX_INPUTS = {"Read": 0, "Input": 0, "Write": 1, "Dot": 1, "Output": 1, "Merge2": 3, "Copy": 3, "Switch": 4}
+_MAX_INPUTS = {
+    "Read": 0,
+    "Input": 0,
+    "Constant": 0,
+    "Reformat": 1,
+    "Write": 1,
+    "Dot": 1,
+    "Output": 1,
+    "Merge2": 3,
+    "Copy": 3,
+    "Switch": 4,
+}
 
 
 class Node:
@@ -393,7 +616,10 @@ class Node:
                 knob: Knob = Enumeration_Knob(knob_name, knob_name, default)
             else:
                 knob = knob_cls(knob_name, knob_name)
-                knob.setValue(default)
+                if default is not None:
+                    knob.setValue(default)
+                elif knob_cls is Format_Knob:  # the script's format (the root's own: PC_Video)
+                    knob._value = "PC_Video" if cls == "Root" else _STATE.root["format"]._value
             self._attach(knob)
 
     def _attach(self, knob: Knob) -> None:
@@ -483,7 +709,7 @@ class Node:
         return self._frame_range()[1]
 
     def _frame_range(self) -> tuple[int, int]:
-        if self._class == "Read":
+        if self._class in ("Read", "Constant"):
             return self["first"].value(), self["last"].value()
         if self._class == "Input":
             group = self._parent
@@ -520,6 +746,37 @@ class Node:
 
     def ypos(self) -> int:
         return self._xy[1]
+
+    def channels(self) -> list[str]:
+        """The channels of the node's output (Nuke Python API, Node.channels), e.g. ``rgba.red``, ``edit.red``."""
+        return sorted(_evaluate(self, _STATE.frame))
+
+    def sample(
+        self, channel: str, x: float, y: float, dx: float = 1.0, dy: float = 1.0, frame: int | None = None
+    ) -> float:
+        """The value of ``channel`` at pixel (x, y) (Nuke Python API, Node.sample). Nuke's y axis points up: y = 0
+        is the bottom row (NDK developer guide, "Coordinate system": the origin is the bottom-left corner)."""
+        plane = _evaluate(self, _STATE.frame if frame is None else frame).get(channel)
+        if plane is None:
+            return 0.0
+        return float(plane[plane.shape[0] - 1 - int(y), int(x)])
+
+    def width(self) -> int:
+        return _shape(_evaluate(self, self.firstFrame()))[1]
+
+    def height(self) -> int:
+        return _shape(_evaluate(self, self.firstFrame()))[0]
+
+    def showControlPanel(self, forceFloat: bool = False) -> None:
+        """Open the node's properties panel (a GUI session only, as in Nuke)."""
+        if GUI:
+            self._panel_shown = True
+
+    def hideControlPanel(self) -> None:
+        self._panel_shown = False
+
+    def shown(self) -> bool:
+        return getattr(self, "_panel_shown", False)
 
     def screenWidth(self) -> int:
         return 80
@@ -600,6 +857,11 @@ def _root_range() -> tuple[int, int]:
 
 class _State:
     def __init__(self) -> None:
+        self.formats: dict[str, Format] = {"PC_Video": Format(640, 480, "PC_Video")}
+        self.frame = 1
+        self.undo_open: list[_UndoGroup] = []
+        self.undo_done: list[_UndoGroup] = []
+        self.undo_disabled = 0
         self.root = Root()
         self.context: list[Group] = [self.root]
         self.main_queue: list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]] = []
@@ -628,6 +890,7 @@ def _create(cls: str, knobs: dict[str, Any], inpanel: bool = False) -> Node:
     if cls == "Input":
         node["number"].setValue(sum(1 for n in group._children if n.Class() == "Input"))
     group._children.append(node)
+    _undoable(node)
     for name, value in knobs.items():
         if name == "inputs":
             continue
@@ -639,6 +902,77 @@ def _create(cls: str, knobs: dict[str, Any], inpanel: bool = False) -> Node:
             raise ValueError(f"{cls}: no knob named {name!r}")
         knob.setValue(value)
     return node
+
+
+class _UndoGroup:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.created: list[Node] = []
+
+
+def _undoable(node: Node) -> None:
+    # Creating a node is one undo step, unless an Undo group is open: then it joins that group.
+    if _STATE.undo_disabled:
+        return
+    if _STATE.undo_open:
+        _STATE.undo_open[-1].created.append(node)
+    else:
+        step = _UndoGroup(f"create {node.Class()}")
+        step.created.append(node)
+        _STATE.undo_done.append(step)
+
+
+class Undo:
+    """Undo groups (Nuke Python API, nuke.Undo): changes between ``begin(name)`` and ``end()`` are one step of
+    Edit ▸ Undo; ``cancel()`` undoes the open group's changes and drops it. This fake records node creation."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    @classmethod
+    def begin(cls, name: str = "") -> None:
+        _STATE.undo_open.append(_UndoGroup(name))
+
+    @classmethod
+    def end(cls) -> None:
+        if _STATE.undo_open:
+            step = _STATE.undo_open.pop()
+            if step.created:
+                _STATE.undo_done.append(step)
+
+    @classmethod
+    def cancel(cls) -> None:
+        if _STATE.undo_open:
+            for node in reversed(_STATE.undo_open.pop().created):
+                delete(node)
+
+    @classmethod
+    def name(cls) -> str:
+        return _STATE.undo_open[-1].name if _STATE.undo_open else ""
+
+    @classmethod
+    def disable(cls) -> None:
+        """Stop recording undo steps (until ``enable()``)."""
+        _STATE.undo_disabled += 1
+
+    @classmethod
+    def enable(cls) -> None:
+        _STATE.undo_disabled = max(0, _STATE.undo_disabled - 1)
+
+    @classmethod
+    def disabled(cls) -> bool:
+        return bool(_STATE.undo_disabled)
+
+    @classmethod
+    def undo(cls) -> None:
+        """Edit ▸ Undo: reverts the last step (deletes the nodes it created)."""
+        if _STATE.undo_done:
+            for node in reversed(_STATE.undo_done.pop().created):
+                delete(node)
+
+    @classmethod
+    def undoDescribe(cls) -> str:
+        return _STATE.undo_done[-1].name if _STATE.undo_done else ""
 
 
 class _NodeConstructor:
@@ -662,14 +996,33 @@ nodes = Nodes()
 
 
 def createNode(typ: str, knobs: str = "", inpanel: bool = True) -> Node:
-    """Create a node; ``knobs`` is Nuke's ``"name value name value"`` string (simple values only)."""
+    """Create a node the way the GUI does (Nuke Python developer guide, "Getting Started": createNode "creates a
+    new node in the user interface, hooks it up to any user-selected nodes in the Node Graph, and opens the node's
+    properties panel"; API reference: ``inpanel`` "only applies when the GUI is running"). Here: input 0 to the
+    last selected node when the new node has inputs, placed below it, the new node the only one selected.
+    ``knobs`` is Nuke's TCL list of name/value pairs (simple values only)."""
     tokens = knobs.split()
     if len(tokens) % 2:
         raise ValueError(f"createNode knobs {knobs!r}: expected name/value pairs")
     values: dict[str, Any] = {}
     for name, value in zip(tokens[::2], tokens[1::2], strict=True):
         values[name] = int(value) if value.lstrip("-").isdigit() else value
-    return _create(typ, values, inpanel)
+    group = _STATE.context[-1]
+    try:
+        selected: Node | None = selectedNode()
+    except ValueError:
+        selected = None
+    node = _create(typ, values, inpanel)
+    if selected is not None:
+        if node.maxInputs() > 0:
+            node.setInput(0, selected)
+        node.setXYpos(selected.xpos(), selected.ypos() + selected.screenHeight() + 30)
+    for other in group._children:
+        other._selected = False
+    node.setSelected(True)
+    if inpanel:
+        node.showControlPanel()
+    return node
 
 
 def root() -> Root:
@@ -727,6 +1080,18 @@ def delete(n: Node | None) -> None:
     n._deleted = True
 
 
+def frame(f: int | None = None) -> int:
+    """The current frame; ``frame(f)`` moves to frame ``f`` (Nuke Python API, nuke.frame)."""
+    if f is not None:
+        _STATE.frame = int(f)
+    return _STATE.frame
+
+
+def scriptClear() -> None:
+    """Clear the script without asking (Nuke Python API, nuke.scriptClear)."""
+    scriptClose()
+
+
 def scriptName() -> str:
     name = _STATE.root["name"].value()
     if not name:
@@ -773,16 +1138,24 @@ def executeInMainThread(call: Callable[..., Any], args: Any = (), kwargs: Any = 
 
 
 def executeInMainThreadWithResult(call: Callable[..., Any], args: Any = (), kwargs: Any = None) -> Any:
+    """Run ``call`` on the main thread and wait for its result. As Nuke's ``executeInMain.py``: the request is
+    queued for the main thread's event loop and the caller waits on an event (so a call *from* the main thread
+    never returns: here it raises instead of hanging), and an exception in ``call`` is swallowed (the result is
+    ``None``)."""
     if not isinstance(args, tuple):
         args = (args,)
     if threading.current_thread() is _STATE.main_thread:
-        return call(*args, **(kwargs or {}))
+        raise RuntimeError(
+            "executeInMainThreadWithResult called on the main thread: Nuke would deadlock here"
+        )
     done = threading.Event()
     box: list[Any] = []
 
     def run() -> None:
         try:
             box.append(call(*args, **(kwargs or {})))
+        except Exception:
+            box.append(None)
         finally:
             done.set()
 
@@ -949,7 +1322,9 @@ def _read_frame(node: Node, frame: int) -> _Image:
         return {}
     first, last = node["first"].value(), node["last"].value()
     held = min(max(frame, first), last)  # before/after "hold"
-    path = _file_for_frame(node["file"].value(), held)
+    file_knob = node["file"]
+    assert isinstance(file_knob, File_Knob)
+    path = _file_for_frame(file_knob.evaluate(), held)  # the TCL in the path runs first, as in Nuke
     inp = oiio.ImageInput.open(path)
     if inp is None:
         raise RuntimeError(f"{node.fullName()}: cannot open {path}: {oiio.geterror()}")
@@ -1001,6 +1376,21 @@ def _evaluate(node: Node | None, frame: int) -> _Image:
         return _evaluate(node.input(0), frame)
     if cls == "Read":
         return _read_frame(node, frame)
+    if cls == "Constant":
+        fmt = node["format"].value()
+        colour = node["color"].value()
+        return {
+            f"rgba.{c}": np.full((fmt.height(), fmt.width()), colour[i], np.float32)
+            for i, c in enumerate(("red", "green", "blue", "alpha"))
+        }
+    if cls == "Reformat":
+        image = _evaluate(node.input(0), frame)
+        if node["type"].value() != "to box" or node["resize"].value() != "distort":
+            raise NotImplementedError("the fake Reformat does 'to box' with 'distort' only")
+        height, width = _shape(image)
+        rows = (np.arange(node["box_height"].value()) * height // node["box_height"].value()).astype(int)
+        cols = (np.arange(node["box_width"].value()) * width // node["box_width"].value()).astype(int)
+        return {name: plane[rows][:, cols] for name, plane in image.items()}
     if cls in ("Dot", "Output", "Write"):
         return _evaluate(node.input(0), frame)
     if cls == "Input":
@@ -1069,7 +1459,9 @@ def execute(
         raise RuntimeError(f"{node.fullName()} is disabled")
     if node["file_type"].value() != "exr":
         raise NotImplementedError("the fake Write writes exr only")
-    pattern = node["file"].value()
+    file_knob = node["file"]
+    assert isinstance(file_knob, File_Knob)
+    pattern = file_knob.evaluate()
     if not pattern:
         raise RuntimeError(f"{node.fullName()}: no filename set")
     for frame in range(start, end + 1, incr):
@@ -1155,11 +1547,10 @@ def scriptSave(filename: str | None = None) -> bool:
 
 
 def scriptClose() -> None:
-    callbacks = _STATE.callbacks
-    menus = _STATE.menus
+    # Callbacks, menus and formats belong to the session, not the script.
+    callbacks, menus, formats = _STATE.callbacks, _STATE.menus, _STATE.formats
     _STATE.__init__()  # type: ignore[misc]
-    _STATE.callbacks = callbacks
-    _STATE.menus = menus
+    _STATE.callbacks, _STATE.menus, _STATE.formats = callbacks, menus, formats
 
 
 def _load_group(group: Group, entries: list[dict[str, Any]], created: list[Node]) -> None:
@@ -1209,7 +1600,7 @@ def scriptOpen(filename: str) -> None:
     created: list[Node] = []
     _load_group(_STATE.root, data["nodes"], created)
     for node in created:
-        _run_script(node["onCreate"].value(), node, None)
+        _run_script(node["onCreate"].getText(), node, None)
     for call, args, kwargs, _ in _STATE.callbacks.get("onScriptLoad", []):
         _STATE.this.append((_STATE.root, None))
         try:
@@ -1254,7 +1645,7 @@ def _fake_user_set(node: Node, knob_name: str, value: Any) -> None:
     """The artist changes a knob in the properties panel: set it, then run the node's knobChanged."""
     knob = node[knob_name]
     knob.setValue(value)
-    _run_script(node["knobChanged"].value(), node, knob)
+    _run_script(node["knobChanged"].getText(), node, knob)
 
 
 def _fake_press(node: Node, knob_name: str) -> None:
@@ -1263,3 +1654,68 @@ def _fake_press(node: Node, knob_name: str) -> None:
     if not isinstance(knob, Script_Knob):
         raise TypeError(f"{knob_name} is a {knob.Class()}, not a button")
     knob.execute()
+
+
+def _fake_calls() -> set[str]:
+    """Names of the API called from outside the fakes since the last ``_fake_reset_calls``: functions and
+    classes as ``createNode``/``String_Knob``, methods by their name (``setValue``), ``nodes.Read`` for
+    ``nuke.nodes.Read(...)``. The self-test check compares them with what the adapter uses."""
+    return set(_CALLS)
+
+
+def _fake_reset_calls() -> None:
+    _CALLS.clear()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Call recording: every public function, class and method records its name when called from outside the fakes.
+
+_CALLS: set[str] = set()
+_FAKES_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _record(label: str) -> None:
+    caller = sys._getframe(2).f_code.co_filename
+    if not os.path.abspath(caller).startswith(_FAKES_DIR):
+        _CALLS.add(label)
+
+
+def _recording(function: Callable[..., Any], label: str) -> Callable[..., Any]:
+    import functools
+
+    @functools.wraps(function)
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        # A constructor records the class actually made (a subclass inherits its base's __init__).
+        _record(type(args[0]).__name__ if function.__name__ == "__init__" else label)
+        return function(*args, **kwargs)
+
+    return recorded
+
+
+def _install_recording() -> None:
+    import inspect
+
+    module = sys.modules[__name__]
+    for name, value in list(vars(module).items()):
+        if name.startswith("_") or getattr(value, "__module__", None) != __name__:
+            continue
+        if inspect.isfunction(value):
+            setattr(module, name, _recording(value, name))
+        elif inspect.isclass(value):
+            for attr, member in list(vars(value).items()):
+                if isinstance(member, classmethod):
+                    setattr(value, attr, classmethod(_recording(member.__func__, attr)))
+                elif inspect.isfunction(member) and (not attr.startswith("_") or attr == "__init__"):
+                    setattr(value, attr, _recording(member, name if attr == "__init__" else attr))
+
+
+_original_node_call = _NodeConstructor.__call__
+
+
+def _node_constructor_call(self: _NodeConstructor, **knobs: Any) -> Node:
+    _record(f"nodes.{self._cls}")
+    return _original_node_call(self, **knobs)
+
+
+_NodeConstructor.__call__ = _node_constructor_call  # type: ignore[method-assign]
+_install_recording()
