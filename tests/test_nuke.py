@@ -47,6 +47,7 @@ LAYERED = ("R", "G", "B", "A", "edit.R", "edit.G", "edit.B", "edit.A", "matte.A"
 def fake_nuke_session(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
     """The fake ``nuke`` module, fresh (empty script, no menus, no queued calls); stops Generates after."""
     monkeypatch.syspath_prepend(str(FAKES))
+    monkeypatch.syspath_prepend(str(REPO / "nuke_gizmos"))  # on NUKE_PATH, hence on Nuke's sys.path
     monkeypatch.delenv("VERA_CACHE", raising=False)
     nuke = importlib.import_module("nuke")
     assert Path(nuke.__file__).is_relative_to(FAKES)
@@ -143,6 +144,33 @@ class InProcessEngine:
         self.runner.gate.set()
         self.server.stop(0).wait()
         self.engine.stop()
+
+
+class SchemaRunner(PassThroughRunner):
+    """The pass-through runner serving the engine's ``takes`` option (1..8, as engine.proto's Limits.max_takes
+    contract) and, when given, a word vocabulary (``ModelInfo.vocabulary`` of a word-level checkpoint)."""
+
+    def __init__(self, vocabulary: tuple[str, ...] = (), **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.vocabulary = list(vocabulary)
+
+    def models(self) -> list[pb.ModelInfo]:
+        models = super().models()
+        model = models[0]
+        if not any(o.name == "takes" for o in model.options):
+            model.options.append(
+                pb.OptionSpec(
+                    name="takes",
+                    label="Takes",
+                    type=pb.OPTION_TYPE_INT,
+                    default=pb.OptionValue(int_value=1),
+                    min=1,
+                    max=8,
+                    help="Variations in one job: take k uses seed + k - 1.",
+                )
+            )
+        model.vocabulary.extend(self.vocabulary)
+        return models
 
 
 @pytest.fixture

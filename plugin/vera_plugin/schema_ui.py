@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -222,14 +221,14 @@ def job_options(
 
 
 # What a word-level checkpoint's tokenizer splits a prompt into: runs of word characters and runs of other
-# non-space characters, after NFKC and lower-casing (the same rule as the engine's word tokenizer, written again
-# here because the host side never imports the engine).
+# non-space characters, lower-cased (the engine's `word_tokenizer.words_of`, written again here because the host
+# side never imports the engine).
 _WORD = re.compile(r"\w+|[^\w\s]+")
 
 
 def words_of(text: str) -> list[str]:
     """The words a word-level model reads in ``text``: lower-cased, punctuation split off (``"Kite," -> kite ,``)."""
-    return _WORD.findall(unicodedata.normalize("NFKC", text).lower())
+    return _WORD.findall(text.lower())
 
 
 def unknown_words(text: str, vocabulary: Iterable[str]) -> list[str]:

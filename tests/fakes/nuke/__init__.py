@@ -592,7 +592,7 @@ _MAX_INPUTS = {
     "Output": 1,
     "Merge2": 3,
     "Copy": 3,
-    "Switch": 4,
+    "Switch": 1000,  # a Switch takes as many inputs as are connected
 }
 
 
@@ -700,7 +700,15 @@ class Node:
             if node._parent is not self._parent:
                 raise ValueError(f"cannot connect {node.fullName()} to {self.fullName()}: different groups")
             self._inputs[i] = node
+        self._dummy_knob_changed("inputChange")
         return True
+
+    def _dummy_knob_changed(self, name: str) -> None:
+        # Nuke Python API, nuke.addKnobChanged: knobChanged "is also called with dummy knobs when the control
+        # panel is opened or when the inputs to the node changes" (knobs named showPanel, inputChange).
+        script = self._knobs.get("knobChanged")
+        if script is not None and script.getText().strip():
+            _run_script(script.getText(), self, Knob(name))
 
     def firstFrame(self) -> int:
         return self._frame_range()[0]
@@ -771,6 +779,7 @@ class Node:
         """Open the node's properties panel (a GUI session only, as in Nuke)."""
         if GUI:
             self._panel_shown = True
+            self._dummy_knob_changed("showPanel")
 
     def hideControlPanel(self) -> None:
         self._panel_shown = False

@@ -209,10 +209,8 @@ def create_node(address: str | None = None, connect_timeout: float = 3.0) -> nuk
         if selected is not None and selected is not group:
             group.setInput(0, selected)
         connect(group, timeout=connect_timeout, quiet=True)
-    except BaseException:
-        undo.cancel()
-        raise
-    undo.end()
+    finally:
+        undo.end()  # even a half-built node goes away with one Edit > Undo
     if nuke.GUI:
         group.showControlPanel()
     return group
@@ -1014,10 +1012,8 @@ def bake_layers(node: nuke.Node | None = None) -> dict[str, nuke.Node]:
         x, y = node.xpos() + 200, node.ypos()
         for i, baked in enumerate((edit, matte, merge, copy)):
             baked.setXYpos(x + (i % 2) * 120, y + (i // 2) * 80)
-    except BaseException:
-        undo.cancel()
-        raise
-    undo.end()
+    finally:
+        undo.end()
     _set_status(node, f"baked job {job} into {edit.name()}, {matte.name()}, {merge.name()}, {copy.name()}")
     return {"edit": edit, "matte": matte, "merge": merge, "copy": copy}
 
