@@ -41,7 +41,7 @@ def test_resolve_clip_round_trip_through_a_real_engine(engine_model: str, tmp_pa
         client.wait_until_serving(240)
         model = client.info().models[0]
         steps: list[str] = []
-        placed = vera_resolve.run_vera_edit(
+        (placed,) = vera_resolve.run_vera_edit(
             client,
             {"prompt": "add a red ball", "steps": 2, "seed": 7, "colorspace": "ACEScg"},
             resolve=app,

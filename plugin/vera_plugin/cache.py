@@ -24,6 +24,7 @@ __all__ = [
     "job_dir",
     "result_prefix",
     "safe_name",
+    "take_and_frame",
 ]
 
 RESULT_PREFIX = "vera_edit"
@@ -52,6 +53,12 @@ def result_prefix(take: int = 1) -> str:
     if take < 1:
         raise ValueError(f"take {take}: takes are numbered from 1")
     return RESULT_PREFIX if take == 1 else f"{RESULT_PREFIX}_take{take}"
+
+
+def take_and_frame(name: str) -> tuple[int, int] | None:
+    """``(take, frame)`` of a result file name (``vera_edit_take2.1001.exr`` -> ``(2, 1001)``), else ``None``."""
+    match = _RESULT.match(name)
+    return (int(match.group(1) or 1), int(match.group(2))) if match else None
 
 
 def job_dir(root: str | os.PathLike[str], job_id: str) -> Path:
