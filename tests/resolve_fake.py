@@ -437,7 +437,7 @@ class FakeMediaPool:
             paths = [pattern % f for f in range(first, last + 1)]
             if not paths or not all(os.path.isfile(p) for p in paths):
                 return []
-            width = len(re.search(r"%0?(\d*)d", pattern).group(1) or "0") or 1
+            width = int(re.search(r"%0?(\d*)d", pattern).group(1) or 1)  # Resolve shows the files' padding
             shown = re.sub(r"%0?\d*d", f"[{first:0{int(width)}d}-{last:0{int(width)}d}]", pattern)
             item = FakeMediaPoolItem(
                 self.project, os.path.basename(shown), shown, len(paths), self.project.fps, first

@@ -46,6 +46,13 @@ def host_calls(source: Path, module: str, fake_methods: set[str]) -> set[str]:
             calls.add(f"{owner.attr}.{name}" if owner.attr == "nodes" else name)
         elif name in fake_methods and name not in _PYTHON_METHODS:
             calls.add(name)
+    for node in ast.walk(
+        ast.parse(source.read_text())
+    ):  # the Resolve adapter's optional calls: _call(obj, "Name")
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "_call":
+            name_arg = node.args[1] if len(node.args) > 1 else None
+            if isinstance(name_arg, ast.Constant) and name_arg.value in fake_methods:
+                calls.add(name_arg.value)
     return calls
 
 
@@ -145,3 +152,79 @@ def test_nuke_selftest_runs_as_nuke_t_does_in_a_terminal(
     verdicts = {line.split(":")[0].split(None, 1)[1]: line.split()[0] for line in lines}
     assert verdicts.pop("menus and pane") == "SKIP"  # no menus in nuke -t
     assert set(verdicts.values()) == {"PASS"} and "engine job" in verdicts, done.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Resolve
+
+
+def _resolve_model_methods() -> set[str]:
+    from tests import resolve_fake
+
+    classes = (
+        resolve_fake.FakeMediaPoolItem, resolve_fake.FakeFolder, resolve_fake.FakeTimelineItem,
+        resolve_fake.FakeTimeline, resolve_fake.FakeMediaPool, resolve_fake.FakeMediaStorage,
+        resolve_fake.FakeProject, resolve_fake.FakeProjectManager, resolve_fake.FakeResolve,
+    )  # fmt: skip
+    return {name for cls in classes for name in vars(cls) if name[:1].isupper()}
+
+
+def test_resolve_selftest_from_the_workspace_menu_passes_and_exercises_every_host_call(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.resolve_fake import CALLS, FakeResolve
+
+    app = FakeResolve()
+    yours = app.project
+    CALLS.clear()
+    runpy_globals = {"resolve": app, "fusion": None, "bmd": None}
+    import runpy
+
+    runpy.run_path(
+        str(REPO / "resolve_scripts" / "Utility" / "Vera Self-test.py"), init_globals=runpy_globals
+    )
+    lines = [line for line in capsys.readouterr().out.splitlines() if line[:4] in ("PASS", "FAIL", "SKIP")]
+    assert lines and all(line.startswith("PASS") for line in lines), "\n".join(lines)
+    names = [line.split(":")[0].split(None, 1)[1] for line in lines]
+    assert names[-2:] == ["scratch project deleted", "summary"] and "render 3 frames" in names
+    assert app.project is yours and app.manager.GetProjectListInCurrentFolder() == [yours.GetName()]
+    methods = _resolve_model_methods()
+    used = set()
+    for module in ("adapter.py", "window.py"):
+        used |= host_calls(REPO / "plugin/vera_plugin/hosts/resolve" / module, "", methods)
+    assert {
+        "AppendToTimeline",
+        "GetRenderCodecs",
+        "SaveAsNewRenderPreset",
+        "GetMarkInOut",
+        "SetClipProperty",
+    } <= used
+    missing = used - CALLS
+    assert not missing, f"host calls of the Resolve adapter the self-test never made: {sorted(missing)}"
+
+
+def test_resolve_selftest_as_an_external_script(tmp_path: Path) -> None:
+    """Resolve Studio's external scripting: ``python3 "Vera Self-test.py"`` finds Resolve through
+    DaVinciResolveScript (here a stand-in module answering with the fake)."""
+    (tmp_path / "DaVinciResolveScript.py").write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "from tests.resolve_fake import FakeResolve\n"
+        "_app = FakeResolve()\n"
+        "def scriptapp(name):\n"
+        "    return _app if name == 'Resolve' else None\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    script = REPO / "resolve_scripts" / "Utility" / "Vera Self-test.py"
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "files")],
+        capture_output=True,
+        text=True,
+        timeout=150,
+        env=env,
+    )
+    lines = [line for line in done.stdout.splitlines() if line[:4] in ("PASS", "FAIL", "SKIP")]
+    assert done.returncode == 0 and lines and all(line.startswith("PASS") for line in lines), (
+        done.stdout + done.stderr
+    )
+    assert (tmp_path / "files" / "media" / "plate.1001.exr").is_file()

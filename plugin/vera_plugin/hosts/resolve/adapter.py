@@ -67,6 +67,7 @@ __all__ = [
     "ResolveClip",
     "ResolveError",
     "VeraCancelled",
+    "append_checked",
     "current_clip",
     "default_work_dir",
     "describe_item",
@@ -714,6 +715,24 @@ def set_clip_colorspace(project: Any, media_pool_item: Any, colorspace: str) -> 
     )
 
 
+def append_checked(
+    media_pool: Any, timeline: Any, media: Any, first_frame: int, count: int, track: int, record_frame: int
+) -> Any:
+    """``AppendToTimeline`` ``count`` frames of ``media`` from its frame ``first_frame`` (its own numbering) onto
+    video track ``track`` at ``record_frame``; the placed item, or ``None``. Builds differ on whether
+    ``endFrame`` is inclusive: the exclusive form is tried first, and the inclusive one when Resolve refuses it
+    or places one frame too many (that item is taken away first)."""
+    for inclusive in (False, True):
+        info = append_clip_info(media, first_frame, count, track, record_frame, inclusive)
+        placed = media_pool.AppendToTimeline([info])
+        item = placed[0] if placed else None
+        if item and int(item.GetDuration()) == count:
+            return item
+        if item:
+            timeline.DeleteClips([item])
+    return None
+
+
 def place_results(
     clip: ResolveClip,
     files: list[Path] | list[str],
@@ -770,16 +789,9 @@ def place_results(
     clip.timeline.SetTrackName("video", track, track_name)
 
     # The media's frames are addressed in its own numbers (Start = the first file's), the clip's from `head`.
-    item = None
-    for inclusive in (False, True):
-        info = append_clip_info(media, media_start + head, count, track, clip.range.record_start, inclusive)
-        placed = media_pool.AppendToTimeline([info])
-        item = placed[0] if placed else None
-        if item and int(item.GetDuration()) != count:
-            clip.timeline.DeleteClips([item])  # one frame too many: this build reads endFrame the other way
-            item = None
-        if item:
-            break
+    item = append_checked(
+        media_pool, clip.timeline, media, media_start + head, count, track, clip.range.record_start
+    )
     where = frame_to_timecode(clip.range.record_start, clip.fps)
     if not item:
         raise ResolveError(
