@@ -35,9 +35,8 @@ def _what_to_install(exc):
 
 try:
     from vera_plugin.hosts.resolve.window import main
-except (
-    Exception
-) as _exc:  # ImportError, protobuf's VersionError, grpcio's RuntimeError: say it in the console
+except Exception as _exc:  # ImportError, protobuf's VersionError, grpcio's RuntimeError
+    # Said in Resolve's console instead of a bare traceback.
     print(f"Vera Edit: cannot load vera_plugin ({type(_exc).__name__}: {_exc}). {_what_to_install(_exc)}.")
 else:
     # Resolve runs menu scripts with `resolve`, `fusion` and `bmd` defined; outside Resolve main() finds them.
