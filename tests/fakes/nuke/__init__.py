@@ -1,14 +1,22 @@
 """A faithful fake of the part of Nuke's Python API that ``vera_plugin.hosts.nuke`` uses (tests only).
 
-Names and signatures follow Foundry's API as described by the ``types-nuke`` stubs: nodes and knobs,
-Groups with ``begin``/``end`` and their Input/Output nodes, ``nuke.nodes.X(**knobs)``, ``execute`` on a Write
-(which really evaluates the node graph upstream and writes EXRs through OpenImageIO), ``executeInMainThread``,
-``ProgressTask``, menus, callbacks, ``scriptSaveAs``/``scriptOpen``. Behaviour Nuke has and the adapter relies
-on is reproduced (a disabled Write refuses to render, a Read holds its first/last frame, knobChanged runs for
-UI edits, onCreate runs when a script loads); everything else is absent, so a call the real API lacks fails.
+Names and signatures follow Foundry's Nuke Python API reference (and the ``types-nuke`` stubs, which a test
+holds the fake to): nodes and knobs, Groups with ``begin``/``end`` and their Input/Output nodes,
+``nuke.nodes.X(**knobs)``, ``execute`` on a Write (which really evaluates the node graph upstream and writes EXRs
+through OpenImageIO), ``executeInMainThread``, ``ProgressTask``, menus, callbacks, ``scriptSaveAs``/``scriptOpen``.
+Each class and function cites its reference entry beside it. The quirks code must handle are modelled, with
+their sources beside them:
+
+- string knobs run TCL in ``value()`` (``[cmd]``, ``$var``; TCL's own errors), ``getText()`` is the raw text;
+  ``File_Knob.value()`` gives ``%04d`` for ``####`` and no TCL, ``evaluate()`` runs it (a Read's path does);
+- ``nukescripts.panels.registerWidgetAsPanel`` evaluates its widget string in ``__main__`` when the pane opens;
+- ``createNode`` wires to the selection, places, selects and opens the panel; ``Undo`` groups steps;
+- ``executeInMainThreadWithResult`` deadlocks on the main thread (here: raises) and swallows exceptions;
+- knobChanged runs for artist edits and with the dummy knobs ``showPanel``/``inputChange``.
 
 Test-only helpers start with ``_fake``: ``_fake_reset``, ``_fake_process_events`` (the GUI's event loop),
-``_fake_user_set`` (an artist editing a knob), ``_fake_press`` (an artist clicking a button).
+``_fake_user_set`` (an artist editing a knob), ``_fake_press`` (an artist clicking a button), ``_fake_calls``
+(the API called from outside the fakes, for the self-test's coverage check).
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ READ_ONLY = 0x10000000
 # Knobs
 
 
+# Nuke Python API reference (Foundry), nuke.Knob: its methods below as documented there.
 class Knob:
     """Base knob: a name, a label, a value, flags, a tooltip."""
 
@@ -107,6 +116,7 @@ class Knob:
         return {}
 
 
+# Nuke Python API reference (Foundry), nuke.String_Knob: its methods below as documented there.
 class String_Knob(Knob):
     """A string knob. Source for the quirks: Foundry's Nuke Python API reference, ``nuke.String_Knob`` (12.2+):
     ``value()`` and ``getValue()`` "Get the evaluated value of this knob as a string - also see getText()", i.e.
@@ -137,6 +147,7 @@ class String_Knob(Knob):
         return self.value(oc)
 
 
+# Nuke Python API reference (Foundry), nuke.EvalString_Knob: its methods below as documented there.
 class EvalString_Knob(String_Knob):
     """``evaluate()``: "Evaluate the string, performing substitutions" (Nuke Python API, nuke.EvalString_Knob)."""
 
@@ -144,10 +155,12 @@ class EvalString_Knob(String_Knob):
         return _tcl(self._value, self._node)
 
 
+# Nuke Python API reference (Foundry), nuke.Multiline_Eval_String_Knob: its methods below as documented there.
 class Multiline_Eval_String_Knob(EvalString_Knob):
     pass
 
 
+# Nuke Python API reference (Foundry), nuke.File_Knob: its methods below as documented there.
 class File_Knob(EvalString_Knob):
     """A file path. Nuke Python API, nuke.File_Knob: ``value()``/``getValue()`` "Returns the string on this knob,
     will be normalized to technical notation if sequence (%4d)" (no TCL: a ``[file dirname [value root.name]]``
@@ -166,10 +179,12 @@ class File_Knob(EvalString_Knob):
         return _tcl(self._value, self._node)
 
 
+# Nuke Python API reference (Foundry), nuke.Password_Knob: its methods below as documented there.
 class Password_Knob(Knob):
     pass
 
 
+# Nuke Python API reference (Foundry), nuke.Script_Knob: its methods below as documented there.
 class Script_Knob(String_Knob):
     """A button running a script; ``value()`` and ``command()`` are the script's text (nuke.Script_Knob)."""
 
@@ -192,10 +207,12 @@ class Script_Knob(String_Knob):
         return {"command": self._value}
 
 
+# Nuke Python API reference (Foundry), nuke.PyScript_Knob: its methods below as documented there.
 class PyScript_Knob(Script_Knob):
     pass
 
 
+# Nuke Python API reference (Foundry), nuke.PyCustom_Knob: its methods below as documented there.
 class PyCustom_Knob(Script_Knob):
     """A knob holding a Python widget. Nuke Python API, nuke.PyCustom_Knob/PythonCustomKnob: its ``command`` is
     Python *evaluated* (in Nuke's ``__main__`` namespace, as nukescripts.panels' ``WidgetKnob`` expressions are)
@@ -215,16 +232,19 @@ class PyCustom_Knob(Script_Knob):
         return self._object
 
 
+# Nuke Python API reference (Foundry), nuke.Text_Knob: its methods below as documented there.
 class Text_Knob(Knob):
     def __init__(self, name: str, label: str | None = None, text: str = "") -> None:
         super().__init__(name, label)
         self._value = text
 
 
+# Nuke Python API reference (Foundry), nuke.Tab_Knob: its methods below as documented there.
 class Tab_Knob(Knob):
     pass
 
 
+# Nuke Python API reference (Foundry), nuke.Array_Knob: its methods below as documented there.
 class Array_Knob(Knob):
     _default: Any = 0.0
 
@@ -242,6 +262,7 @@ class Array_Knob(Knob):
         return self._range[1] if self._range else 1.0
 
 
+# Nuke Python API reference (Foundry), nuke.Int_Knob: its methods below as documented there.
 class Int_Knob(Array_Knob):
     _default = 0
 
@@ -255,6 +276,7 @@ class Int_Knob(Array_Knob):
         return int(self._value)
 
 
+# Nuke Python API reference (Foundry), nuke.Double_Knob: its methods below as documented there.
 class Double_Knob(Array_Knob):
     def setValue(self, val: Any) -> bool:
         if isinstance(val, bool) or not isinstance(val, (int, float)):
@@ -266,6 +288,7 @@ class Double_Knob(Array_Knob):
         return float(self._value)
 
 
+# Nuke Python API reference (Foundry), nuke.Boolean_Knob: its methods below as documented there.
 class Boolean_Knob(Array_Knob):
     _default = False
 
@@ -281,6 +304,7 @@ class Boolean_Knob(Array_Knob):
         return bool(self._value)
 
 
+# Nuke Python API reference (Foundry), nuke.Enumeration_Knob: its methods below as documented there.
 class Enumeration_Knob(Array_Knob):
     """``value()`` is the chosen item's name, ``getValue()`` its index; ``setValue`` takes either."""
 
@@ -324,10 +348,12 @@ class Enumeration_Knob(Array_Knob):
         return {"values": list(self._values)}
 
 
+# Nuke Python API reference (Foundry), nuke.Pulldown_Knob: its methods below as documented there.
 class Pulldown_Knob(Enumeration_Knob):
     pass
 
 
+# Nuke Python API reference (Foundry), nuke.Color_Knob: its methods below as documented there.
 class Color_Knob(Array_Knob):
     """An RGB colour; ``setValue(v)`` sets every channel, ``setValue(v, i)`` channel ``i``; ``value(i)``."""
 
@@ -352,12 +378,14 @@ class Color_Knob(Array_Knob):
         return list(self._value) if index is None else self._value[index]
 
 
+# Nuke Python API reference (Foundry), nuke.AColor_Knob: its methods below as documented there.
 class AColor_Knob(Color_Knob):
     """An RGBA colour (``Constant.color``)."""
 
     _size = 4
 
 
+# Nuke Python API reference (Foundry), nuke.Format: its methods below as documented there.
 class Format:
     """``nuke.Format``: a named image size (``nuke.addFormat("W H [aspect] name")`` makes one)."""
 
@@ -377,6 +405,7 @@ class Format:
         return self._aspect
 
 
+# Nuke Python API reference (Foundry), nuke.addFormat.
 def addFormat(s: str) -> Format:
     """``nuke.addFormat("W H [pixel aspect] name")`` (Nuke Python API, nuke.addFormat): adds and returns it."""
     parts = s.split()
@@ -388,10 +417,12 @@ def addFormat(s: str) -> Format:
     return fmt
 
 
+# Nuke Python API reference (Foundry), nuke.formats.
 def formats() -> list[Format]:
     return list(_STATE.formats.values())
 
 
+# Nuke Python API reference (Foundry), nuke.Format_Knob: its methods below as documented there.
 class Format_Knob(Knob):
     """A format knob: ``setValue`` takes a format's name or a ``Format``; ``value()`` is the ``Format``."""
 
@@ -406,6 +437,7 @@ class Format_Knob(Knob):
         return _STATE.formats[self._value]
 
 
+# Nuke Python API reference (Foundry), nuke.Channel_Knob: its methods below as documented there.
 class Channel_Knob(Knob):
     """A channel or channel-set knob: only layers and channels the script knows are accepted (as in Nuke)."""
 
@@ -420,6 +452,7 @@ class Channel_Knob(Knob):
         return self._value
 
 
+# Nuke Python API reference (Foundry), nuke.Layer: its methods below as documented there.
 class Layer:
     """``nuke.Layer(name, [channels])``: declares a layer (e.g. ``edit`` with ``edit.red`` ...)."""
 
@@ -438,6 +471,7 @@ class Layer:
         return list(_STATE.layers[self._name])
 
 
+# Nuke Python API reference (Foundry), nuke.layers.
 def layers(node: Any = None) -> list[str]:
     return list(_STATE.layers)
 
@@ -596,6 +630,7 @@ _MAX_INPUTS = {
 }
 
 
+# Nuke Python API reference (Foundry), nuke.Node: its methods below as documented there.
 class Node:
     """A node: a class, a name, knobs, input connections and a place in a Group."""
 
@@ -801,6 +836,7 @@ class Node:
         return f"<{self._class} {self.fullName()}>"
 
 
+# Nuke Python API reference (Foundry), nuke.Group: its methods below as documented there.
 class Group(Node):
     """A node holding a graph; ``with group:`` (or begin/end) makes it where new nodes are created."""
 
@@ -840,6 +876,7 @@ class Group(Node):
         return sorted((n for n in self._children if n.Class() == "Input"), key=lambda n: n["number"].value())
 
 
+# Nuke Python API reference (Foundry), nuke.Root: its methods below as documented there.
 class Root(Group):
     """The script."""
 
@@ -931,6 +968,7 @@ def _undoable(node: Node) -> None:
         _STATE.undo_done.append(step)
 
 
+# Nuke Python API reference (Foundry), nuke.Undo: its methods below as documented there.
 class Undo:
     """Undo groups (Nuke Python API, nuke.Undo): changes between ``begin(name)`` and ``end()`` are one step of
     Edit ▸ Undo; ``cancel()`` undoes the open group's changes and drops it. This fake records node creation."""
@@ -992,6 +1030,7 @@ class _NodeConstructor:
         return _create(self._cls, knobs)
 
 
+# Nuke Python API reference (Foundry), nuke.nodes: its methods below as documented there.
 class Nodes:
     """``nuke.nodes.Read(file=..., first=...)``: create a node in the current group without selecting it."""
 
@@ -1004,6 +1043,7 @@ class Nodes:
 nodes = Nodes()
 
 
+# Nuke Python API reference (Foundry), nuke.createNode.
 def createNode(typ: str, knobs: str = "", inpanel: bool = True) -> Node:
     """Create a node the way the GUI does (Nuke Python developer guide, "Getting Started": createNode "creates a
     new node in the user interface, hooks it up to any user-selected nodes in the Node Graph, and opens the node's
@@ -1034,10 +1074,12 @@ def createNode(typ: str, knobs: str = "", inpanel: bool = True) -> Node:
     return node
 
 
+# Nuke Python API reference (Foundry), nuke.root.
 def root() -> Root:
     return _STATE.root
 
 
+# Nuke Python API reference (Foundry), nuke.selectedNode.
 def selectedNode() -> Node:
     """The most recently selected node of the current group; ValueError when none is selected (as Nuke)."""
     group = _STATE.context[-1]
@@ -1047,16 +1089,19 @@ def selectedNode() -> Node:
     raise ValueError("no node selected")
 
 
+# Nuke Python API reference (Foundry), nuke.selectedNodes.
 def selectedNodes(filter: str | None = None) -> list[Node]:
     return [
         n for n in _STATE.context[-1]._children if n.isSelected() and (filter is None or n.Class() == filter)
     ]
 
 
+# Nuke Python API reference (Foundry), nuke.thisGroup.
 def thisGroup() -> Group:
     return _STATE.context[-1]
 
 
+# Nuke Python API reference (Foundry), nuke.thisNode.
 def thisNode() -> Node:
     node = _STATE.this[-1][0] if _STATE.this else None
     if node is None:
@@ -1064,19 +1109,23 @@ def thisNode() -> Node:
     return node
 
 
+# Nuke Python API reference (Foundry), nuke.thisKnob.
 def thisKnob() -> Knob | None:
     return _STATE.this[-1][1] if _STATE.this else None
 
 
+# Nuke Python API reference (Foundry), nuke.toNode.
 def toNode(s: str) -> Node | None:
     return _STATE.root.node(s)
 
 
+# Nuke Python API reference (Foundry), nuke.allNodes.
 def allNodes(filter: str | None = None, group: Group | None = None) -> list[Node]:
     where = group or _STATE.context[-1]
     return [n for n in where._children if filter is None or n.Class() == filter]
 
 
+# Nuke Python API reference (Foundry), nuke.delete.
 def delete(n: Node | None) -> None:
     if n is None or n._parent is None:
         return
@@ -1089,6 +1138,7 @@ def delete(n: Node | None) -> None:
     n._deleted = True
 
 
+# Nuke Python API reference (Foundry), nuke.frame.
 def frame(f: int | None = None) -> int:
     """The current frame; ``frame(f)`` moves to frame ``f`` (Nuke Python API, nuke.frame)."""
     if f is not None:
@@ -1096,11 +1146,13 @@ def frame(f: int | None = None) -> int:
     return _STATE.frame
 
 
+# Nuke Python API reference (Foundry), nuke.scriptClear.
 def scriptClear() -> None:
     """Clear the script without asking (Nuke Python API, nuke.scriptClear)."""
     scriptClose()
 
 
+# Nuke Python API reference (Foundry), nuke.scriptName.
 def scriptName() -> str:
     name = _STATE.root["name"].value()
     if not name:
@@ -1108,28 +1160,34 @@ def scriptName() -> str:
     return name
 
 
+# Nuke Python API reference (Foundry), nuke.message.
 def message(prompt: str) -> None:
     _STATE.messages.append(prompt)
 
 
+# Nuke Python API reference (Foundry), nuke.tprint.
 def tprint(*args: Any, sep: str = " ", end: str = "\n", file: Any = None) -> None:
     print(*args, sep=sep, end=end, file=file or sys.stdout)
 
 
+# Nuke Python API reference (Foundry), nuke.warning.
 def warning(message: str) -> None:
     _STATE.messages.append("warning: " + message)
 
 
+# Nuke Python API reference (Foundry), nuke.error.
 def error(message: str) -> None:
     _STATE.messages.append("error: " + message)
 
 
+# Nuke Python API reference (Foundry), nuke.pluginAddPath.
 def pluginAddPath(args: str, addToSysPath: bool = True) -> None:
     _STATE.plugin_paths.insert(0, args)
     if addToSysPath and args not in sys.path:
         sys.path.insert(0, args)
 
 
+# Nuke Python API reference (Foundry), nuke.pluginPath.
 def pluginPath() -> list[str]:
     return list(_STATE.plugin_paths)
 
@@ -1138,6 +1196,7 @@ def pluginPath() -> list[str]:
 # Threads and progress
 
 
+# Nuke Python developer guide, "Threading": nuke.executeInMainThread runs the call on the main thread's event loop and returns at once.
 def executeInMainThread(call: Callable[..., Any], args: Any = (), kwargs: Any = None) -> None:
     """Queue ``call`` for the GUI's event loop (run by :func:`_fake_process_events`)."""
     if not isinstance(args, tuple):
@@ -1146,6 +1205,7 @@ def executeInMainThread(call: Callable[..., Any], args: Any = (), kwargs: Any = 
         _STATE.main_queue.append((call, args, dict(kwargs or {})))
 
 
+# Nuke Python API reference (Foundry), nuke.executeInMainThreadWithResult.
 def executeInMainThreadWithResult(call: Callable[..., Any], args: Any = (), kwargs: Any = None) -> Any:
     """Run ``call`` on the main thread and wait for its result. As Nuke's ``executeInMain.py``: the request is
     queued for the main thread's event loop and the caller waits on an event (so a call *from* the main thread
@@ -1173,6 +1233,7 @@ def executeInMainThreadWithResult(call: Callable[..., Any], args: Any = (), kwar
     return box[0] if box else None
 
 
+# Nuke Python API reference (Foundry), nuke.ProgressTask: its methods below as documented there.
 class ProgressTask:
     """A progress bar with a cancel button; the artist's cancel sets ``isCancelled()``."""
 
@@ -1201,6 +1262,7 @@ class ProgressTask:
 # Menus and callbacks
 
 
+# Nuke Python API reference (Foundry), nuke.Menu: its methods below as documented there.
 class Menu:
     """A menu: items by name; adding an existing name replaces it (so set-up code can run twice)."""
 
@@ -1249,6 +1311,7 @@ class Menu:
         self._items.pop(name, None)
 
 
+# Nuke Python API reference (Foundry), nuke.MenuItem: its methods below as documented there.
 class MenuItem:
     def __init__(self, name: str, command: Any) -> None:
         self._name = name
@@ -1264,6 +1327,7 @@ class MenuItem:
             exec(self._command, {"nuke": sys.modules[__name__]})
 
 
+# Nuke Python API reference (Foundry), nuke.menu.
 def menu(name: str) -> Menu:
     return _STATE.menus.setdefault(name, Menu(name))
 
@@ -1275,12 +1339,14 @@ def _add_callback(kind: str, call: Callable[..., Any], args: Any, kwargs: Any, n
         entries.append(entry)
 
 
+# Nuke Python API reference (Foundry), nuke.addOnScriptLoad.
 def addOnScriptLoad(
     call: Callable[..., Any], args: Any = (), kwargs: Any = None, nodeClass: str = "Root"
 ) -> None:
     _add_callback("onScriptLoad", call, args, kwargs, nodeClass)
 
 
+# Nuke Python API reference (Foundry), nuke.addOnCreate.
 def addOnCreate(call: Callable[..., Any], args: Any = (), kwargs: Any = None, nodeClass: str = "*") -> None:
     _add_callback("onCreate", call, args, kwargs, nodeClass)
 
@@ -1447,6 +1513,7 @@ def _evaluate(node: Node | None, frame: int) -> _Image:
     raise NotImplementedError(f"the fake cannot render {cls} nodes")
 
 
+# Nuke Python API reference (Foundry), nuke.execute.
 def execute(
     nameOrNode: Node | str,
     start: int,
@@ -1537,6 +1604,7 @@ def _dump_group(group: Group) -> list[dict[str, Any]]:
     return out
 
 
+# Nuke Python API reference (Foundry), nuke.scriptSaveAs.
 def scriptSaveAs(filename: str | None = None, overwrite: int = -1) -> None:
     if not filename:
         raise RuntimeError("scriptSaveAs: no filename")
@@ -1550,11 +1618,13 @@ def scriptSaveAs(filename: str | None = None, overwrite: int = -1) -> None:
         json.dump(data, handle, default=list)
 
 
+# Nuke Python API reference (Foundry), nuke.scriptSave.
 def scriptSave(filename: str | None = None) -> bool:
     scriptSaveAs(filename or scriptName())
     return True
 
 
+# Nuke Python API reference (Foundry), nuke.scriptClose.
 def scriptClose() -> None:
     # Callbacks, menus and formats belong to the session, not the script.
     callbacks, menus, formats = _STATE.callbacks, _STATE.menus, _STATE.formats
@@ -1597,6 +1667,7 @@ def _load_group(group: Group, entries: list[dict[str, Any]], created: list[Node]
         group.end()
 
 
+# Nuke Python API reference (Foundry), nuke.scriptOpen.
 def scriptOpen(filename: str) -> None:
     """Close the current script and load ``filename``; runs each node's onCreate, then onScriptLoad callbacks."""
     with open(filename) as handle:

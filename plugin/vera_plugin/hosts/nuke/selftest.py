@@ -81,6 +81,7 @@ class SelfTest:
         self.folder = folder or Path(tempfile.mkdtemp(prefix="vera_selftest_"))
         self.out = out or nuke.tprint  # Nuke's own console: the terminal, or the Script Editor's output
         self.pane: Any = None
+        self._vera_cache: str | None = None
         self.lines: list[str] = []
         self.failures = 0
         self.done = threading.Event()
@@ -132,7 +133,7 @@ class SelfTest:
         for name, test in checks:
             if not self.check(name, test) and name in ("versions", "empty script", "node"):
                 self.report("FAIL", "stopped", "the checks after this one need it")
-                self.done.set()
+                self._finish()
                 return self
         if self.engine:
             self._engine_job()
@@ -142,6 +143,8 @@ class SelfTest:
         return self
 
     def _finish(self) -> None:
+        if self._vera_cache is not None:
+            os.environ["VERA_CACHE"] = self._vera_cache
         verdict = "PASS" if not self.failures else "FAIL"
         self.report(
             verdict, "summary", f"{len(self.lines)} lines, {self.failures} failed; files in {self.folder}"
@@ -163,9 +166,8 @@ class SelfTest:
         if nodes:
             return "FAIL", (f"the script holds {len(nodes)} nodes; run it in a new script (File > New) or as "
                             "nuke -t vera_selftest.py")  # fmt: skip
-        os.environ.pop(
-            "VERA_CACHE", None
-        )  # results beside the self-test's script: relative paths are checked
+        # Results beside the self-test's script, so that relative paths are checked; put back at the end.
+        self._vera_cache = os.environ.pop("VERA_CACHE", None)
         (self.folder / "shot").mkdir(parents=True, exist_ok=True)
         nuke.scriptSaveAs(str(self.folder / "shot" / "selftest.nk"), 1)
         return "PASS", f"script {adapter._script_path()}"
