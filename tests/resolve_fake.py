@@ -1,51 +1,60 @@
 """A fake of the DaVinci Resolve scripting object model, for testing ``vera_plugin.hosts.resolve`` (test-only).
 
 It implements the documented calls the adapter uses, with the signatures and return conventions of the
-scripting README (``Developer/Scripting/README.txt`` shipped with Resolve; the v19/v20 text is mirrored in
-many public repositories): Resolve, ProjectManager, Project (render queue), MediaStorage, MediaPool, Folder,
-MediaPoolItem, Timeline, TimelineItem. Failures are reported the way Resolve reports them, with ``False``,
-``None``, ``""`` or ``[]`` instead of exceptions, so the adapter's checks are exercised.
+scripting README (Blackmagic's ``Developer/Scripting/README.txt`` shipped with Resolve, "Basic Resolve API" and
+"Looking up Project and Clip properties"; the v19/v20 text is mirrored in many public repositories): Resolve,
+ProjectManager, Project (render queue, presets, settings), MediaStorage, MediaPool, Folder, MediaPoolItem,
+Timeline, TimelineItem. Failures are reported the way Resolve reports them, with ``False``, ``None``, ``""`` or
+``[]`` instead of exceptions, so the adapter's checks are exercised. Each documented method carries its source
+beside it; the quirks the adapter must handle are modelled, not smoothed over:
 
-Modelled quirks, each with where it is documented:
+1. ``TimelineItem.GetEnd()`` is exclusive: ``GetEnd() - GetStart() == GetDuration()``.
+2. ``MediaPoolItem.GetClipProperty("Start")``/``"End"`` are the media's own frame numbers, inclusive: an image
+   sequence ``plate.[1001-1010].exr`` has Start 1001 and End 1010 (a render of timeline frames 86400... has
+   Start 86400), a movie its start timecode's frame. ``MediaPool.AppendToTimeline`` clip infos address the media
+   in those numbers: ``startFrame``/``endFrame`` (README: "startFrame" (int), "endFrame" (int), ..., "trackIndex"
+   and "recordFrame"), ``recordFrame`` in the timeline clock, ``trackIndex`` 1-based, ``mediaType`` 1 = video.
+   Pipeline tools address them that way (OpenPype/AYON's Resolve loader passes ``int(GetClipProperty("Start"))``
+   and ``"End"`` as startFrame/endFrame). Whether ``endFrame`` is inclusive differs between builds:
+   ``MediaPool.end_frame_inclusive`` picks which one this fake is (default exclusive).
+3. ``Timeline.GetCurrentVideoItem()`` returns the item of the *topmost* video track under the playhead.
+4. Timeline positions are absolute: a timeline starting at 01:00:00:00 at 24 fps has ``GetStartFrame()`` 86400.
+5. An image sequence's ``GetClipProperty("File Path")`` is ``/dir/name.[1001-1003].exr``; ``ImportMedia`` takes
+   ``[{"FilePath": "name.%04d.exr", "StartIndex": 1001, "EndIndex": 1003}]`` (README) and returns ``[]`` if the
+   files are not there.
+6. ``GetRenderFormats()`` maps a format's display name to its file extension (README: "Returns a dict (format ->
+   file extension)"); ``GetRenderCodecs(renderFormat)`` and ``SetCurrentRenderFormatAndCodec(format, codec)`` take
+   the *extension* (``"exr"``, as scripts in the field call them: ``GetRenderCodecs("mp4")``), not the display
+   name, for which they answer ``{}``/``False``. ``AddRenderJob()`` snapshots the current settings; rendering is
+   asynchronous (``IsRenderingInProgress()``, ``GetRenderJobStatus(id)``); ``MarkIn``/``MarkOut`` are inclusive
+   timeline frames and set the timeline's In/Out marks (the Deliver page's range is the timeline's marks).
+   Single-clip mode renders what the viewer shows: the topmost enabled track with an enabled item.
+7. The Deliver page's state (format, codec, render mode, render settings, marks) is the project's and the
+   artist's: ``SetRenderSettings`` and ``SetCurrentRenderFormatAndCodec`` change it visibly. There is no getter
+   for the render settings; ``SaveAsNewRenderPreset``/``LoadRenderPreset``/``DeleteRenderPreset`` keep and bring
+   back format, codec and settings (not the marks: ``Timeline.GetMarkInOut``/``SetMarkInOut``/``ClearMarkInOut``,
+   README "New in 19.1"). ``FakeProject.deliver_page()`` shows the whole state for tests.
+8. ``MediaPoolItem.SetClipProperty("Input Color Space", name)`` works only in a Resolve Color Managed project
+   (``colorScienceMode`` ``davinciYRGBColorManaged[v2]``); in an ACES project the clip's transform is ``"IDT"``;
+   in a DaVinci YRGB project neither exists. Unknown names are refused with ``False`` (README, "Looking up Project
+   and Clip properties": "Some properties may be read only ... custom colorspaces in an ACES workflow"; "please
+   check the return value").
+9. ``MediaStorage.AddClipMattesToMediaPool(item, [paths], stereoEye)`` returns ``True`` if the mattes were added;
+   ``MediaPool.GetClipMatteList(item)`` lists their paths.
 
-1. ``TimelineItem.GetEnd()`` is exclusive: ``GetEnd() - GetStart() == GetDuration()`` (README lists
-   ``GetStart``/``GetEnd``/``GetDuration`` as positions and length; the exclusive end is what scripts that
-   place clips end to end rely on, e.g. "GetEnd() is exclusive ... the next recordFrame is exactly GetEnd()").
-2. ``MediaPool.AppendToTimeline`` clip infos: ``endFrame`` is exclusive (placed duration = ``endFrame -
-   startFrame``, "verified live: startFrame 0, endFrame 105 gives a 105-frame clip"); some older builds
-   treated it as inclusive, which ``end_frame_inclusive=True`` reproduces so the adapter's self-check is
-   tested. ``startFrame``/``endFrame`` are offsets into the media pool item; ``recordFrame`` is in the
-   timeline clock; ``trackIndex`` is 1-based; ``mediaType`` 1 = video only.
-3. ``Timeline.GetCurrentVideoItem()`` returns the item of the *topmost* video track under the playhead,
-   whatever track the user selected (README: "Returns the current video timeline item"; it is the item the
-   Color page shows, i.e. the top one). Scripts that want another track must find the item themselves.
-4. Timeline positions are absolute: a timeline starting at 01:00:00:00 at 24 fps has ``GetStartFrame()``
-   86400, and ``GetCurrentTimecode()`` is the playhead in that clock (README: GetStartFrame, GetStartTimecode,
-   GetCurrentTimecode).
-5. An image sequence's ``GetClipProperty("File Path")`` is ``/dir/name.[1001-1003].exr`` (the form Resolve
-   shows and pipeline integrations such as OpenPype's ``get_reformated_path`` parse); ``ImportMedia`` takes
-   ``[{"FilePath": "name.%04d.exr", "StartIndex": 1001, "EndIndex": 1003}]`` (README example) and returns
-   ``[]`` if the files are not there.
-6. ``GetRenderFormats()`` maps format -> extension, ``GetRenderCodecs(format)`` codec description -> codec
-   name; ``AddRenderJob()`` snapshots the current settings and returns a job id string (``""`` when no
-   target folder is set); rendering is asynchronous: ``IsRenderingInProgress()`` stays ``True`` while frames
-   are written, ``GetRenderJobStatus(id)`` returns ``{"JobStatus": "Rendering"|"Complete"|"Cancelled",
-   "CompletionPercentage": n}``; ``MarkIn``/``MarkOut`` are inclusive timeline frames. Single-clip mode
-   renders what the timeline shows (the top enabled track), so the adapter must isolate the source track.
-   The output file naming (``<CustomName>_<8-digit frame>.exr``) is this fake's choice; the adapter does not
-   rely on it (it orders the files by their frame number).
-7. ``MediaStorage.AddClipMattesToMediaPool(item, [paths], stereoEye)`` returns ``True`` if the mattes were
-   added (README); ``MediaPool.GetClipMatteList(item)`` lists their paths.
+Every documented method records its name in ``CALLS`` when called from outside this file (the self-test check).
 
-Pixels: a "rendered" or imported frame of media ``m`` at media frame ``f`` is an RGB image with R = media
-id, G = :func:`frame_code` (f), B = 0.25, so the frames an engine received can be told apart exactly (even as
-half floats, and after compositing).
+Pixels: a "rendered" frame of a movie ``m`` at media frame ``f`` is an RGB image with R = media id, G =
+:func:`frame_code` (f), B = 0.25; an image sequence on disk renders as its files' pixels.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +64,11 @@ from vera_engine.imaging.exr import write_exr
 from vera_plugin.hosts.resolve.timeline import frame_to_timecode, parse_sequence_path, timecode_to_frame
 
 FAKE_SIZE = (24, 16)  # width, height of every fake frame (the engine takes 16 px and up)
+CALLS: set[str] = set()
+COLOUR_SPACES = {  # what this fake's projects accept per colour science (names as Resolve's menus show them)
+    "rcm": {"Rec.709 Gamma 2.4", "Rec.709 Linear", "ACEScg", "ACES (AP1) Linear", "DaVinci WG/Intermediate"},
+    "aces": {"ACEScg - CSC", "sRGB (Linear) - CSC", "No Input Transform"},
+}
 
 
 def frame_code(media_frame: int) -> float:
@@ -71,52 +85,90 @@ def media_pixels(media_id: int, media_frame: int, size: tuple[int, int] = FAKE_S
 
 
 class FakeMediaPoolItem:
-    """A clip in the media pool: an EXR sequence on disk, or a movie whose frames the render queue invents."""
+    """A clip in the media pool: an image sequence on disk, or a movie whose frames the render queue invents."""
 
     _ids = 0
 
     def __init__(
-        self, name: str, file_path: str, frames: int, fps: float, first_frame: int = 0, size=FAKE_SIZE
+        self,
+        project: FakeProject,
+        name: str,
+        file_path: str,
+        frames: int,
+        fps: float,
+        first_frame: int = 0,
+        size: tuple[int, int] = FAKE_SIZE,
     ) -> None:
         FakeMediaPoolItem._ids += 1
+        self.project = project
         self.media_id = FakeMediaPoolItem._ids
         self.name = name
         self.file_path = file_path
         self.frames = frames
         self.fps = fps
-        self.first_frame = first_frame  # number of the first file of a sequence (0 for movies)
+        self.first_frame = first_frame  # the media's own first frame number (quirk 2)
         self.size = size
         self.mattes: list[str] = []
+        self.properties: dict[str, str] = {"Input Color Space": "", "IDT": ""}
 
-    def GetName(self) -> str:
+    def GetName(self) -> str:  # README: MediaPoolItem.GetName
         return self.name
 
-    def GetMediaId(self) -> str:
+    def GetMediaId(self) -> str:  # README: MediaPoolItem.GetMediaId
         return f"media-{self.media_id}"
 
-    def GetUniqueId(self) -> str:
+    def GetUniqueId(self) -> str:  # README: MediaPoolItem.GetUniqueId
         return f"mpi-{self.media_id}"
 
     def GetClipProperty(self, name: str | None = None) -> Any:
+        """README: GetClipProperty(propertyName=None); every value a string; an invalid key gives a trivial
+        result; "Start"/"End" in the media's own frame numbers (quirk 2)."""
         props = {
             "Clip Name": self.name,
             "File Path": self.file_path,
             "File Name": os.path.basename(self.file_path),
-            "Start": "0",
-            "End": str(self.frames - 1),
+            "Start": str(self.first_frame),
+            "End": str(self.first_frame + self.frames - 1),
             "Frames": str(self.frames),
             "FPS": f"{self.fps:g}",
             "Resolution": f"{self.size[0]}x{self.size[1]}",
             "Start TC": frame_to_timecode(self.first_frame, self.fps),
             "Type": "Video",
+            **self.properties,
         }
         if not name:
             return props
-        return props.get(name, "")  # README: an invalid key returns a trivial result
+        return props.get(name, "")
+
+    def SetClipProperty(self, name: str, value: str) -> bool:
+        """README: SetClipProperty(propertyName, propertyValue) --> Bool (quirk 8)."""
+        science = str(self.project.settings.get("colorScienceMode", ""))
+        if name == "Input Color Space" and "ColorManaged" in science and value in COLOUR_SPACES["rcm"]:
+            self.properties[name] = value
+            return True
+        if name == "IDT" and science.startswith("aces") and value in COLOUR_SPACES["aces"]:
+            self.properties[name] = value
+            return True
+        return False
 
     def media_frame(self, offset: int) -> int:
         """The media frame number at ``offset`` frames from the clip's first frame."""
         return self.first_frame + offset
+
+    def pixels(self, media_frame: int, size: tuple[int, int]) -> np.ndarray:
+        """What the clip shows at ``media_frame``: its file's pixels for a sequence on disk, else invented."""
+        sequence = parse_sequence_path(self.file_path)
+        if sequence is not None and os.path.isfile(sequence.path(media_frame)):
+            import OpenImageIO as oiio
+
+            buf = oiio.ImageBuf(sequence.path(media_frame))
+            pixels = np.asarray(buf.get_pixels(oiio.FLOAT))[..., :3]
+            if pixels.shape[:2] != (size[1], size[0]):
+                rows = np.arange(size[1]) * pixels.shape[0] // size[1]
+                cols = np.arange(size[0]) * pixels.shape[1] // size[0]
+                pixels = pixels[rows][:, cols]
+            return pixels.astype(np.float32)
+        return media_pixels(self.media_id, media_frame, size)
 
 
 class FakeFolder:
@@ -127,16 +179,16 @@ class FakeFolder:
         self.clips: list[FakeMediaPoolItem] = []
         self.subfolders: list[FakeFolder] = []
 
-    def GetName(self) -> str:
+    def GetName(self) -> str:  # README: Folder.GetName
         return self.name
 
-    def GetClipList(self) -> list[FakeMediaPoolItem]:
+    def GetClipList(self) -> list[FakeMediaPoolItem]:  # README: Folder.GetClipList
         return list(self.clips)
 
-    def GetSubFolderList(self) -> list[FakeFolder]:
+    def GetSubFolderList(self) -> list[FakeFolder]:  # README: Folder.GetSubFolderList
         return list(self.subfolders)
 
-    def GetUniqueId(self) -> str:
+    def GetUniqueId(self) -> str:  # README: Folder.GetUniqueId
         return f"folder-{id(self)}"
 
 
@@ -149,36 +201,48 @@ class FakeTimelineItem:
         self.media, self.track = media, track
         self.start, self.duration, self.left_offset = start, duration, left_offset
         self.speed = 1.0  # a retimed clip shows media frames at this rate (Clip Attributes ▸ speed)
+        self.enabled = True
 
-    def GetName(self) -> str:
+    def GetName(self) -> str:  # README: TimelineItem.GetName
         return self.media.name
 
-    def GetStart(self, subframe_precision: bool = False) -> int:
+    def GetStart(self, subframe_precision: bool = False) -> int:  # README: TimelineItem.GetStart
         return self.start
 
-    def GetEnd(self, subframe_precision: bool = False) -> int:
+    def GetEnd(self, subframe_precision: bool = False) -> int:  # README: TimelineItem.GetEnd (quirk 1)
         return self.start + self.duration
 
-    def GetDuration(self, subframe_precision: bool = False) -> int:
+    def GetDuration(self, subframe_precision: bool = False) -> int:  # README: TimelineItem.GetDuration
         return self.duration
 
     def GetLeftOffset(self, subframe_precision: bool = False) -> int:
+        """README: "Returns the maximum extension by frame for clip from left side": media frames before it."""
         return self.left_offset
 
     def GetRightOffset(self, subframe_precision: bool = False) -> int:
-        return self.media.frames - self.left_offset - self.duration
+        """README: "Returns the maximum extension by frame for clip from right side"."""
+        return self.media.frames - self.left_offset - round(self.duration * self.speed)
 
     def GetSourceStartFrame(self) -> int:
-        return self.left_offset
+        """README: "Returns the start frame position of the media pool clip in the timeline clip" (media numbers)."""
+        return self.media.first_frame + self.left_offset
 
     def GetSourceEndFrame(self) -> int:
-        return self.left_offset + round(self.duration * self.speed)
+        """README: "Returns the end frame position of the media pool clip in the timeline clip"."""
+        return self.media.first_frame + self.left_offset + round(self.duration * self.speed)
 
-    def GetMediaPoolItem(self) -> FakeMediaPoolItem:
+    def GetMediaPoolItem(self) -> FakeMediaPoolItem:  # README: TimelineItem.GetMediaPoolItem
         return self.media
 
-    def GetTrackTypeAndIndex(self) -> list[Any]:
+    def GetTrackTypeAndIndex(self) -> list[Any]:  # README: TimelineItem.GetTrackTypeAndIndex
         return ["video", self.track]
+
+    def SetClipEnabled(self, enabled: bool) -> bool:  # README: "SetClipEnabled(Bool) Sets clip enabled"
+        self.enabled = bool(enabled)
+        return True
+
+    def GetClipEnabled(self) -> bool:  # README: "GetClipEnabled() Gets clip enabled status"
+        return self.enabled
 
 
 class FakeTimeline:
@@ -191,6 +255,7 @@ class FakeTimeline:
         self.track_names = ["Video 1"]
         self.enabled = [True]
         self.playhead = self.start_frame
+        self.marks: dict[str, dict[str, int]] = {}  # quirk 7: offsets from the timeline's start
 
     # -- test set-up -------------------------------------------------------------------------------------
     def add_item(self, media: FakeMediaPoolItem, track: int, start: int, duration: int, left_offset: int = 0):
@@ -205,28 +270,37 @@ class FakeTimeline:
         """The item of ``track`` covering timeline ``frame``."""
         return next((i for i in self.tracks[track - 1] if i.start <= frame < i.start + i.duration), None)
 
+    def shown_at(self, frame: int) -> FakeTimelineItem | None:
+        """What the viewer shows at ``frame``: the topmost enabled track's enabled item."""
+        for track in range(len(self.tracks), 0, -1):
+            item = self.item_at(track, frame)
+            if self.enabled[track - 1] and item is not None and item.enabled:
+                return item
+        return None
+
     # -- documented API ----------------------------------------------------------------------------------
-    def GetName(self) -> str:
+    def GetName(self) -> str:  # README: Timeline.GetName
         return self.name
 
-    def GetStartFrame(self) -> int:
+    def GetStartFrame(self) -> int:  # README: Timeline.GetStartFrame (quirk 4)
         return self.start_frame
 
-    def GetEndFrame(self) -> int:
+    def GetEndFrame(self) -> int:  # README: Timeline.GetEndFrame
         ends = [i.start + i.duration for track in self.tracks for i in track]
         return max(ends, default=self.start_frame)
 
-    def GetStartTimecode(self) -> str:
+    def GetStartTimecode(self) -> str:  # README: Timeline.GetStartTimecode
         return frame_to_timecode(self.start_frame, self.fps)
 
-    def GetSetting(self, name: str | None = None) -> Any:
+    def GetSetting(self, name: str | None = None) -> Any:  # README: Timeline.GetSetting
         settings = {"timelineFrameRate": f"{self.fps:g}", "timelineDropFrameTimecode": "0"}
         return settings if not name else settings.get(name, "")
 
-    def GetTrackCount(self, track_type: str) -> int:
+    def GetTrackCount(self, track_type: str) -> int:  # README: Timeline.GetTrackCount
         return len(self.tracks) if track_type == "video" else 0
 
     def AddTrack(self, track_type: str, sub_track_type: Any = None) -> bool:
+        """README: AddTrack(trackType, ...) appends a track (on top for video)."""
         if track_type != "video":
             return False
         self.tracks.append([])
@@ -234,33 +308,34 @@ class FakeTimeline:
         self.enabled.append(True)
         return True
 
-    def GetTrackName(self, track_type: str, index: int) -> str:
+    def GetTrackName(self, track_type: str, index: int) -> str:  # README: Timeline.GetTrackName
         return self.track_names[index - 1] if track_type == "video" and 1 <= index <= len(self.tracks) else ""
 
-    def SetTrackName(self, track_type: str, index: int, name: str) -> bool:
+    def SetTrackName(self, track_type: str, index: int, name: str) -> bool:  # README: Timeline.SetTrackName
         if track_type != "video" or not 1 <= index <= len(self.tracks):
             return False
         self.track_names[index - 1] = name
         return True
 
-    def GetIsTrackEnabled(self, track_type: str, index: int) -> bool:
+    def GetIsTrackEnabled(self, track_type: str, index: int) -> bool:  # README: Timeline.GetIsTrackEnabled
         return track_type == "video" and 1 <= index <= len(self.tracks) and self.enabled[index - 1]
 
-    def SetTrackEnable(self, track_type: str, index: int, enabled: bool) -> bool:
+    def SetTrackEnable(self, track_type: str, index: int, enabled: bool) -> bool:  # README: SetTrackEnable
         if track_type != "video" or not 1 <= index <= len(self.tracks):
             return False
         self.enabled[index - 1] = bool(enabled)
         return True
 
     def GetItemListInTrack(self, track_type: str, index: int) -> list[FakeTimelineItem] | None:
+        """README: GetItemListInTrack(trackType, index), 1 <= index <= GetTrackCount(trackType)."""
         if track_type != "video" or not 1 <= index <= len(self.tracks):
             return None
         return sorted(self.tracks[index - 1], key=lambda i: i.start)
 
-    def GetCurrentTimecode(self) -> str:
+    def GetCurrentTimecode(self) -> str:  # README: Timeline.GetCurrentTimecode (quirk 4)
         return frame_to_timecode(self.playhead, self.fps)
 
-    def SetCurrentTimecode(self, timecode: str) -> bool:
+    def SetCurrentTimecode(self, timecode: str) -> bool:  # README: Timeline.SetCurrentTimecode
         try:
             self.playhead = timecode_to_frame(timecode, self.fps)
         except ValueError:
@@ -268,20 +343,42 @@ class FakeTimeline:
         return True
 
     def GetCurrentVideoItem(self) -> FakeTimelineItem | None:
-        for track in range(len(self.tracks), 0, -1):  # quirk 3: the topmost track wins
+        """README: "Returns the current video timeline item": the topmost track's (quirk 3)."""
+        for track in range(len(self.tracks), 0, -1):
             item = self.item_at(track, self.playhead)
             if item is not None:
                 return item
         return None
 
     def DeleteClips(self, items: list[FakeTimelineItem], ripple: bool = False) -> bool:
+        """README: DeleteClips([timelineItems], Bool)."""
         for item in items:
+            if item not in self.tracks[item.track - 1]:
+                return False
             self.tracks[item.track - 1].remove(item)
+        return True
+
+    def GetMarkInOut(self) -> dict[str, dict[str, int]]:
+        """README (19.1+): "Returns dict of in/out marks set (keys omitted if not set)"."""
+        return {kind: dict(marks) for kind, marks in self.marks.items()}
+
+    def SetMarkInOut(self, mark_in: int, mark_out: int, type: str = "all") -> bool:
+        """README (19.1+): SetMarkInOut(in, out, type="all") for "video", "audio" or "all"."""
+        if type not in ("video", "audio", "all") or mark_out < mark_in:
+            return False
+        for kind in ("video", "audio") if type == "all" else (type,):
+            self.marks[kind] = {"in": int(mark_in), "out": int(mark_out)}
+        return True
+
+    def ClearMarkInOut(self, type: str = "all") -> bool:
+        """README (19.1+): ClearMarkInOut(type="all")."""
+        for kind in ("video", "audio") if type == "all" else (type,):
+            self.marks.pop(kind, None)
         return True
 
 
 class FakeMediaPool:
-    """The media pool: bins, import and placing clips on the current timeline (quirks 2 and 5)."""
+    """The media pool: bins, import, timelines and placing clips on the current timeline (quirks 2 and 5)."""
 
     def __init__(self, project: FakeProject) -> None:
         self.project = project
@@ -294,41 +391,44 @@ class FakeMediaPool:
     def add_exr_sequence(self, directory: Path, name: str, first: int, last: int) -> FakeMediaPoolItem:
         """Write ``name.####.exr`` frames ``first..last`` to ``directory`` and add them as one clip."""
         directory.mkdir(parents=True, exist_ok=True)
-        fps = self.project.timeline.fps
+        fps = self.project.fps
         shown = f"{name}.[{first:04d}-{last:04d}].exr"  # Resolve names a sequence clip like its files
-        item = FakeMediaPoolItem(shown, str(directory / shown), last - first + 1, fps, first)
+        item = FakeMediaPoolItem(self.project, shown, str(directory / shown), last - first + 1, fps, first)
         for frame in range(first, last + 1):
             write_exr(directory / f"{name}.{frame:04d}.exr", media_pixels(item.media_id, frame), "RGB")
         self.root.clips.append(item)
         return item
 
-    def add_movie(self, path: str, frames: int) -> FakeMediaPoolItem:
-        """A movie clip (its pixels exist only through the render queue)."""
-        item = FakeMediaPoolItem(os.path.basename(path), path, frames, self.project.timeline.fps)
+    def add_movie(self, path: str, frames: int, start_frame: int = 0) -> FakeMediaPoolItem:
+        """A movie clip (its pixels exist only through the render queue); ``start_frame`` is its start TC."""
+        item = FakeMediaPoolItem(
+            self.project, os.path.basename(path), path, frames, self.project.fps, start_frame
+        )
         self.root.clips.append(item)
         return item
 
     # -- documented API ----------------------------------------------------------------------------------
-    def GetRootFolder(self) -> FakeFolder:
+    def GetRootFolder(self) -> FakeFolder:  # README: MediaPool.GetRootFolder
         return self.root
 
-    def AddSubFolder(self, folder: FakeFolder, name: str) -> FakeFolder | None:
+    def AddSubFolder(self, folder: FakeFolder, name: str) -> FakeFolder | None:  # README: AddSubFolder
         if not name:
             return None
         sub = FakeFolder(name)
         folder.subfolders.append(sub)
         return sub
 
-    def GetCurrentFolder(self) -> FakeFolder:
+    def GetCurrentFolder(self) -> FakeFolder:  # README: MediaPool.GetCurrentFolder
         return self.current
 
-    def SetCurrentFolder(self, folder: FakeFolder) -> bool:
+    def SetCurrentFolder(self, folder: FakeFolder) -> bool:  # README: MediaPool.SetCurrentFolder
         if not isinstance(folder, FakeFolder):
             return False
         self.current = folder
         return True
 
     def ImportMedia(self, items: list[Any]) -> list[FakeMediaPoolItem]:
+        """README: ImportMedia([{clipInfo}]) with "FilePath" (a printf pattern), "StartIndex", "EndIndex" (quirk 5)."""
         created = []
         for info in items:
             if not isinstance(info, dict) or set(info) != {"FilePath", "StartIndex", "EndIndex"}:
@@ -337,16 +437,33 @@ class FakeMediaPool:
             paths = [pattern % f for f in range(first, last + 1)]
             if not paths or not all(os.path.isfile(p) for p in paths):
                 return []
-            width = len(re.search(r"%0?(\d*)d", pattern).group(1) or "0") or 1
+            width = int(re.search(r"%0?(\d*)d", pattern).group(1) or 1)  # Resolve shows the files' padding
             shown = re.sub(r"%0?\d*d", f"[{first:0{int(width)}d}-{last:0{int(width)}d}]", pattern)
             item = FakeMediaPoolItem(
-                os.path.basename(shown), shown, len(paths), self.project.timeline.fps, first
+                self.project, os.path.basename(shown), shown, len(paths), self.project.fps, first
             )
             self.current.clips.append(item)
             created.append(item)
         return created
 
+    def CreateEmptyTimeline(self, name: str) -> FakeTimeline | None:
+        """README: CreateEmptyTimeline(name) --> Timeline; None when the name is taken."""
+        if not name or any(t.name == name for t in self.project.timelines):
+            return None
+        timeline = FakeTimeline(name, float(self.project.settings.get("timelineFrameRate", 24)))
+        self.project.timelines.append(timeline)
+        self.project.timeline = timeline  # a new timeline opens
+        return timeline
+
+    def DeleteTimelines(self, timelines: list[FakeTimeline]) -> bool:  # README: DeleteTimelines([timeline])
+        for timeline in timelines:
+            if timeline not in self.project.timelines:
+                return False
+            self.project.timelines.remove(timeline)
+        return True
+
     def AppendToTimeline(self, infos: list[Any]) -> list[FakeTimelineItem]:
+        """README: AppendToTimeline([{clipInfo}, ...]) --> [TimelineItem] (quirk 2)."""
         self.append_calls.append([dict(i) for i in infos])
         timeline = self.project.timeline
         placed = []
@@ -361,23 +478,24 @@ class FakeMediaPool:
                 not isinstance(media, FakeMediaPoolItem)
                 or info.get("mediaType", 1) != 1
                 or not 1 <= track <= timeline.GetTrackCount("video")
-                or not 0 <= start < end <= media.frames
+                or not media.first_frame <= start < end <= media.first_frame + media.frames
             ):
                 return []
             duration = end - start
             if any(timeline.item_at(track, f) for f in range(record, record + duration)):
                 return []  # the track is occupied there; Resolve refuses rather than overwrite
-            placed.append(timeline.add_item(media, track, record, duration, start))
+            placed.append(timeline.add_item(media, track, record, duration, start - media.first_frame))
         return placed
 
-    def GetClipMatteList(self, item: FakeMediaPoolItem) -> list[str]:
+    def GetClipMatteList(self, item: FakeMediaPoolItem) -> list[str]:  # README: GetClipMatteList(item)
         return list(item.mattes)
 
 
 class FakeMediaStorage:
-    """Media storage: only the clip matte call the adapter uses (quirk 7)."""
+    """Media storage: only the clip matte call the adapter uses (quirk 9)."""
 
     def AddClipMattesToMediaPool(self, item: Any, paths: list[str], stereo_eye: str = "") -> bool:
+        """README: AddClipMattesToMediaPool(MediaPoolItem, [paths], stereoEye) --> Bool."""
         if not isinstance(item, FakeMediaPoolItem) or not paths or not all(os.path.isfile(p) for p in paths):
             return False
         item.mattes.extend(paths)
@@ -385,7 +503,7 @@ class FakeMediaStorage:
 
 
 class FakeProject:
-    """A project: its media pool, one current timeline and the render queue (quirk 6)."""
+    """A project: its media pool, timelines, settings, the Deliver page and the render queue (quirks 6 and 7)."""
 
     RENDER_FORMATS = {"QuickTime": "mov", "MP4": "mp4", "OpenEXR": "exr", "DPX": "dpx"}
     EXR_CODECS = {
@@ -394,94 +512,178 @@ class FakeProject:
         "RGB Half (PIZ)": "RGBHalfPIZ",
         "RGB Half (ZIP)": "RGBHalfZIP",
     }
+    RENDER_SETTING_KEYS = {"SelectAllFrames", "MarkIn", "MarkOut", "TargetDir", "CustomName", "ExportVideo",
+                           "ExportAudio", "FormatWidth", "FormatHeight", "FrameRate", "ColorSpaceTag", "GammaTag"}  # fmt: skip
 
-    def __init__(self, timeline: FakeTimeline) -> None:
+    def __init__(self, timeline: FakeTimeline, name: str = "Vera test project") -> None:
+        self.name = name
         self.timeline = timeline
+        self.timelines = [timeline]
         self.media_pool = FakeMediaPool(self)
-        self.settings: dict[str, Any] = {}
-        self.format_codec = {"format": "QuickTime", "codec": "H264"}
+        self.settings: dict[str, Any] = {
+            "colorScienceMode": "davinciYRGB",
+            "timelineFrameRate": f"{timeline.fps:g}",
+        }
+        # The Deliver page, as an artist left it.
+        self.render_settings: dict[str, Any] = {
+            "SelectAllFrames": True, "TargetDir": "/deliver/finals", "CustomName": "final", "ExportVideo": True,
+            "ExportAudio": True,
+        }  # fmt: skip
+        self.format_codec = {"format": "mov", "codec": "H264"}
         self.render_mode = 0
+        self.presets: dict[str, dict[str, Any]] = {}
         self.jobs: dict[str, dict[str, Any]] = {}
         self.rendering: list[str] = []
         self.render_calls: list[str] = []
+        self.rendered_jobs: list[dict[str, Any]] = []  # what each started job was set to (test helper)
+        self.fail_renders = False  # a render that fails part way (disk full, codec error): test switch
         self.formats = dict(self.RENDER_FORMATS)
 
-    def GetName(self) -> str:
-        return "Vera test project"
+    # -- test helpers ------------------------------------------------------------------------------------
+    @property
+    def fps(self) -> float:
+        """The project's frame rate (new clips take it)."""
+        return float(self.settings.get("timelineFrameRate", 24))
 
-    def GetMediaPool(self) -> FakeMediaPool:
+    def deliver_page(self) -> dict[str, Any]:
+        """Everything the Deliver page shows an artist (quirk 7): compare it before and after a render."""
+        return {
+            "settings": dict(self.render_settings),
+            "format_codec": dict(self.format_codec),
+            "mode": self.render_mode,
+            "marks": self.timeline.GetMarkInOut(),
+            "presets": sorted(self.presets),
+            "jobs": sorted(self.jobs),
+            "track_enables": list(self.timeline.enabled),
+            "clip_enables": [i.enabled for track in self.timeline.tracks for i in track],
+        }
+
+    # -- documented API ----------------------------------------------------------------------------------
+    def GetName(self) -> str:  # README: Project.GetName
+        return self.name
+
+    def GetMediaPool(self) -> FakeMediaPool:  # README: Project.GetMediaPool
         return self.media_pool
 
-    def GetCurrentTimeline(self) -> FakeTimeline:
+    def GetCurrentTimeline(self) -> FakeTimeline:  # README: Project.GetCurrentTimeline
         return self.timeline
 
-    def GetSetting(self, name: str | None = None) -> Any:
-        return self.timeline.GetSetting(name)
+    def SetCurrentTimeline(self, timeline: FakeTimeline) -> bool:  # README: Project.SetCurrentTimeline
+        if timeline not in self.timelines:
+            return False
+        self.timeline = timeline
+        return True
 
-    def GetRenderFormats(self) -> dict[str, str]:
+    def GetTimelineCount(self) -> int:  # README: Project.GetTimelineCount
+        return len(self.timelines)
+
+    def GetSetting(self, name: str | None = None) -> Any:  # README: Project.GetSetting
+        return dict(self.settings) if not name else self.settings.get(name, "")
+
+    def SetSetting(self, name: str, value: str) -> bool:  # README: Project.SetSetting (values are strings)
+        if not isinstance(value, str):
+            return False
+        self.settings[name] = value
+        return True
+
+    def GetRenderFormats(self) -> dict[str, str]:  # README: "a dict (format -> file extension)" (quirk 6)
         return dict(self.formats)
 
     def GetRenderCodecs(self, render_format: str) -> dict[str, str]:
-        if render_format == "OpenEXR" and render_format in self.formats:
-            return dict(self.EXR_CODECS)
-        return {"H.264": "H264"} if render_format in self.formats else {}
+        """README: GetRenderCodecs(renderFormat): codec description -> name; keyed by the extension (quirk 6)."""
+        if render_format not in self.formats.values():
+            return {}
+        return dict(self.EXR_CODECS) if render_format == "exr" else {"H.264": "H264"}
 
     def SetCurrentRenderFormatAndCodec(self, render_format: str, codec: str) -> bool:
+        """README: SetCurrentRenderFormatAndCodec(format, codec) --> Bool, with the extension (quirk 6)."""
         if codec not in self.GetRenderCodecs(render_format).values():
             return False
         self.format_codec = {"format": render_format, "codec": codec}
         return True
 
-    def GetCurrentRenderFormatAndCodec(self) -> dict[str, str]:
+    def GetCurrentRenderFormatAndCodec(self) -> dict[str, str]:  # README: {format, codec}
         return dict(self.format_codec)
 
-    def SetCurrentRenderMode(self, mode: int) -> bool:
+    def SetCurrentRenderMode(self, mode: int) -> bool:  # README: 0 individual clips, 1 single clip
         if mode not in (0, 1):
             return False
         self.render_mode = mode
         return True
 
-    def GetCurrentRenderMode(self) -> int:
+    def GetCurrentRenderMode(self) -> int:  # README: Project.GetCurrentRenderMode
         return self.render_mode
 
     def SetRenderSettings(self, settings: dict[str, Any]) -> bool:
-        known = {"SelectAllFrames", "MarkIn", "MarkOut", "TargetDir", "CustomName", "ExportVideo",
-                 "ExportAudio", "FormatWidth", "FormatHeight", "FrameRate", "ColorSpaceTag", "GammaTag"}  # fmt: skip
-        if not set(settings) <= known:
+        """README: SetRenderSettings({settings}); MarkIn/MarkOut set the timeline's In/Out (quirks 6, 7)."""
+        if not set(settings) <= self.RENDER_SETTING_KEYS:
             return False
-        self.settings.update(settings)
+        if "MarkIn" in settings or "MarkOut" in settings:
+            start = self.timeline.GetStartFrame()
+            self.timeline.SetMarkInOut(int(settings["MarkIn"]) - start, int(settings["MarkOut"]) - start)
+        self.render_settings.update({k: v for k, v in settings.items() if k not in ("MarkIn", "MarkOut")})
         return True
 
+    def SaveAsNewRenderPreset(self, name: str) -> bool:
+        """README: "Creates new render preset by given name if presetName(string) is unique" (quirk 7)."""
+        if not name or name in self.presets:
+            return False
+        self.presets[name] = {"settings": dict(self.render_settings), "format_codec": dict(self.format_codec)}
+        return True
+
+    def LoadRenderPreset(self, name: str) -> bool:  # README: "Sets a preset as current preset for rendering"
+        preset = self.presets.get(name)
+        if preset is None:
+            return False
+        self.render_settings = dict(preset["settings"])
+        self.format_codec = dict(preset["format_codec"])
+        return True
+
+    def DeleteRenderPreset(self, name: str) -> bool:  # README: DeleteRenderPreset(presetName) --> Bool
+        return self.presets.pop(name, None) is not None
+
+    def GetRenderPresetList(self) -> list[str]:  # README: "Returns a list of render presets"
+        return sorted(self.presets)
+
     def AddRenderJob(self) -> str:
-        if not self.settings.get("TargetDir"):
+        """README: "Adds a render job based on current render settings ... Returns a unique job id"."""
+        if not self.render_settings.get("TargetDir"):
             return ""
-        job_id = f"job-{len(self.jobs) + 1}"
-        start, end = int(self.settings["MarkIn"]), int(self.settings["MarkOut"])
+        marks = self.timeline.marks.get("video")
+        if self.render_settings.get("SelectAllFrames") or marks is None:
+            first, last = self.timeline.GetStartFrame(), self.timeline.GetEndFrame() - 1
+        else:
+            first = self.timeline.GetStartFrame() + marks["in"]
+            last = self.timeline.GetStartFrame() + marks["out"]  # quirk 6: MarkOut inclusive
+        job_id = f"job-{len(self.jobs) + 1}-{id(self) % 1000}"
         self.jobs[job_id] = {
-            "settings": dict(self.settings),
+            "settings": dict(self.render_settings),
             **self.format_codec,
             "mode": self.render_mode,
-            "frames": list(range(start, end + 1)),  # quirk 6: MarkOut inclusive
+            "frames": list(range(first, last + 1)),
+            "timeline": self.timeline,
             "done": 0,
             "status": "Ready",
         }
         return job_id
 
-    def DeleteRenderJob(self, job_id: str) -> bool:
+    def DeleteRenderJob(self, job_id: str) -> bool:  # README: DeleteRenderJob(jobId)
         if job_id not in self.jobs or job_id in self.rendering:
             return False
         del self.jobs[job_id]
         return True
 
-    def GetRenderJobList(self) -> list[dict[str, Any]]:
+    def GetRenderJobList(self) -> list[dict[str, Any]]:  # README: GetRenderJobList
         return [{"JobId": k, "TargetDir": v["settings"]["TargetDir"]} for k, v in self.jobs.items()]
 
     def StartRendering(self, *args: Any, isInteractiveMode: bool = False) -> bool:
+        """README: StartRendering([jobIds...], isInteractiveMode=False) --> Bool."""
         ids = list(args[0]) if len(args) == 1 and isinstance(args[0], (list, tuple)) else list(args)
         if not ids or not all(i in self.jobs for i in ids):
             return False
         for i in ids:
             self.jobs[i]["status"] = "Rendering"
+            self.rendered_jobs.append({k: v for k, v in self.jobs[i].items() if k != "timeline"})
         self.rendering = ids
         self.render_calls.extend(ids)
         return True
@@ -491,6 +693,11 @@ class FakeProject:
         if not self.rendering:
             return
         job = self.jobs[self.rendering[0]]
+        if self.fail_renders and job["done"] == 1:
+            job["status"] = "Failed"
+            job["error"] = "disk full"
+            self.rendering.pop(0)
+            return
         frame = job["frames"][job["done"]]
         self._render_frame(job, frame)
         job["done"] += 1
@@ -499,67 +706,102 @@ class FakeProject:
             self.rendering.pop(0)
 
     def _render_frame(self, job: dict[str, Any], frame: int) -> None:
-        timeline = self.timeline
-        # Single-clip mode renders what the viewer shows: the topmost enabled track with an item.
-        item = next(
-            (
-                timeline.item_at(t, frame)
-                for t in range(timeline.GetTrackCount("video"), 0, -1)
-                if timeline.enabled[t - 1] and timeline.item_at(t, frame) is not None
-            ),
-            None,
-        )
         settings = job["settings"]
         size = (
             int(settings.get("FormatWidth", FAKE_SIZE[0])),
             int(settings.get("FormatHeight", FAKE_SIZE[1])),
         )
+        item = job["timeline"].shown_at(frame)  # quirk 6: what the viewer shows
         if item is None:
             pixels = np.zeros((size[1], size[0], 3), np.float32)
         else:
             offset = item.left_offset + int((frame - item.start) * item.speed)
-            pixels = media_pixels(item.media.media_id, item.media.media_frame(offset), size)
-        ext = self.formats[job["format"]]
-        out = Path(settings["TargetDir"]) / f"{settings['CustomName']}_{frame:08d}.{ext}"
+            pixels = item.media.pixels(item.media.media_frame(offset), size)
+        out = Path(settings["TargetDir"]) / f"{settings['CustomName']}_{frame:08d}.{job['format']}"
         out.parent.mkdir(parents=True, exist_ok=True)
         write_exr(out, pixels, "RGB", pixel_type="half" if "Half" in job["codec"] else "float")
 
-    def IsRenderingInProgress(self) -> bool:
+    def IsRenderingInProgress(self) -> bool:  # README: Project.IsRenderingInProgress
         self._advance()
         return bool(self.rendering)
 
-    def GetRenderJobStatus(self, job_id: str) -> dict[str, Any]:
+    def GetRenderJobStatus(self, job_id: str) -> dict[str, Any]:  # README: {status info}
         job = self.jobs.get(job_id)
         if job is None:
             return {}
-        return {
+        status = {
             "JobStatus": job["status"],
             "CompletionPercentage": int(100 * job["done"] / len(job["frames"])),
         }
+        if "error" in job:
+            status["Error"] = job["error"]
+        return status
 
-    def StopRendering(self) -> None:
+    def StopRendering(self) -> None:  # README: StopRendering() --> None
         for job_id in self.rendering:
             self.jobs[job_id]["status"] = "Cancelled"
         self.rendering = []
 
 
 class FakeProjectManager:
-    """The project manager: one open project."""
+    """The project manager: projects by name in the current folder, one of them loaded."""
 
     def __init__(self, project: FakeProject) -> None:
+        self.projects = {project.name: project}
         self.project = project
 
-    def GetCurrentProject(self) -> FakeProject:
+    def GetCurrentProject(self) -> FakeProject | None:  # README: ProjectManager.GetCurrentProject
         return self.project
+
+    def CreateProject(self, name: str) -> FakeProject | None:
+        """README: "Creates and returns a project if projectName (string) is unique, and None if it is not"; the
+        new project is the one loaded."""
+        if not name or name in self.projects:
+            return None
+        project = FakeProject(FakeTimeline("Timeline 1"), name)
+        project.timelines, project.timeline = [], None  # type: ignore[assignment]  # a new project is empty
+        self.projects[name] = project
+        self.project = project
+        return project
+
+    def LoadProject(self, name: str) -> FakeProject | None:  # README: LoadProject(projectName)
+        project = self.projects.get(name)
+        if project is not None:
+            self.project = project
+        return project
+
+    def SaveProject(self) -> bool:  # README: ProjectManager.SaveProject
+        return self.project is not None
+
+    def CloseProject(self, project: FakeProject) -> bool:  # README: CloseProject(project)
+        if project is not self.project:
+            return False
+        self.project = None  # type: ignore[assignment]
+        return True
+
+    def DeleteProject(
+        self, name: str
+    ) -> bool:  # README: "Delete project in the current folder if not currently loaded"
+        if name not in self.projects or self.projects[name] is self.project:
+            return False
+        del self.projects[name]
+        return True
+
+    def GetProjectListInCurrentFolder(self) -> list[str]:  # README: GetProjectListInCurrentFolder
+        return sorted(self.projects)
 
 
 class FakeResolve:
     """``resolve``: the scripting entry point (``bmd.scriptapp("Resolve")`` in a real Resolve)."""
 
     def __init__(self, fps: float = 24.0, start_timecode: str = "01:00:00:00") -> None:
-        self.project = FakeProject(FakeTimeline("Edit 1", fps, start_timecode))
-        self.manager = FakeProjectManager(self.project)
+        self.manager = FakeProjectManager(FakeProject(FakeTimeline("Edit 1", fps, start_timecode)))
         self.storage = FakeMediaStorage()
+
+    @property
+    def project(self) -> FakeProject:
+        """The loaded project (test shortcut)."""
+        return self.manager.project
 
     @property
     def timeline(self) -> FakeTimeline:
@@ -571,16 +813,16 @@ class FakeResolve:
         """The media pool (test shortcut)."""
         return self.project.media_pool
 
-    def GetProjectManager(self) -> FakeProjectManager:
+    def GetProjectManager(self) -> FakeProjectManager:  # README: Resolve.GetProjectManager
         return self.manager
 
-    def GetMediaStorage(self) -> FakeMediaStorage:
+    def GetMediaStorage(self) -> FakeMediaStorage:  # README: Resolve.GetMediaStorage
         return self.storage
 
-    def GetProductName(self) -> str:
+    def GetProductName(self) -> str:  # README: Resolve.GetProductName
         return "DaVinci Resolve Studio"
 
-    def GetVersionString(self) -> str:
+    def GetVersionString(self) -> str:  # README: Resolve.GetVersionString
         return "19.1.0.0"
 
 
@@ -589,6 +831,29 @@ def parse_shown_path(item: FakeMediaPoolItem) -> tuple[str, int, int]:
     seq = parse_sequence_path(item.file_path)
     assert seq is not None, item.file_path
     return seq.pattern, seq.first, seq.last
+
+
+def _install_recording() -> None:
+    # Every documented (CamelCase) method records its name when called from outside this file.
+    here = os.path.abspath(__file__)
+
+    def recording(function: Any, name: str) -> Any:
+        @functools.wraps(function)
+        def recorded(*args: Any, **kwargs: Any) -> Any:
+            if os.path.abspath(sys._getframe(1).f_code.co_filename) != here:
+                CALLS.add(name)
+            return function(*args, **kwargs)
+
+        return recorded
+
+    for cls in (FakeMediaPoolItem, FakeFolder, FakeTimelineItem, FakeTimeline, FakeMediaPool, FakeMediaStorage,
+                FakeProject, FakeProjectManager, FakeResolve):  # fmt: skip
+        for name, member in list(vars(cls).items()):
+            if inspect.isfunction(member) and name[:1].isupper():
+                setattr(cls, name, recording(member, name))
+
+
+_install_recording()
 
 
 # ---------------------------------------------------------------------------------------------------------

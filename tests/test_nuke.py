@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.abc
 import inspect
 import os
 import runpy
@@ -46,6 +47,7 @@ LAYERED = ("R", "G", "B", "A", "edit.R", "edit.G", "edit.B", "edit.A", "matte.A"
 def fake_nuke_session(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
     """The fake ``nuke`` module, fresh (empty script, no menus, no queued calls); stops Generates after."""
     monkeypatch.syspath_prepend(str(FAKES))
+    monkeypatch.syspath_prepend(str(REPO / "nuke_gizmos"))  # on NUKE_PATH, hence on Nuke's sys.path
     monkeypatch.delenv("VERA_CACHE", raising=False)
     nuke = importlib.import_module("nuke")
     assert Path(nuke.__file__).is_relative_to(FAKES)
@@ -144,6 +146,33 @@ class InProcessEngine:
         self.engine.stop()
 
 
+class SchemaRunner(PassThroughRunner):
+    """The pass-through runner serving the engine's ``takes`` option (1..8, as engine.proto's Limits.max_takes
+    contract) and, when given, a word vocabulary (``ModelInfo.vocabulary`` of a word-level checkpoint)."""
+
+    def __init__(self, vocabulary: tuple[str, ...] = (), **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.vocabulary = list(vocabulary)
+
+    def models(self) -> list[pb.ModelInfo]:
+        models = super().models()
+        model = models[0]
+        if not any(o.name == "takes" for o in model.options):
+            model.options.append(
+                pb.OptionSpec(
+                    name="takes",
+                    label="Takes",
+                    type=pb.OPTION_TYPE_INT,
+                    default=pb.OptionValue(int_value=1),
+                    min=1,
+                    max=8,
+                    help="Variations in one job: take k uses seed + k - 1.",
+                )
+            )
+        model.vocabulary.extend(self.vocabulary)
+        return models
+
+
 @pytest.fixture
 def engine(tmp_path: Path) -> Iterator[InProcessEngine]:
     eng = InProcessEngine(tmp_path / "spool")
@@ -202,6 +231,9 @@ def test_job_options_validate_and_name_the_field() -> None:
         "hdr": False,
         "bit_depth": "half",
         "compression": "zip",
+        "takes": 1,
+        "window_frames": 4,
+        "window_overlap": 1,
     }
     assert schema_ui.job_options(fields, {"prompt": "x"}, "ACEScg")[1]["seed"] is None  # engine draws it
     cases = [
@@ -338,13 +370,39 @@ def test_menu_setup_is_idempotent_and_init_is_safe(
     assert str(REPO / "plugin") in nk.pluginPath() and str(REPO / "proto") in nk.pluginPath()
 
 
-def test_menu_registers_the_panel_when_pyside_is_there(nk: ModuleType, host: ModuleType) -> None:
+@pytest.fixture
+def qt_app() -> Any:
+    """A QApplication (offscreen), as Nuke's GUI has one."""
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    widgets = pytest.importorskip("PySide6.QtWidgets")
+    return widgets.QApplication.instance() or widgets.QApplication([])
+
+
+def test_the_pane_opens_from_nukes_namespace(
+    nk: ModuleType, host: ModuleType, qt_app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Defect 1: registerWidgetAsPanel pastes its widget string into a PyCustom_Knob command that Nuke evaluates
+    in its __main__ namespace, where menu.py's imports are not: the string must import its own module."""
     pytest.importorskip("PySide6")
+    import __main__
+
     panels = importlib.import_module("nukescripts.panels")
+    monkeypatch.delattr(__main__, "vera_plugin", raising=False)  # Nuke's __main__ never imported it
+    monkeypatch.setenv("VERA_ENGINE", "127.0.0.1:1")
     host.setup()
     host.setup()
-    assert panels._registered[host.PANEL_ID] == ("vera_plugin.panel.VeraPanel", "Vera Edit")
     assert [i.name() for i in nk.menu("Pane").items()] == ["Vera Edit"]
+    panel = panels.restorePanel(host.PANEL_ID)  # what a saved layout, or Windows > Custom > Vera Edit, does
+    (widget,) = panel.widgets
+    try:
+        assert type(widget).__name__ == "VeraPanel" and type(widget).__module__ == "vera_plugin.panel"
+    finally:
+        import shiboken6
+
+        widget.close()
+        widget.wait_idle()
+        panel.widgets.clear()
+        shiboken6.delete(widget)  # on this (the GUI) thread, not whichever thread collects it later
 
 
 def test_menu_py_without_vera_plugin_says_what_is_missing(
@@ -353,6 +411,65 @@ def test_menu_py_without_vera_plugin_says_what_is_missing(
     monkeypatch.setitem(sys.modules, "vera_plugin.hosts.nuke", None)  # grpcio missing in Nuke's Python
     runpy.run_path(str(REPO / "nuke_gizmos" / "menu.py"))
     assert "Vera Edit: not loaded" in capsys.readouterr().out
+    assert nk.menu("Nodes").findItem("Vera") is None
+
+
+class _RaisingImport(importlib.abc.MetaPathFinder):
+    """An import of ``name`` that fails the way an old protobuf or grpcio makes the generated code fail."""
+
+    def __init__(self, name: str, error: Exception) -> None:
+        self.name, self.error = name, error
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> None:
+        if fullname == self.name:
+            raise self.error
+
+
+@pytest.mark.parametrize(
+    ("error", "advice"),
+    [
+        (
+            "protobuf",
+            "protobuf 5.29.0 is older than the protobuf 7.35.1 Vera Edit's generated code needs: "
+            "python3 -m pip install --user 'protobuf>=7.35.1,<8'",
+        ),
+        (
+            "grpc",
+            "grpcio 1.60.0 is older than the grpcio 1.85.1 Vera Edit's generated code needs: "
+            "python3 -m pip install --user --upgrade 'grpcio>=1.85.1'",
+        ),
+    ],
+)
+def test_menu_py_names_the_version_to_install(
+    nk: ModuleType,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    error: str,
+    advice: str,
+) -> None:
+    """Defect 7: the generated code's version checks raise protobuf's VersionError or a RuntimeError, not an
+    ImportError; Nuke must still start, and the message must say what to install."""
+    from google.protobuf.runtime_version import VersionError
+
+    errors = {
+        "protobuf": VersionError(
+            "Detected incompatible Protobuf Gencode/Runtime versions when loading vera/v1/engine.proto: gencode "
+            "7.35.1 runtime 5.29.0. Runtime version cannot be older than the linked gencode version."
+        ),
+        "grpc": RuntimeError(
+            "The grpc package installed is at version 1.60.0, but the generated code in "
+            "vera/v1/engine_pb2_grpc.py depends on grpcio>=1.85.1. Please upgrade your grpc module to "
+            "grpcio>=1.85.1 or downgrade your generated code using grpcio-tools<=1.60.0."
+        ),
+    }
+    for name in [m for m in sys.modules if m.startswith("vera_plugin.hosts.nuke")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(
+        sys, "meta_path", [_RaisingImport("vera_plugin.hosts.nuke", errors[error]), *sys.meta_path]
+    )
+    runpy.run_path(str(REPO / "nuke_gizmos" / "menu.py"))  # must not raise: Nuke starts
+    out = capsys.readouterr().out
+    assert out.startswith("Vera Edit: not loaded (") and advice in out, out
     assert nk.menu("Nodes").findItem("Vera") is None
 
 
@@ -374,10 +491,15 @@ def test_generate_points_the_internal_read_at_layered_exrs(
     status = wait_done(nk, host, node)
     job = node["job_id"].value()
     assert status.startswith(f"done: job {job}, frames 1001-1003, seed "), status
-    # The internal Read points at the cache beside the script, keyed by the job, with the plate's frames.
+    # The internal Read points at the cache beside the script, keyed by the job, with the plate's frames,
+    # written relative to the script (Nuke's TCL) so that a moved shot folder still links.
     result = node.node("VeraResult")
     folder = tmp_path / "shots" / "vera_cache" / "sh010" / job
-    assert result["file"].value() == (folder / "vera_edit.####.exr").as_posix()
+    assert (
+        result["file"].getText()
+        == f"[file dirname [value root.name]]/vera_cache/sh010/{job}/vera_edit.####.exr"
+    )
+    assert result["file"].evaluate() == (folder / "vera_edit.####.exr").as_posix()
     assert (result["first"].value(), result["last"].value()) == (1001, 1003)
     assert result["colorspace"].value() == "ACES - ACEScg" == node["working_space"].value()
     assert sorted(p.name for p in folder.iterdir()) == [f"vera_edit.{f}.exr" for f in FRAMES]
@@ -441,9 +563,9 @@ def test_bake_layers_builds_the_graph(
     baked = host.bake_layers(node)
     edit, matte, merge, copy = baked["edit"], baked["matte"], baked["merge"], baked["copy"]
     assert edit.parent() is nk.root() and merge.parent() is nk.root()
-    pattern = node.node("VeraResult")["file"].value()
+    pattern = node.node("VeraResult")["file"].getText()
     for r in (edit, matte):
-        assert r.Class() == "Read" and r["file"].value() == pattern
+        assert r.Class() == "Read" and r["file"].getText() == pattern
         assert (r["first"].value(), r["last"].value()) == (1001, 1003)
         assert r["colorspace"].value() == node["working_space"].value()
     assert "edit layer" in edit["label"].value() and "matte" in matte["label"].value()
@@ -481,7 +603,7 @@ def test_reopened_script_finds_cached_results_without_the_engine(
     node = nk.toNode("VeraEdit1")
     assert host.is_vera_node(node) and node["job_id"].value() == job
     expected = (tmp_path / "b" / "vera_cache" / "shot" / job / "vera_edit.####.exr").as_posix()
-    assert node.node("VeraResult")["file"].value() == expected
+    assert node.node("VeraResult")["file"].evaluate() == expected
     assert node["status"].value() == f"cached result of job {job}: frames 1001-1003"
     assert node.node("VeraOutput")["which"].value() == 1  # composite
     assert node["task"].value() == "object_addition"  # the schema travelled with the script
@@ -593,9 +715,10 @@ def test_bad_input_is_reported_on_the_node(
     node["range_first"].setValue(1)  # frames the plate does not have: Nuke holds the first frame, as it would
     node["range_last"].setValue(1)
     os.remove(tmp_path / "plate" / "plate.1001.exr")
-    assert host.generate(node) is None
-    assert node["status"].value().startswith("error: could not render the input: ")
-    assert "plate.1001.exr" in node["status"].value()
+    assert host.generate(node) is not None  # the input renders on the worker's requests: the error comes back
+    status = wait_done(nk, host, node)
+    assert status.startswith("error: could not render the input: ") and "plate.1001.exr" in status
+    assert not list(cache.cache_root("").glob(".upload-*"))  # the partial render is removed
     assert nk._fake_messages() and all("Traceback" not in m for m in nk._fake_messages())
 
 
@@ -705,7 +828,7 @@ def test_a_bug_behind_a_button_is_reported_not_raised(
 ) -> None:
     node = make_vera(nk, host, engine.address, plate_read(nk, write_plate(tmp_path / "plate")))
 
-    def broken(node: Any) -> None:
+    def broken(node: Any, on_finished: Any) -> None:
         raise KeyError("frame_range")
 
     monkeypatch.setattr(host, "_prepare", broken)

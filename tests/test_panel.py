@@ -152,6 +152,30 @@ def test_engine_down_shows_unreachable(make_panel) -> None:
     assert widget.message.text() == "Cannot submit: engine: not connected; press Connect"
 
 
+def test_words_the_model_cannot_read_are_flagged_as_you_type(make_panel, tmp_path: Path) -> None:
+    from .test_nuke import SchemaRunner
+
+    eng = InProcessEngine(tmp_path / "spool2", SchemaRunner(vocabulary=("add", "a", "red", "ball", ",")))
+    try:
+        widget = make_panel(eng.address)
+        words = widget.findChild(QtWidgets.QLabel, "prompt_words")
+        assert words is not None and words.text() == ""
+        widget.editor("prompt").setPlainText("Add a red kite, quickly")  # as if typed: textChanged fires
+        assert words.text() == "unknown to this model: kite, quickly"
+        widget.editor("prompt").setPlainText("add a red ball")
+        assert words.text() == ""
+        assert isinstance(
+            widget.editor("takes"), QtWidgets.QSpinBox
+        )  # the engine's takes option, from its schema
+    finally:
+        eng.stop()
+
+
+def test_free_text_models_have_no_word_flags(qtbot, gated: InProcessEngine, make_panel) -> None:
+    widget = make_panel(gated.address)
+    assert widget.findChild(QtWidgets.QLabel, "prompt_words") is None
+
+
 def test_main_saves_a_screenshot(tmp_path: Path, gated: InProcessEngine) -> None:
     shot = tmp_path / "panel.png"
     assert vera_panel.main(["--engine", gated.address, "--screenshot", str(shot), "--wait", "0.5"]) == 0

@@ -73,3 +73,18 @@ def test_unreadable_results_give_no_mattes(tmp_path: Path) -> None:
     (tmp_path / "x.exr").write_bytes(b"not an exr at all")
     with pytest.raises(MatteError, match="not an OpenEXR file"):
         read_channel(tmp_path / "x.exr", "matte.A")
+
+
+def test_damaged_results_are_a_matte_error_not_a_zlib_traceback(tmp_path: Path) -> None:
+    """A result cut short (a download interrupted, a full disk): a MatteError naming the file, and no mattes."""
+    rng = np.random.default_rng(4)
+    path = write_layered_exr(tmp_path / "vera_edit.1001.exr", rng.random((40, 24, 4), dtype=np.float32),
+                             rng.random((40, 24, 4), dtype=np.float32), rng.random((40, 24), dtype=np.float32))  # fmt: skip
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 200])  # the last chunk's compressed data cut short
+    with pytest.raises(MatteError, match=r"vera_edit\.1001\.exr: damaged EXR data \(error: "):
+        read_channel(path, "matte.A")
+    assert write_mattes([path], tmp_path / "matte") is None
+    (tmp_path / "head.exr").write_bytes(data[:40])  # not even a whole header
+    with pytest.raises(MatteError, match="damaged EXR header"):
+        read_channel(tmp_path / "head.exr", "matte.A")

@@ -135,14 +135,15 @@ def test_clip_range_and_item_lookup() -> None:
 
 
 def test_clip_infos_and_render_settings(tmp_path: Path) -> None:
-    assert append_clip_info("mpi", 0, 3, 4, 86448) == {
+    assert append_clip_info("mpi", 1003, 3, 4, 86448) == {
         "mediaPoolItem": "mpi",
-        "startFrame": 0,
-        "endFrame": 3,  # exclusive
+        "startFrame": 1003,  # the media's own frame numbers
+        "endFrame": 1006,  # exclusive
         "mediaType": 1,
         "trackIndex": 4,
         "recordFrame": 86448,
     }
+    assert append_clip_info("mpi", 1003, 3, 4, 86448, end_inclusive=True)["endFrame"] == 1005
     with pytest.raises(ValueError, match="at least one frame"):
         append_clip_info("mpi", 0, 0, 1, 0)
     with pytest.raises(ValueError, match="start at 1"):
@@ -165,8 +166,9 @@ def test_clip_infos_and_render_settings(tmp_path: Path) -> None:
 
 
 def test_exr_format_and_codec_are_chosen_from_what_resolve_offers() -> None:
-    assert choose_exr_format({"QuickTime": "mov", "OpenEXR": "exr"}) == "OpenEXR"
-    assert choose_exr_format({"EXR": ".EXR"}) == "EXR"
+    # GetRenderFormats maps display name -> extension; GetRenderCodecs/SetCurrentRenderFormatAndCodec take the latter.
+    assert choose_exr_format({"QuickTime": "mov", "OpenEXR": "exr"}) == ("OpenEXR", "exr")
+    assert choose_exr_format({"EXR": ".EXR"}) == ("EXR", "EXR")
     with pytest.raises(ValueError, match="no EXR render format"):
         choose_exr_format({"QuickTime": "mov"})
     codecs = {

@@ -7,6 +7,7 @@ import re
 import runpy
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ import pytest
 from tests.resolve_fake import FakeBmd, FakeDispatcher, FakeFusion, FakeResolve, FakeUI
 from vera_engine.service import Engine, create_server
 from vera_engine.service.testing import PassThroughRunner
+from vera_plugin.hosts.resolve import window as window_module
 from vera_plugin.hosts.resolve.window import TOP_CLIP, WINDOW_ID, VeraEditWindow
 
 pytestmark = pytest.mark.timeout(120)
@@ -229,3 +231,120 @@ def test_cancel_cancels_the_engine_job(tmp_path: Path) -> None:
         runner.gate.set()
         server.stop(0).wait()
         engine.stop()
+
+
+def _broken_media_pool(window: VeraEditWindow, app: FakeResolve, monkeypatch: pytest.MonkeyPatch) -> None:
+    app.project.GetMediaPool = lambda: None  # a Get* call answering None, as Resolve does in odd states
+
+
+def _truncated_stream(window: VeraEditWindow, app: FakeResolve, monkeypatch: pytest.MonkeyPatch) -> None:
+    import zlib
+
+    def damaged(files: Any, out_dir: Any) -> None:
+        raise zlib.error("Error -5 while decompressing data: incomplete or truncated stream")
+
+    monkeypatch.setattr(window_module, "write_mattes", damaged)
+
+
+def _missing_key(window: VeraEditWindow, app: FakeResolve, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise KeyError("channels")
+
+    monkeypatch.setattr(window_module.vera_resolve, "place_takes", broken)
+
+
+@pytest.mark.parametrize(
+    ("breakage", "logged"),
+    [
+        (_broken_media_pool, "Error: unexpected AttributeError: 'NoneType' object has no attribute"),
+        (_truncated_stream, "Error: unexpected error: Error -5 while decompressing data"),
+        (_missing_key, "Error: unexpected KeyError: 'channels'"),
+    ],
+)
+def test_any_failure_is_logged_and_the_window_is_ready_again(
+    tmp_path: Path, address: str, monkeypatch: pytest.MonkeyPatch, breakage: Any, logged: str
+) -> None:
+    """Defect 5: whatever goes wrong (a None from a Resolve call, a zlib or KeyError while writing mattes), the
+    window logs it and comes back; it is never left busy."""
+    app = _resolve(tmp_path)
+    window, _ = _window(tmp_path, app, address)
+    breakage(window, app, monkeypatch)
+    window.items["opt_prompt"].PlainText = "x"
+    window.window.On.Generate.Clicked({})
+    _run_until_done(window)  # the timer's ticks must not raise into Resolve's event loop
+    log = window.items["Log"].PlainText
+    assert logged in log and "please report this line" in log, log
+    assert window.items["Generate"].Enabled and not window.items["Cancel"].Enabled
+    assert window.worker is None and window.render is None
+
+
+def test_takes_and_handles_from_the_window(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from .test_nuke import SchemaRunner
+
+    engine = Engine(tmp_path / "spool", SchemaRunner())
+    server, port = create_server(engine, "127.0.0.1", 0)
+    engine.start()
+    server.start()
+    try:
+        app = _resolve(tmp_path)
+        window, _ = _window(tmp_path, app, f"127.0.0.1:{port}")
+        items = window.items
+        items["opt_prompt"].PlainText = "add a kite"
+        items["opt_takes"].Value = 2
+        items["PlaceTake"].Value = 3
+        window.window.On.Generate.Clicked({})
+        assert "Error: Place take is 3 but the job makes 2 take(s); choose 1-2" in items["Log"].PlainText
+        items["AllTakes"].Checked = True
+        items["Handles"].Value = 3
+        window.window.On.Generate.Clicked({})
+        _run_until_done(window)
+        log = items["Log"].PlainText
+        assert "Handles: 2 before, 3 after (all the media has)" in log, log
+        assert (
+            "Placed take 1 4 frames on V4 at 01:00:02:00" in log and "Placed take 2 4 frames on V3" in log
+        ), log
+        assert "Colour: project colour science davinciYRGB has no per-clip colour space" in log
+        assert [p.take for p in window.placements] == [1, 2]
+        job = window.client.list_jobs()[-1]
+        assert list(job.header.frames) == list(range(1001, 1010)) and job.header.takes == 2
+        # A clip rendered from the timeline: the Deliver page is as the artist left it afterwards.
+        app.timeline.playhead = T0 + 101
+        items["Track"].CurrentIndex = items["Track"].items.index("V1")
+        deliver = app.project.deliver_page()
+        items["AllTakes"].Checked = False
+        items["PlaceTake"].Value = 1
+        window.window.On.Generate.Clicked({})
+        _run_until_done(window)
+        assert "Handles: none for a clip rendered from the timeline" in items["Log"].PlainText
+        after = app.project.deliver_page()
+        assert after["settings"] == deliver["settings"] and after["format_codec"] == deliver["format_codec"]
+        assert after["mode"] == deliver["mode"] and after["marks"] == deliver["marks"]
+        assert after["presets"] == [] and after["jobs"] == []
+    finally:
+        server.stop(0).wait()
+        engine.stop()
+
+
+def test_the_menu_script_names_the_version_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Defect 7: protobuf's VersionError (not an ImportError) must not escape into Resolve's console."""
+    import importlib.abc
+    import sys
+
+    from google.protobuf.runtime_version import VersionError
+
+    class Refuse(importlib.abc.MetaPathFinder):
+        def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> None:
+            if fullname == "vera_plugin.hosts.resolve.window":
+                raise VersionError(
+                    "Detected incompatible Protobuf Gencode/Runtime versions when loading vera/v1/engine.proto: "
+                    "gencode 7.35.1 runtime 6.30.0. Runtime version cannot be older than the linked gencode version."
+                )
+
+    monkeypatch.delitem(sys.modules, "vera_plugin.hosts.resolve.window")
+    monkeypatch.setattr(sys, "meta_path", [Refuse(), *sys.meta_path])
+    runpy.run_path(str(REPO / "resolve_scripts" / "Utility" / "Vera Edit.py"), init_globals={"resolve": None})
+    out = capsys.readouterr().out
+    assert out.startswith("Vera Edit: cannot load vera_plugin (VersionError: Detected incompatible Protobuf")
+    assert "protobuf 6.30.0 is too old: python3 -m pip install 'protobuf>=7.35.1,<8'" in out

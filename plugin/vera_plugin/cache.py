@@ -1,7 +1,9 @@
 """Where a host keeps a job's results, and how a reopened script finds them again without regenerating.
 
-Layout: ``<cache root>/<job id>/vera_edit.<frame>.exr``. The cache root is ``$VERA_CACHE`` when set, else a
-``vera_cache/<script name>`` folder beside the saved script, else (unsaved script) the system temp folder.
+Layout: ``<cache root>/<job id>/vera_edit.<frame>.exr`` for take 1 and ``vera_edit_take<k>.<frame>.exr`` for take
+``k > 1`` (the engine's names, ``JobStatus.output_files`` in ``engine.proto``). The cache root is ``$VERA_CACHE``
+when set, else a ``vera_cache/<script name>`` folder beside the saved script, else (unsaved script) the system
+temp folder.
 """
 
 from __future__ import annotations
@@ -13,10 +15,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["RESULT_PREFIX", "CachedResult", "cache_root", "find_results", "job_dir", "safe_name"]
+__all__ = [
+    "RESULT_PREFIX",
+    "CachedResult",
+    "cache_root",
+    "find_results",
+    "find_takes",
+    "job_dir",
+    "result_prefix",
+    "safe_name",
+    "take_and_frame",
+]
 
 RESULT_PREFIX = "vera_edit"
-_RESULT = re.compile(rf"^{RESULT_PREFIX}\.(-?\d+)\.exr$")
+_RESULT = re.compile(rf"^{RESULT_PREFIX}(?:_take(\d+))?\.(-?\d+)\.exr$")
 _JOB_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -36,6 +48,19 @@ def cache_root(script_path: str = "", env: Mapping[str, str] | None = None) -> P
     return Path(tempfile.gettempdir()) / "vera_cache" / "untitled"
 
 
+def result_prefix(take: int = 1) -> str:
+    """The file-name prefix of take ``take``: ``vera_edit`` for take 1, ``vera_edit_take<k>`` after."""
+    if take < 1:
+        raise ValueError(f"take {take}: takes are numbered from 1")
+    return RESULT_PREFIX if take == 1 else f"{RESULT_PREFIX}_take{take}"
+
+
+def take_and_frame(name: str) -> tuple[int, int] | None:
+    """``(take, frame)`` of a result file name (``vera_edit_take2.1001.exr`` -> ``(2, 1001)``), else ``None``."""
+    match = _RESULT.match(name)
+    return (int(match.group(1) or 1), int(match.group(2))) if match else None
+
+
 def job_dir(root: str | os.PathLike[str], job_id: str) -> Path:
     """The folder of one job's results under ``root``."""
     if not _JOB_ID.match(job_id) or job_id in (".", ".."):
@@ -45,16 +70,18 @@ def job_dir(root: str | os.PathLike[str], job_id: str) -> Path:
 
 @dataclass(frozen=True)
 class CachedResult:
-    """A job's results on disk: the folder, the frame numbers found and a host-style sequence pattern."""
+    """One take of a job's results on disk: the folder, the frame numbers found, a host-style sequence pattern."""
 
     folder: Path
     frames: tuple[int, ...]
     padding: int
+    take: int = 1
 
     @property
     def pattern(self) -> str:
-        """``<folder>/vera_edit.####.exr`` (as many ``#`` as the files' padding), forward slashes for Nuke."""
-        return (self.folder / f"{RESULT_PREFIX}.{'#' * self.padding}.exr").as_posix()
+        """``<folder>/vera_edit.####.exr`` (``vera_edit_take<k>`` for take k; as many ``#`` as the files'
+        padding), forward slashes for Nuke."""
+        return (self.folder / f"{result_prefix(self.take)}.{'#' * self.padding}.exr").as_posix()
 
     @property
     def first(self) -> int:
@@ -67,22 +94,29 @@ class CachedResult:
         return self.frames[-1]
 
 
-def find_results(root: str | os.PathLike[str], job_id: str) -> CachedResult | None:
-    """The cached results of ``job_id`` under ``root``, or ``None`` when there are none."""
+def find_takes(root: str | os.PathLike[str], job_id: str) -> dict[int, CachedResult]:
+    """Every take of ``job_id`` cached under ``root``, by take number (empty when there are none)."""
     if not job_id:
-        return None
+        return {}
     folder = job_dir(root, job_id)
     if not folder.is_dir():
-        return None
-    frames: list[int] = []
-    padding = 0
+        return {}
+    frames: dict[int, list[int]] = {}
+    padding: dict[int, int] = {}
     for entry in folder.iterdir():
         match = _RESULT.match(entry.name)
         if match and entry.is_file():
-            frames.append(int(match.group(1)))
-            digits = match.group(1).lstrip("-")
+            take = int(match.group(1) or 1)
+            frames.setdefault(take, []).append(int(match.group(2)))
+            digits = match.group(2).lstrip("-")
             # An unpadded long number (10001 with ####) says nothing about padding; take the shortest.
-            padding = len(digits) if not padding else min(padding, len(digits))
-    if not frames:
-        return None
-    return CachedResult(folder=folder, frames=tuple(sorted(frames)), padding=padding)
+            padding[take] = min(padding.get(take, len(digits)), len(digits))
+    return {
+        take: CachedResult(folder=folder, frames=tuple(sorted(found)), padding=padding[take], take=take)
+        for take, found in sorted(frames.items())
+    }
+
+
+def find_results(root: str | os.PathLike[str], job_id: str, take: int = 1) -> CachedResult | None:
+    """Take ``take`` of ``job_id``'s cached results under ``root``, or ``None`` when there are none."""
+    return find_takes(root, job_id).get(take)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from vera_plugin.cache import CachedResult, find_results, job_dir
+from vera_plugin.cache import CachedResult, find_takes, job_dir
 from vera_plugin.client import EngineClient, EngineError, state_name
 from vera_proto.vera.v1 import engine_pb2 as pb
 
@@ -79,12 +79,17 @@ class GenerateRequest:
 
 @dataclass
 class GenerateResult:
-    """A finished Generate: the job, the seed used and the cached result files."""
+    """A finished Generate: the job, the seed used (of take 1) and the cached result files of every take."""
 
     job_id: str
     seed: int
-    result: CachedResult
+    takes: dict[int, CachedResult]
     final: pb.JobStatus
+
+    @property
+    def result(self) -> CachedResult:
+        """Take 1 (the only take unless the job asked for more)."""
+        return self.takes[1]
 
 
 def describe_engine_error(error: EngineError, address: str) -> str:
@@ -211,14 +216,17 @@ def run_generate(
         raise GenerateError(describe_engine_error(exc, address)) from None
     except (FileNotFoundError, ValueError, TypeError) as exc:
         raise GenerateError(f"Cannot submit: {exc}") from None
-    result = find_results(request.cache_root, job_id)
-    if result is None or list(result.frames) != sorted(request.frames):
-        found = list(result.frames) if result else []
-        raise GenerateError(
-            f"job {job_id}: expected result frames {_span(request.frames)} in {out}, found {_span(found)}; "
-            "the engine returned an incomplete result, Generate again"
-        )
-    return GenerateResult(job_id=job_id, seed=final.seed, result=result, final=final)
+    takes = find_takes(request.cache_root, job_id)
+    for take in range(1, max(1, final.header.takes) + 1):
+        result = takes.get(take)
+        if result is None or list(result.frames) != sorted(request.frames):
+            found = list(result.frames) if result else []
+            which = f" of take {take}" if take > 1 else ""
+            raise GenerateError(
+                f"job {job_id}: expected result frames{which} {_span(request.frames)} in {out}, found "
+                f"{_span(found)}; the engine returned an incomplete result, Generate again"
+            )
+    return GenerateResult(job_id=job_id, seed=final.seed, takes=takes, final=final)
 
 
 def _span(frames: Sequence[int]) -> str:

@@ -1,5 +1,6 @@
-"""The Vera Edit panel (PySide6): engine and its status, options from the schema, jobs with progress bars,
-a live preview, cancel and open results. Docked in Nuke (``nukescripts.panels.registerWidgetAsPanel``
+"""The Vera Edit panel (PySide6): engine and its status, options from the schema (words a word-level model
+cannot read flagged under the prompt as you type), jobs with progress bars, a live preview, cancel and open
+results. Docked in Nuke (``nukescripts.panels.registerWidgetAsPanel``
 with ``vera_plugin.panel.VeraPanel``) or standalone as ``vera panel`` (:func:`main`).
 
 Every engine call runs on a Python thread; results come back to the GUI thread through a queue that a Qt
@@ -40,6 +41,7 @@ from vera_plugin.schema_ui import (
     fields_for_model,
     find_model,
     job_options,
+    vocabulary_note,
 )
 from vera_proto.vera.v1 import engine_pb2 as pb
 
@@ -77,6 +79,7 @@ class VeraPanel(QtWidgets.QWidget):
         self._items: dict[str, QtWidgets.QTreeWidgetItem] = {}
         self._bars: dict[str, QtWidgets.QProgressBar] = {}
         self._editors: dict[str, QtWidgets.QWidget] = {}
+        self.prompt_words: QtWidgets.QLabel | None = None
         self._watching = ""
         self._threads: list[threading.Thread] = []
         self._closing = threading.Event()
@@ -226,6 +229,8 @@ class VeraPanel(QtWidgets.QWidget):
         while self.form.rowCount() > self._fixed_rows:
             self.form.removeRow(self._fixed_rows)
         self._editors = {}
+        self.prompt_words = None
+        model = self._model()
         for field in fields:
             editor = self._editor(field)
             self._editors[field.name] = editor
@@ -243,7 +248,30 @@ class VeraPanel(QtWidgets.QWidget):
                 self.form.addRow(field.label, row)
             else:
                 self.form.addRow(field.label, editor)
+            if field.name == "prompt" and model is not None and model.vocabulary:
+                # Words a word-level checkpoint cannot read, flagged under the prompt as the artist types.
+                self.prompt_words = QtWidgets.QLabel("")
+                self.prompt_words.setObjectName("prompt_words")
+                self.prompt_words.setStyleSheet("color: #c90;")
+                self.prompt_words.setWordWrap(True)
+                self.form.addRow("", self.prompt_words)
+                assert isinstance(editor, QtWidgets.QPlainTextEdit)
+                editor.textChanged.connect(self._flag_words)
         self.fields = fields
+        self._flag_words()
+
+    def _model(self) -> pb.ModelInfo | None:
+        if self.info is None or not self.info.models:
+            return None
+        name = self.model_combo.currentText()
+        return next((m for m in self.info.models if m.name == name), None)
+
+    def _flag_words(self) -> None:
+        model, prompt = self._model(), self._editors.get("prompt")
+        if self.prompt_words is None or not shiboken6.isValid(self.prompt_words):
+            return
+        text = prompt.toPlainText() if isinstance(prompt, QtWidgets.QPlainTextEdit) else ""
+        self.prompt_words.setText(vocabulary_note(text, model) if model is not None else "")
 
     def values(self) -> dict[str, Any]:
         """The option values as typed (by option name)."""

@@ -8,7 +8,8 @@ Needs only protobuf (no Nuke, no Qt).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,9 @@ __all__ = [
     "model_from_json",
     "model_to_json",
     "resolve_colorspace",
+    "unknown_words",
+    "vocabulary_note",
+    "words_of",
 ]
 
 # The first choice of the colour space field: use whatever working space the host's script declares.
@@ -214,3 +218,34 @@ def job_options(
     if not any(f.name == "prompt" for f in fields):
         raise OptionsError("prompt", "the engine's schema has no prompt option; update vera_plugin")
     return prompt, options
+
+
+# What a word-level checkpoint's tokenizer splits a prompt into: runs of word characters and runs of other
+# non-space characters, lower-cased (the engine's `word_tokenizer.words_of`, written again here because the host
+# side never imports the engine).
+_WORD = re.compile(r"\w+|[^\w\s]+")
+
+
+def words_of(text: str) -> list[str]:
+    """The words a word-level model reads in ``text``: lower-cased, punctuation split off (``"Kite," -> kite ,``)."""
+    return _WORD.findall(text.lower())
+
+
+def unknown_words(text: str, vocabulary: Iterable[str]) -> list[str]:
+    """The words of ``text`` not in ``vocabulary``, each once, in order; none when the vocabulary is empty
+    (``ModelInfo.vocabulary`` empty: the model reads free text)."""
+    known = set(vocabulary)
+    if not known:
+        return []
+    unknown: list[str] = []
+    for word in words_of(text):
+        if word not in known and word not in unknown:
+            unknown.append(word)
+    return unknown
+
+
+def vocabulary_note(text: str, model: pb.ModelInfo) -> str:
+    """A status line for the prompt: ``"unknown to this model: kite, quickly"``, or ``""`` when every word is
+    known or the model reads free text."""
+    words = unknown_words(text, model.vocabulary)
+    return f"unknown to this model: {', '.join(words)}" if words else ""

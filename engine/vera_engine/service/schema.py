@@ -64,6 +64,11 @@ class ModelDefaults:
     vocabulary: Sequence[str] = ()
 
     @property
+    def longest_window(self) -> int:
+        """The longest window a job may ask for (the model's own window where its position reach is unknown)."""
+        return max(self.max_window_frames, self.frame_window)
+
+    @property
     def window_overlap(self) -> int:
         """The pipeline's default overlap: a quarter of the window, at least one frame."""
         return max(1, self.frame_window // 4) if self.frame_window > 1 else 0
@@ -108,11 +113,11 @@ def options_schema(
                       help="Variations in one job: take k uses seed + k - 1; each take is its own set of layers "
                       "(vera_edit.####.exr, vera_edit_take2.####.exr, ...)."),
         pb.OptionSpec(name="window_frames", label="Window (frames)", type=integer, default=_value(model.frame_window),
-                      min=0, max=max(model.max_window_frames, model.frame_window),
+                      min=0, max=model.longest_window,
                       help="Clips longer than this are sampled as overlapping windows blended at every step; 0 samples "
                       "the whole clip in one pass (only up to the maximum)."),
         pb.OptionSpec(name="window_overlap", label="Window overlap (frames)", type=integer,
-                      default=_value(model.window_overlap), min=0, max=max(model.max_window_frames - 1, 0),
+                      default=_value(model.window_overlap), min=0, max=max(model.longest_window - 1, 0),
                       help="Frames neighbouring windows share; more is smoother and slower."),
         pb.OptionSpec(name="step_cache", label="Speed-up (approximate)", type=choice, default=_value(model.step_caches[0]),
                       choices=list(model.step_caches), help="Skip transformer work on steps that barely change: faster, "

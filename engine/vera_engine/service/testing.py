@@ -83,24 +83,33 @@ class PassThroughRunner:
             return []
         ctx.stage(pb.STAGE_WRITING, "writing")
         paths = []
-        for frame, pixels in zip(ctx.inputs.frames, plate, strict=True):
-            rgba = (
-                pixels
-                if pixels.shape[-1] == 4
-                else np.concatenate([pixels, np.ones_like(pixels[..., :1])], -1)
-            )
-            zeros = np.zeros_like(rgba)
-            paths.append(
-                write_layered_exr(
-                    frame_path(str(ctx.output_dir / "vera_edit.####.exr"), frame),  # vera_edit.-0003.exr
-                    rgba,
-                    zeros,
-                    zeros[..., 0],
-                    pixel_type=ctx.header.bit_depth,
-                    compression=ctx.header.compression,
-                    metadata={"job_id": ctx.job_id, "prompt": ctx.header.prompt},
+        # Takes (JobHeader.takes): take k is named vera_edit_take<k>.<frame>.exr (k > 1) and has seed + k - 1; its
+        # edit layer is a flat (k - 1) / 8 with alpha 0 (so composite = plate + edit), telling the takes apart.
+        for take in range(1, max(1, ctx.header.takes) + 1):
+            prefix = "vera_edit" if take == 1 else f"vera_edit_take{take}"
+            for frame, pixels in zip(ctx.inputs.frames, plate, strict=True):
+                rgba = (
+                    pixels
+                    if pixels.shape[-1] == 4
+                    else np.concatenate([pixels, np.ones_like(pixels[..., :1])], -1)
                 )
-            )
+                edit = np.zeros_like(rgba)
+                edit[..., :3] = (take - 1) / 8
+                paths.append(
+                    write_layered_exr(
+                        frame_path(str(ctx.output_dir / f"{prefix}.####.exr"), frame),  # vera_edit.-0003.exr
+                        rgba + edit,
+                        edit,
+                        np.zeros_like(rgba[..., 0]),
+                        pixel_type=ctx.header.bit_depth,
+                        compression=ctx.header.compression,
+                        metadata={
+                            "job_id": ctx.job_id,
+                            "prompt": ctx.header.prompt,
+                            "seed": str(ctx.header.seed + take - 1),
+                        },
+                    )
+                )
         return paths
 
 

@@ -1,14 +1,22 @@
 """A faithful fake of the part of Nuke's Python API that ``vera_plugin.hosts.nuke`` uses (tests only).
 
-Names and signatures follow Foundry's API as described by the ``types-nuke`` stubs: nodes and knobs,
-Groups with ``begin``/``end`` and their Input/Output nodes, ``nuke.nodes.X(**knobs)``, ``execute`` on a Write
-(which really evaluates the node graph upstream and writes EXRs through OpenImageIO), ``executeInMainThread``,
-``ProgressTask``, menus, callbacks, ``scriptSaveAs``/``scriptOpen``. Behaviour Nuke has and the adapter relies
-on is reproduced (a disabled Write refuses to render, a Read holds its first/last frame, knobChanged runs for
-UI edits, onCreate runs when a script loads); everything else is absent, so a call the real API lacks fails.
+Names and signatures follow Foundry's Nuke Python API reference (and the ``types-nuke`` stubs, which a test
+holds the fake to): nodes and knobs, Groups with ``begin``/``end`` and their Input/Output nodes,
+``nuke.nodes.X(**knobs)``, ``execute`` on a Write (which really evaluates the node graph upstream and writes EXRs
+through OpenImageIO), ``executeInMainThread``, ``ProgressTask``, menus, callbacks, ``scriptSaveAs``/``scriptOpen``.
+Each class and function cites its reference entry beside it. The quirks code must handle are modelled, with
+their sources beside them:
+
+- string knobs run TCL in ``value()`` (``[cmd]``, ``$var``; TCL's own errors), ``getText()`` is the raw text;
+  ``File_Knob.value()`` gives ``%04d`` for ``####`` and no TCL, ``evaluate()`` runs it (a Read's path does);
+- ``nukescripts.panels.registerWidgetAsPanel`` evaluates its widget string in ``__main__`` when the pane opens;
+- ``createNode`` wires to the selection, places, selects and opens the panel; ``Undo`` groups steps;
+- ``executeInMainThreadWithResult`` deadlocks on the main thread (here: raises) and swallows exceptions;
+- knobChanged runs for artist edits and with the dummy knobs ``showPanel``/``inputChange``.
 
 Test-only helpers start with ``_fake``: ``_fake_reset``, ``_fake_process_events`` (the GUI's event loop),
-``_fake_user_set`` (an artist editing a knob), ``_fake_press`` (an artist clicking a button).
+``_fake_user_set`` (an artist editing a knob), ``_fake_press`` (an artist clicking a button), ``_fake_calls``
+(the API called from outside the fakes, for the self-test's coverage check).
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ READ_ONLY = 0x10000000
 # Knobs
 
 
+# Nuke Python API reference (Foundry), nuke.Knob: its methods below as documented there.
 class Knob:
     """Base knob: a name, a label, a value, flags, a tooltip."""
 
@@ -107,7 +116,15 @@ class Knob:
         return {}
 
 
+# Nuke Python API reference (Foundry), nuke.String_Knob: its methods below as documented there.
 class String_Knob(Knob):
+    """A string knob. Source for the quirks: Foundry's Nuke Python API reference, ``nuke.String_Knob`` (12.2+):
+    ``value()`` and ``getValue()`` "Get the evaluated value of this knob as a string - also see getText()", i.e.
+    TCL is run on the text (``[cmd ...]`` runs a command, ``$name`` reads a variable; Nuke user guide,
+    "Converting Expressions Between Scripting Languages": "[ ] (square brackets) to embed Tcl in ... a string
+    knob"); ``getText()`` "Get the non-evaluated value of this knob". A prompt such as ``add a [red] kite`` read
+    with ``value()`` fails with TCL's own error, as in Nuke."""
+
     def __init__(self, name: str, label: str | None = None, value: str = "") -> None:
         super().__init__(name, label)
         self._value = value
@@ -117,32 +134,65 @@ class String_Knob(Knob):
             raise TypeError(f"{self._name}: a String_Knob takes a str, not {type(val).__name__}")
         self._value = val
 
-    def getText(self) -> str:
+    def setText(self, val: str, view: str = "default") -> None:
+        self.setValue(val, view)
+
+    def getText(self, oc: Any = None) -> str:
         return self._value
 
-    def value(self) -> str:
-        return self._value
+    def value(self, oc: Any = None) -> str:
+        return _tcl(self._value, self._node)
+
+    def getValue(self, oc: Any = None) -> str:
+        return self.value(oc)
 
 
+# Nuke Python API reference (Foundry), nuke.EvalString_Knob: its methods below as documented there.
 class EvalString_Knob(String_Knob):
-    pass
+    """``evaluate()``: "Evaluate the string, performing substitutions" (Nuke Python API, nuke.EvalString_Knob)."""
+
+    def evaluate(self, oc: Any = None) -> str:
+        return _tcl(self._value, self._node)
 
 
+# Nuke Python API reference (Foundry), nuke.Multiline_Eval_String_Knob: its methods below as documented there.
 class Multiline_Eval_String_Knob(EvalString_Knob):
     pass
 
 
+# Nuke Python API reference (Foundry), nuke.File_Knob: its methods below as documented there.
 class File_Knob(EvalString_Knob):
-    pass
+    """A file path. Nuke Python API, nuke.File_Knob: ``value()``/``getValue()`` "Returns the string on this knob,
+    will be normalized to technical notation if sequence (%4d)" (no TCL: a ``[file dirname [value root.name]]``
+    path comes back as typed, with ``####`` as ``%04d``); ``getEvaluatedValue()`` and ``evaluate()`` run the TCL."""
+
+    def value(self, oc: Any = None) -> str:
+        return _technical_notation(self._value)
+
+    def getValue(self, oc: Any = None) -> str:
+        return self.value(oc)
+
+    def getEvaluatedValue(self, oc: Any = None) -> str:
+        return _technical_notation(_tcl(self._value, self._node))
+
+    def evaluate(self, oc: Any = None) -> str:
+        return _tcl(self._value, self._node)
 
 
+# Nuke Python API reference (Foundry), nuke.Password_Knob: its methods below as documented there.
 class Password_Knob(Knob):
     pass
 
 
+# Nuke Python API reference (Foundry), nuke.Script_Knob: its methods below as documented there.
 class Script_Knob(String_Knob):
+    """A button running a script; ``value()`` and ``command()`` are the script's text (nuke.Script_Knob)."""
+
     def __init__(self, name: str, label: str | None = None, command: str = "") -> None:
         super().__init__(name, label, command)
+
+    def value(self, oc: Any = None) -> str:
+        return self._value
 
     def command(self) -> str:
         return self._value
@@ -157,20 +207,44 @@ class Script_Knob(String_Knob):
         return {"command": self._value}
 
 
+# Nuke Python API reference (Foundry), nuke.PyScript_Knob: its methods below as documented there.
 class PyScript_Knob(Script_Knob):
     pass
 
 
+# Nuke Python API reference (Foundry), nuke.PyCustom_Knob: its methods below as documented there.
+class PyCustom_Knob(Script_Knob):
+    """A knob holding a Python widget. Nuke Python API, nuke.PyCustom_Knob/PythonCustomKnob: its ``command`` is
+    Python *evaluated* (in Nuke's ``__main__`` namespace, as nukescripts.panels' ``WidgetKnob`` expressions are)
+    when the knob's UI is built; ``getObject()`` "Returns the custom knob object as created by the 'command'"."""
+
+    def __init__(self, name: str, label: str | None = None, command: str = "") -> None:
+        super().__init__(name, label, command)
+        self._object: Any = None
+
+    def getObject(self) -> Any:
+        return self._object
+
+    def _build(self) -> Any:
+        import __main__
+
+        self._object = eval(self._value, vars(__main__))  # Nuke evaluates this string too
+        return self._object
+
+
+# Nuke Python API reference (Foundry), nuke.Text_Knob: its methods below as documented there.
 class Text_Knob(Knob):
     def __init__(self, name: str, label: str | None = None, text: str = "") -> None:
         super().__init__(name, label)
         self._value = text
 
 
+# Nuke Python API reference (Foundry), nuke.Tab_Knob: its methods below as documented there.
 class Tab_Knob(Knob):
     pass
 
 
+# Nuke Python API reference (Foundry), nuke.Array_Knob: its methods below as documented there.
 class Array_Knob(Knob):
     _default: Any = 0.0
 
@@ -188,6 +262,7 @@ class Array_Knob(Knob):
         return self._range[1] if self._range else 1.0
 
 
+# Nuke Python API reference (Foundry), nuke.Int_Knob: its methods below as documented there.
 class Int_Knob(Array_Knob):
     _default = 0
 
@@ -201,6 +276,7 @@ class Int_Knob(Array_Knob):
         return int(self._value)
 
 
+# Nuke Python API reference (Foundry), nuke.Double_Knob: its methods below as documented there.
 class Double_Knob(Array_Knob):
     def setValue(self, val: Any) -> bool:
         if isinstance(val, bool) or not isinstance(val, (int, float)):
@@ -212,6 +288,7 @@ class Double_Knob(Array_Knob):
         return float(self._value)
 
 
+# Nuke Python API reference (Foundry), nuke.Boolean_Knob: its methods below as documented there.
 class Boolean_Knob(Array_Knob):
     _default = False
 
@@ -227,6 +304,7 @@ class Boolean_Knob(Array_Knob):
         return bool(self._value)
 
 
+# Nuke Python API reference (Foundry), nuke.Enumeration_Knob: its methods below as documented there.
 class Enumeration_Knob(Array_Knob):
     """``value()`` is the chosen item's name, ``getValue()`` its index; ``setValue`` takes either."""
 
@@ -270,10 +348,96 @@ class Enumeration_Knob(Array_Knob):
         return {"values": list(self._values)}
 
 
+# Nuke Python API reference (Foundry), nuke.Pulldown_Knob: its methods below as documented there.
 class Pulldown_Knob(Enumeration_Knob):
     pass
 
 
+# Nuke Python API reference (Foundry), nuke.Color_Knob: its methods below as documented there.
+class Color_Knob(Array_Knob):
+    """An RGB colour; ``setValue(v)`` sets every channel, ``setValue(v, i)`` channel ``i``; ``value(i)``."""
+
+    _size = 3
+
+    def __init__(self, name: str, label: str | None = None, *args: Any) -> None:
+        super().__init__(name, label)
+        self._value = [0.0] * self._size
+
+    def setValue(self, val: Any, chan: int | None = None) -> bool:  # type: ignore[override]
+        if isinstance(val, (list, tuple)):
+            if len(val) != self._size:
+                raise ValueError(f"{self._name}: expected {self._size} values, got {len(val)}")
+            self._value = [float(v) for v in val]
+        elif chan is None:
+            self._value = [float(val)] * self._size
+        else:
+            self._value[chan] = float(val)
+        return True
+
+    def value(self, index: int | None = None) -> Any:
+        return list(self._value) if index is None else self._value[index]
+
+
+# Nuke Python API reference (Foundry), nuke.AColor_Knob: its methods below as documented there.
+class AColor_Knob(Color_Knob):
+    """An RGBA colour (``Constant.color``)."""
+
+    _size = 4
+
+
+# Nuke Python API reference (Foundry), nuke.Format: its methods below as documented there.
+class Format:
+    """``nuke.Format``: a named image size (``nuke.addFormat("W H [aspect] name")`` makes one)."""
+
+    def __init__(self, width: int, height: int, name: str, aspect: float = 1.0) -> None:
+        self._width, self._height, self._name, self._aspect = width, height, name, aspect
+
+    def width(self) -> int:
+        return self._width
+
+    def height(self) -> int:
+        return self._height
+
+    def name(self) -> str:
+        return self._name
+
+    def pixelAspect(self) -> float:
+        return self._aspect
+
+
+# Nuke Python API reference (Foundry), nuke.addFormat.
+def addFormat(s: str) -> Format:
+    """``nuke.addFormat("W H [pixel aspect] name")`` (Nuke Python API, nuke.addFormat): adds and returns it."""
+    parts = s.split()
+    if len(parts) not in (3, 4) or not (parts[0].isdigit() and parts[1].isdigit()):
+        raise ValueError(f"addFormat({s!r}): expected 'width height [pixel aspect] name'")
+    aspect = float(parts[2]) if len(parts) == 4 else 1.0
+    fmt = Format(int(parts[0]), int(parts[1]), parts[-1], aspect)
+    _STATE.formats[fmt.name()] = fmt
+    return fmt
+
+
+# Nuke Python API reference (Foundry), nuke.formats.
+def formats() -> list[Format]:
+    return list(_STATE.formats.values())
+
+
+# Nuke Python API reference (Foundry), nuke.Format_Knob: its methods below as documented there.
+class Format_Knob(Knob):
+    """A format knob: ``setValue`` takes a format's name or a ``Format``; ``value()`` is the ``Format``."""
+
+    def setValue(self, val: Any) -> bool:  # type: ignore[override]
+        name = val.name() if isinstance(val, Format) else str(val)
+        if name not in _STATE.formats:
+            raise ValueError(f"{self._name}: unknown format {name!r}; add it with nuke.addFormat first")
+        self._value = name
+        return True
+
+    def value(self) -> Format:
+        return _STATE.formats[self._value]
+
+
+# Nuke Python API reference (Foundry), nuke.Channel_Knob: its methods below as documented there.
 class Channel_Knob(Knob):
     """A channel or channel-set knob: only layers and channels the script knows are accepted (as in Nuke)."""
 
@@ -288,6 +452,7 @@ class Channel_Knob(Knob):
         return self._value
 
 
+# Nuke Python API reference (Foundry), nuke.Layer: its methods below as documented there.
 class Layer:
     """``nuke.Layer(name, [channels])``: declares a layer (e.g. ``edit`` with ``edit.red`` ...)."""
 
@@ -306,6 +471,7 @@ class Layer:
         return list(_STATE.layers[self._name])
 
 
+# Nuke Python API reference (Foundry), nuke.layers.
 def layers(node: Any = None) -> list[str]:
     return list(_STATE.layers)
 
@@ -315,6 +481,70 @@ def _known_channels(name: str) -> bool:
         return True
     layer = name.partition(".")[0]
     return name in _STATE.layers.get(layer, [])
+
+
+def _technical_notation(path: str) -> str:
+    # File_Knob.value(): a "####" sequence comes back as "%04d" (Nuke Python API, nuke.File_Knob).
+    return re.sub(r"#+", lambda m: f"%0{len(m.group(0))}d", path)
+
+
+def _tcl(text: str, node: Any = None) -> str:
+    """Nuke's TCL substitution on a string knob: ``\\x`` escapes, ``[command args]`` runs a command (nested ones
+    first), ``$name`` / ``$env(NAME)`` read variables; an unknown command or variable is TCL's error."""
+    out: list[str] = []
+    i = 0
+    while i < len(text):
+        char = text[i]
+        if char == "\\" and i + 1 < len(text):
+            out.append(text[i + 1])
+            i += 2
+        elif char == "[":
+            depth, j = 1, i + 1
+            while j < len(text) and depth:
+                depth += {"[": 1, "]": -1}.get(text[j], 0)
+                j += 1
+            if depth:
+                raise RuntimeError(f"missing close-bracket in {text!r}")
+            out.append(_tcl_command(_tcl(text[i + 1 : j - 1], node), node))
+            i = j
+        elif char == "$":
+            match = re.match(r"\$(\w+)(?:\(([^)]*)\))?", text[i:])
+            if match is None:
+                out.append(char)  # a lone $ is literal
+                i += 1
+                continue
+            name, index = match.groups()
+            if name == "env" and index is not None and index in os.environ:
+                out.append(os.environ[index])
+            else:
+                shown = name if index is None else f"{name}({index})"
+                raise RuntimeError(f'can\'t read "{shown}": no such variable')
+            i += match.end()
+        else:
+            out.append(char)
+            i += 1
+    return "".join(out)
+
+
+def _tcl_command(command: str, node: Any) -> str:
+    # The few TCL commands path expressions use: value (Nuke), file dirname / file tail (TCL), frame (Nuke).
+    words = command.split()
+    if not words:
+        return ""
+    if words[0] == "value" and len(words) == 2:
+        path = words[1]
+        owner, _, knob = path.rpartition(".")
+        target = _STATE.root if owner == "root" else (node if owner in ("", "this") else toNode(owner))
+        if target is None or target.knob(knob) is None:
+            raise RuntimeError(f"value: no such knob {path!r}")
+        found = target[knob]
+        return found.evaluate() if isinstance(found, EvalString_Knob) else str(found.value())
+    if words[0] == "file" and len(words) >= 3 and words[1] in ("dirname", "tail"):
+        argument = " ".join(words[2:])
+        return os.path.dirname(argument) if words[1] == "dirname" else os.path.basename(argument)
+    if words == ["frame"]:
+        return str(_STATE.frame)
+    raise RuntimeError(f'invalid command name "{words[0]}"')
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -357,6 +587,21 @@ _CLASS_KNOBS: dict[str, list[tuple[type[Knob], str, Any]]] = {
     ],
     "Copy": [(Channel_Knob, f"{d}{i}", "none") for i in range(4) for d in ("from", "to")],
     "Switch": [(Int_Knob, "which", 0)],
+    # Reformat "to box" with "distort" scales the image to exactly box_width x box_height (nearest pixel here).
+    "Reformat": [
+        (Enumeration_Knob, "type", ["to format", "to box", "scale"]),
+        (Int_Knob, "box_width", 200),
+        (Int_Knob, "box_height", 200),
+        (Boolean_Knob, "box_fixed", False),
+        (Enumeration_Knob, "resize", ["none", "width", "height", "fit", "fill", "distort"]),
+    ],
+    # Constant: one colour over a format, for the frames first..last.
+    "Constant": [
+        (AColor_Knob, "color", 0.0),
+        (Format_Knob, "format", None),
+        (Int_Knob, "first", 1),
+        (Int_Knob, "last", 1),
+    ],
     "Input": [(Int_Knob, "number", 0)],
     "Output": [],
     "Dot": [],
@@ -367,12 +612,25 @@ _CLASS_KNOBS: dict[str, list[tuple[type[Knob], str, Any]]] = {
         (Int_Knob, "last_frame", 100),
         (Enumeration_Knob, "colorManagement", ["Nuke", "OCIO"]),
         (String_Knob, "workingSpaceLUT", "linear"),
+        (Format_Knob, "format", None),
     ],
 }
 _COMMON_KNOBS = ("label", "onCreate", "knobChanged", "onDestroy", "tile_color_hex")
-_MAX_INPUTS = {"Read": 0, "Input": 0, "Write": 1, "Dot": 1, "Output": 1, "Merge2": 3, "Copy": 3, "Switch": 4}
+_MAX_INPUTS = {
+    "Read": 0,
+    "Input": 0,
+    "Constant": 0,
+    "Reformat": 1,
+    "Write": 1,
+    "Dot": 1,
+    "Output": 1,
+    "Merge2": 3,
+    "Copy": 3,
+    "Switch": 1000,  # a Switch takes as many inputs as are connected
+}
 
 
+# Nuke Python API reference (Foundry), nuke.Node: its methods below as documented there.
 class Node:
     """A node: a class, a name, knobs, input connections and a place in a Group."""
 
@@ -393,7 +651,10 @@ class Node:
                 knob: Knob = Enumeration_Knob(knob_name, knob_name, default)
             else:
                 knob = knob_cls(knob_name, knob_name)
-                knob.setValue(default)
+                if default is not None:
+                    knob.setValue(default)
+                elif knob_cls is Format_Knob:  # the script's format (the root's own: PC_Video)
+                    knob._value = "PC_Video" if cls == "Root" else _STATE.root["format"]._value
             self._attach(knob)
 
     def _attach(self, knob: Knob) -> None:
@@ -474,7 +735,15 @@ class Node:
             if node._parent is not self._parent:
                 raise ValueError(f"cannot connect {node.fullName()} to {self.fullName()}: different groups")
             self._inputs[i] = node
+        self._dummy_knob_changed("inputChange")
         return True
+
+    def _dummy_knob_changed(self, name: str) -> None:
+        # Nuke Python API, nuke.addKnobChanged: knobChanged "is also called with dummy knobs when the control
+        # panel is opened or when the inputs to the node changes" (knobs named showPanel, inputChange).
+        script = self._knobs.get("knobChanged")
+        if script is not None and script.getText().strip():
+            _run_script(script.getText(), self, Knob(name))
 
     def firstFrame(self) -> int:
         return self._frame_range()[0]
@@ -483,7 +752,7 @@ class Node:
         return self._frame_range()[1]
 
     def _frame_range(self) -> tuple[int, int]:
-        if self._class == "Read":
+        if self._class in ("Read", "Constant"):
             return self["first"].value(), self["last"].value()
         if self._class == "Input":
             group = self._parent
@@ -521,6 +790,38 @@ class Node:
     def ypos(self) -> int:
         return self._xy[1]
 
+    def channels(self) -> list[str]:
+        """The channels of the node's output (Nuke Python API, Node.channels), e.g. ``rgba.red``, ``edit.red``."""
+        return sorted(_evaluate(self, _STATE.frame))
+
+    def sample(
+        self, channel: str, x: float, y: float, dx: float = 1.0, dy: float = 1.0, frame: int | None = None
+    ) -> float:
+        """The value of ``channel`` at pixel (x, y) (Nuke Python API, Node.sample). Nuke's y axis points up: y = 0
+        is the bottom row (NDK developer guide, "Coordinate system": the origin is the bottom-left corner)."""
+        plane = _evaluate(self, _STATE.frame if frame is None else frame).get(channel)
+        if plane is None:
+            return 0.0
+        return float(plane[plane.shape[0] - 1 - int(y), int(x)])
+
+    def width(self) -> int:
+        return _shape(_evaluate(self, self.firstFrame()))[1]
+
+    def height(self) -> int:
+        return _shape(_evaluate(self, self.firstFrame()))[0]
+
+    def showControlPanel(self, forceFloat: bool = False) -> None:
+        """Open the node's properties panel (a GUI session only, as in Nuke)."""
+        if GUI:
+            self._panel_shown = True
+            self._dummy_knob_changed("showPanel")
+
+    def hideControlPanel(self) -> None:
+        self._panel_shown = False
+
+    def shown(self) -> bool:
+        return getattr(self, "_panel_shown", False)
+
     def screenWidth(self) -> int:
         return 80
 
@@ -535,6 +836,7 @@ class Node:
         return f"<{self._class} {self.fullName()}>"
 
 
+# Nuke Python API reference (Foundry), nuke.Group: its methods below as documented there.
 class Group(Node):
     """A node holding a graph; ``with group:`` (or begin/end) makes it where new nodes are created."""
 
@@ -574,6 +876,7 @@ class Group(Node):
         return sorted((n for n in self._children if n.Class() == "Input"), key=lambda n: n["number"].value())
 
 
+# Nuke Python API reference (Foundry), nuke.Root: its methods below as documented there.
 class Root(Group):
     """The script."""
 
@@ -600,6 +903,11 @@ def _root_range() -> tuple[int, int]:
 
 class _State:
     def __init__(self) -> None:
+        self.formats: dict[str, Format] = {"PC_Video": Format(640, 480, "PC_Video")}
+        self.frame = 1
+        self.undo_open: list[_UndoGroup] = []
+        self.undo_done: list[_UndoGroup] = []
+        self.undo_disabled = 0
         self.root = Root()
         self.context: list[Group] = [self.root]
         self.main_queue: list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]] = []
@@ -628,6 +936,7 @@ def _create(cls: str, knobs: dict[str, Any], inpanel: bool = False) -> Node:
     if cls == "Input":
         node["number"].setValue(sum(1 for n in group._children if n.Class() == "Input"))
     group._children.append(node)
+    _undoable(node)
     for name, value in knobs.items():
         if name == "inputs":
             continue
@@ -641,6 +950,78 @@ def _create(cls: str, knobs: dict[str, Any], inpanel: bool = False) -> Node:
     return node
 
 
+class _UndoGroup:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.created: list[Node] = []
+
+
+def _undoable(node: Node) -> None:
+    # Creating a node is one undo step, unless an Undo group is open: then it joins that group.
+    if _STATE.undo_disabled:
+        return
+    if _STATE.undo_open:
+        _STATE.undo_open[-1].created.append(node)
+    else:
+        step = _UndoGroup(f"create {node.Class()}")
+        step.created.append(node)
+        _STATE.undo_done.append(step)
+
+
+# Nuke Python API reference (Foundry), nuke.Undo: its methods below as documented there.
+class Undo:
+    """Undo groups (Nuke Python API, nuke.Undo): changes between ``begin(name)`` and ``end()`` are one step of
+    Edit ▸ Undo; ``cancel()`` undoes the open group's changes and drops it. This fake records node creation."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    @classmethod
+    def begin(cls, name: str = "") -> None:
+        _STATE.undo_open.append(_UndoGroup(name))
+
+    @classmethod
+    def end(cls) -> None:
+        if _STATE.undo_open:
+            step = _STATE.undo_open.pop()
+            if step.created:
+                _STATE.undo_done.append(step)
+
+    @classmethod
+    def cancel(cls) -> None:
+        if _STATE.undo_open:
+            for node in reversed(_STATE.undo_open.pop().created):
+                delete(node)
+
+    @classmethod
+    def name(cls) -> str:
+        return _STATE.undo_open[-1].name if _STATE.undo_open else ""
+
+    @classmethod
+    def disable(cls) -> None:
+        """Stop recording undo steps (until ``enable()``)."""
+        _STATE.undo_disabled += 1
+
+    @classmethod
+    def enable(cls) -> None:
+        _STATE.undo_disabled = max(0, _STATE.undo_disabled - 1)
+
+    @classmethod
+    def disabled(cls) -> bool:
+        return bool(_STATE.undo_disabled)
+
+    @classmethod
+    def undo(cls) -> None:
+        """Edit ▸ Undo: reverts the last step (deletes the nodes it created)."""
+        if _STATE.undo_done:
+            for node in reversed(_STATE.undo_done.pop().created):
+                delete(node)
+
+    @classmethod
+    def undoDescribe(cls) -> str:
+        return _STATE.undo_done[-1].name if _STATE.undo_done else ""
+
+
 class _NodeConstructor:
     def __init__(self, cls: str) -> None:
         self._cls = cls
@@ -649,6 +1030,7 @@ class _NodeConstructor:
         return _create(self._cls, knobs)
 
 
+# Nuke Python API reference (Foundry), nuke.nodes: its methods below as documented there.
 class Nodes:
     """``nuke.nodes.Read(file=..., first=...)``: create a node in the current group without selecting it."""
 
@@ -661,21 +1043,43 @@ class Nodes:
 nodes = Nodes()
 
 
+# Nuke Python API reference (Foundry), nuke.createNode.
 def createNode(typ: str, knobs: str = "", inpanel: bool = True) -> Node:
-    """Create a node; ``knobs`` is Nuke's ``"name value name value"`` string (simple values only)."""
+    """Create a node the way the GUI does (Nuke Python developer guide, "Getting Started": createNode "creates a
+    new node in the user interface, hooks it up to any user-selected nodes in the Node Graph, and opens the node's
+    properties panel"; API reference: ``inpanel`` "only applies when the GUI is running"). Here: input 0 to the
+    last selected node when the new node has inputs, placed below it, the new node the only one selected.
+    ``knobs`` is Nuke's TCL list of name/value pairs (simple values only)."""
     tokens = knobs.split()
     if len(tokens) % 2:
         raise ValueError(f"createNode knobs {knobs!r}: expected name/value pairs")
     values: dict[str, Any] = {}
     for name, value in zip(tokens[::2], tokens[1::2], strict=True):
         values[name] = int(value) if value.lstrip("-").isdigit() else value
-    return _create(typ, values, inpanel)
+    group = _STATE.context[-1]
+    try:
+        selected: Node | None = selectedNode()
+    except ValueError:
+        selected = None
+    node = _create(typ, values, inpanel)
+    if selected is not None:
+        if node.maxInputs() > 0:
+            node.setInput(0, selected)
+        node.setXYpos(selected.xpos(), selected.ypos() + selected.screenHeight() + 30)
+    for other in group._children:
+        other._selected = False
+    node.setSelected(True)
+    if inpanel:
+        node.showControlPanel()
+    return node
 
 
+# Nuke Python API reference (Foundry), nuke.root.
 def root() -> Root:
     return _STATE.root
 
 
+# Nuke Python API reference (Foundry), nuke.selectedNode.
 def selectedNode() -> Node:
     """The most recently selected node of the current group; ValueError when none is selected (as Nuke)."""
     group = _STATE.context[-1]
@@ -685,16 +1089,19 @@ def selectedNode() -> Node:
     raise ValueError("no node selected")
 
 
+# Nuke Python API reference (Foundry), nuke.selectedNodes.
 def selectedNodes(filter: str | None = None) -> list[Node]:
     return [
         n for n in _STATE.context[-1]._children if n.isSelected() and (filter is None or n.Class() == filter)
     ]
 
 
+# Nuke Python API reference (Foundry), nuke.thisGroup.
 def thisGroup() -> Group:
     return _STATE.context[-1]
 
 
+# Nuke Python API reference (Foundry), nuke.thisNode.
 def thisNode() -> Node:
     node = _STATE.this[-1][0] if _STATE.this else None
     if node is None:
@@ -702,19 +1109,23 @@ def thisNode() -> Node:
     return node
 
 
+# Nuke Python API reference (Foundry), nuke.thisKnob.
 def thisKnob() -> Knob | None:
     return _STATE.this[-1][1] if _STATE.this else None
 
 
+# Nuke Python API reference (Foundry), nuke.toNode.
 def toNode(s: str) -> Node | None:
     return _STATE.root.node(s)
 
 
+# Nuke Python API reference (Foundry), nuke.allNodes.
 def allNodes(filter: str | None = None, group: Group | None = None) -> list[Node]:
     where = group or _STATE.context[-1]
     return [n for n in where._children if filter is None or n.Class() == filter]
 
 
+# Nuke Python API reference (Foundry), nuke.delete.
 def delete(n: Node | None) -> None:
     if n is None or n._parent is None:
         return
@@ -727,6 +1138,21 @@ def delete(n: Node | None) -> None:
     n._deleted = True
 
 
+# Nuke Python API reference (Foundry), nuke.frame.
+def frame(f: int | None = None) -> int:
+    """The current frame; ``frame(f)`` moves to frame ``f`` (Nuke Python API, nuke.frame)."""
+    if f is not None:
+        _STATE.frame = int(f)
+    return _STATE.frame
+
+
+# Nuke Python API reference (Foundry), nuke.scriptClear.
+def scriptClear() -> None:
+    """Clear the script without asking (Nuke Python API, nuke.scriptClear)."""
+    scriptClose()
+
+
+# Nuke Python API reference (Foundry), nuke.scriptName.
 def scriptName() -> str:
     name = _STATE.root["name"].value()
     if not name:
@@ -734,28 +1160,34 @@ def scriptName() -> str:
     return name
 
 
+# Nuke Python API reference (Foundry), nuke.message.
 def message(prompt: str) -> None:
     _STATE.messages.append(prompt)
 
 
+# Nuke Python API reference (Foundry), nuke.tprint.
 def tprint(*args: Any, sep: str = " ", end: str = "\n", file: Any = None) -> None:
     print(*args, sep=sep, end=end, file=file or sys.stdout)
 
 
+# Nuke Python API reference (Foundry), nuke.warning.
 def warning(message: str) -> None:
     _STATE.messages.append("warning: " + message)
 
 
+# Nuke Python API reference (Foundry), nuke.error.
 def error(message: str) -> None:
     _STATE.messages.append("error: " + message)
 
 
+# Nuke Python API reference (Foundry), nuke.pluginAddPath.
 def pluginAddPath(args: str, addToSysPath: bool = True) -> None:
     _STATE.plugin_paths.insert(0, args)
     if addToSysPath and args not in sys.path:
         sys.path.insert(0, args)
 
 
+# Nuke Python API reference (Foundry), nuke.pluginPath.
 def pluginPath() -> list[str]:
     return list(_STATE.plugin_paths)
 
@@ -764,6 +1196,7 @@ def pluginPath() -> list[str]:
 # Threads and progress
 
 
+# Nuke Python developer guide, "Threading": nuke.executeInMainThread runs the call on the main thread's event loop and returns at once.
 def executeInMainThread(call: Callable[..., Any], args: Any = (), kwargs: Any = None) -> None:
     """Queue ``call`` for the GUI's event loop (run by :func:`_fake_process_events`)."""
     if not isinstance(args, tuple):
@@ -772,17 +1205,26 @@ def executeInMainThread(call: Callable[..., Any], args: Any = (), kwargs: Any = 
         _STATE.main_queue.append((call, args, dict(kwargs or {})))
 
 
+# Nuke Python API reference (Foundry), nuke.executeInMainThreadWithResult.
 def executeInMainThreadWithResult(call: Callable[..., Any], args: Any = (), kwargs: Any = None) -> Any:
+    """Run ``call`` on the main thread and wait for its result. As Nuke's ``executeInMain.py``: the request is
+    queued for the main thread's event loop and the caller waits on an event (so a call *from* the main thread
+    never returns: here it raises instead of hanging), and an exception in ``call`` is swallowed (the result is
+    ``None``)."""
     if not isinstance(args, tuple):
         args = (args,)
     if threading.current_thread() is _STATE.main_thread:
-        return call(*args, **(kwargs or {}))
+        raise RuntimeError(
+            "executeInMainThreadWithResult called on the main thread: Nuke would deadlock here"
+        )
     done = threading.Event()
     box: list[Any] = []
 
     def run() -> None:
         try:
             box.append(call(*args, **(kwargs or {})))
+        except Exception:
+            box.append(None)
         finally:
             done.set()
 
@@ -791,6 +1233,7 @@ def executeInMainThreadWithResult(call: Callable[..., Any], args: Any = (), kwar
     return box[0] if box else None
 
 
+# Nuke Python API reference (Foundry), nuke.ProgressTask: its methods below as documented there.
 class ProgressTask:
     """A progress bar with a cancel button; the artist's cancel sets ``isCancelled()``."""
 
@@ -819,6 +1262,7 @@ class ProgressTask:
 # Menus and callbacks
 
 
+# Nuke Python API reference (Foundry), nuke.Menu: its methods below as documented there.
 class Menu:
     """A menu: items by name; adding an existing name replaces it (so set-up code can run twice)."""
 
@@ -867,6 +1311,7 @@ class Menu:
         self._items.pop(name, None)
 
 
+# Nuke Python API reference (Foundry), nuke.MenuItem: its methods below as documented there.
 class MenuItem:
     def __init__(self, name: str, command: Any) -> None:
         self._name = name
@@ -882,6 +1327,7 @@ class MenuItem:
             exec(self._command, {"nuke": sys.modules[__name__]})
 
 
+# Nuke Python API reference (Foundry), nuke.menu.
 def menu(name: str) -> Menu:
     return _STATE.menus.setdefault(name, Menu(name))
 
@@ -893,12 +1339,14 @@ def _add_callback(kind: str, call: Callable[..., Any], args: Any, kwargs: Any, n
         entries.append(entry)
 
 
+# Nuke Python API reference (Foundry), nuke.addOnScriptLoad.
 def addOnScriptLoad(
     call: Callable[..., Any], args: Any = (), kwargs: Any = None, nodeClass: str = "Root"
 ) -> None:
     _add_callback("onScriptLoad", call, args, kwargs, nodeClass)
 
 
+# Nuke Python API reference (Foundry), nuke.addOnCreate.
 def addOnCreate(call: Callable[..., Any], args: Any = (), kwargs: Any = None, nodeClass: str = "*") -> None:
     _add_callback("onCreate", call, args, kwargs, nodeClass)
 
@@ -949,7 +1397,9 @@ def _read_frame(node: Node, frame: int) -> _Image:
         return {}
     first, last = node["first"].value(), node["last"].value()
     held = min(max(frame, first), last)  # before/after "hold"
-    path = _file_for_frame(node["file"].value(), held)
+    file_knob = node["file"]
+    assert isinstance(file_knob, File_Knob)
+    path = _file_for_frame(file_knob.evaluate(), held)  # the TCL in the path runs first, as in Nuke
     inp = oiio.ImageInput.open(path)
     if inp is None:
         raise RuntimeError(f"{node.fullName()}: cannot open {path}: {oiio.geterror()}")
@@ -1001,6 +1451,21 @@ def _evaluate(node: Node | None, frame: int) -> _Image:
         return _evaluate(node.input(0), frame)
     if cls == "Read":
         return _read_frame(node, frame)
+    if cls == "Constant":
+        fmt = node["format"].value()
+        colour = node["color"].value()
+        return {
+            f"rgba.{c}": np.full((fmt.height(), fmt.width()), colour[i], np.float32)
+            for i, c in enumerate(("red", "green", "blue", "alpha"))
+        }
+    if cls == "Reformat":
+        image = _evaluate(node.input(0), frame)
+        if node["type"].value() != "to box" or node["resize"].value() != "distort":
+            raise NotImplementedError("the fake Reformat does 'to box' with 'distort' only")
+        height, width = _shape(image)
+        rows = (np.arange(node["box_height"].value()) * height // node["box_height"].value()).astype(int)
+        cols = (np.arange(node["box_width"].value()) * width // node["box_width"].value()).astype(int)
+        return {name: plane[rows][:, cols] for name, plane in image.items()}
     if cls in ("Dot", "Output", "Write"):
         return _evaluate(node.input(0), frame)
     if cls == "Input":
@@ -1048,6 +1513,7 @@ def _evaluate(node: Node | None, frame: int) -> _Image:
     raise NotImplementedError(f"the fake cannot render {cls} nodes")
 
 
+# Nuke Python API reference (Foundry), nuke.execute.
 def execute(
     nameOrNode: Node | str,
     start: int,
@@ -1069,7 +1535,9 @@ def execute(
         raise RuntimeError(f"{node.fullName()} is disabled")
     if node["file_type"].value() != "exr":
         raise NotImplementedError("the fake Write writes exr only")
-    pattern = node["file"].value()
+    file_knob = node["file"]
+    assert isinstance(file_knob, File_Knob)
+    pattern = file_knob.evaluate()
     if not pattern:
         raise RuntimeError(f"{node.fullName()}: no filename set")
     for frame in range(start, end + 1, incr):
@@ -1136,6 +1604,7 @@ def _dump_group(group: Group) -> list[dict[str, Any]]:
     return out
 
 
+# Nuke Python API reference (Foundry), nuke.scriptSaveAs.
 def scriptSaveAs(filename: str | None = None, overwrite: int = -1) -> None:
     if not filename:
         raise RuntimeError("scriptSaveAs: no filename")
@@ -1149,17 +1618,18 @@ def scriptSaveAs(filename: str | None = None, overwrite: int = -1) -> None:
         json.dump(data, handle, default=list)
 
 
+# Nuke Python API reference (Foundry), nuke.scriptSave.
 def scriptSave(filename: str | None = None) -> bool:
     scriptSaveAs(filename or scriptName())
     return True
 
 
+# Nuke Python API reference (Foundry), nuke.scriptClose.
 def scriptClose() -> None:
-    callbacks = _STATE.callbacks
-    menus = _STATE.menus
+    # Callbacks, menus and formats belong to the session, not the script.
+    callbacks, menus, formats = _STATE.callbacks, _STATE.menus, _STATE.formats
     _STATE.__init__()  # type: ignore[misc]
-    _STATE.callbacks = callbacks
-    _STATE.menus = menus
+    _STATE.callbacks, _STATE.menus, _STATE.formats = callbacks, menus, formats
 
 
 def _load_group(group: Group, entries: list[dict[str, Any]], created: list[Node]) -> None:
@@ -1197,6 +1667,7 @@ def _load_group(group: Group, entries: list[dict[str, Any]], created: list[Node]
         group.end()
 
 
+# Nuke Python API reference (Foundry), nuke.scriptOpen.
 def scriptOpen(filename: str) -> None:
     """Close the current script and load ``filename``; runs each node's onCreate, then onScriptLoad callbacks."""
     with open(filename) as handle:
@@ -1209,7 +1680,7 @@ def scriptOpen(filename: str) -> None:
     created: list[Node] = []
     _load_group(_STATE.root, data["nodes"], created)
     for node in created:
-        _run_script(node["onCreate"].value(), node, None)
+        _run_script(node["onCreate"].getText(), node, None)
     for call, args, kwargs, _ in _STATE.callbacks.get("onScriptLoad", []):
         _STATE.this.append((_STATE.root, None))
         try:
@@ -1254,7 +1725,7 @@ def _fake_user_set(node: Node, knob_name: str, value: Any) -> None:
     """The artist changes a knob in the properties panel: set it, then run the node's knobChanged."""
     knob = node[knob_name]
     knob.setValue(value)
-    _run_script(node["knobChanged"].value(), node, knob)
+    _run_script(node["knobChanged"].getText(), node, knob)
 
 
 def _fake_press(node: Node, knob_name: str) -> None:
@@ -1263,3 +1734,68 @@ def _fake_press(node: Node, knob_name: str) -> None:
     if not isinstance(knob, Script_Knob):
         raise TypeError(f"{knob_name} is a {knob.Class()}, not a button")
     knob.execute()
+
+
+def _fake_calls() -> set[str]:
+    """Names of the API called from outside the fakes since the last ``_fake_reset_calls``: functions and
+    classes as ``createNode``/``String_Knob``, methods by their name (``setValue``), ``nodes.Read`` for
+    ``nuke.nodes.Read(...)``. The self-test check compares them with what the adapter uses."""
+    return set(_CALLS)
+
+
+def _fake_reset_calls() -> None:
+    _CALLS.clear()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Call recording: every public function, class and method records its name when called from outside the fakes.
+
+_CALLS: set[str] = set()
+_FAKES_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _record(label: str) -> None:
+    caller = sys._getframe(2).f_code.co_filename
+    if not os.path.abspath(caller).startswith(_FAKES_DIR):
+        _CALLS.add(label)
+
+
+def _recording(function: Callable[..., Any], label: str) -> Callable[..., Any]:
+    import functools
+
+    @functools.wraps(function)
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        # A constructor records the class actually made (a subclass inherits its base's __init__).
+        _record(type(args[0]).__name__ if function.__name__ == "__init__" else label)
+        return function(*args, **kwargs)
+
+    return recorded
+
+
+def _install_recording() -> None:
+    import inspect
+
+    module = sys.modules[__name__]
+    for name, value in list(vars(module).items()):
+        if name.startswith("_") or getattr(value, "__module__", None) != __name__:
+            continue
+        if inspect.isfunction(value):
+            setattr(module, name, _recording(value, name))
+        elif inspect.isclass(value):
+            for attr, member in list(vars(value).items()):
+                if isinstance(member, classmethod):
+                    setattr(value, attr, classmethod(_recording(member.__func__, attr)))
+                elif inspect.isfunction(member) and (not attr.startswith("_") or attr == "__init__"):
+                    setattr(value, attr, _recording(member, name if attr == "__init__" else attr))
+
+
+_original_node_call = _NodeConstructor.__call__
+
+
+def _node_constructor_call(self: _NodeConstructor, **knobs: Any) -> Node:
+    _record(f"nodes.{self._cls}")
+    return _original_node_call(self, **knobs)
+
+
+_NodeConstructor.__call__ = _node_constructor_call  # type: ignore[method-assign]
+_install_recording()

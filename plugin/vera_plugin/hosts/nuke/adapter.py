@@ -1,9 +1,12 @@
-"""The Nuke adapter: the "Vera Edit" node (a Python-built Group), Generate, Cancel, Bake layers, menus.
+"""The Nuke adapter: the "Vera Edit" node (a Python-built Group), Generate, Cancel, takes, Bake layers, menus.
 
 Thin on purpose: knob layout comes from :mod:`vera_plugin.schema_ui`, the cache from :mod:`vera_plugin.cache`
-and the job itself from :mod:`vera_plugin.generate`. Threading follows Nuke's rules: the node graph is only
-touched on the main thread (rendering the input, pointing Reads at results); the upload, the watch and the
-download run on a worker thread that reports through ``nuke.ProgressTask`` and hands results back with
+and the job itself from :mod:`vera_plugin.generate`. Threading follows Nuke's rules (Python developer guide,
+"Threading"): the node graph is only touched on the main thread. Generate checks the knobs on the main thread
+and starts a worker thread; the worker renders the input a few frames at a time by asking the main thread
+(``nuke.executeInMainThreadWithResult``), so the GUI stays responsive between chunks and the progress bar's
+cancel works while the input renders; then it uploads, follows the job (showing the engine's live previews in
+the node's output) and downloads, reporting through ``nuke.ProgressTask`` and handing results back with
 ``nuke.executeInMainThread``. The worker never holds node objects, only node names.
 
 Inside the node::
@@ -12,20 +15,25 @@ Inside the node::
     mask (Input 1, optional)                   │ 0 source
     VeraResult (Read of vera_edit.####.exr) ───┤ 1 composite: rgba + edit.* + matte.alpha
         └─ VeraEditToRGBA (Copy edit -> rgba) ─┤ 2 edit
-        └─ VeraMatteToRGBA (Copy matte -> rgba)┘ 3 matte
+        └─ VeraMatteToRGBA (Copy matte -> rgba)┤ 3 matte
+    VeraPreview (Read of the newest preview)   │
+        └─ VeraPreviewFit (Reformat to plate) ─┘ 4 live preview while a job runs
                                    VeraOutput (Switch, from the output knob) ─ Output
+
+Result paths inside a saved script's folder are stored relative to it (``[file dirname [value root.name]]/...``),
+so a shot folder moved with its ``vera_cache`` still links, even where ``vera_plugin`` is not installed.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import os
 import random
 import shutil
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from pathlib import Path
@@ -33,7 +41,7 @@ from typing import Any
 
 import nuke
 
-from vera_plugin.cache import CachedResult, cache_root, find_results
+from vera_plugin.cache import CachedResult, cache_root, find_takes, safe_name
 from vera_plugin.client import DEFAULT_ADDRESS, EngineClient, EngineError
 from vera_plugin.generate import (
     GenerateCancelled,
@@ -44,6 +52,7 @@ from vera_plugin.generate import (
     describe_engine_error,
     run_generate,
 )
+from vera_plugin.hosts.imagefiles import write_png
 from vera_plugin.schema_ui import (
     Field,
     OptionsError,
@@ -52,6 +61,7 @@ from vera_plugin.schema_ui import (
     job_options,
     model_from_json,
     model_to_json,
+    vocabulary_note,
 )
 from vera_proto.vera.v1 import engine_pb2 as pb
 
@@ -59,37 +69,50 @@ __all__ = [
     "NODE_MARKER",
     "OUTPUTS",
     "PANEL_ID",
+    "PANEL_WIDGET",
+    "RENDER_CHUNK_FRAMES",
     "bake_layers",
     "button",
     "cancel",
     "connect",
     "create_node",
     "generate",
+    "generate_now",
     "is_vera_node",
     "knob_changed",
     "on_create",
     "option_fields",
+    "option_values",
     "randomise",
     "relink",
+    "render_input",
+    "select_take",
     "setup",
     "teardown",
     "update_output",
+    "use_models",
 ]
 
 NODE_MARKER = "vera_edit_node"
 OUTPUTS = ("composite", "edit", "matte", "source")
-_SWITCH_INPUT = {"source": 0, "composite": 1, "edit": 2, "matte": 3}
+_SWITCH_INPUT = {"source": 0, "composite": 1, "edit": 2, "matte": 3, "preview": 4}
 PANEL_ID = "uk.co.vera.VeraEditPanel"
+# What nukescripts.panels.registerWidgetAsPanel pastes into a PyCustom_Knob command, evaluated in Nuke's
+# __main__ namespace when the pane opens: it must import its own module, since menu.py's imports are not there.
+PANEL_WIDGET = "__import__('vera_plugin.panel', fromlist=['VeraPanel']).VeraPanel"
+# Frames rendered per main-thread request while Generate renders the input (the GUI answers between chunks).
+RENDER_CHUNK_FRAMES = 4
 # Knob names a Group already has (or that this module uses); a schema option with such a name gets a prefix.
 _RESERVED = {
     "name", "label", "help", "disable", "onCreate", "knobChanged", "onDestroy", "tile_color", "note_font",
     "selected", "hide_input", "icon", "postage_stamp", "xpos", "ypos", "engine", "connect", "engine_status",
-    "model", "frame_range", "range_first", "range_last", "output", "generate", "cancel", "bake", "status",
-    "job_id",
+    "model", "frame_range", "range_first", "range_last", "output", "take", "generate", "cancel", "bake",
+    "status", "job_id", "prompt_words", "working_space", "vera_models",
 }  # fmt: skip
 # Python run by the node itself (saved in the script); guarded so a script opens even without vera_plugin.
 _GUARD = "try:\n    import vera_plugin.hosts.nuke as _vera\nexcept ImportError:\n    _vera = None\nif _vera:\n    _vera.{call}"
 _BUTTON = "import vera_plugin.hosts.nuke as _vera\n_vera.button({action!r})"
+_RELATIVE_ROOT = "[file dirname [value root.name]]"
 
 
 def _knob_name(option: str) -> str:
@@ -102,7 +125,14 @@ def is_vera_node(node: nuke.Node | None) -> bool:
 
 
 def _text(node: nuke.Node, name: str) -> str:
-    return str(node[name].value())
+    # String knobs' value() runs TCL on the text (a prompt's "[red]" or "$5", the models' JSON): read them raw.
+    knob = node[name]
+    return knob.getText() if isinstance(knob, nuke.String_Knob) else str(knob.value())
+
+
+def _script_path() -> str:
+    knob = nuke.root()["name"]
+    return knob.getText() if isinstance(knob, nuke.String_Knob) else str(knob.value())
 
 
 def _inner(node: nuke.Node, name: str) -> nuke.Node:
@@ -126,6 +156,22 @@ def _fail(node: nuke.Node | None, text: str) -> None:
     nuke.message(f"Vera Edit: {text}")
 
 
+def _on_main(call: Callable[..., Any], *args: Any) -> Any:
+    """``call(*args)`` on Nuke's main thread, waiting for the result. On the main thread itself it runs at once:
+    Nuke's executeInMainThreadWithResult would wait for itself there."""
+    if threading.current_thread() is threading.main_thread():
+        return call(*args)
+    return nuke.executeInMainThreadWithResult(call, args)
+
+
+def _post(call: Callable[..., Any], *args: Any) -> None:
+    """``call(*args)`` on the main thread without waiting (at once when already there)."""
+    if threading.current_thread() is threading.main_thread():
+        call(*args)
+    else:
+        nuke.executeInMainThread(call, args)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Building the node
 
@@ -135,24 +181,38 @@ def _hidden(knob: nuke.Knob) -> nuke.Knob:
     return knob
 
 
+def _selected_node() -> nuke.Node | None:
+    try:
+        return nuke.selectedNode()
+    except ValueError:  # Nuke raises when nothing is selected
+        return None
+
+
 def create_node(address: str | None = None, connect_timeout: float = 3.0) -> nuke.Group:
-    """Create a "Vera Edit" node in the current group, wired to the selected node when there is one.
+    """Create a "Vera Edit" node the way Nuke's own menus do: beside the selected node and wired to it, its
+    properties panel open, the whole creation one step of Edit ▸ Undo.
 
     The options come from the engine's ``GetInfo``; when the engine cannot be reached the node is still
     created and says so in its status (press "connect" later).
     """
+    selected = _selected_node()
+    undo = nuke.Undo()
+    undo.begin("Create Vera Edit")
     try:
-        selected: nuke.Node | None = nuke.selectedNode()
-    except ValueError:  # Nuke raises when nothing is selected
-        selected = None
-    group = nuke.nodes.Group()
-    group.setName("VeraEdit1", uncollide=True)
-    _build_internals(group)
-    _build_knobs(group, address or os.environ.get("VERA_ENGINE", DEFAULT_ADDRESS))
-    if selected is not None and selected is not group:
-        group.setInput(0, selected)
-        group.setXYpos(selected.xpos(), selected.ypos() + 60)
-    connect(group, timeout=connect_timeout, quiet=True)
+        # createNode places the node below the selection and selects it; the Group has no inputs yet, so the
+        # source is connected once its Input nodes exist.
+        group = nuke.createNode("Group", inpanel=False)
+        assert isinstance(group, nuke.Group)
+        group.setName("VeraEdit1", uncollide=True)
+        _build_internals(group)
+        _build_knobs(group, address or os.environ.get("VERA_ENGINE", DEFAULT_ADDRESS))
+        if selected is not None and selected is not group:
+            group.setInput(0, selected)
+        connect(group, timeout=connect_timeout, quiet=True)
+    finally:
+        undo.end()  # even a half-built node goes away with one Edit > Undo
+    if nuke.GUI:
+        group.showControlPanel()
     return group
 
 
@@ -172,12 +232,15 @@ def _build_internals(group: nuke.Group) -> None:
         for copy in (edit, matte):
             copy.setInput(0, read)
             copy.setInput(1, read)
+        preview = nuke.nodes.Read(name="VeraPreview", label="engine's live preview")
+        fit = nuke.nodes.Reformat(name="VeraPreviewFit", type="to box", resize="distort")
+        fit.setInput(0, preview)
         switch = nuke.nodes.Switch(name="VeraOutput")
-        for index, node in ((0, src), (1, read), (2, edit), (3, matte)):
+        for index, node in ((0, src), (1, read), (2, edit), (3, matte), (4, fit)):
             switch.setInput(index, node)
         output = nuke.nodes.Output(name="Output1")
         output.setInput(0, switch)
-        for i, node in enumerate((src, mask, read, edit, matte, switch, output)):
+        for i, node in enumerate((src, mask, read, edit, matte, preview, fit, switch, output)):
             node.setXYpos(i % 2 * 150, i * 60)
 
 
@@ -221,6 +284,12 @@ def _add_trailing_knobs(group: nuke.Node) -> None:
     output = nuke.Enumeration_Knob("output", "output", list(OUTPUTS))
     output.setTooltip("composite: the result with edit and matte layers; edit, matte: that layer as rgba")
     group.addKnob(output)
+    take = nuke.Enumeration_Knob("take", "take", ["1"])
+    take.setTooltip(
+        "Which take the output shows (a Generate with several takes); switching does not regenerate"
+    )
+    take.clearFlag(nuke.STARTLINE)
+    group.addKnob(take)
     buttons = [
         nuke.PyScript_Knob("generate", "Generate", _BUTTON.format(action="generate")),
         nuke.PyScript_Knob("cancel", "Cancel", _BUTTON.format(action="cancel")),
@@ -285,14 +354,25 @@ def _models(node: nuke.Node) -> list[pb.ModelInfo]:
     return [model_from_json(json.dumps(m)) for m in json.loads(text)] if text else []
 
 
+def _model(node: nuke.Node) -> pb.ModelInfo | None:
+    models = _models(node)
+    name = _text(node, "model")
+    return next((m for m in models if m.name == name), models[0] if models else None)
+
+
 def option_fields(node: nuke.Node) -> list[Field]:
     """The option fields of the node's current model (empty before the first connect)."""
-    models = _models(node)
-    if not models:
-        return []
-    name = _text(node, "model")
-    model = next((m for m in models if m.name == name), models[0])
-    return fields_for_model(model)
+    model = _model(node)
+    return fields_for_model(model) if model is not None else []
+
+
+def option_values(node: nuke.Node) -> dict[str, Any]:
+    """What the artist set, by option name, exactly as typed (text is read raw: Nuke would run TCL on it)."""
+    return {f.name: _knob_raw(node[_knob_name(f.name)]) for f in option_fields(node)}
+
+
+def _knob_raw(knob: nuke.Knob) -> Any:
+    return knob.getText() if isinstance(knob, nuke.String_Knob) else knob.value()
 
 
 def _install_options(node: nuke.Node, fields: list[Field]) -> None:
@@ -301,10 +381,12 @@ def _install_options(node: nuke.Node, fields: list[Field]) -> None:
     knobs = node.allKnobs()
     names = [k.name() for k in knobs]
     start = names.index("model") + 1
-    saved: dict[str, tuple[str, Any]] = {}
+    saved: dict[str, tuple[str, Any, list[str] | None]] = {}
     for knob in knobs[start:]:
-        saved[knob.name()] = (knob.Class(), knob.value())
+        choices = knob.values() if isinstance(knob, nuke.Enumeration_Knob) else None
+        saved[knob.name()] = (knob.Class(), _knob_raw(knob), choices)
         node.removeKnob(knob)
+    model = _model(node)
     for field in fields:
         for knob in _option_knob(field):
             node.addKnob(knob)
@@ -312,13 +394,34 @@ def _install_options(node: nuke.Node, fields: list[Field]) -> None:
             if previous and previous[0] == knob.Class() and knob.Class() != "PyScript_Knob":
                 with contextlib.suppress(ValueError):  # a choice the new model lacks: keep the default
                     knob.setValue(previous[1])
+        if field.name == "prompt" and model is not None and model.vocabulary:
+            # Words a word-level checkpoint cannot read, flagged under the prompt as the artist types.
+            node.addKnob(nuke.Text_Knob("prompt_words", "", ""))
     _add_trailing_knobs(node)
-    for name, (cls, value) in saved.items():
+    for name, (cls, value, choices) in saved.items():
         restored = node.knob(name)
         keep = cls not in ("PyScript_Knob", "Text_Knob") or name == "status"
         if restored is not None and cls == restored.Class() and keep:
-            restored.setValue(value)
+            if name == "take" and choices and isinstance(restored, nuke.Enumeration_Knob):
+                restored.setValues(choices)
+            with contextlib.suppress(ValueError):
+                restored.setValue(value)
     _sync_range_knobs(node)
+    _update_words(node)
+
+
+def use_models(node: nuke.Node, models: list[pb.ModelInfo], model_name: str = "") -> pb.ModelInfo:
+    """Keep ``models`` (the engine's schema) in the node, choose ``model_name`` (default: the one chosen, else the
+    engine's default) and build its option knobs. What :func:`connect` does once the engine answered."""
+    node["vera_models"].setValue(json.dumps([json.loads(model_to_json(m)) for m in models], sort_keys=True))
+    model_knob = node["model"]
+    assert isinstance(model_knob, nuke.Enumeration_Knob)
+    previous = model_name or _text(node, "model")
+    model_knob.setValues([m.name for m in models])
+    model = find_model(pb.EngineInfo(models=models), previous if previous in [m.name for m in models] else "")
+    model_knob.setValue(model.name)
+    _install_options(node, fields_for_model(model))
+    return model
 
 
 def connect(node: nuke.Node | None = None, timeout: float = 5.0, quiet: bool = False) -> bool:
@@ -338,20 +441,11 @@ def connect(node: nuke.Node | None = None, timeout: float = 5.0, quiet: bool = F
     except (ValueError, OSError) as exc:  # a bad address, an unreadable token file
         _fail(node, f"engine {address!r}: {exc}")
         return False
-    node["vera_models"].setValue(
-        json.dumps([json.loads(model_to_json(m)) for m in info.models], sort_keys=True)
-    )
-    model_knob = node["model"]
-    assert isinstance(model_knob, nuke.Enumeration_Knob)
-    previous = _text(node, "model")
-    model_knob.setValues([m.name for m in info.models])
     try:
-        model = find_model(info, previous if previous in [m.name for m in info.models] else "")
+        use_models(node, list(info.models))
     except OptionsError as exc:
         _fail(node, str(exc))
         return False
-    model_knob.setValue(model.name)
-    _install_options(node, fields_for_model(model))
     device = f"{info.device.name} ({info.device.kind})"
     state = "ready" if info.model_loaded else "loading its model"
     node["engine_status"].setValue(f"{state}: v{info.engine_version} on {device}, {info.queue_length} queued")
@@ -379,8 +473,16 @@ def _sync_range_knobs(node: nuke.Node) -> None:
     node["range_last"].setEnabled(custom)
 
 
+def _update_words(node: nuke.Node) -> None:
+    words = node.knob("prompt_words")
+    model = _model(node)
+    if words is None or model is None or node.knob(_knob_name("prompt")) is None:
+        return
+    words.setValue(vocabulary_note(_text(node, _knob_name("prompt")), model))
+
+
 def knob_changed() -> None:
-    """The node's knobChanged: output switch, model choice, frame range mode."""
+    """The node's knobChanged: output switch, take, model choice, frame range mode, prompt words."""
     node, knob = nuke.thisNode(), nuke.thisKnob()
     if knob is None or not is_vera_node(node):
         return
@@ -388,10 +490,14 @@ def knob_changed() -> None:
     try:
         if name == "output":
             update_output(node)
+        elif name == "take":
+            select_take(node, int(_text(node, "take")))
         elif name == "frame_range":
             _sync_range_knobs(node)
         elif name == "model":
             _install_options(node, option_fields(node))
+        elif name == _knob_name("prompt"):
+            _update_words(node)
         elif name == "engine":
             node["engine_status"].setValue("address changed: press connect")
     except Exception as exc:  # a callback must not raise into Nuke
@@ -401,7 +507,7 @@ def knob_changed() -> None:
 def update_output(node: nuke.Node, has_result: bool | None = None) -> None:
     """Point the internal Switch at the chosen output; the source until there is a result."""
     if has_result is None:
-        has_result = bool(_text(node, "job_id")) and bool(_inner(node, "VeraResult")["file"].value())
+        has_result = bool(_text(node, "job_id")) and bool(_text(_inner(node, "VeraResult"), "file"))
     which = _SWITCH_INPUT[_text(node, "output")] if has_result else _SWITCH_INPUT["source"]
     _inner(node, "VeraOutput")["which"].setValue(which)
 
@@ -416,19 +522,51 @@ def on_create() -> None:
             _set_status(node, f"error: could not look for cached results ({type(exc).__name__}: {exc})")
 
 
+def _cache_root() -> Path:
+    return cache_root(_script_path())
+
+
+def _chosen_take(node: nuke.Node, takes: dict[int, CachedResult]) -> int:
+    chosen = int(_text(node, "take") or 1)
+    return chosen if chosen in takes else min(takes)
+
+
 def relink(node: nuke.Node) -> CachedResult | None:
     """Point the node's Read at its job's cached results (after a reopen, a move or a new $VERA_CACHE)."""
     job = _text(node, "job_id")
-    root = cache_root(str(nuke.root()["name"].value()))
-    result = find_results(root, job)
-    if result is None:
+    root = _cache_root()
+    takes = find_takes(root, job)
+    if not takes:
         _set_status(
             node, f"results of job {job} are not in the cache {root}: press Generate to make them again"
         )
         update_output(node, has_result=False)
         return None
-    _point_read(node, result)
-    _set_status(node, f"cached result of job {job}: frames {result.first}-{result.last}")
+    result = _show_takes(node, takes, _chosen_take(node, takes))
+    more = f", takes {', '.join(map(str, takes))}" if len(takes) > 1 else ""
+    _set_status(node, f"cached result of job {job}: frames {result.first}-{result.last}{more}")
+    return result
+
+
+def _show_takes(node: nuke.Node, takes: dict[int, CachedResult], chosen: int) -> CachedResult:
+    take_knob = node["take"]
+    assert isinstance(take_knob, nuke.Enumeration_Knob)
+    take_knob.setValues([str(t) for t in takes])
+    take_knob.setValue(str(chosen))
+    _point_read(node, takes[chosen])
+    return takes[chosen]
+
+
+def select_take(node: nuke.Node, take: int) -> CachedResult | None:
+    """Show take ``take`` of the node's job (its cached files; nothing is regenerated)."""
+    takes = find_takes(_cache_root(), _text(node, "job_id"))
+    if take not in takes:
+        _set_status(node, f"take {take} of job {_text(node, 'job_id')} is not in the cache; Generate again")
+        return None
+    result = _show_takes(node, takes, take)
+    _set_status(
+        node, f"showing take {take} of job {_text(node, 'job_id')}: frames {result.first}-{result.last}"
+    )
     return result
 
 
@@ -438,8 +576,22 @@ def _point_read(node: nuke.Node, result: CachedResult) -> None:
     update_output(node)
 
 
+def _script_relative(path: str) -> str:
+    """``path`` written relative to the saved script's folder as Nuke's TCL (``[file dirname [value root.name]]/
+    vera_cache/...``) when it lies inside it; otherwise (``$VERA_CACHE``, an unsaved script) as it is."""
+    script = _script_path()
+    if not script:
+        return path
+    folder = Path(script).parent
+    try:
+        relative = Path(path).relative_to(folder)
+    except ValueError:
+        return path
+    return f"{_RELATIVE_ROOT}/{relative.as_posix()}"
+
+
 def _set_read(read: nuke.Node, result: CachedResult, working_space: str) -> None:
-    read["file"].setValue(result.pattern)
+    read["file"].setValue(_script_relative(result.pattern))
     for knob in ("first", "origfirst"):
         read[knob].setValue(result.first)
     for knob in ("last", "origlast"):
@@ -456,9 +608,17 @@ def _set_read(read: nuke.Node, result: CachedResult, working_space: str) -> None
 @dataclass
 class _Run:
     node: str
+    request: GenerateRequest
+    upload: Path
+    inputs: list[tuple[str, str, str]]  # (input node name, channels, EXR pattern) to render
+    preview_size: tuple[int, int]
+    preview_dir: Path
+    on_finished: Callable[[str, GenerateResult | None, str], None] | None = None
     cancel: threading.Event = dataclass_field(default_factory=threading.Event)
     thread: threading.Thread | None = None
     job_id: str = ""
+    previews: int = 0
+    status: str = ""
 
 
 _RUNS: dict[str, _Run] = {}
@@ -478,28 +638,78 @@ def _frames(node: nuke.Node, src: nuke.Node) -> tuple[int, int]:
 
 def _working_space() -> str:
     knob = nuke.root().knob("workingSpaceLUT")
-    return str(knob.value()) if knob is not None else "linear"
+    if knob is None:
+        return "linear"
+    return knob.getText() if isinstance(knob, nuke.String_Knob) else str(knob.value())
 
 
-def _render(node: nuke.Group, input_name: str, channels: str, pattern: str, first: int, last: int) -> None:
-    with node:
-        write = nuke.nodes.Write(
-            file_type="exr",
-            datatype="32 bit float",
-            compression="Zip (1 scanline)",
-            channels=channels,
-            create_directories=True,
-        )
-        write["raw"].setValue(True)  # the working space's values as they are: a linear EXR, no transform
-        write["file"].setValue(pattern)
-        write.setInput(0, _inner(node, input_name))
+def _render_chunk(node_name: str, input_name: str, channels: str, pattern: str, first: int, last: int) -> str:
+    """Main thread: render frames ``first..last`` of the node's input ``input_name`` to ``pattern`` as float EXRs.
+    Returns ``""`` or what went wrong (executeInMainThreadWithResult would swallow an exception)."""
+    node = nuke.toNode(node_name)
+    if not isinstance(node, nuke.Group):
+        return f"{node_name} was deleted"
+    try:
+        # A temporary Write: kept out of Edit ▸ Undo, removed whatever happens.
+        nuke.Undo.disable()
         try:
-            nuke.execute(write, first, last)
+            with node:
+                write = nuke.nodes.Write(
+                    file_type="exr",
+                    datatype="32 bit float",
+                    compression="Zip (1 scanline)",
+                    channels=channels,
+                    create_directories=True,
+                )
+                write["raw"].setValue(
+                    True
+                )  # the working space's values as they are: a linear EXR, no transform
+                write["file"].setValue(pattern)
+                write.setInput(0, _inner(node, input_name))
+                try:
+                    nuke.execute(write, first, last)
+                finally:
+                    nuke.delete(write)
         finally:
-            nuke.delete(write)
+            nuke.Undo.enable()
+    except Exception as exc:  # nuke.execute raises RuntimeError for render errors
+        return f"could not render the input: {exc}"
+    return ""
 
 
-def _prepare(node: nuke.Group) -> tuple[GenerateRequest, Path]:
+def render_input(
+    node_name: str,
+    inputs: list[tuple[str, str, str]],
+    frames: list[int],
+    progress: Callable[[float, str], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> str:
+    """Render each ``(input node, channels, EXR pattern)`` of the Vera node ``node_name`` for ``frames``,
+    ``RENDER_CHUNK_FRAMES`` at a time on the main thread. Call it from a worker thread to keep the GUI
+    responsive between chunks (or on the main thread in a terminal session). Returns ``""``, ``"cancelled"`` or
+    what went wrong."""
+    total = len(frames) * len(inputs)
+    done = 0
+    for input_name, channels, pattern in inputs:
+        for start in range(0, len(frames), RENDER_CHUNK_FRAMES):
+            if cancelled is not None and cancelled():
+                return "cancelled"
+            chunk = frames[start : start + RENDER_CHUNK_FRAMES]
+            error = _on_main(_render_chunk, node_name, input_name, channels, pattern, chunk[0], chunk[-1])
+            if error is None:
+                return "could not render the input: Nuke's main thread did not answer"
+            if error:
+                return str(error)
+            done += len(chunk)
+            if progress is not None:
+                progress(
+                    done / total, f"rendered {input_name} frames {chunk[0]}-{chunk[-1]} ({done}/{total})"
+                )
+    return ""
+
+
+def _prepare(node: nuke.Group, on_finished: Callable[[str, GenerateResult | None, str], None] | None) -> _Run:
+    """Main thread: everything Generate needs from the node graph, checked; nothing is rendered yet."""
     src = node.input(0)
     if src is None:
         raise OptionsError("src", "nothing is connected; connect the plate (e.g. a Read) to the src input")
@@ -508,24 +718,17 @@ def _prepare(node: nuke.Group) -> tuple[GenerateRequest, Path]:
         if not connect(node, quiet=True):
             raise GenerateError(_text(node, "status").removeprefix("error: "))
         fields = option_fields(node)
-    values = {f.name: node[_knob_name(f.name)].value() for f in fields}
     working_space = _working_space()
-    prompt, options = job_options(fields, values, working_space)
+    prompt, options = job_options(fields, option_values(node), working_space)
     options["model"] = _text(node, "model")
-    options.setdefault("name", f"{Path(str(nuke.root()['name'].value()) or 'untitled').stem}/{node.name()}")
+    options.setdefault("name", f"{Path(_script_path() or 'untitled').stem}/{node.name()}")
     first, last = _frames(node, src)
     node["working_space"].setValue(working_space)
-    root = cache_root(str(nuke.root()["name"].value()))
+    root = _cache_root()
     upload = root / f".upload-{uuid.uuid4().hex[:12]}"
     plate = (upload / "src.####.exr").as_posix()
     mask = (upload / "mask.####.exr").as_posix() if node.input(1) is not None else None
-    try:
-        _render(node, "src", "rgba", plate, first, last)
-        if mask is not None:
-            _render(node, "mask", "alpha", mask, first, last)
-    except Exception:
-        shutil.rmtree(upload, ignore_errors=True)
-        raise
+    inputs = [("src", "rgba", plate)] + ([("mask", "alpha", mask)] if mask is not None else [])
     request = GenerateRequest(
         address=_text(node, "engine").strip(),
         prompt=prompt,
@@ -534,8 +737,21 @@ def _prepare(node: nuke.Group) -> tuple[GenerateRequest, Path]:
         plate=plate,
         mask=mask,
         cache_root=root,
+        previews=True,
     )
-    return request, upload
+    try:
+        size = (int(src.width()), int(src.height()))
+    except Exception:  # an input that cannot tell its size yet: previews keep their own
+        size = (0, 0)
+    return _Run(
+        node=node.fullName(),
+        request=request,
+        upload=upload,
+        inputs=inputs,
+        preview_size=size,
+        preview_dir=root / ".previews" / safe_name(node.fullName()),
+        on_finished=on_finished,
+    )
 
 
 class _TaskSink:
@@ -551,7 +767,10 @@ class _TaskSink:
         self.task.setMessage(message)
         if message != self._last:
             self._last = message
-            nuke.executeInMainThread(_show_status, (self.run.node, message))
+            _post(_show_status, self.run.node, message)
+
+    def rendering(self, fraction: float, message: str) -> None:
+        self.update(fraction, f"rendering the input: {message}")
 
     def cancelled(self) -> bool:
         return self.run.cancel.is_set() or bool(self.task.isCancelled())
@@ -569,49 +788,103 @@ def _set_job(name: str, job_id: str) -> None:
         node["job_id"].setValue(job_id)
 
 
-def _worker(run: _Run, request: GenerateRequest, upload: Path) -> None:
+def _show_preview(name: str, path: str, size: tuple[int, int]) -> None:
+    """Main thread: the newest preview in the node's output, fitted to the plate's size, while the job runs."""
+    node = nuke.toNode(name)
+    if node is None or name not in _RUNS:
+        return
+    preview = _inner(node, "VeraPreview")
+    preview["file"].setValue(path)
+    for knob in ("first", "last", "origfirst", "origlast"):
+        preview[knob].setValue(1)
+    fit = _inner(node, "VeraPreviewFit")
+    if size[0] and size[1]:
+        fit["box_width"].setValue(size[0])
+        fit["box_height"].setValue(size[1])
+    _inner(node, "VeraOutput")["which"].setValue(_SWITCH_INPUT["preview"])
+
+
+def _save_preview(run: _Run, status: pb.JobStatus) -> None:
+    """Worker thread: write a new preview as a PNG (a new name each time, so the Read reloads it)."""
+    preview = status.preview
+    if not status.HasField("preview") or not preview.width or not preview.height:
+        return
+    run.previews += 1
+    path = run.preview_dir / f"{run.job_id or 'job'}.{run.previews:05d}.png"
+    write_png(path, preview.width, preview.height, preview.rgb8)
+    size = run.preview_size if all(run.preview_size) else (preview.width, preview.height)
+    _post(_show_preview, run.node, path.as_posix(), size)
+    previous = run.preview_dir / f"{run.job_id or 'job'}.{run.previews - 1:05d}.png"
+    with contextlib.suppress(OSError):
+        previous.unlink()
+
+
+def _worker(run: _Run) -> None:
     task = nuke.ProgressTask(f"Vera Edit {run.node}")
     sink = _TaskSink(task, run)
+    request = run.request
 
     def submitted(job_id: str) -> None:
         run.job_id = job_id
-        shutil.rmtree(upload, ignore_errors=True)  # the engine has the frames now
-        nuke.executeInMainThread(_set_job, (run.node, job_id))
+        shutil.rmtree(run.upload, ignore_errors=True)  # the engine has the frames now
+        _post(_set_job, run.node, job_id)
 
     try:
-        result = run_generate(request, sink, on_submitted=submitted)
+        error = render_input(
+            run.node,
+            run.inputs,
+            request.frames,
+            sink.rendering,
+            sink.cancelled,
+        )
+        if error == "cancelled":
+            raise GenerateCancelled("cancelled while rendering the input")
+        if error:
+            raise GenerateError(error)
+        result = run_generate(
+            request, sink, on_submitted=submitted, on_status=lambda status: _save_preview(run, status)
+        )
     except GenerateCancelled:
-        nuke.executeInMainThread(_finish, (run, None, f"cancelled job {run.job_id}".strip()))
+        _post(_finish, run, None, f"cancelled job {run.job_id}" if run.job_id else "cancelled")
     except GenerateError as exc:
-        nuke.executeInMainThread(_finish, (run, None, f"error: {exc}"))
+        _post(_finish, run, None, f"error: {exc}")
     except Exception as exc:  # a bug: still a message on the node, not a traceback in a thread
-        nuke.executeInMainThread(_finish, (run, None, f"error: unexpected {type(exc).__name__}: {exc}"))
+        _post(_finish, run, None, f"error: unexpected {type(exc).__name__}: {exc}")
     else:
-        nuke.executeInMainThread(_finish, (run, result, ""))
+        _post(_finish, run, result, "")
     finally:
-        shutil.rmtree(upload, ignore_errors=True)
+        shutil.rmtree(run.upload, ignore_errors=True)
         del sink, task  # the last references: Nuke closes the progress bar
 
 
 def _finish(run: _Run, result: GenerateResult | None, text: str) -> None:
     _RUNS.pop(run.node, None)
+    shutil.rmtree(run.preview_dir, ignore_errors=True)
     node = nuke.toNode(run.node)
-    if node is None:  # deleted while generating: the results stay in the cache
-        return
+    if node is not None:  # deleted while generating: the results stay in the cache
+        text = _show_finished(node, run, result, text)
+    run.status = text
+    if run.on_finished is not None:
+        run.on_finished(run.node, result, text)
+
+
+def _show_finished(node: nuke.Node, run: _Run, result: GenerateResult | None, text: str) -> str:
+    _inner(node, "VeraPreview")["file"].setValue("")  # its files are gone with the job's previews
     if result is None:
         _set_status(node, text)
+        update_output(node)  # the preview goes; the previous result (or the source) comes back
         if text.startswith("error: "):
             nuke.message(f"Vera Edit ({run.node}): {text.removeprefix('error: ')}")
-        return
+        return text
     node["job_id"].setValue(result.job_id)
     seed = node.knob(_knob_name("seed"))
     if seed is not None:
         seed.setValue(result.seed)
-    _point_read(node, result.result)
-    _set_status(
-        node,
-        f"done: job {result.job_id}, frames {result.result.first}-{result.result.last}, seed {result.seed}",
-    )
+    shown = _show_takes(node, result.takes, 1)
+    more = f", takes 1-{max(result.takes)}" if len(result.takes) > 1 else ""
+    text = f"done: job {result.job_id}, frames {shown.first}-{shown.last}, seed {result.seed}{more}"
+    _set_status(node, text)
+    return text
 
 
 def _vera_group(node: nuke.Node | None) -> nuke.Group | None:
@@ -622,37 +895,55 @@ def _vera_group(node: nuke.Node | None) -> nuke.Group | None:
     return None
 
 
-def generate(node: nuke.Node | None = None) -> threading.Thread | None:
-    """The Generate button: render the input on this (main) thread, then run the job on a worker thread.
-
-    Returns the worker thread (``None`` when nothing was started; the reason is on the node's status knob).
-    """
-    node = _vera_group(node)
-    if node is None:
+def _start(
+    node: nuke.Node | None, on_finished: Callable[[str, GenerateResult | None, str], None] | None
+) -> _Run | None:
+    group = _vera_group(node)
+    if group is None:
         return None
-    name = node.fullName()
+    name = group.fullName()
     if name in _RUNS:
         _fail(
-            node, f"{name} is already generating (job {_RUNS[name].job_id or 'uploading'}); cancel it first"
+            group, f"{name} is already generating (job {_RUNS[name].job_id or 'uploading'}); cancel it first"
         )
         return None
     try:
-        _set_status(node, "rendering the input ...")
-        request, upload = _prepare(node)
+        run = _prepare(group, on_finished)
     except (OptionsError, GenerateError) as exc:
-        _fail(node, str(exc))
+        _fail(group, str(exc))
         return None
-    except (RuntimeError, OSError, ValueError) as exc:  # nuke.execute raises RuntimeError for render errors
-        _fail(node, f"could not render the input: {exc}")
-        return None
-    run = _Run(node=name)
-    run.thread = threading.Thread(
-        target=_worker, args=(run, request, upload), name=f"vera-{name}", daemon=True
-    )
     _RUNS[name] = run
-    _set_status(node, f"submitting {len(request.frames)} frames to {request.address}")
+    _set_status(group, f"rendering the input: {len(run.request.frames)} frames for {run.request.address}")
+    return run
+
+
+def generate(
+    node: nuke.Node | None = None,
+    on_finished: Callable[[str, GenerateResult | None, str], None] | None = None,
+) -> threading.Thread | None:
+    """The Generate button: check the node here, then render the input, run the job and fetch the results on a
+    worker thread (the GUI stays responsive; the progress bar cancels). ``on_finished(node name, result or None,
+    status text)`` runs on the main thread at the end.
+
+    Returns the worker thread (``None`` when nothing was started; the reason is on the node's status knob).
+    """
+    run = _start(node, on_finished)
+    if run is None:
+        return None
+    run.thread = threading.Thread(target=_worker, args=(run,), name=f"vera-{run.node}", daemon=True)
     run.thread.start()
     return run.thread
+
+
+def generate_now(node: nuke.Node | None = None) -> str:
+    """Generate on this thread, returning the final status text: for terminal sessions (``nuke -t``) and farm
+    scripts, which have no event loop to hand work back to."""
+    run = _start(node, None)
+    if run is None:
+        group = node or nuke.thisNode()
+        return _text(group, "status") if group.knob("status") is not None else "error: not a Vera Edit node"
+    _worker(run)
+    return run.status
 
 
 def cancel(node: nuke.Node | None = None) -> bool:
@@ -674,47 +965,55 @@ def cancel(node: nuke.Node | None = None) -> bool:
 def bake_layers(node: nuke.Node | None = None) -> dict[str, nuke.Node]:
     """Bake layers: a Read for the edit layer, a Read for the matte and a Merge (over) onto the source.
 
-    Built beside the node in its parent group: ``edit Read -> Merge(over, A = edit layer) <- source``, then a
-    Copy bringing ``matte.alpha`` from the matte Read into the stream for grading and roto.
+    Built beside the node in its parent group, from the take the node shows: ``edit Read -> Merge(over, A = edit
+    layer) <- source``, then a Copy bringing ``matte.alpha`` from the matte Read into the stream for grading and
+    roto. One step of Edit ▸ Undo.
     """
     node = _vera_group(node)
     if node is None:
         return {}
     job = _text(node, "job_id")
-    result = find_results(cache_root(str(nuke.root()["name"].value())), job) if job else None
+    takes = find_takes(_cache_root(), job) if job else {}
     source = node.input(0)
-    if result is None or source is None:
+    if not takes or source is None:
         _fail(
             node, "nothing to bake: Generate first" if source is not None else "connect the src input first"
         )
         return {}
+    take = _chosen_take(node, takes)
+    result = takes[take]
     working_space = _text(node, "working_space")
-    label = job[:8]
+    label = f"job {job[:8]}" + (f" take {take}" if len(takes) > 1 else "")
     _declare_layers()
-    with node.parent():
-        edit = nuke.nodes.Read(label=f"Vera edit layer\njob {label}")
-        matte = nuke.nodes.Read(label=f"Vera matte (matte.alpha)\njob {label}")
-        for read in (edit, matte):
-            _set_read(read, result, working_space)
-        merge = nuke.nodes.Merge2(operation="over", label="Vera edit over source")
-        merge["Achannels"].setValue("edit")
-        merge.setInput(0, source)  # B
-        merge.setInput(1, edit)  # A
-        copy = nuke.nodes.Copy(label="Vera matte -> matte.alpha")
-        copy["from0"].setValue("matte.alpha")
-        copy["to0"].setValue("matte.alpha")
-        copy.setInput(0, merge)
-        copy.setInput(1, matte)
-    for baked, name in (
-        (edit, "VeraEditLayer1"),
-        (matte, "VeraMatte1"),
-        (merge, "VeraOver1"),
-        (copy, "VeraMatteCopy1"),
-    ):
-        baked.setName(name, uncollide=True)  # a second bake gets VeraEditLayer2 ...
-    x, y = node.xpos() + 200, node.ypos()
-    for i, baked in enumerate((edit, matte, merge, copy)):
-        baked.setXYpos(x + (i % 2) * 120, y + (i // 2) * 80)
+    undo = nuke.Undo()
+    undo.begin("Bake Vera layers")
+    try:
+        with node.parent():
+            edit = nuke.nodes.Read(label=f"Vera edit layer\n{label}")
+            matte = nuke.nodes.Read(label=f"Vera matte (matte.alpha)\n{label}")
+            for read in (edit, matte):
+                _set_read(read, result, working_space)
+            merge = nuke.nodes.Merge2(operation="over", label="Vera edit over source")
+            merge["Achannels"].setValue("edit")
+            merge.setInput(0, source)  # B
+            merge.setInput(1, edit)  # A
+            copy = nuke.nodes.Copy(label="Vera matte -> matte.alpha")
+            copy["from0"].setValue("matte.alpha")
+            copy["to0"].setValue("matte.alpha")
+            copy.setInput(0, merge)
+            copy.setInput(1, matte)
+        for baked, name in (
+            (edit, "VeraEditLayer1"),
+            (matte, "VeraMatte1"),
+            (merge, "VeraOver1"),
+            (copy, "VeraMatteCopy1"),
+        ):
+            baked.setName(name, uncollide=True)  # a second bake gets VeraEditLayer2 ...
+        x, y = node.xpos() + 200, node.ypos()
+        for i, baked in enumerate((edit, matte, merge, copy)):
+            baked.setXYpos(x + (i % 2) * 120, y + (i // 2) * 80)
+    finally:
+        undo.end()
     _set_status(node, f"baked job {job} into {edit.name()}, {matte.name()}, {merge.name()}, {copy.name()}")
     return {"edit": edit, "matte": matte, "merge": merge, "copy": copy}
 
@@ -755,11 +1054,11 @@ def setup() -> None:
     try:
         import nukescripts  # type: ignore[import-not-found]  # no stubs for nukescripts
 
-        importlib.import_module("vera_plugin.panel")  # needs PySide6
+        __import__("vera_plugin.panel")  # needs PySide6 (Nuke 16+)
     except ImportError as exc:  # terminal sessions and Nuke without PySide6: no panel, the node still works
         nuke.tprint(f"Vera Edit: panel not registered ({exc})")
         return
-    nukescripts.panels.registerWidgetAsPanel("vera_plugin.panel.VeraPanel", "Vera Edit", PANEL_ID)
+    nukescripts.panels.registerWidgetAsPanel(PANEL_WIDGET, "Vera Edit", PANEL_ID)
 
 
 def teardown() -> None:

@@ -9,17 +9,19 @@ TD's own script::
 
     clip = vera_resolve.current_clip()                      # the item under the playhead (top track), or track=N
     with EngineClient("gpu-box:50051") as engine:
-        placed = vera_resolve.run_vera_edit(engine, {"prompt": "add a paper boat", "steps": 30}, clip=clip,
-                                  progress=lambda f, msg: print(f"{f:4.0%} {msg}"))
+        (placed,) = vera_resolve.run_vera_edit(engine, {"prompt": "add a paper boat", "steps": 30}, clip=clip,
+                                           progress=lambda f, msg: print(f"{f:4.0%} {msg}"))
     print(placed.track_index, placed.record_frame)
 
-Steps, each its own function: :func:`current_clip` (which item, which frames), :func:`exr_frames` (the frames
-as linear EXRs: the files themselves for an EXR sequence, else a render of the item's range through the
-render queue, isolated to its track), :func:`send_clip` / :func:`follow_job` / :func:`fetch_results` (the
-engine, through :class:`~vera_plugin.client.EngineClient`), :func:`place_results` (import into the "Vera" bin,
-a new video track above, the item's record frame, the matte as a clip matte). The module never imports
-Resolve: the Resolve object is passed in or found by :func:`get_resolve`. Resolve calls must run on the
-thread that owns the script (the UI thread); only the engine steps may run on a worker thread.
+Steps, each its own function: :func:`current_clip` (which item, which frames; retimed clips are refused),
+:func:`exr_frames` (the frames as linear EXRs, with optional handles: the files themselves for an EXR sequence,
+else a render of the item's range through the render queue, isolated to the item, the Deliver page restored
+afterwards exactly as it was), :func:`send_clip` / :func:`follow_job` / :func:`fetch_results` (the engine,
+through :class:`~vera_plugin.client.EngineClient`), :func:`place_results` / :func:`place_takes` (import into the
+"Vera" bin, the results' colour space set on the clip, a new video track above at the item's record frame, the
+matte as a clip matte; one take, or every take on its own track). The module never imports Resolve: the
+Resolve object is passed in or found by :func:`get_resolve`. Resolve calls must run on the thread that owns
+the script (the UI thread); only the engine steps may run on a worker thread.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vera_plugin.cache import take_and_frame
 from vera_plugin.client import EngineClient, EngineError, state_name
 from vera_plugin.hosts.resolve.matte import write_mattes
 from vera_plugin.hosts.resolve.timeline import (
@@ -56,12 +59,14 @@ from vera_proto.vera.v1 import engine_pb2 as pb
 
 __all__ = [
     "BIN_NAME",
+    "DeliverState",
     "ExrFrames",
     "ExrRender",
     "Placement",
     "ResolveClip",
     "ResolveError",
     "VeraCancelled",
+    "append_checked",
     "current_clip",
     "default_work_dir",
     "describe_item",
@@ -70,8 +75,11 @@ __all__ = [
     "follow_job",
     "get_resolve",
     "place_results",
+    "place_takes",
+    "results_by_take",
     "run_vera_edit",
     "send_clip",
+    "set_clip_colorspace",
 ]
 
 BIN_NAME = "Vera"
@@ -205,6 +213,18 @@ class ResolveClip:
             return self.range.source_frames(self.sequence.first)
         return self.range.record_frames
 
+    def with_handles(self, handles: int) -> tuple[list[int], int, int]:
+        """``(frames, head, tail)``: :attr:`frames` extended by up to ``handles`` frames either side where the
+        media has them. Only an EXR sequence read from disk has frames beyond the item; a rendered clip gets
+        none (the timeline shows other material there)."""
+        frames = self.frames
+        if handles <= 0 or not self.reads_files_directly:
+            return frames, 0, 0
+        assert self.sequence is not None
+        head = min(handles, frames[0] - self.sequence.first)
+        tail = min(handles, self.sequence.last - frames[-1])
+        return list(range(frames[0] - head, frames[-1] + tail + 1)), head, tail
+
     def describe(self) -> str:
         """``"plate.[1001-1100].exr on V1 at 01:00:04:00, 48 frames"`` for messages and the window."""
         where = frame_to_timecode(self.range.record_start, self.fps)
@@ -258,6 +278,13 @@ def describe_item(timeline: Any, item: Any, track_index: int) -> ResolveClip:
     retimed = (
         source_start >= 0 and source_end >= 0 and abs(source_end - source_start - clip_range.duration) > 1
     )
+    if retimed:
+        raise ResolveError(
+            f"{name!r} on V{track_index} is retimed: it shows {source_end - source_start} source frames over "
+            f"{clip_range.duration} timeline frames (speed {100 * (source_end - source_start) / clip_range.duration:.0f}%). "
+            "Vera Edit needs the clip at 100% speed: reset its speed (Change Clip Speed), or render the retimed "
+            "clip to new media and edit that"
+        )
     sequence = parse_sequence_path(file_path)
     clip = ResolveClip(
         item=item,
@@ -317,11 +344,84 @@ def current_clip(resolve: Any = None, track: int | None = None) -> ResolveClip:
 
 @dataclass(frozen=True)
 class ExrFrames:
-    """The EXR file of every frame to send, in order, with the frame numbers the engine should see."""
+    """The EXR file of every frame to send, in order, with the frame numbers the engine should see; ``head`` and
+    ``tail`` are the handle frames among them before and after the clip's own."""
 
     paths: list[str]
     frames: list[int]
     rendered: bool
+    head: int = 0
+    tail: int = 0
+
+
+def _call(obj: Any, name: str, *args: Any) -> Any:
+    # A Resolve call that older versions lack (Timeline.GetMarkInOut is 19.1+): None when it is not there.
+    method = getattr(obj, name, None)
+    return method(*args) if callable(method) else None
+
+
+class DeliverState:
+    """What a render changes on the Deliver page, taken before and put back after, whatever happens.
+
+    Format and codec (``GetCurrentRenderFormatAndCodec``), render mode, the render settings (target folder,
+    name, range mode ...: Resolve has no getter for them, so they are kept as a temporary render preset, which
+    holds them, and loaded back), the timeline's In/Out marks (``GetMarkInOut``, Resolve 19.1+), and the clips
+    and tracks the render had to switch off or on. :meth:`restore` is safe to call more than once.
+    """
+
+    def __init__(self, project: Any, timeline: Any) -> None:
+        self.project, self.timeline = project, timeline
+        self.preset = f"vera-deliver-{uuid.uuid4().hex[:10]}"
+        self.format_codec = dict(project.GetCurrentRenderFormatAndCodec() or {})
+        self.mode = project.GetCurrentRenderMode()
+        self.marks = _call(timeline, "GetMarkInOut")
+        self.clips: list[tuple[Any, bool]] = []  # (timeline item, enabled before)
+        self.tracks: list[tuple[int, bool]] = []  # (video track, enabled before)
+        self.restored = False
+        if not project.SaveAsNewRenderPreset(self.preset):
+            raise ResolveError(
+                "Resolve did not keep the Deliver page's settings as a render preset, so they could not be put "
+                "back after rendering; nothing was changed. Check Deliver > Render Settings > Save As New Preset"
+            )
+
+    def set_clip(self, item: Any, enabled: bool) -> None:
+        """Switch a clip on or off for the render (remembered for :meth:`restore`)."""
+        before = bool(item.GetClipEnabled())
+        if before != enabled and item.SetClipEnabled(enabled):
+            self.clips.append((item, before))
+
+    def set_track(self, track: int, enabled: bool) -> None:
+        """Switch a video track on or off for the render (remembered for :meth:`restore`)."""
+        before = bool(self.timeline.GetIsTrackEnabled("video", track))
+        if before != enabled and self.timeline.SetTrackEnable("video", track, enabled):
+            self.tracks.append((track, before))
+
+    def restore(self) -> list[str]:
+        """Put everything back; returns what could not be restored (empty when all of it was)."""
+        if self.restored:
+            return []
+        self.restored = True
+        problems = []
+        for item, enabled in reversed(self.clips):
+            if not item.SetClipEnabled(enabled):
+                problems.append(f"clip {item.GetName()!r} enabled={enabled}")
+        for track, enabled in reversed(self.tracks):
+            if not self.timeline.SetTrackEnable("video", track, enabled):
+                problems.append(f"track V{track} enabled={enabled}")
+        if not self.project.LoadRenderPreset(self.preset):
+            problems.append(f"render settings (preset {self.preset})")
+        self.project.DeleteRenderPreset(self.preset)
+        fmt, codec = self.format_codec.get("format"), self.format_codec.get("codec")
+        if fmt and codec and not self.project.SetCurrentRenderFormatAndCodec(fmt, codec):
+            problems.append(f"format {fmt} codec {codec}")
+        if self.mode in (0, 1) and not self.project.SetCurrentRenderMode(self.mode):
+            problems.append(f"render mode {self.mode}")
+        if isinstance(self.marks, dict):
+            _call(self.timeline, "ClearMarkInOut", "all")
+            for kind, marks in self.marks.items():
+                if "in" in marks and "out" in marks:
+                    _call(self.timeline, "SetMarkInOut", marks["in"], marks["out"], kind)
+        return problems
 
 
 class ExrRender:
@@ -329,8 +429,9 @@ class ExrRender:
 
     :meth:`start`, then :meth:`poll` until it returns ``True`` (a UI calls it from a timer), then
     :meth:`files`; :meth:`stop` cancels. The EXR format and codec are chosen from what this Resolve offers
-    (:func:`~vera_plugin.hosts.resolve.timeline.choose_exr_codec`); every other video track is disabled during the
-    render so the frames are the clip's own, and re-enabled afterwards.
+    (:func:`~vera_plugin.hosts.resolve.timeline.choose_exr_codec`); every other clip over the range is switched off
+    for the render so the frames are the clip's own. The Deliver page (format, codec, mode, settings, marks) and
+    the clip and track switches are put back exactly as they were when the render ends, fails or is cancelled.
     """
 
     def __init__(self, project: Any, clip: ResolveClip, target_dir: str | os.PathLike[str]) -> None:
@@ -340,29 +441,33 @@ class ExrRender:
         self.job_id = ""
         self.codec = ""
         self.fraction = 0.0
-        self._disabled: list[int] = []
+        self.deliver: DeliverState | None = None
+        self.restore_problems: list[str] = []
         self._done = False
 
     def start(self) -> None:
-        """Choose format and codec, isolate the track, queue the job and start rendering."""
+        """Choose format and codec, keep the Deliver page, isolate the clip, queue the job and start rendering."""
         project, clip = self.project, self.clip
+        formats = project.GetRenderFormats() or {}
         try:
-            fmt = choose_exr_format(project.GetRenderFormats() or {})
-            description, codec = choose_exr_codec(project.GetRenderCodecs(fmt) or {})
+            name, extension = choose_exr_format(formats)
+            description, codec = choose_exr_codec(project.GetRenderCodecs(extension) or {})
         except ValueError as exc:
             raise ResolveError(f"cannot render {clip.describe()} to EXR: {exc}") from None
-        if not project.SetCurrentRenderFormatAndCodec(fmt, codec):
-            raise ResolveError(f"Resolve refused render format {fmt!r} with codec {description!r} ({codec})")
-        self.codec = description
-        project.SetCurrentRenderMode(1)  # single clip: one sequence for the range
-        self.target_dir.mkdir(parents=True, exist_ok=True)
-        name = f"vera_src_{uuid.uuid4().hex[:8]}"
-        settings = render_settings(clip.range.record_start, clip.range.record_end, self.target_dir, name,
-                                   clip.resolution)  # fmt: skip
-        if not project.SetRenderSettings(settings):
-            raise ResolveError(f"Resolve refused the render settings {settings}; check the Deliver page")
-        self._isolate()
+        self.deliver = DeliverState(project, clip.timeline)
         try:
+            if not project.SetCurrentRenderFormatAndCodec(extension, codec):
+                raise ResolveError(
+                    f"Resolve refused render format {name} ({extension}) with codec {description!r} ({codec})"
+                )
+            self.codec = description
+            project.SetCurrentRenderMode(1)  # single clip: one sequence for the range
+            self.target_dir.mkdir(parents=True, exist_ok=True)
+            settings = render_settings(clip.range.record_start, clip.range.record_end, self.target_dir,
+                                       f"vera_src_{uuid.uuid4().hex[:8]}", clip.resolution)  # fmt: skip
+            if not project.SetRenderSettings(settings):
+                raise ResolveError(f"Resolve refused the render settings {settings}; check the Deliver page")
+            self._isolate()
             self.job_id = project.AddRenderJob()
             if not self.job_id:
                 raise ResolveError("Resolve did not add the render job; check the Deliver page for a warning")
@@ -375,21 +480,25 @@ class ExrRender:
             raise
 
     def _isolate(self) -> None:
-        timeline = self.clip.timeline
+        # The render shows what the viewer shows: only the clip itself may be on over its range.
+        assert self.deliver is not None
+        timeline, clip = self.clip.timeline, self.clip
+        start, end = clip.range.record_start, clip.range.record_end
+        self.deliver.set_track(clip.track_index, True)
+        self.deliver.set_clip(clip.item, True)
         for track in range(1, int(timeline.GetTrackCount("video") or 0) + 1):
-            if (
-                track != self.clip.track_index
-                and timeline.GetIsTrackEnabled("video", track)
-                and timeline.SetTrackEnable("video", track, False)
-            ):
-                self._disabled.append(track)
+            if track == clip.track_index:
+                continue
+            for item in timeline.GetItemListInTrack("video", track) or []:
+                if int(item.GetStart()) < end and int(item.GetEnd()) > start:
+                    self.deliver.set_clip(item, False)
 
     def _cleanup(self) -> None:
-        for track in self._disabled:
-            self.clip.timeline.SetTrackEnable("video", track, True)
-        self._disabled = []
         if self.job_id:
             self.project.DeleteRenderJob(self.job_id)
+            self.job_id = ""
+        if self.deliver is not None:
+            self.restore_problems = self.deliver.restore()
 
     def poll(self) -> bool:
         """``True`` once the render is complete; :class:`ResolveError` if it failed or was cancelled."""
@@ -434,19 +543,21 @@ def exr_frames(
     progress: ProgressFn | None = None,
     cancel: threading.Event | None = None,
     poll_seconds: float = 0.25,
+    handles: int = 0,
 ) -> ExrFrames:
-    """The clip's frames as EXRs: its own files for an EXR sequence, else a blocking :class:`ExrRender`."""
+    """The clip's frames as EXRs: its own files for an EXR sequence (with up to ``handles`` extra frames either
+    side where the sequence has them), else a blocking :class:`ExrRender` (no handles)."""
     progress = progress or _noop
     if clip.reads_files_directly:
         assert clip.sequence is not None
-        frames = clip.frames
+        frames, head, tail = clip.with_handles(handles)
         paths = [clip.sequence.path(f) for f in frames]
         missing = [p for p in paths if not os.path.isfile(p)]
         if missing:
             raise ResolveError(
                 f"{len(missing)} frames of {clip.describe()} are missing on disk, first {missing[0]}"
             )
-        return ExrFrames(paths, frames, rendered=False)
+        return ExrFrames(paths, frames, rendered=False, head=head, tail=tail)
     ctx = _context(resolve)
     target = Path(work_dir or default_work_dir()) / "renders" / uuid.uuid4().hex[:12]
     render = ExrRender(ctx.project, clip, target)
@@ -468,7 +579,8 @@ def exr_frames(
 
 
 def send_clip(client: EngineClient, clip: ResolveClip, frames: ExrFrames, options: Mapping[str, Any]) -> str:
-    """Submit the frames with ``options`` (``prompt`` plus JobHeader fields from the schema); the job id."""
+    """Submit the frames with ``options`` (``prompt`` plus JobHeader fields from the schema, ``takes``
+    included); the job id."""
     opts = {k: v for k, v in options.items() if v is not None}
     prompt = str(opts.pop("prompt", "") or "")
     if not prompt.strip():
@@ -518,13 +630,24 @@ def fetch_results(
     )
 
 
+def results_by_take(files: list[Path] | list[str]) -> dict[int, list[Path]]:
+    """Result files by take (``vera_edit.*`` take 1, ``vera_edit_take<k>.*`` take k), each in frame order."""
+    takes: dict[int, list[tuple[int, Path]]] = {}
+    for f in files:
+        found = take_and_frame(Path(f).name)
+        if found is not None:
+            takes.setdefault(found[0], []).append((found[1], Path(f)))
+    return {take: [p for _, p in sorted(found)] for take, found in sorted(takes.items())}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Results on the timeline
 
 
 @dataclass(frozen=True)
 class Placement:
-    """Where the results went: the media pool clip, the timeline item, its track and record frame."""
+    """Where one take went: the media pool clip, the timeline item, its track and record frame, the colour
+    space set on the clip (``""`` when the project's colour management did not allow it; ``colour_note`` says)."""
 
     media_pool_item: Any
     timeline_item: Any
@@ -533,6 +656,9 @@ class Placement:
     frames: int
     matte_attached: bool
     sequence: SequencePath
+    take: int = 1
+    colour_space: str = ""
+    colour_note: str = ""
 
 
 def _vera_bin(media_pool: Any, name: str) -> Any:
@@ -546,6 +672,66 @@ def _vera_bin(media_pool: Any, name: str) -> Any:
     return folder
 
 
+# What the engine's colour spaces are called where a Resolve project lets a clip declare its own: Resolve Color
+# Managed projects ("Input Color Space") and ACES projects (the clip's "IDT"). Names differ between versions, so
+# each has candidates, tried in order; SetClipProperty answers False to a name it does not know.
+_CLIP_COLOUR_SPACES = {
+    "Input Color Space": {
+        "ACEScg": ("ACEScg", "ACES (AP1) Linear", "ACES AP1 Linear"),
+        "Linear Rec.709 (sRGB)": ("Rec.709 Linear", "Linear Rec.709", "sRGB Linear"),
+    },
+    "IDT": {
+        "ACEScg": ("ACEScg - CSC", "ACEScg"),
+        "Linear Rec.709 (sRGB)": ("sRGB (Linear) - CSC", "Linear - sRGB"),
+    },
+}
+
+
+def set_clip_colorspace(project: Any, media_pool_item: Any, colorspace: str) -> tuple[str, str]:
+    """Declare the results' colour space on their clip (not on the project): ``(name set, note)``.
+
+    In a Resolve Color Managed project the clip's "Input Color Space", in an ACES project its "IDT"; a DaVinci
+    YRGB project has no per-clip colour space, and the note says what to do instead.
+    """
+    colorspace = colorspace or "ACEScg"
+    science = str(project.GetSetting("colorScienceMode") or "")
+    if "colormanaged" in science.lower():
+        key = "Input Color Space"
+    elif science.lower().startswith("aces"):
+        key = "IDT"
+    else:
+        return "", (
+            f"project colour science {science or 'DaVinci YRGB'} has no per-clip colour space: the results are "
+            f"{colorspace} values; set the clip's Input Color Space by hand once colour management is on"
+        )
+    candidates = _CLIP_COLOUR_SPACES[key].get(colorspace, (colorspace,))
+    for name in candidates:
+        if media_pool_item.SetClipProperty(key, name):
+            return name, f"clip {key} set to {name!r}"
+    return "", (
+        f"Resolve accepted none of {list(candidates)} as the clip's {key}; set it to the results' colour space "
+        f"({colorspace}) in Clip Attributes"
+    )
+
+
+def append_checked(
+    media_pool: Any, timeline: Any, media: Any, first_frame: int, count: int, track: int, record_frame: int
+) -> Any:
+    """``AppendToTimeline`` ``count`` frames of ``media`` from its frame ``first_frame`` (its own numbering) onto
+    video track ``track`` at ``record_frame``; the placed item, or ``None``. Builds differ on whether
+    ``endFrame`` is inclusive: the exclusive form is tried first, and the inclusive one when Resolve refuses it
+    or places one frame too many (that item is taken away first)."""
+    for inclusive in (False, True):
+        info = append_clip_info(media, first_frame, count, track, record_frame, inclusive)
+        placed = media_pool.AppendToTimeline([info])
+        item = placed[0] if placed else None
+        if item and int(item.GetDuration()) == count:
+            return item
+        if item:
+            timeline.DeleteClips([item])
+    return None
+
+
 def place_results(
     clip: ResolveClip,
     files: list[Path] | list[str],
@@ -553,18 +739,25 @@ def place_results(
     bin_name: str = BIN_NAME,
     track_name: str = "Vera",
     mattes: list[Path] | None = None,
+    head: int = 0,
+    tail: int = 0,
+    colorspace: str = "",
+    take: int = 1,
 ) -> Placement:
-    """Import ``files`` (one EXR per frame of ``clip``) into the bin ``bin_name`` and place them on a new
-    video track above ``clip`` at its record frame; ``mattes`` (from
-    :func:`~vera_plugin.hosts.resolve.matte.write_mattes`) are attached to the imported clip as its clip matte."""
+    """Import ``files`` (one EXR per frame sent: the clip's frames plus ``head``/``tail`` handle frames) into the
+    bin ``bin_name``, set their colour space on the clip (``colorspace``: the plate's, as sent to the engine)
+    and place the clip's own frames on a new video track above ``clip`` at its record frame; the handles stay
+    in the media for trimming. ``mattes`` (from :func:`~vera_plugin.hosts.resolve.matte.write_mattes`) become the
+    clip's clip matte. The placed item is read back: record frame, duration and source frames must match."""
     ctx = _context(resolve)
     sequence = sequence_from_files([str(f) for f in files])
-    count = sequence.last - sequence.first + 1
-    if [sequence.first, sequence.last] != [clip.frames[0], clip.frames[-1]]:
+    sent = [clip.frames[0] - head, clip.frames[-1] + tail]
+    if [sequence.first, sequence.last] != sent:
         raise ResolveError(
             f"results {sequence.pattern} hold frames {sequence.first}-{sequence.last}, but {clip.describe()} "
-            f"was sent as {clip.frames[0]}-{clip.frames[-1]}; fetch the job again"
+            f"was sent as {sent[0]}-{sent[1]}; fetch the job again"
         )
+    count = clip.range.duration
     timeline = ctx.timeline
     if timeline.GetName() != clip.timeline_name and not ctx.project.SetCurrentTimeline(clip.timeline):
         raise ResolveError(f"switch back to timeline {clip.timeline_name!r} to place the results")
@@ -580,6 +773,13 @@ def place_results(
     if not imported:
         raise ResolveError(f"Resolve did not import {sequence.pattern} ({sequence.first}-{sequence.last})")
     media = imported[0]
+    media_start = _as_int(media.GetClipProperty("Start"), -1)
+    if media_start < 0:
+        raise ResolveError(
+            f"Resolve gave no start frame for {sequence.pattern} (clip property 'Start' is "
+            f"{media.GetClipProperty('Start')!r}); expected {sequence.first}"
+        )
+    colour_space, colour_note = set_clip_colorspace(ctx.project, media, colorspace)
 
     before = int(clip.timeline.GetTrackCount("video") or 0)
     if not clip.timeline.AddTrack("video") or int(clip.timeline.GetTrackCount("video") or 0) != before + 1:
@@ -587,26 +787,67 @@ def place_results(
     track = before + 1  # AddTrack appends on top: above the source, whatever track it is on
     clip.timeline.SetTrackName("video", track, track_name)
 
-    # startFrame/endFrame count from the media pool item's first frame (0), whatever its frame numbers.
-    info = append_clip_info(media, 0, count, track, clip.range.record_start)
-    placed = media_pool.AppendToTimeline([info])
-    if not placed:
-        # Builds that read endFrame inclusively refuse a range one past the media's end: ask again so.
-        info["endFrame"] -= 1
-        placed = media_pool.AppendToTimeline([info])
-    item = placed[0] if placed else None
+    # The media's frames are addressed in its own numbers (Start = the first file's), the clip's from `head`.
+    item = append_checked(
+        media_pool, clip.timeline, media, media_start + head, count, track, clip.range.record_start
+    )
+    where = frame_to_timecode(clip.range.record_start, clip.fps)
     if not item:
         raise ResolveError(
-            f"Resolve did not place {sequence.pattern} on V{track} at {frame_to_timecode(clip.range.record_start, clip.fps)}"
+            f"Resolve did not place {sequence.pattern} on V{track} at {where} for {count} frames"
         )
-    if (int(item.GetStart()), int(item.GetDuration())) != (clip.range.record_start, count):
+    placed_at = (int(item.GetStart()), int(item.GetDuration()), _as_int(item.GetLeftOffset(), -1))
+    if placed_at != (clip.range.record_start, count, head):
         raise ResolveError(
-            f"Resolve placed the results at frame {item.GetStart()} for {item.GetDuration()} frames; expected "
-            f"{clip.range.record_start} for {count} (move the clip on V{track} to line it up)"
+            f"Resolve placed the results at frame {placed_at[0]} for {placed_at[1]} frames from source frame "
+            f"{media_start + placed_at[2]}; expected {clip.range.record_start} for {count} from "
+            f"{media_start + head} (move the clip on V{track} to line it up)"
         )
     storage = ctx.resolve.GetMediaStorage()
     matte = bool(mattes and storage and storage.AddClipMattesToMediaPool(media, [str(m) for m in mattes]))
-    return Placement(media, item, track, clip.range.record_start, count, matte, sequence)
+    return Placement(
+        media, item, track, clip.range.record_start, count, matte, sequence, take, colour_space, colour_note
+    )
+
+
+def place_takes(
+    clip: ResolveClip,
+    files: list[Path] | list[str],
+    which: int | str = 1,
+    resolve: Any = None,
+    mattes: dict[int, list[Path] | None] | None = None,
+    head: int = 0,
+    tail: int = 0,
+    colorspace: str = "",
+) -> list[Placement]:
+    """Place take ``which`` of a job's ``files``, or with ``which="all"`` every take on its own new track,
+    stacked with take 1 on top (the one the viewer shows)."""
+    takes = results_by_take(files)
+    if not takes:
+        raise ResolveError(f"no result files among {[Path(f).name for f in files][:3]}")
+    if which == "all":
+        chosen = sorted(takes, reverse=True)
+    elif int(which) in takes:
+        chosen = [int(which)]
+    else:
+        raise ResolveError(f"the job has takes {', '.join(map(str, takes))}, not take {which}")
+    placements = []
+    for take in chosen:
+        name = "Vera" if len(takes) == 1 else f"Vera take {take}"
+        placements.append(
+            place_results(
+                clip,
+                takes[take],
+                resolve,
+                track_name=name,
+                mattes=(mattes or {}).get(take),
+                head=head,
+                tail=tail,
+                colorspace=colorspace,
+                take=take,
+            )
+        )
+    return placements[::-1]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -623,19 +864,32 @@ def run_vera_edit(
     work_dir: str | os.PathLike[str] | None = None,
     progress: ProgressFn | None = None,
     cancel: threading.Event | None = None,
-) -> Placement:
-    """Current clip -> EXRs -> engine -> results on a new track, blocking, with progress 0..1 overall."""
+    take: int | str = 1,
+    handles: int = 0,
+) -> list[Placement]:
+    """Current clip -> EXRs -> engine -> results on new tracks, blocking, with progress 0..1 overall.
+
+    ``take``: which take to place (``"all"``: every take, stacked); ``handles``: extra frames either side, when
+    the media has them. Returns the placements, the top track's first.
+    """
     progress = progress or _noop
     work = Path(work_dir or default_work_dir())
     clip = clip or current_clip(resolve, track)
     progress(0.0, f"Clip: {clip.describe()}")
-    frames = exr_frames(clip, work, resolve, progress=lambda f, m: progress(0.2 * f, m), cancel=cancel)
+    frames = exr_frames(
+        clip, work, resolve, progress=lambda f, m: progress(0.2 * f, m), cancel=cancel, handles=handles
+    )
     progress(0.2, f"Uploading {len(frames.paths)} frames to {client.address}")
     job_id = send_clip(client, clip, frames, options)
     follow_job(client, job_id, lambda f, m: progress(0.25 + 0.65 * f, m), cancel)
     files = fetch_results(client, job_id, work / "results" / job_id, lambda f, m: progress(0.9 + 0.07 * f, m))
     progress(0.97, "Writing the clip mattes")
-    mattes = write_mattes(files, work / "results" / job_id / "matte")
-    placed = place_results(clip, files, resolve, mattes=mattes)
-    progress(1.0, f"Placed {placed.frames} frames on V{placed.track_index} (job {job_id})")
+    mattes = {
+        t: write_mattes(take_files, work / "results" / job_id / "matte")
+        for t, take_files in results_by_take(files).items()
+    }
+    placed = place_takes(clip, files, take, resolve, mattes, frames.head, frames.tail,
+                         str(options.get("colorspace") or ""))  # fmt: skip
+    where = ", ".join(f"take {p.take} on V{p.track_index}" for p in placed)
+    progress(1.0, f"Placed {placed[0].frames} frames: {where} (job {job_id})")
     return placed

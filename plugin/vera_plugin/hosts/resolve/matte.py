@@ -13,64 +13,27 @@ from __future__ import annotations
 import os
 import struct
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vera_plugin.hosts.imagefiles import (
+    COMPRESSIONS,
+    LINES_PER_CHUNK,
+    MAGIC,
+    SAMPLE_BYTES,
+    ExrError,
+    ExrHeader,
+    read_header,
+    unrle,
+)
+
 __all__ = ["MatteError", "read_channel", "write_grey_exr", "write_mattes"]
 
-_MAGIC = 20000630
-_COMPRESSION = {0: "none", 1: "rle", 2: "zips", 3: "zip"}
-_LINES = {0: 1, 1: 1, 2: 1, 3: 16}
-_SIZES = {0: 4, 1: 2, 2: 4}  # UINT, HALF, FLOAT
-
-
-class MatteError(ValueError):
-    """The file is not an EXR this module can read; the message names it and why."""
-
-
-@dataclass(frozen=True)
-class _Header:
-    channels: list[tuple[str, int]]  # (name, pixel type), in file order (sorted by name)
-    compression: int
-    data_window: tuple[int, int, int, int]
-    display_window: tuple[int, int, int, int]
-    header_end: int
-
-
-def _cstring(data: bytes, pos: int) -> tuple[str, int]:
-    end = data.index(b"\0", pos)
-    return data[pos:end].decode("latin-1"), end + 1
-
-
-def _read_header(data: bytes, path: str) -> _Header:
-    magic, version = struct.unpack_from("<ii", data, 0)
-    if magic != _MAGIC:
-        raise MatteError(f"{path}: not an OpenEXR file")
-    if version & (0x200 | 0x800 | 0x1000):
-        raise MatteError(f"{path}: tiled, deep or multi-part EXR; expected a scanline image")
-    pos, attrs = 8, {}
-    while data[pos] != 0:
-        name, pos = _cstring(data, pos)
-        _type, pos = _cstring(data, pos)
-        (size,) = struct.unpack_from("<i", data, pos)
-        attrs[name] = data[pos + 4 : pos + 4 + size]
-        pos += 4 + size
-    channels, cpos, chlist = [], 0, attrs["channels"]
-    while chlist[cpos] != 0:
-        cname, cpos = _cstring(chlist, cpos)
-        ptype, _linear, xs, ys = struct.unpack_from("<iB3xii", chlist, cpos)
-        if (xs, ys) != (1, 1):
-            raise MatteError(f"{path}: channel {cname} is subsampled; expected full resolution")
-        channels.append((cname, ptype))
-        cpos += 16
-    return _Header(
-        channels,
-        attrs["compression"][0],
-        struct.unpack("<iiii", attrs["dataWindow"]),
-        struct.unpack("<iiii", attrs["displayWindow"]),
-        pos + 1,
-    )
+# The header parser and RLE decoder are shared with the pure-Python image helpers.
+MatteError = ExrError  # the file is not an EXR this module can read (or is damaged); the message says why
+_COMPRESSION = COMPRESSIONS
+_LINES = LINES_PER_CHUNK
+_SIZES = SAMPLE_BYTES
 
 
 def _unpredict(raw: bytes, np: Any) -> bytes:
@@ -95,27 +58,23 @@ def _predict(raw: bytes, np: Any) -> bytes:
     return deltas.tobytes()
 
 
-def _unrle(data: bytes, size: int) -> bytes:
-    out, pos = bytearray(), 0
-    while pos < len(data) and len(out) < size:
-        count = struct.unpack_from("<b", data, pos)[0]
-        pos += 1
-        if count < 0:
-            out += data[pos : pos + -count]
-            pos += -count
-        else:
-            out += data[pos : pos + 1] * (count + 1)
-            pos += 1
-    return bytes(out)
-
-
-def read_channel(path: str | os.PathLike[str], channel: str) -> tuple[Any, _Header]:
+def read_channel(path: str | os.PathLike[str], channel: str) -> tuple[Any, ExrHeader]:
     """``channel`` of a scanline EXR as a float32 (height, width) array of its data window, and the header."""
     import numpy as np
 
     path = os.fspath(path)
     data = Path(path).read_bytes()
-    header = _read_header(data, path)
+    header = read_header(data, path)
+    try:
+        return _read_channel(data, header, path, channel, np), header
+    except (struct.error, zlib.error, IndexError, ValueError) as exc:
+        if isinstance(exc, MatteError):
+            raise
+        # A truncated download or a damaged file: no matte, said plainly, rather than a zlib traceback.
+        raise MatteError(f"{path}: damaged EXR data ({type(exc).__name__}: {exc})") from None
+
+
+def _read_channel(data: bytes, header: ExrHeader, path: str, channel: str, np: Any) -> Any:
     if header.compression not in _COMPRESSION:
         raise MatteError(f"{path}: compression {header.compression} is not none/rle/zips/zip")
     names = [c for c, _ in header.channels]
@@ -137,13 +96,13 @@ def read_channel(path: str | os.PathLike[str], channel: str) -> tuple[Any, _Head
         raw_size = rows * row_bytes
         block = data[offset + 8 : offset + 8 + size]
         if size < raw_size:  # stored raw when compression would not have helped
-            block = zlib.decompress(block) if header.compression in (2, 3) else _unrle(block, raw_size)
+            block = zlib.decompress(block) if header.compression in (2, 3) else unrle(block, raw_size)
             block = _unpredict(block, np)
         for r in range(rows):
             start = r * row_bytes + before
             row = np.frombuffer(block, dtype, width, start).astype(np.float32)
             out[y - y0 + r] = row
-    return out, header
+    return out
 
 
 def write_grey_exr(
@@ -166,7 +125,7 @@ def write_grey_exr(
 
     chlist = b"".join(c.encode() + b"\0" + struct.pack("<iB3xii", 1, 0, 1, 1) for c in "ABGR") + b"\0"
     header = b"".join([
-        struct.pack("<ii", _MAGIC, 2),
+        struct.pack("<ii", MAGIC, 2),
         attr("channels", "chlist", chlist),
         attr("compression", "compression", bytes([3])),
         attr("dataWindow", "box2i", struct.pack("<iiii", *data_window)),

@@ -7,12 +7,14 @@ conventions they encode, all from the Resolve scripting README or checked agains
   a timeline starting at ``01:00:00:00`` at 24 fps starts at frame 86400, and ``GetCurrentTimecode()`` is the
   playhead in that same clock.
 - ``TimelineItem.GetEnd()`` is exclusive: ``GetEnd() - GetStart() == GetDuration()``.
-- ``MediaPool.AppendToTimeline`` clip infos take ``startFrame``/``endFrame`` as offsets into the media pool
-  item, ``endFrame`` exclusive (placed duration = ``endFrame - startFrame``), ``recordFrame`` in the
-  timeline clock and a 1-based ``trackIndex``.
+- ``MediaPool.AppendToTimeline`` clip infos address the media in its own frame numbers, those of
+  ``GetClipProperty("Start")``/``"End"`` (1001... for an EXR sequence, 86400... for frames Resolve rendered),
+  ``recordFrame`` is in the timeline clock and ``trackIndex`` 1-based. Builds differ on whether ``endFrame`` is
+  inclusive: the adapter places, reads the placed item back and places again the other way when it must.
 - An image sequence's ``GetClipProperty("File Path")`` reads ``/shots/plate.[1001-1100].exr``.
-- ``Project.GetRenderFormats()`` maps format name -> file extension and ``GetRenderCodecs(format)`` maps
-  codec description -> codec name; both vary by version and licence, so they are queried, never assumed.
+- ``Project.GetRenderFormats()`` maps a format's display name -> its file extension; ``GetRenderCodecs`` and
+  ``SetCurrentRenderFormatAndCodec`` take that extension (``"exr"``). Formats and codecs vary by version and
+  licence, so they are queried, never assumed.
 """
 
 from __future__ import annotations
@@ -254,17 +256,23 @@ def item_at_frame(spans: Iterable[tuple[int, int]], frame: int) -> int | None:
 
 
 def append_clip_info(
-    media_pool_item: Any, first_offset: int, count: int, track_index: int, record_frame: int
+    media_pool_item: Any,
+    first_frame: int,
+    count: int,
+    track_index: int,
+    record_frame: int,
+    end_inclusive: bool = False,
 ) -> dict[str, Any]:
-    """An ``AppendToTimeline`` clip info placing ``count`` frames of the item, video only, endFrame exclusive."""
+    """An ``AppendToTimeline`` clip info placing ``count`` frames of the item from its media frame
+    ``first_frame`` (the media's own numbering), video only; ``endFrame`` exclusive unless ``end_inclusive``."""
     if count <= 0:
         raise ValueError(f"count={count}: expected at least one frame to place")
     if track_index < 1:
         raise ValueError(f"track_index={track_index}: Resolve's track indices start at 1")
     return {
         "mediaPoolItem": media_pool_item,
-        "startFrame": int(first_offset),
-        "endFrame": int(first_offset + count),
+        "startFrame": int(first_frame),
+        "endFrame": int(first_frame + count - (1 if end_inclusive else 0)),
         "mediaType": 1,
         "trackIndex": int(track_index),
         "recordFrame": int(record_frame),
@@ -291,11 +299,12 @@ _COMPRESSION_RANK = (
 )
 
 
-def choose_exr_format(formats: Mapping[str, str]) -> str:
-    """The render format (a key of ``GetRenderFormats()``) whose extension is ``exr``."""
+def choose_exr_format(formats: Mapping[str, str]) -> tuple[str, str]:
+    """``(display name, extension)`` of the EXR render format in ``GetRenderFormats()`` (name -> extension).
+    ``GetRenderCodecs`` and ``SetCurrentRenderFormatAndCodec`` take the extension."""
     for name, extension in formats.items():
         if str(extension).lower().lstrip(".") == "exr":
-            return name
+            return name, str(extension).lstrip(".")
     raise ValueError(
         f"this Resolve offers no EXR render format (formats: {', '.join(sorted(formats)) or 'none'}); "
         "EXR rendering needs DaVinci Resolve Studio, or use a clip that is already an EXR sequence"

@@ -1,9 +1,10 @@
 """The "Vera Edit" window inside DaVinci Resolve, built with Fusion's UIManager (``fusion.UIManager`` +
 ``bmd.UIDispatcher``), driving :mod:`vera_plugin.hosts.resolve`.
 
-Engine address, model, the options the engine's schema declares (prompt, task, steps, ...), which clip (the
-top clip under the playhead, or a chosen track's), a progress line, Generate and Cancel, and a log where
-errors land. Resolve calls run on the window's thread, from button handlers and a timer; only the engine
+Engine address, model, the options the engine's schema declares (prompt, task, steps, takes, ...), which clip
+(the top clip under the playhead, or a chosen track's), which take to place (or all of them, stacked), handles,
+a progress line, Generate and Cancel, and a log where errors land. Whatever goes wrong, the window logs it and
+is ready for the next Generate (never left "busy"). Resolve calls run on the window's thread, from button handlers and a timer; only the engine
 steps (upload, watch, download) run on a worker thread, which talks to the window through a queue. The UI
 objects are passed in, so this module imports neither Resolve nor Fusion.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -65,7 +67,8 @@ class VeraEditWindow:
         self.cancel = threading.Event()
         self.events: queue.Queue[tuple[str, Any]] = queue.Queue()
         self.worker: threading.Thread | None = None
-        self.placement: vera_resolve.Placement | None = None
+        self.placements: list[vera_resolve.Placement] = []
+        self.sent: vera_resolve.ExrFrames | None = None
         self._pending_options: dict[str, Any] = {}
         self.log_lines: list[str] = []
 
@@ -134,6 +137,15 @@ class VeraEditWindow:
             )
             rows.append(ui.HGroup({"Weight": 1 if field.kind == "text" else 0}, [*label, widget]))
         rows += [
+            ui.HGroup({"Weight": 0}, [
+                ui.Label({"Text": "Place take", "Weight": 0}),
+                ui.SpinBox({"ID": "PlaceTake", "Minimum": 1, "Maximum": 8, "Value": 1,
+                            "ToolTip": "which take goes on the timeline (a job with several takes)"}),
+                ui.CheckBox({"ID": "AllTakes", "Text": "all takes, stacked", "Checked": False}),
+                ui.Label({"Text": "Handles", "Weight": 0}),
+                ui.SpinBox({"ID": "Handles", "Minimum": 0, "Maximum": 100, "Value": 0,
+                            "ToolTip": "extra frames either side, when the clip's EXR sequence has them"}),
+            ]),
             ui.Label({"ID": "Progress", "Text": _bar(0.0) + " idle", "Weight": 0}),
             ui.HGroup({"Weight": 0}, [
                 ui.Button({"ID": "Generate", "Text": "Generate"}),
@@ -196,6 +208,8 @@ class VeraEditWindow:
             self.items["Progress"].Text = f"{_bar(fraction)} {message}"
 
     def _guard(self, action: Callable[[], None]) -> None:
+        # Every failure is logged and the window made ready again: a None from a Resolve call (AttributeError,
+        # TypeError), a damaged result file, a bug. A window left "busy" would need Resolve restarted.
         try:
             action()
         except vera_resolve.VeraCancelled as exc:
@@ -203,6 +217,13 @@ class VeraEditWindow:
             self._finish()
         except (vera_resolve.ResolveError, EngineError, OptionsError, OSError, ValueError) as exc:
             self.log(f"Error: {exc}")
+            self._finish()
+        except Exception as exc:
+            where = traceback.extract_tb(exc.__traceback__)[-1]
+            self.log(
+                f"Error: unexpected {type(exc).__name__}: {exc} (at {Path(where.filename).name}:{where.lineno}); "
+                "please report this line"
+            )
             self._finish()
 
     def _busy(self, busy: bool) -> None:
@@ -240,16 +261,29 @@ class VeraEditWindow:
         if self.worker is not None or self.render is not None:
             raise vera_resolve.ResolveError("a Generate is already running; wait for it or Cancel")
         options = self.options()
+        takes = int(options.get("takes") or 1)
+        if not self.items["AllTakes"].Checked and int(self.items["PlaceTake"].Value) > takes:
+            raise vera_resolve.ResolveError(
+                f"Place take is {self.items['PlaceTake'].Value} but the job makes {takes} take(s); choose 1-{takes}"
+            )
         choice = self.items["Track"].CurrentText
         track = None if choice in ("", TOP_CLIP) else int(choice.lstrip("V"))
         self.cancel.clear()
-        self.placement, self.job_id = None, ""
+        self.placements, self.job_id, self.sent = [], "", None
         self.clip = vera_resolve.current_clip(self.resolve, track)
         self.log(f"Clip: {self.clip.describe()}")
         self._busy(True)
         if self.clip.reads_files_directly:
-            self._start_engine(vera_resolve.exr_frames(self.clip, self.work_dir, self.resolve), options)
+            handles = int(self.items["Handles"].Value)
+            frames = vera_resolve.exr_frames(self.clip, self.work_dir, self.resolve, handles=handles)
+            if handles and (frames.head, frames.tail) != (handles, handles):
+                self.log(f"Handles: {frames.head} before, {frames.tail} after (all the media has)")
+            self._start_engine(frames, options)
             return
+        if int(self.items["Handles"].Value):
+            self.log(
+                "Handles: none for a clip rendered from the timeline (only an EXR sequence has frames beyond it)"
+            )
         project = self.resolve.GetProjectManager().GetCurrentProject()
         target = self.work_dir / "renders" / os.urandom(6).hex()
         self.render = vera_resolve.ExrRender(project, self.clip, target)
@@ -260,6 +294,8 @@ class VeraEditWindow:
     def _start_engine(self, frames: vera_resolve.ExrFrames, options: dict[str, Any]) -> None:
         assert self.client is not None and self.clip is not None
         client, clip, events = self.client, self.clip, self.events
+        self.sent = frames
+        self._pending_options = options
 
         def work() -> None:
             try:
@@ -272,7 +308,10 @@ class VeraEditWindow:
                 files = vera_resolve.fetch_results(client, job_id, self.work_dir / "results" / job_id,
                                          lambda f, m: events.put(("progress", (0.9 + 0.07 * f, m))))  # fmt: skip
                 events.put(("progress", (0.97, "Writing the clip mattes")))
-                mattes = write_mattes(files, self.work_dir / "results" / job_id / "matte")
+                mattes = {
+                    take: write_mattes(take_files, self.work_dir / "results" / job_id / "matte")
+                    for take, take_files in vera_resolve.results_by_take(files).items()
+                }
                 events.put(("fetched", (files, mattes)))
             except BaseException as exc:  # reported in the window by the timer, never lost on this thread
                 events.put(("error", exc))
@@ -288,8 +327,9 @@ class VeraEditWindow:
         if self.render is not None:
             assert self.clip is not None
             if self.cancel.is_set():
-                self.render.stop()
-                self.render = None
+                render, self.render = self.render, None
+                render.stop()
+                self._log_restore(render)
                 raise vera_resolve.VeraCancelled("render stopped")
             if not self.render.poll():
                 self.progress(
@@ -297,6 +337,7 @@ class VeraEditWindow:
                 )
                 return
             files = self.render.files()
+            self._log_restore(self.render)
             self.render = None
             self._start_engine(
                 vera_resolve.ExrFrames(files, self.clip.frames, rendered=True), self._pending_options
@@ -314,20 +355,26 @@ class VeraEditWindow:
             elif kind == "error":
                 raise value
             elif kind == "fetched":
-                assert self.clip is not None
-                files, mattes = value
-                self.placement = vera_resolve.place_results(self.clip, files, self.resolve, mattes=mattes)
-                self.progress(1.0, "Done")
-                self.log(
-                    f"Placed {self.placement.frames} frames on V{self.placement.track_index} at "
-                    f"{frame_to_timecode(self.placement.record_frame, self.clip.fps)} (bin {vera_resolve.BIN_NAME!r})"
-                    + (
-                        ""
-                        if self.placement.matte_attached
-                        else "; no clip matte (needs numpy and zip/none/rle output)"
-                    )
-                )
-                self._finish()
+                self._place(*value)
+
+    def _place(self, files: list[Any], mattes: dict[int, Any]) -> None:
+        assert self.clip is not None and self.sent is not None
+        which: int | str = "all" if self.items["AllTakes"].Checked else int(self.items["PlaceTake"].Value)
+        colorspace = str(self._pending_options.get("colorspace") or "")
+        self.placements = vera_resolve.place_takes(
+            self.clip, files, which, self.resolve, mattes, self.sent.head, self.sent.tail, colorspace
+        )
+        self.progress(1.0, "Done")
+        where = frame_to_timecode(self.placements[0].record_frame, self.clip.fps)
+        for placed in self.placements:
+            take = f"take {placed.take} " if len(self.placements) > 1 or placed.take > 1 else ""
+            self.log(
+                f"Placed {take}{placed.frames} frames on V{placed.track_index} at {where} "
+                f"(bin {vera_resolve.BIN_NAME!r})"
+                + ("" if placed.matte_attached else "; no clip matte (needs numpy and zip/none/rle output)")
+            )
+        self.log(f"Colour: {self.placements[0].colour_note}")
+        self._finish()
 
     def stop(self) -> None:
         """Cancel: stops the render, or cancels the job on the engine."""
@@ -336,12 +383,23 @@ class VeraEditWindow:
             self.client.cancel(self.job_id, ended_ok=True)
         self.log("Cancelling...")
 
+    def _log_restore(self, render: vera_resolve.ExrRender) -> None:
+        if render.restore_problems:
+            self.log(
+                f"Warning: the Deliver page could not be put back entirely: {'; '.join(render.restore_problems)}"
+            )
+
     def _finish(self) -> None:
-        if self.render is not None:
-            self.render.stop()
-        self.render, self.worker, self.job_id = None, None, ""
-        if self.items.get("Generate") is not None:
-            self._busy(False)
+        render, self.render, self.worker, self.job_id = self.render, None, None, ""
+        try:
+            if render is not None:
+                render.stop()
+                self._log_restore(render)
+        except Exception as exc:  # even then the window must come back
+            self.log(f"Error: stopping the render failed ({type(exc).__name__}: {exc})")
+        finally:
+            if self.items.get("Generate") is not None:
+                self._busy(False)
 
     def close(self) -> None:
         """Close the window: cancel what runs and leave the event loop."""

@@ -1,0 +1,44 @@
+"""Vera Edit's self-test for DaVinci Resolve: Workspace ▸ Scripts ▸ Vera Self-test. Run it first, and send back
+any FAIL line as it is. On Resolve Studio it also runs from outside Resolve (``python3 "Vera Self-test.py"``,
+with RESOLVE_SCRIPT_API / RESOLVE_SCRIPT_LIB / PYTHONPATH set as Resolve's Developer/Scripting/README.txt says).
+
+It saves your project, works in a scratch project it deletes at the end, and loads your project again. The checks
+are in ``vera_plugin.hosts.resolve.selftest``; this file goes beside "Vera Edit.py" (see the README).
+"""
+
+import os
+import re
+import sys
+
+for _path in reversed([p for p in os.environ.get("VERA_PLUGIN_PATH", "").split(os.pathsep) if p]):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+
+def _what_to_install(exc):
+    # As in "Vera Edit.py": protobuf's VersionError and grpcio's RuntimeError carry the versions.
+    text, version = str(exc), r"(\d+(?:\.\d+)*)"
+    grpc = re.search(rf"grpc package installed is at version {version}.*?grpcio>={version}", text, re.S)
+    if grpc:
+        return (
+            f"grpcio {grpc.group(1)} is too old: python3 -m pip install --upgrade 'grpcio>={grpc.group(2)}'"
+        )
+    proto = re.search(rf"gencode {version} runtime {version}", text)
+    if proto:
+        major = int(proto.group(1).split(".")[0])
+        return (f"protobuf {proto.group(2)} is too old: python3 -m pip install "
+                f"'protobuf>={proto.group(1)},<{major + 1}'")  # fmt: skip
+    return ("install grpcio and protobuf into the Python Resolve uses, and vera_plugin (pip install the "
+            "repository) or set VERA_PLUGIN_PATH; see the README")  # fmt: skip
+
+
+try:
+    from vera_plugin.hosts.resolve.selftest import main
+except Exception as _exc:  # ImportError, protobuf's VersionError, grpcio's RuntimeError
+    print(f"FAIL  import vera_plugin: {type(_exc).__name__}: {_exc}. {_what_to_install(_exc)}.")
+else:
+    _failures = main(
+        globals().get("resolve"), sys.argv[1:] if __name__ == "__main__" and len(sys.argv) > 1 else None
+    )
+    if __name__ == "__main__" and globals().get("resolve") is None:
+        sys.exit(min(_failures, 100))
