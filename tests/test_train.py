@@ -536,3 +536,46 @@ def test_train_flags_are_the_config_fields_with_its_defaults():
     assert config.branch_lr_scales == {"edit": 1.0, "alpha": 10.0, "composite": 10.0}
     with pytest.raises(SystemExit):
         parser.parse_args(["--data", "D", "--out", "O", "--mixed-precision", "fp8"])
+
+
+def test_foreground_weight_weighs_the_loss_where_the_edit_is(dataset_dir):
+    pipe = build_random_pipeline("tiny", seed=0)
+    dataset = LayeredVideoDataset(dataset_dir, "train", frames=4, seed=0)
+    batch = collate_layered([dataset[0], dataset[1]])
+    latents = encode_batch(pipe, batch, {}, torch.Generator().manual_seed(0), torch.device("cpu"))
+    text = torch.zeros(2, 8, pipe.transformer.config.text_dim)
+    # The region is where alpha > 0, on the latent grid (space-to-depth 2: each latent pixel is 2x2 pixels).
+    expected = torch.nn.functional.max_pool3d((batch["alpha"] > 0).float(), (1, 2, 2))
+    assert torch.equal(latents["region"], expected) and 0 < float(expected.mean()) < 1
+
+    def loss(weight: float) -> float:
+        return float(
+            flow_matching_loss(
+                pipe.transformer, latents, text, torch.Generator().manual_seed(7), 1.0, weight
+            )[0]
+        )
+
+    uniform, weighted = loss(1.0), loss(4.0)
+    # By hand: the same noise and prediction, squared errors weighed 4x in the region, normalised per sample.
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(7)
+        clean = torch.cat([latents["edit"], latents["alpha"], latents["composite"]], dim=1)
+        noise = torch.randn(clean.shape, generator=generator)
+        sigma = torch.rand(2, generator=generator).view(-1, 1, 1, 1, 1)
+        noisy = (1 - sigma) * clean + sigma * noise
+        out = pipe.transformer(
+            *noisy.chunk(3, dim=1),
+            sigma.view(-1) * 1000,
+            text,
+            latents["source"],
+            latents["mask"],
+            latents["mask_keep"],
+            return_dict=False,
+        )
+        weights = 1 + 3 * expected
+        weights = weights / weights.mean(dim=(1, 2, 3, 4), keepdim=True)
+        by_hand = (
+            sum(float((weights * (p - t) ** 2).mean()) for p, t in zip(out, (noise - clean).chunk(3, dim=1), strict=False))
+            / 3
+        )
+    assert abs(weighted - by_hand) < 1e-6 * max(1.0, by_hand) and abs(weighted - uniform) > 1e-4
