@@ -246,3 +246,65 @@ def test_evaluate_split_over_a_held_out_split(tmp_path):
     assert summary["object_addition"]["matte_nonempty"] == 0.0
     assert summary["background_change"]["matte_iou"] == 0.0
     assert summary["background_change"]["composite_psnr"] < 30
+
+
+def test_object_addition_checks_size_and_presence_not_only_colour():
+    clip = hand_made_clip("object_addition")
+    perfect = evaluate_clip(clip, {"edit": clip.edit, "alpha": clip.alpha})
+    assert perfect["size_ok"] and perfect["colour_and_size_ok"] and perfect["present_all_frames"]
+    # A whole-frame recolour in the right colour is not an object of the right size.
+    recolour = evaluate_clip(clip, {"edit": clip.edit, "alpha": np.ones_like(clip.alpha)})
+    assert recolour["colour_ok"] and not recolour["size_ok"] and not recolour["colour_and_size_ok"]
+    # A speck (one pixel a frame) neither.
+    speck = np.zeros_like(clip.alpha)
+    speck[:, 13, 5] = 1
+    assert not evaluate_clip(clip, {"edit": clip.edit, "alpha": speck})["size_ok"]
+    # An object that vanishes in one frame is not present in every frame.
+    gap = clip.alpha.copy()
+    gap[2] = 0
+    assert not evaluate_clip(clip, {"edit": clip.edit, "alpha": gap})["present_all_frames"]
+
+
+def _generated_background_change(kind: str):
+    for seed in range(200):
+        clip = generate_clip("background_change", seed, frames=2, height=48, width=48)
+        if clip.fields["new_background"]["kind"] == kind:
+            return clip
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["gradient", "radial", "stripes", "checkerboard"])
+def test_the_new_background_is_checked_for_its_named_colours_and_layout(kind):
+    from vera_engine.training.metrics import background_matches, flat_two_colour_baseline
+
+    clip = _generated_background_change(kind)
+    facts = clip.fields["new_background"]
+    assert background_matches(clip.edit, clip.alpha, facts) == (True, True)
+    # The picture turned round (left <-> right and top <-> bottom) keeps its colours; a gradient's layout is then
+    # wrong, stripes and checkers look the same either way.
+    turned = clip.edit[:, ::-1, ::-1]
+    colours, layout = background_matches(turned, clip.alpha[:, ::-1, ::-1], facts)
+    assert colours and layout == (kind in ("radial", "stripes", "checkerboard"))
+    # A flat background in between is not the two named colours.
+    flat = np.full_like(clip.edit, 0.5)
+    assert background_matches(flat, clip.alpha, facts)[0] is False
+    # The flat baseline: the named colours' mean under the mask, the source elsewhere; the truth beats it.
+    baseline = flat_two_colour_baseline(clip)
+    outside = clip.mask == 0
+    assert np.array_equal(baseline[outside], clip.input[outside])
+    result = evaluate_clip(clip, {"edit": clip.edit, "alpha": clip.alpha})
+    assert result["beats_flat_baseline"] and result["background_ok"]
+
+
+def test_stripes_are_checked_for_their_orientation():
+    from vera_engine.training.metrics import background_matches
+
+    clip = _generated_background_change("stripes")
+    facts = dict(clip.fields["new_background"])
+    turned = np.swapaxes(clip.edit, 1, 2)  # vertical <-> horizontal
+    alpha = np.swapaxes(clip.alpha, 1, 2)
+    if facts["orientation"] == "diagonal":
+        facts["orientation"] = "vertical"  # a diagonal picture does not satisfy "vertical"
+        assert background_matches(clip.edit, clip.alpha, facts)[1] is False
+    else:
+        assert background_matches(turned, alpha, facts)[1] is False

@@ -158,17 +158,18 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "eval",
         help="score a Vera pipeline on a held-out split of a layered dataset",
-        description="Background change: matte IoU and composite PSNR against ground truth; object addition: "
-        "matte non-empty, edit colour and direction of motion as instructed; both: exact preservation where the "
-        "matte is zero. Prints a table (or JSON) and checks the shipped checkpoint's targets.",
+        description="Object addition (without and with a mask): colour and size of the matte, direction of motion, "
+        "presence in every frame, IoU with the true object; background change: matte IoU, composite PSNR beside "
+        "the flat two-colour baseline, named colours and layout; both: exact preservation where the matte is zero. "
+        "At the checkpoint's own steps and guidance unless given. Prints a table (or JSON) against the targets.",
     )
     parser.add_argument(
         "--model", default="default", help="pipeline folder, or 'default' for the shipped one"
     )
     parser.add_argument("--data", required=True, help="layered dataset folder")
     parser.add_argument("--split", default="heldout")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=1.0)
+    parser.add_argument("--steps", type=int, help="denoising steps per clip (default: the checkpoint's)")
+    parser.add_argument("--guidance", type=float, help="guidance scale (default: the checkpoint's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--report", help="also write the full report (per-clip results) as JSON here")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")

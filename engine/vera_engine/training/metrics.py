@@ -27,7 +27,7 @@ from vera_engine.training.data.geometry import (
     centroid_direction,
     position_matches,
 )
-from vera_engine.training.data.synthetic import PALETTE
+from vera_engine.training.data.synthetic import BACKGROUND_COLOURS, PALETTE
 
 # Summaries cap PSNR (infinite for identical images) so that averages stay finite.
 PSNR_CAP_DB = 100.0
@@ -82,13 +82,14 @@ def psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None, data_rang
     return 10.0 * math.log10(data_range**2 / mse)
 
 
-def nearest_colour_name(rgb: Iterable[float]) -> str:
-    """The generator palette's colour name closest (Euclidean, sRGB-encoded [0, 1]) to ``rgb``."""
+def nearest_colour_name(rgb: Iterable[float], palette: Mapping[str, Any] = PALETTE) -> str:
+    """The colour name of ``palette`` (default: the objects' palette) closest (Euclidean, sRGB-encoded [0, 1]) to
+    ``rgb``."""
     rgb = np.asarray(list(rgb), dtype=np.float64)
     if rgb.shape != (3,) or not np.isfinite(rgb).all():
         raise ValueError(f"nearest_colour_name: rgb={rgb.tolist()}; expected three finite numbers (R, G, B).")
-    names = list(PALETTE)
-    table = np.array([PALETTE[n] for n in names])
+    names = list(palette)
+    table = np.array([palette[n] for n in names])
     return names[int(np.argmin(((table - rgb) ** 2).sum(axis=1)))]
 
 
@@ -153,20 +154,98 @@ def evaluate_clip(sample: LayeredClip, prediction: Mapping[str, np.ndarray]) -> 
         result["composite_psnr"] = psnr(composite, sample.composite)
         preserved = sample.alpha == 0
         result["source_psnr"] = psnr(composite, sample.input, mask=preserved) if preserved.any() else math.nan
+        background = sample.fields.get("new_background", {})
+        if "colours" in background:  # clips that name their new background's colours (the generator's do)
+            # The trivial baseline a model must beat: the plate where the mask is 0, the flat mean of the two named
+            # colours elsewhere (it knows the words and the subject, nothing of the picture).
+            result["flat_baseline_psnr"] = psnr(flat_two_colour_baseline(sample), sample.composite)
+            result["beats_flat_baseline"] = result["composite_psnr"] > result["flat_baseline_psnr"]
+            colours_ok, layout_ok = background_matches(edit, alpha, background)
+            result["background_colours_ok"] = colours_ok
+            result["background_ok"] = colours_ok and layout_ok
         return result
 
     result["source_psnr"] = psnr(composite, sample.input)
     fields = sample.fields
     inside = alpha > 0.5
     result["matte_nonempty"] = bool(inside.any())
+    result["present_all_frames"] = bool(inside.any(axis=(1, 2)).all())
     colour = mean_edit_colour(edit, alpha)
     result["colour"] = nearest_colour_name(colour) if colour is not None else None
     result["colour_ok"] = result["colour"] == fields.get("colour")
+    # A whole-frame recolour or a speck is not "a red ball": the matte must be the object's size (0.25-4x).
+    true_area = int(np.count_nonzero(sample.alpha > 0.5))
+    area = int(np.count_nonzero(inside))
+    result["size_ok"] = true_area > 0 and 0.25 * true_area <= area <= 4 * true_area
+    result["colour_and_size_ok"] = result["colour_ok"] and result["size_ok"]
     result["direction"] = centroid_direction(alpha)
     result["direction_ok"] = result["direction"] == fields.get("direction")
     position = fields.get("position")
     result["position_ok"] = bool(position) and position_matches(alpha, position)
     return result
+
+
+def flat_two_colour_baseline(sample: LayeredClip) -> np.ndarray:
+    """Background change's trivial baseline: the source where the clip's mask is 0, the mean of the new
+    background's two named colours everywhere else."""
+    colours = sample.fields["new_background"]["colours"]
+    flat = np.mean([BACKGROUND_COLOURS[c] for c in colours], axis=0).astype(np.float32)
+    region = (sample.mask if sample.mask is not None else (sample.alpha > 0)).astype(bool)
+    return np.where(region[..., None], flat, sample.input).astype(np.float32)
+
+
+def _two_means(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The two cluster means of (N, 3) colours (k-means, k = 2, started from the darkest and brightest)."""
+    light = pixels.sum(axis=1)
+    centres = np.stack([pixels[np.argmin(light)], pixels[np.argmax(light)]]).astype(np.float64)
+    for _ in range(20):
+        nearest = ((pixels[:, None, :] - centres[None]) ** 2).sum(-1).argmin(axis=1)
+        for k in (0, 1):
+            if (nearest == k).any():
+                centres[k] = pixels[nearest == k].mean(axis=0)
+    return centres[0], centres[1]
+
+
+def background_matches(edit: np.ndarray, alpha: np.ndarray, facts: Mapping[str, Any]) -> tuple[bool, bool]:
+    """Whether a predicted new background shows its two named colours, and laid out as named.
+
+    Read on the first frame (where the description pins the picture; a pan moves it later), over the predicted
+    background (alpha > 0.5), colours named from the background palette. Gradient: c0 on its side of the frame,
+    c1 on the other (``towards``); radial: c0 in the middle, c1 at the edges; stripes: the two colours, varying
+    across the stripes (vertical: along x; horizontal: along y; diagonal: both); checkerboard: the two colours,
+    varying along both axes. Returns (colours right, layout right).
+    """
+    kind, names = facts.get("kind"), list(facts.get("colours", ()))
+    frame, inside = edit[0].astype(np.float64), alpha[0] > 0.5
+    if len(names) != 2 or inside.sum() < 16:
+        return False, False
+    height, width = inside.shape
+    y, x = np.mgrid[0:height, 0:width] + 0.5
+    if kind in ("gradient", "radial"):
+        # Where each pixel lies between the first colour (0) and the second (1), as the generator lays it out;
+        # a straight-line fit of the colours along that gives the two ends, which are named.
+        if kind == "gradient":
+            dx, dy = facts["towards"]
+            reach = width / 2 * abs(dx) + height / 2 * abs(dy)
+            t = ((x - width / 2) * dx + (y - height / 2) * dy + reach) / (2 * reach)
+        else:
+            t = np.hypot(x - width / 2, y - height / 2) / (0.75 * max(height, width))
+        t = np.clip(t[inside], 0.0, 1.0)
+        if np.ptp(t) < 0.3:
+            return False, False
+        design = np.stack([np.ones_like(t), t], axis=1)
+        (start, slope), *_ = np.linalg.lstsq(design, frame[inside], rcond=None)
+        ends = [nearest_colour_name(np.clip(c, 0, 1), BACKGROUND_COLOURS) for c in (start, start + slope)]
+        return set(ends) == set(names), ends == names
+    centres = _two_means(frame[inside])
+    found = {nearest_colour_name(c, BACKGROUND_COLOURS) for c in centres}
+    # Orientation: how much the colour changes between horizontal and between vertical neighbours.
+    change_x = np.abs(np.diff(frame, axis=1)).sum(-1)[inside[:, 1:] & inside[:, :-1]].mean()
+    change_y = np.abs(np.diff(frame, axis=0)).sum(-1)[inside[1:] & inside[:-1]].mean()
+    ratio = change_x / max(change_y, 1e-6)
+    orientation = facts.get("orientation")
+    layout = {"vertical": ratio > 2.0, "horizontal": ratio < 0.5}.get(orientation, 0.5 <= ratio <= 2.0)
+    return found == set(names), bool(layout)
 
 
 def summarize(results: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, float]]:

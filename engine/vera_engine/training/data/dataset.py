@@ -347,7 +347,8 @@ def mirror_fields(value: Any) -> Any:
     if isinstance(value, str):
         return mirror_text(value)
     if isinstance(value, Mapping):
-        return {k: mirror_fields(v) for k, v in value.items()}
+        # A gradient's direction (x, y) turns with the picture.
+        return {k: [-v[0], v[1]] if k == "towards" else mirror_fields(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return type(value)(mirror_fields(v) for v in value)
     return value

@@ -448,6 +448,7 @@ def _background(
         xx, yy = xx - fx0, yy - fy0
         height, width = frame_h, frame_w
     scale = float(min(height, width))
+    layout: dict[str, Any] = {}  # what evaluation checks of the picture's orientation, besides its colours
     if kind == "gradient":
         angle, side0, side1 = _choice(rng, _GRADIENT_DIRECTIONS)
         if rng.random() < 0.5:  # either end may carry the first colour
@@ -462,6 +463,7 @@ def _background(
         else:
             t = (u - u.min()) / max(u.max() - u.min(), 1e-6)
         description = f"a gradient from {c0} {side0} to {c1} {side1}"
+        layout = {"towards": [round(math.cos(a), 6), round(math.sin(a), 6)]}  # from c0's side to c1's (x, y)
     elif kind == "stripes":
         orientation, angle = _choice(rng, (("vertical", 0.0), ("horizontal", 90.0), ("diagonal", 45.0)))
         if orientation == "diagonal" and not exact and rng.random() < 0.5:
@@ -472,6 +474,7 @@ def _background(
         wave = np.sin(2 * np.pi * u / period + (0.0 if exact else rng.uniform(0, 2 * np.pi)))
         t = _smoothstep(-0.25, 0.25, wave)
         description = f"{c0} and {c1} {orientation} stripes"
+        layout = {"orientation": orientation}
     elif kind == "checkerboard":
         cell = (0.2 if exact else rng.uniform(0.1, 0.22)) * scale
         px, py = (cell / 2, cell / 2) if exact else rng.uniform(0, cell, size=2)
@@ -508,7 +511,7 @@ def _background(
         raise ValueError(f"background kind {kind!r} is not known; expected one of {BACKGROUND_KINDS}.")
     # No film grain: per-pixel noise would make the stored 16-bit layers incompressible (5x the size).
     image = rgb0 * (1.0 - t[..., None]) + rgb1 * t[..., None]
-    facts = {"kind": kind, "colours": [c0, c1], "description": description}
+    facts = {"kind": kind, "colours": [c0, c1], "description": description, **layout}
     return np.clip(image, 0.0, 1.0).astype(np.float32), facts
 
 
