@@ -1,12 +1,14 @@
 """`vera-engine demo`: the whole product on the shipped checkpoint, end to end, in about a minute on a CPU.
 
-1. writes a sample plate: a synthetic shot, scene-linear ACEScg EXRs at 4x the model's native size, frames 1001+;
+1. writes two sample plates, scene-linear ACEScg EXRs at 4x the model's native size, frames 1001+: a shot to add
+   an object to, and a shot whose background is replaced (with the artist's mask of the background);
 2. starts a real engine (`vera-engine serve`) on a free loopback port;
-3. submits the plate through the TD client (`vera_plugin.EngineClient`) and shows the job's progress;
+3. submits both through the TD client (`vera_plugin.EngineClient`) and shows the jobs' progress;
 4. fetches the layered EXRs (composite, edit layer, matte) and writes a contact sheet PNG;
 5. prints where everything is and stops the engine.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -16,36 +18,50 @@ from pathlib import Path
 
 import numpy as np
 
-DEMO_SEED = 7
 FIRST_FRAME = 1001
+# The sample shots: the synthetic generator's scenes (docs/DATASET.md) for these seeds, with their instructions in
+# words the shipped model knows. One shot per task.
+DEMO_SCENES = (("object_addition", 7), ("background_change", 12))
 
 
 @dataclass
 class DemoPlate:
-    """The sample shot: its EXR pattern, frame numbers, instruction and task."""
+    """One sample shot: its EXR pattern (and mask pattern), frame numbers, instruction, task and size."""
 
+    name: str
     pattern: str
     frames: list[int]
     prompt: str
     task: str
     size: tuple[int, int]
+    mask: str | None = None
 
 
-def write_sample_plate(out: Path, native: tuple[int, int], frames: int, seed: int = DEMO_SEED) -> DemoPlate:
-    """A synthetic object-addition shot at 4x `native`, written as ACEScg half-float EXRs."""
+def write_sample_plates(out: Path, native: tuple[int, int], frames: int) -> list[DemoPlate]:
+    """The demo's shots at 4x `native`, written as ACEScg half-float EXRs (and a mask sequence where the task
+    takes one)."""
     from vera_engine.imaging.colour import ColourConverter
     from vera_engine.imaging.exr import write_sequence
     from vera_engine.training.data.synthetic import generate_clip
 
     height, width = native[0] * 4, native[1] * 4
-    clip = generate_clip("object_addition", seed, frames=frames, height=height, width=width)
-    # The generator draws in the model's display-referred space; a plate is scene-linear.
-    linear = ColourConverter("ACEScg").from_model(clip.input).astype(np.float32)
     numbers = list(range(FIRST_FRAME, FIRST_FRAME + frames))
-    pattern = str(out / "plate" / "plate.####.exr")
-    (out / "plate").mkdir(parents=True, exist_ok=True)
-    write_sequence(pattern, linear, numbers, ("R", "G", "B"), pixel_type="half")
-    return DemoPlate(pattern, numbers, clip.instruction, clip.task, (height, width))
+    plates = []
+    for task, seed in DEMO_SCENES:
+        clip = generate_clip(task, seed, frames=frames, height=height, width=width)
+        name = task.replace("_", "-")
+        folder = out / name
+        folder.mkdir(parents=True, exist_ok=True)
+        # The generator draws in the model's display-referred space; a plate is scene-linear.
+        linear = ColourConverter("ACEScg").from_model(clip.input).astype(np.float32)
+        pattern = str(folder / "plate.####.exr")
+        write_sequence(pattern, linear, numbers, ("R", "G", "B"), pixel_type="half")
+        mask = None
+        if task == "background_change":  # the background to replace: the inverse of a roto of the subject
+            mask = str(folder / "mask.####.exr")
+            write_sequence(mask, clip.mask[..., None].astype(np.float32), numbers, ("A",), pixel_type="half")
+        plates.append(DemoPlate(name, pattern, numbers, clip.instruction, task, (height, width), mask))
+    return plates
 
 
 class _Engine:
@@ -92,7 +108,7 @@ class _Engine:
                 self.process.wait()
 
 
-def _progress_printer(stream=sys.stdout):
+def _progress_printer(label: str, stream=sys.stdout):
     started = time.monotonic()
     shown: list[tuple[str, int]] = [("", -1)]
 
@@ -104,9 +120,9 @@ def _progress_printer(stream=sys.stdout):
             done = int(24 * status.step / status.total_steps)
             bar = "#" * done + "-" * (24 - done)
             eta = f", ETA {status.eta_seconds:.0f} s" if status.HasField("eta_seconds") else ""
-            text = f"\r  {state:<9} [{bar}] step {status.step}/{status.total_steps}{eta}   "
+            text = f"\r  {label:<18} {state:<9} [{bar}] step {status.step}/{status.total_steps}{eta}   "
         else:
-            text = f"\r  {state:<9} {time.monotonic() - started:5.1f} s   "
+            text = f"\r  {label:<18} {state:<9} {time.monotonic() - started:5.1f} s   "
         # A terminal redraws the line in place; a log or pipe gets one line per change of step or state.
         key = (state, status.step)
         if stream.isatty():
@@ -125,65 +141,83 @@ def run_demo(
     steps: int | None = None,
     seed: int = 0,
 ) -> dict[str, Path]:
-    """Run the demo into `out`; returns the paths it wrote."""
+    """Run the demo into `out`; returns the paths it wrote (each shot's results folder, and the contact sheet)."""
     from vera_engine.imaging.colour import ColourConverter
     from vera_engine.imaging.exr import read_layers, read_plate
     from vera_engine.imaging.preview import contact_sheet, write_contact_sheet
     from vera_engine.pipelines.model_store import resolve_model_dir
-    from vera_plugin.client import EngineClient
+    from vera_plugin.client import EngineClient, state_name
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     model_dir = resolve_model_dir(model)
-    index = __import__("json").loads((model_dir / "model_index.json").read_text())
+    index = json.loads((model_dir / "model_index.json").read_text())
     native = (int(index.get("native_height", 64)), int(index.get("native_width", 64)))
     frames = int(index.get("native_frames", 8))
 
-    print(f"1. sample plate: {frames} frames of {native[1] * 4}x{native[0] * 4}, ACEScg half EXR")
-    plate = write_sample_plate(out, native, frames)
-    print(f"   {plate.pattern} (frames {plate.frames[0]}-{plate.frames[-1]})")
-    print(f"   instruction: {plate.prompt!r}")
+    print(f"1. sample plates: {frames} frames of {native[1] * 4}x{native[0] * 4}, ACEScg half EXR")
+    plates = write_sample_plates(out, native, frames)
+    for plate in plates:
+        mask = f", mask {plate.mask}" if plate.mask else ""
+        print(f"   {plate.task}: {plate.pattern}{mask}")
+        print(f"   instruction: {plate.prompt!r}")
 
     print(f"2. starting the engine on model {str(model_dir)!r}")
     engine = _Engine(str(model_dir), out / "spool")
+    results: dict[str, list[Path]] = {}
     try:
         print(f"   listening on {engine.address}")
         with EngineClient(engine.address) as client:
             client.wait_until_serving(timeout=120)
-            print("3. submitting through vera_plugin.EngineClient")
-            job = client.submit_files(
-                plate.pattern,
-                plate.frames,
-                prompt=plate.prompt,
-                task=plate.task,
-                seed=seed,
-                steps=steps,
-                colorspace="ACEScg",
-                name="vera-demo",
-            )
-            final = client.wait(job, _progress_printer())
-            if sys.stdout.isatty():
-                print()
-            from vera_plugin.client import state_name
-
-            if state_name(final.state) != "succeeded":
-                raise RuntimeError(f"job {job} ended {state_name(final.state)}: {final.error}")
-            print(f"4. fetching job {job}")
-            results = client.fetch(job, out / "results")
+            print("3. submitting both shots through vera_plugin.EngineClient")
+            jobs = {
+                plate.name: client.submit_files(
+                    plate.pattern,
+                    plate.frames,
+                    prompt=plate.prompt,
+                    task=plate.task,
+                    mask=plate.mask,
+                    seed=seed,
+                    steps=steps,
+                    colorspace="ACEScg",
+                    name=f"vera-demo {plate.name}",
+                )
+                for plate in plates
+            }
+            for plate in plates:  # the engine runs them one after the other, in submission order
+                final = client.wait(jobs[plate.name], _progress_printer(plate.task))
+                if sys.stdout.isatty():
+                    print()
+                if state_name(final.state) != "succeeded":
+                    raise RuntimeError(
+                        f"job {jobs[plate.name]} ended {state_name(final.state)}: {final.error}"
+                    )
+            print("4. fetching the layers")
+            for plate in plates:
+                results[plate.name] = client.fetch(jobs[plate.name], out / plate.name / "results")
     finally:
         engine.stop()
 
-    layers = [read_layers(path) for path in sorted(results) if path.suffix == ".exr"]
-    source = read_plate(plate.pattern, plate.frames).pixels
-    composite, edit, matte = (
-        np.stack([layer[name] for layer in layers]) for name in ("composite", "edit", "matte")
-    )
-    sheet_path = write_contact_sheet(
-        out / "contact_sheet.png",
-        contact_sheet(source, edit, matte, composite, colour=ColourConverter("ACEScg"), panel_height=256),
-    )
+    sheets = []
+    for plate in plates:
+        layers = [read_layers(path) for path in sorted(results[plate.name]) if path.suffix == ".exr"]
+        source = read_plate(plate.pattern, plate.frames).pixels
+        composite, edit, matte = (
+            np.stack([layer[name] for layer in layers]) for name in ("composite", "edit", "matte")
+        )
+        sheets.append(
+            contact_sheet(source, edit, matte, composite, colour=ColourConverter("ACEScg"), panel_height=192)
+        )
+    gap = np.full((12, sheets[0].shape[1], 3), 0.1, np.float32)
+    sheet_path = write_contact_sheet(out / "contact_sheet.png", np.concatenate([sheets[0], gap, sheets[1]]))
     print("5. done:")
-    print(f"   plate          {plate.pattern}")
-    print(f"   layered EXRs   {out / 'results'} ({len(layers)} frames: R,G,B,A composite; edit.*; matte.A)")
-    print(f"   contact sheet  {sheet_path}  (source | edit over checkerboard | matte | composite)")
-    return {"plate": Path(plate.pattern).parent, "results": out / "results", "contact_sheet": sheet_path}
+    for plate in plates:
+        print(
+            f"   {plate.task:<18} layered EXRs in {out / plate.name / 'results'} ({len(results[plate.name])} frames)"
+        )
+    print(f"   contact sheet  {sheet_path}")
+    print(
+        "                  rows: first, middle, last frame of each shot (object addition, then background change)"
+    )
+    print("                  columns: source | edit over checkerboard | matte | composite")
+    return {**{plate.name: out / plate.name / "results" for plate in plates}, "contact_sheet": sheet_path}
