@@ -84,6 +84,17 @@ def _value(v: int | float | str | bool) -> pb.OptionValue:
     return pb.OptionValue(string_value=v)
 
 
+def prompt_help(model: ModelDefaults) -> str:
+    """The prompt's help text: free text for a model that reads it, the model's own words for a word-level one."""
+    if not model.vocabulary:
+        return "What to add or the new background, in plain words (e.g. 'add a sea turtle swimming left to right')."
+    return (
+        "What to add or the new background, in the words this model knows (GetInfo lists them), e.g. 'add a red "
+        "ball moving from left to right in the upper half' or 'replace the background with a gradient from blue on "
+        "the left to orange on the right'."
+    )
+
+
 def options_schema(
     model: ModelDefaults, colorspaces: Sequence[str], compressions: Sequence[str]
 ) -> list[pb.OptionSpec]:
@@ -100,7 +111,7 @@ def options_schema(
                       "(replace what is behind the subject). Recorded in the results and used for the defaults; the "
                       "model itself reads what to do from the prompt's words, so say it there too."),
         pb.OptionSpec(name="prompt", label="Prompt", type=text, required=True,
-                      help="What to add or the new background, in plain words (e.g. 'a sea turtle swimming left to right')."),
+                      help=prompt_help(model)),
         pb.OptionSpec(name="negative_prompt", label="Negative prompt", type=text, default=_value(""),
                       help="What the result should not contain."),
         pb.OptionSpec(name="seed", label="Seed", type=integer, min=SEED_MIN, max=SEED_MAX,
