@@ -162,7 +162,7 @@ def composite_over_plate(
 
 def layers_like_model(
     plate: np.ndarray,
-    plate_model: np.ndarray,
+    plate_model: np.ndarray | None,
     edit_model: np.ndarray,
     alpha: np.ndarray,
     colour: Any,
@@ -190,7 +190,7 @@ def layers_like_model(
     is computed and the composite is the plate, bit for bit.
 
     ``plate`` (H, W, 3|4) working space; ``plate_model`` (H, W, 3) the plate in model space (clamped to [0, 1], as
-    the model saw it); ``edit_model`` (H, W, 3) straight edit colour in model space; ``alpha`` (H, W) the model's
+    the model saw it; None: converted here); ``edit_model`` (H, W, 3) straight edit colour in model space; ``alpha`` (H, W) the model's
     matte; ``colour`` the :class:`~vera_engine.imaging.colour.ColourConverter`; ``under`` (H, W, 3) replaces the
     plate's colour under the matte (Eq. 3). Returns ``(edit (H, W, 4), matte (H, W), composite (H, W, 4))``.
     """
@@ -203,7 +203,7 @@ def layers_like_model(
         matte = np.zeros(alpha.shape, np.float32)
         inside = layers_like_model(
             plate[touched],
-            plate_model[touched],
+            None if plate_model is None else plate_model[touched],
             edit_model[touched],
             alpha[touched],
             colour,
@@ -212,18 +212,24 @@ def layers_like_model(
         edit[touched], matte[touched] = inside[0], inside[1]
         return edit, matte, composite_over_plate(plate, edit, matte, preserved=under)
 
+    # One conversion of the plate serves both: the model's view of it (clamped to [0, 1]) and where that clamp
+    # changed it (highlights, out-of-gamut or non-finite values), whose remainder the composite must carry.
+    finite = np.isfinite(base).all(axis=-1)
+    finite_base = base if finite.all() else np.nan_to_num(base, nan=0.0, posinf=0.0, neginf=0.0)
+    unclamped = colour.to_model(finite_base, clamp=False)
+    clamped = ~finite | ((unclamped < 0.0) | (unclamped > 1.0)).any(axis=-1)
+    if plate_model is None:
+        plate_model = np.clip(unclamped, 0.0, 1.0, out=unclamped)
+    del unclamped
     a = alpha[..., None]
     uncovered = 1.0 - a
     model_over = plate_model * uncovered
     model_over += edit_model * a
     target = colour.from_model(model_over)
     del model_over
-    # The plate's own content beyond the model space (highlights, out-of-gamut or non-finite values) shows through
-    # the uncovered part. Only where the model's clamp changed the plate: elsewhere W(P_m) is the plate itself.
+    # The plate's own content beyond the model space shows through the uncovered part. Only where the model's clamp
+    # changed the plate: elsewhere W(P_m) is the plate itself.
     with np.errstate(invalid="ignore", over="ignore"):
-        clamped = ~np.isfinite(base).all(axis=-1)
-        unclamped = colour.to_model(np.nan_to_num(base, nan=0.0, posinf=0.0, neginf=0.0), clamp=False)
-        clamped |= ((unclamped < 0.0) | (unclamped > 1.0)).any(axis=-1)
         if clamped.any():
             finite = np.nan_to_num(base[clamped], nan=0.0, posinf=0.0, neginf=0.0)
             target[clamped] += uncovered[clamped] * (finite - colour.from_model(plate_model[clamped]))

@@ -37,9 +37,10 @@ from vera_engine.imaging.resize import (
     FitMapping,
     fit_frames,
     fit_mapping,
+    guided_coefficients,
     guided_matte,
+    resample,
     resample_at,
-    upsample_bilinear,
 )
 
 __all__ = [
@@ -267,6 +268,9 @@ def sample_plate(
     )
 
 
+BAND_ROWS = 256  # rows of a frame made at once: a 4K frame's temporaries stay at a tenth of the frame
+
+
 def finish_frame(
     model: ModelLayers,
     index: int,
@@ -281,9 +285,10 @@ def finish_frame(
 ) -> FrameLayers:
     """Frame ``index``'s layers at plate resolution from the model's layers and the plate frame itself.
 
-    Work at plate resolution is done where the matte is, not over the whole frame: the guide is read where the
-    matte is in transition, the edit colour and the compositing where it is above zero. Elsewhere the composite is
-    a copy of the plate's pixels (bit for bit) and the edit layer and matte are zero.
+    Made a band of rows at a time (the temporaries of a band, not of the frame, are what memory holds), and within
+    a band only where the matte is: the guide is read where the matte is in transition, the edit colour and the
+    compositing where it is above zero. Elsewhere the composite is a copy of the plate's pixels (bit for bit) and
+    the edit layer and matte are zero.
     """
     mapping = model.mapping
     size = mapping.source_size
@@ -294,15 +299,22 @@ def finish_frame(
     def model_rgb_at(ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
         return _model_rgb(rgb[ys, xs], colour)
 
-    low_alpha = model.alpha[index][crop]
-    if matte_filter == "guided":
-        alpha = guided_matte(
-            low_alpha, model.guides[index], size, model_rgb_at, radius=guided_radius, eps=guided_eps
-        )
-    else:
-        alpha = np.clip(upsample_bilinear(low_alpha, size), 0.0, 1.0)
-    alpha = snap_matte(alpha, matte_threshold)
-    ys, xs = np.nonzero(alpha > 0)
+    low_alpha, low_edit = model.alpha[index][crop], model.edit[index][crop]
+    coefficients = (
+        guided_coefficients(model.guides[index], low_alpha, guided_radius, guided_eps)
+        if matte_filter == "guided"
+        else None
+    )
+    delta_low = None
+    if recover:
+        preserved_low = recover_preserved(
+            model.composite[index : index + 1],
+            model.raw_edit[index : index + 1],
+            model.alpha[index : index + 1],
+            model.video[index : index + 1],
+        )[0]
+        # A working-space correction of the plate under the matte: exactly 0 wherever Eq. 3 did not apply.
+        delta_low = (colour.from_model(preserved_low) - colour.from_model(model.video[index]))[crop]
 
     height, width = size
     composite = np.empty((height, width, 4), np.float32)
@@ -311,22 +323,24 @@ def finish_frame(
         composite[..., 3] = 1.0  # a plate without alpha is opaque
     edit = np.zeros((height, width, 4), np.float32)
     matte = np.zeros((height, width), np.float32)
-    if len(ys):
-        edit_model = np.clip(resample_at(model.edit[index][crop], size, ys, xs, "lanczos3"), 0.0, 1.0)
-        under = None
-        if recover:
-            preserved_low = recover_preserved(
-                model.composite[index : index + 1],
-                model.raw_edit[index : index + 1],
-                model.alpha[index : index + 1],
-                model.video[index : index + 1],
-            )[0]
-            # A working-space correction of the plate under the matte: exactly 0 wherever Eq. 3 did not apply.
-            delta_low = colour.from_model(preserved_low) - colour.from_model(model.video[index])
-            under = rgb[ys, xs] + resample_at(delta_low[crop], size, ys, xs, "lanczos3")
-        plate_model = _model_rgb(rgb[ys, xs] if under is None else under, colour)
+    for start in range(0, height, BAND_ROWS):
+        rows = slice(start, min(height, start + BAND_ROWS))
+        if coefficients is not None:
+            alpha = guided_matte(
+                low_alpha, model.guides[index], size, model_rgb_at, rows=rows, coefficients=coefficients
+            )
+        else:
+            alpha = np.clip(resample(low_alpha, size, "triangle", rows=rows), 0.0, 1.0)
+        alpha = snap_matte(alpha, matte_threshold)
+        ys, xs = np.nonzero(alpha > 0)
+        if not len(ys):
+            continue
+        alpha = alpha[ys, xs]
+        ys += start
+        edit_model = np.clip(resample_at(low_edit, size, ys, xs, "lanczos3"), 0.0, 1.0)
+        under = None if delta_low is None else rgb[ys, xs] + resample_at(delta_low, size, ys, xs, "lanczos3")
         edit[ys, xs], matte[ys, xs], composite[ys, xs] = layers_like_model(
-            frame[ys, xs], plate_model, edit_model, alpha[ys, xs], colour, under=under
+            frame[ys, xs], None, edit_model, alpha, colour, under=under
         )
     return FrameLayers(composite=composite, edit=edit, matte=matte)
 

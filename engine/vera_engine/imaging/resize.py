@@ -133,17 +133,22 @@ def resample_weights(n_out: int, n_in: int, filter: str = "lanczos3") -> np.ndar
     return weights.astype(np.float32)
 
 
-def resample(x: np.ndarray, size: tuple[int, int], filter: str = "lanczos3") -> np.ndarray:
+def resample(
+    x: np.ndarray, size: tuple[int, int], filter: str = "lanczos3", rows: slice | None = None
+) -> np.ndarray:
     """Resize (H, W[, C]) ``x`` to ``size`` (H, W) as two matrix products (rows, then columns).
 
     The same separable filter OpenImageIO applies, computed with BLAS: upsampling a model-size layer to 4K is a
-    fraction of a second instead of tens of seconds of per-pixel filtering. Values are not clamped.
+    fraction of a second instead of tens of seconds of per-pixel filtering. Values are not clamped. ``rows``: only
+    that band of output rows (what the full result holds there), so a 4K frame can be made a band at a time.
     """
     x = np.asarray(x, np.float32)
     in_h, in_w = x.shape[:2]
-    rows = resample_weights(int(size[0]), in_h, filter)
+    row_weights = resample_weights(int(size[0]), in_h, filter)
+    rows_out = row_weights if rows is None else row_weights[rows]
     cols = resample_weights(int(size[1]), in_w, filter)
-    out_h, out_w = int(size[0]), int(size[1])
+    out_h, out_w = rows_out.shape[0], int(size[1])
+    rows = rows_out
     tall = (rows @ x.reshape(in_h, -1)).reshape(out_h, in_w, -1)  # out_h, in_w, C
     # einsum picks one large BLAS product and a cheap layout, not out_h small products.
     out = np.einsum("hjc,wj->hwc", tall, cols, optimize=True)
@@ -156,8 +161,11 @@ def resample_at(
     """``resample(x, size, filter)[ys, xs]`` for the listed output pixels only (N,) -> (N[, C]), without making
     the whole output: the engine needs full-resolution values only where the matte is."""
     x = np.asarray(x, np.float32)
-    if len(ys) > 0.1 * size[0] * size[1]:  # most of the frame: the whole product and a gather are cheaper
-        return resample(x, size, filter)[ys, xs]
+    if not len(ys):
+        return np.empty((0, *x.shape[2:]), np.float32)
+    top, bottom = int(ys.min()), int(ys.max()) + 1
+    if len(ys) > 0.1 * (bottom - top) * size[1]:  # most of the rows' pixels: the rows' product and a gather
+        return resample(x, size, filter, rows=slice(top, bottom))[ys - top, xs]
     rows = resample_weights(int(size[0]), x.shape[0], filter)
     cols = resample_weights(int(size[1]), x.shape[1], filter)
     out = np.empty((len(ys), *x.shape[2:]), np.float32)
@@ -231,7 +239,7 @@ def upsample_bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return resample(x, size, "triangle")
 
 
-def _guided_coefficients(guide: np.ndarray, src: np.ndarray, radius: int, eps: float):
+def guided_coefficients(guide: np.ndarray, src: np.ndarray, radius: int, eps: float):
     """Colour guided filter coefficients (A: (H, W, 3), b: (H, W)), box-averaged, at the guide's resolution."""
     mean_i = box_filter(guide, radius)  # H, W, 3
     mean_p = box_filter(src, radius)  # H, W
@@ -253,6 +261,8 @@ def guided_matte(
     *,
     radius: int = 2,
     eps: float = 1e-3,
+    rows: slice | None = None,
+    coefficients: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """One frame's matte (h, w) upsampled to ``size`` with its edges following the full-resolution guide.
 
@@ -261,13 +271,24 @@ def guided_matte(
     matte's resolution, applied at the plate's) only redraws the model's transition zone: where the plain bilinear
     upsampling is exactly 0 or 1 the result is too, so no halo leaks into untouched plate, and the guide is
     read only where the matte is in between (a small part of a 4K frame). Returns (H, W) in [0, 1].
+
+    ``rows``: only that band of rows (H becomes its height; ``guide_at`` still gets frame coordinates), with the
+    filter's ``coefficients`` (:func:`guided_coefficients`, the same for every band) passed in.
     """
-    plain = upsample_bilinear(low_matte, size)
+    top = 0 if rows is None else rows.start
+    plain = resample(low_matte, size, "triangle", rows=rows)
     ys, xs = np.nonzero((plain > 0.0) & (plain < 1.0))
     if len(ys):
-        a, b = _guided_coefficients(low_guide, low_matte, radius, eps)
-        refined = np.einsum("nc,nc->n", resample_at(a, size, ys, xs, "triangle"), guide_at(ys, xs))
-        plain[ys, xs] = refined + resample_at(b, size, ys, xs, "triangle")
+        a, b = (
+            coefficients
+            if coefficients is not None
+            else guided_coefficients(low_guide, low_matte, radius, eps)
+        )
+        frame_ys = ys + top
+        refined = np.einsum(
+            "nc,nc->n", resample_at(a, size, frame_ys, xs, "triangle"), guide_at(frame_ys, xs)
+        )
+        plain[ys, xs] = refined + resample_at(b, size, frame_ys, xs, "triangle")
     return np.clip(plain, 0.0, 1.0)
 
 
