@@ -367,8 +367,13 @@ def test_model_card_has_the_loss_curve_and_eval_figures(dataset_dir, tmp_path):
     # Resumed with another noise-level shift: the card says which steps trained with which.
     config.steps, config.timestep_shift = 6, 3.0
     train(config, resume=True, progress=False)
-    summary = {"background_change": {"count": 2.0, "matte_iou": 0.9, "composite_psnr": 20.0}}
+    summary = {"background_change": {"count": 2.0, "matte_iou": 0.95, "composite_psnr": 15.0}}
     report = {"steps": 10, "guidance": 1.0, "summary": summary, "targets": check_targets(summary)}
+    reworded = {
+        "steps": 10,
+        "guidance": 1.0,
+        "summary": {"object_addition": {"count": 1.0, "direction_ok": 1.0}},
+    }
     card = write_model_card(
         out,
         out,
@@ -378,10 +383,14 @@ def test_model_card_has_the_loss_curve_and_eval_figures(dataset_dir, tmp_path):
         train_command="train",
         eval_command="eval",
         machine="a CPU",
+        extra_reports=[("Reworded held-out split", "eval --data reworded", reworded)],
+        notes=["- a note"],
     )
     text = card.read_text()
-    assert "| background_change | matte_iou | 0.9 | ≥ 0.85 (met) |" in text
-    assert "| background_change | composite_psnr | 20 | ≥ 28 (not met) |" in text
+    assert "| background_change | matte_iou | 0.95 | ≥ 0.9 (met) |" in text
+    assert "| background_change | composite_psnr | 15 | ≥ 20 (not met) |" in text
+    assert "### Reworded held-out split\n\n`eval --data reworded`" in text
+    assert "| object_addition | direction_ok | 1 |  |" in text and "## Notes\n\n- a note" in text
     assert "6 steps of batch 2" in text
     assert "noise-level shift 1, precision auto" in text
     assert "- from step 4 (resumed with other settings): timestep_shift 1.0 -> 3.0" in text
@@ -575,7 +584,10 @@ def test_foreground_weight_weighs_the_loss_where_the_edit_is(dataset_dir):
         weights = 1 + 3 * expected
         weights = weights / weights.mean(dim=(1, 2, 3, 4), keepdim=True)
         by_hand = (
-            sum(float((weights * (p - t) ** 2).mean()) for p, t in zip(out, (noise - clean).chunk(3, dim=1), strict=False))
+            sum(
+                float((weights * (p - t) ** 2).mean())
+                for p, t in zip(out, (noise - clean).chunk(3, dim=1), strict=False)
+            )
             / 3
         )
     assert abs(weighted - by_hand) < 1e-6 * max(1.0, by_hand) and abs(weighted - uniform) > 1e-4

@@ -102,10 +102,14 @@ def write_model_card(
     eval_command: str,
     machine: str,
     started_from: str | None = None,
+    extra_reports: Sequence[tuple[str, str, Mapping[str, Any]]] = (),
+    notes: Sequence[str] = (),
 ) -> Path:
     """Write `README.md` and `loss_curve.png` into `model_dir` for the run in `run_dir`.
 
     `started_from`: for a run with `--init`, a sentence saying what the init model was and how it was trained.
+    `extra_reports`: more evaluations, each (title, command, report), e.g. a second held-out split; `notes`:
+    markdown lines for a closing "Notes" section (diagnostics, what the figures mean).
     """
     model_dir, run_dir = Path(model_dir), Path(run_dir)
     log = read_log(run_dir)
@@ -207,6 +211,19 @@ def write_model_card(
         *_summary_rows(eval_report),
         "",
     ]
+    for title, command, report in extra_reports:
+        lines += [
+            f"### {title}",
+            "",
+            f"`{command}`",
+            "",
+            f"{report['steps']} steps, guidance {report['guidance']:g}:",
+            "",
+            *_summary_rows(report),
+            "",
+        ]
+    if notes:
+        lines += ["## Notes", "", *notes, ""]
     path = model_dir / "README.md"
     path.write_text("\n".join(lines))
     return path
