@@ -360,8 +360,11 @@ class VeraPipeline(DiffusionPipeline):
         num_inference_steps: Any,
         guidance_scale: Any,
         callback_on_step_end_tensor_inputs: Sequence[str],
+        window_frames: Any = 0,
+        window_overlap: Any = 0,
     ) -> None:
-        """Raise `ValueError` naming the argument, its value and what is expected."""
+        """Raise `ValueError` naming the argument, its value and what is expected, including sizes and windows the
+        transformer's rotary table does not reach (named with the limit, not a shape error inside the RoPE)."""
         if not isinstance(video, (np.ndarray, torch.Tensor)):
             raise ValueError(
                 f"video must be a numpy array or torch tensor (F, H, W, 3), got {type(video).__name__}"
@@ -409,6 +412,19 @@ class VeraPipeline(DiffusionPipeline):
             raise ValueError(
                 f"callback_on_step_end_tensor_inputs has {unknown}; expected names from {self._callback_tensor_inputs}"
             )
+        if not isinstance(window_frames, int) or window_frames < 0:
+            raise ValueError(
+                f"window_frames={window_frames!r}; expected frames per window (>= 1), or 0 for none"
+            )
+        if (
+            not isinstance(window_overlap, int)
+            or window_overlap < 0
+            or (window_frames and window_overlap >= window_frames)
+        ):
+            raise ValueError(
+                f"window_overlap={window_overlap!r}; expected 0 <= overlap < window_frames ({window_frames})"
+            )
+        self._check_positions(frames, height, width, window_frames)
 
     def _prepare_video(self, array: Any, padded: tuple[int, int, int], device: torch.device) -> torch.Tensor:
         # (F, H, W, C) or (F, H, W) in [0, 1] -> (1, 3, F', H', W') in [-1, 1], padded by repeating edges.
@@ -473,6 +489,10 @@ class VeraPipeline(DiffusionPipeline):
             num_inference_steps = self.config.default_steps
         if guidance_scale is None:
             guidance_scale = self.config.default_guidance
+        window_frames = self.native_frames if window_frames is None else window_frames
+        if window_overlap is None and isinstance(window_frames, int):
+            # A quarter of the window, at least one frame: windows that share no frame would meet at a seam.
+            window_overlap = max(1, window_frames // 4) if window_frames > 1 else 0
         self.check_inputs(
             video,
             prompt,
@@ -481,26 +501,11 @@ class VeraPipeline(DiffusionPipeline):
             num_inference_steps,
             guidance_scale,
             callback_on_step_end_tensor_inputs,
+            window_frames=window_frames,
+            window_overlap=window_overlap,
         )
         if output_type not in ("np", "pt"):
             raise ValueError(f"output_type={output_type!r}; expected 'np' or 'pt'")
-        window_frames = self.native_frames if window_frames is None else window_frames
-        if not isinstance(window_frames, int) or window_frames < 0:
-            raise ValueError(
-                f"window_frames={window_frames!r}; expected frames per window (>= 1), or 0 for none"
-            )
-        if window_overlap is None:
-            # A quarter of the window, at least one frame: windows that share no frame would meet at a seam.
-            window_overlap = max(1, window_frames // 4) if window_frames > 1 else 0
-        if (
-            not isinstance(window_overlap, int)
-            or window_overlap < 0
-            or (window_frames and window_overlap >= window_frames)
-        ):
-            raise ValueError(
-                f"window_overlap={window_overlap!r}; expected 0 <= overlap < window_frames ({window_frames})"
-            )
-        self._check_positions(*video.shape[:3], window_frames)
         self._interrupt = False
         device = self._execution_device
         dtype = self.transformer.dtype

@@ -112,7 +112,14 @@ def check_values(
     """
     if not np.isfinite(values).all():
         raise InputError(field, _bad_sample_message(start + _first_bad(values), width, channels))
-    if max_abs is not None and layer == pb.LAYER_PLATE and values.size:
+    # Two reductions and no temporary for the usual in-range frame; the offending sample is only looked for when
+    # there is one (an upload holds a few frames in memory at once, not copies of them).
+    if (
+        max_abs is not None
+        and layer == pb.LAYER_PLATE
+        and values.size
+        and (values.max() > max_abs or values.min() < -max_abs)
+    ):
         beyond = np.abs(values) > max_abs
         if beyond.any():
             index = int(np.flatnonzero(beyond)[0])
