@@ -125,6 +125,26 @@ def test_two_cpu_workers_run_two_jobs_at_the_same_time(harnesses, tmp_path: Path
 
 
 @pytest.mark.slow
+def test_pooled_jobs_keep_the_progress_they_stopped_at(harnesses, tmp_path: Path) -> None:
+    # The proto's JobStatus promise, for jobs run by a pool worker as for the in-process one: a finished job
+    # says how far it got, whether or not the front door's relay saw its last step.
+    h = PoolHarness(tmp_path / "spool", _passthrough_pool(["cpu"], step_seconds=0.1))
+    harnesses.append(h)
+    h.client.wait_until_serving(120)
+    done = h.client.submit_arrays(_plate(), [11, 12], prompt="to the end", steps=4)
+    stopped = h.client.submit_arrays(_plate(), [11, 12], prompt="cancelled half-way", steps=200)
+    finished = h.client.wait(done)
+    assert finished.state == pb.JOB_STATE_SUCCEEDED, finished.error
+    assert (finished.step, finished.total_steps, finished.progress) == (4, 4, 1.0)
+    _wait_for(lambda: h.client.status(stopped).step >= 3, what="the second job sampling")
+    h.client.cancel(stopped)
+    cancelled = h.client.wait(stopped)
+    assert cancelled.state == pb.JOB_STATE_CANCELLED
+    assert 3 <= cancelled.step < 200 and cancelled.total_steps == 200
+    assert cancelled.progress == pytest.approx(cancelled.step / 200, abs=0.01)
+
+
+@pytest.mark.slow
 def test_a_killed_worker_process_puts_its_job_back_and_is_replaced(harnesses, tmp_path: Path) -> None:
     backend = _passthrough_pool(["cpu", "cpu"], step_seconds=0.3)
     h = PoolHarness(tmp_path / "spool", backend)

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vera_engine.service.limits import MAX_ERROR_CHARS
 from vera_proto.vera.v1 import engine_pb2 as pb
 
 QUEUED = pb.JOB_STATE_QUEUED
@@ -260,6 +261,10 @@ class JobStore:
         if state not in FINAL_STATES:
             raise ValueError(f"finish() needs a final state, got {pb.JobState.Name(state)}")
         step, total, fraction = progress
+        if (
+            len(error) > MAX_ERROR_CHARS
+        ):  # the full text is in the log; every JobStatus repeats the stored one
+            error = error[: MAX_ERROR_CHARS - 3] + "..."
         with self._lock:
             self._db.execute(
                 "UPDATE jobs SET state = ?, finished_at = ?, error = ?, outputs = ?, step = ?, total_steps = ?, "

@@ -25,7 +25,6 @@ from typing import Protocol
 import numpy as np
 
 from vera_engine.service import store as job_store
-from vera_engine.service.limits import MAX_ERROR_CHARS
 from vera_engine.service.spool import InputError, Spool, SpooledInputs
 from vera_proto.vera.v1 import engine_pb2 as pb
 
@@ -396,10 +395,6 @@ class Worker:
             return
         if state == job_store.CANCELLED:
             shutil.rmtree(out_dir, ignore_errors=True)
-        if (
-            len(error) > MAX_ERROR_CHARS
-        ):  # the full text is in the log; every JobStatus repeats the stored one
-            error = error[: MAX_ERROR_CHARS - 3] + "..."
         # A cancelled or failed job keeps the progress it had when it stopped (the proto's JobStatus promise).
         stopped_at = (live.step, live.total_steps, live.progress)
         self.store.finish(record.id, state, error=error, outputs=outputs, progress=stopped_at)

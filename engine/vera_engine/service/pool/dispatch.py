@@ -394,10 +394,16 @@ class Pool:
             self._on_lost(handle, record, str(exc))
             return
         except InputError as exc:
-            outcome = JobOutcome(job_store.FAILED, error=str(exc))
+            outcome = JobOutcome(
+                job_store.FAILED, error=str(exc), progress=(live.step, live.total_steps, live.progress)
+            )
         except Exception as exc:
             log.error("job %s failed on %s:\n%s", record.id, handle.name, traceback.format_exc())
-            outcome = JobOutcome(job_store.FAILED, error=f"{type(exc).__name__}: {exc}")
+            outcome = JobOutcome(
+                job_store.FAILED,
+                error=f"{type(exc).__name__}: {exc}",
+                progress=(live.step, live.total_steps, live.progress),
+            )
         self._release(handle, record.id)
         if self._stop.is_set() and outcome.state != job_store.SUCCEEDED:
             log.info("job %s: interrupted by shutdown; it resumes when the engine restarts", record.id)
@@ -405,7 +411,9 @@ class Pool:
             return
         if outcome.state == job_store.CANCELLED:
             shutil.rmtree(out_dir, ignore_errors=True)
-        self.store.finish(record.id, outcome.state, error=outcome.error, outputs=outcome.outputs)
+        self.store.finish(
+            record.id, outcome.state, error=outcome.error, outputs=outcome.outputs, progress=outcome.progress
+        )
         self.spool.remove_inputs(record.id)
         free_memory()
         self.events.bump()

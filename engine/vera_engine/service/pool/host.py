@@ -81,6 +81,7 @@ class JobOutcome:
     error: str = ""
     outputs: list[str] = field(default_factory=list)  # result file names, sorted
     files: dict[str, bytes] | None = None  # the results' bytes when the spool is not shared
+    progress: tuple[int, int, float] = (0, 0, 0.0)  # (step, total steps, fraction) where the job stopped
 
 
 @dataclass
@@ -242,9 +243,17 @@ class WorkerHost:
         """Run one job to its end; the outcome says how it ended (never raises for the job's own errors)."""
         if self.runner is None:
             raise RuntimeError("WorkerHost.run before load()")
+        live = LiveState(job_id=ticket.job_id)
+        outcome = self._run(ticket, inputs, live)
+        # Every job keeps the progress it had when it stopped (the proto's JobStatus promise): the front door
+        # records it, as the relayed live fields may have been sampled a step earlier.
+        outcome.progress = (live.step, live.total_steps, live.progress)
+        return outcome
+
+    def _run(self, ticket: JobTicket, inputs: dict[str, bytes] | None, live: LiveState) -> JobOutcome:
+        assert self.runner is not None
         header = pb.JobHeader.FromString(ticket.header)
         cancel = threading.Event()
-        live = LiveState(job_id=ticket.job_id)
         with self._lock:
             self._cancel[ticket.job_id] = cancel
             self._live = live
