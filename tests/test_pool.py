@@ -279,3 +279,18 @@ def test_store_records_workers_and_gives_up_on_jobs_whose_worker_keeps_dying(tmp
     assert failed.state == job_store.FAILED and failed.worker == "ray:2"
     assert failed.error == "the worker running this job was lost 2 times; not retrying (last: node y died)"
     store.close()
+
+
+def test_store_shortens_a_long_error_in_one_place_for_every_worker_kind(tmp_path: Path) -> None:
+    # In-process worker and pool front door both finish jobs through the store: an exception text of any
+    # length is kept to MAX_ERROR_CHARS there (every JobStatus repeats it), with its start intact.
+    from vera_engine.service.limits import MAX_ERROR_CHARS
+
+    store = job_store.JobStore(tmp_path / "jobs.sqlite")
+    store.add("j1", pb.JobHeader(prompt="a"), capacity=5)
+    store.claim_next(worker="local:0")
+    store.finish("j1", job_store.FAILED, error="RuntimeError: " + "x" * 10_000, progress=(3, 8, 0.375))
+    failed = store.get("j1")
+    assert len(failed.error) == MAX_ERROR_CHARS and failed.error.startswith("RuntimeError: xxx")
+    assert failed.error.endswith("...") and (failed.step, failed.total_steps) == (3, 8)
+    store.close()
