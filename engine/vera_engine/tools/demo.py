@@ -20,8 +20,10 @@ import numpy as np
 
 FIRST_FRAME = 1001
 # The sample shots: the synthetic generator's scenes (docs/DATASET.md) for these seeds, with their instructions in
-# words the shipped model knows. One shot per task.
-DEMO_SCENES = (("object_addition", 7), ("background_change", 12))
+# words the shipped model knows. One shot per task, picked among seeds 0-11 where the shipped model makes the edit
+# asked for (it does not on every scene: its model card gives the rates); a new checkpoint may need new picks, and
+# tests/test_demo.py says so when it does.
+DEMO_SCENES = (("object_addition", 6), ("background_change", 7))
 
 
 @dataclass
