@@ -20,7 +20,6 @@ import shutil
 import sys
 import tempfile
 import threading
-import traceback
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any
 import nuke
 
 from vera_plugin.cache import cache_root, job_dir
+from vera_plugin.hosts.checklog import CheckLog, Outcome
 from vera_plugin.hosts.nuke import adapter
 from vera_proto.vera.v1 import engine_pb2 as pb
 
@@ -38,8 +38,6 @@ SELFTEST_PROMPT = "add a [x] $y"
 _FORMAT = "32 24 1 vera_selftest"
 _PLATE = (0.25, 0.5, 0.75, 1.0)
 _FRAMES = [1, 2, 3]
-
-Outcome = tuple[str, str]  # ("PASS" | "FAIL" | "SKIP", the value seen)
 
 
 def offline_model() -> pb.ModelInfo:
@@ -71,7 +69,7 @@ def _sample(node: Any, channel: str, x: int = 1, y: int = 1) -> float:
     return float(node.sample(channel, x, y))
 
 
-class SelfTest:
+class SelfTest(CheckLog):
     """The checks, run in order by :meth:`run`; ``lines`` holds the report, ``failures`` counts FAIL lines."""
 
     def __init__(
@@ -79,37 +77,14 @@ class SelfTest:
     ) -> None:
         self.engine = engine
         self.folder = folder or Path(tempfile.mkdtemp(prefix="vera_selftest_"))
-        self.out = out or nuke.tprint  # Nuke's own console: the terminal, or the Script Editor's output
+        super().__init__(
+            out or nuke.tprint
+        )  # Nuke's own console: the terminal, or the Script Editor's output
         self.pane: Any = None
         self._vera_cache: str | None = None
-        self.lines: list[str] = []
-        self.failures = 0
         self.done = threading.Event()
         self.node: Any = None
         self.job = f"selftest-{uuid.uuid4().hex[:8]}"
-
-    # -- reporting -----------------------------------------------------------------------------------------
-
-    def report(self, verdict: str, name: str, seen: str) -> None:
-        """One line: ``PASS  name: seen``."""
-        line = f"{verdict:<5} {name}: {seen}"
-        self.lines.append(line)
-        if verdict == "FAIL":
-            self.failures += 1
-        self.out(line)
-
-    def check(self, name: str, test: Callable[[], Outcome]) -> bool:
-        """Run one check; an exception is a FAIL showing the exception, never a traceback that stops the rest."""
-        try:
-            verdict, seen = test()
-        except Exception as exc:
-            where = traceback.extract_tb(exc.__traceback__)[-1]
-            verdict, seen = (
-                "FAIL",
-                f"{type(exc).__name__}: {exc} (at {Path(where.filename).name}:{where.lineno})",
-            )
-        self.report(verdict, name, seen)
-        return verdict != "FAIL"
 
     # -- the checks ----------------------------------------------------------------------------------------
 

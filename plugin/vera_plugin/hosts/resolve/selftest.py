@@ -17,12 +17,12 @@ import re
 import sys
 import tempfile
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from vera_plugin.hosts.checklog import CheckLog, Outcome
 from vera_plugin.hosts.imagefiles import read_pixel, write_constant_exr, write_png
 from vera_plugin.hosts.resolve import adapter
 from vera_plugin.hosts.resolve.matte import write_mattes
@@ -36,7 +36,6 @@ from vera_plugin.hosts.resolve.timeline import (
 
 __all__ = ["SelfTest", "main"]
 
-Outcome = tuple[str, str]  # ("PASS" | "FAIL" | "SKIP", the value seen)
 _SIZE = (32, 18)
 _PLATE_FRAMES = range(1001, 1007)  # the EXR plate, numbered as film frames are
 _PNG_FRAMES = range(0, 3)  # the source Resolve renders: 3 frames
@@ -47,7 +46,7 @@ def _code(frame: int) -> float:
     return (frame % 8 + 1) / 16
 
 
-class SelfTest:
+class SelfTest(CheckLog):
     """The checks, run in order by :meth:`run`; ``lines`` holds the report, ``failures`` counts FAIL lines."""
 
     def __init__(
@@ -55,38 +54,13 @@ class SelfTest:
     ) -> None:
         self.resolve = resolve
         self.folder = folder or Path(tempfile.mkdtemp(prefix="vera_resolve_selftest_"))
-        self.out = out or (lambda line: print(line, flush=True))
-        self.lines: list[str] = []
-        self.failures = 0
+        super().__init__(out or (lambda line: print(line, flush=True)))
         self.scratch = f"Vera self-test {time.strftime('%Y%m%d-%H%M%S')}"
         self.original = ""
         self.project: Any = None
         self.timeline: Any = None
         self.items: dict[str, Any] = {}
         self.deliver: dict[str, Any] = {}
-
-    # -- reporting -----------------------------------------------------------------------------------------
-
-    def report(self, verdict: str, name: str, seen: str) -> None:
-        """One line: ``PASS  name: seen``."""
-        line = f"{verdict:<5} {name}: {seen}"
-        self.lines.append(line)
-        if verdict == "FAIL":
-            self.failures += 1
-        self.out(line)
-
-    def check(self, name: str, test: Callable[[], Outcome]) -> bool:
-        """Run one check; an exception is a FAIL showing the exception, never a traceback that stops the rest."""
-        try:
-            verdict, seen = test()
-        except Exception as exc:
-            where = traceback.extract_tb(exc.__traceback__)[-1]
-            verdict, seen = (
-                "FAIL",
-                f"{type(exc).__name__}: {exc} (at {Path(where.filename).name}:{where.lineno})",
-            )
-        self.report(verdict, name, seen)
-        return verdict != "FAIL"
 
     def run(self) -> SelfTest:
         """All checks, then the scratch project's removal (always)."""
