@@ -12,7 +12,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from tests.service_helpers import assert_split_equals_one_process
+from tests.service_helpers import assert_split_equals_one_process, wait_for
 from vera_engine.service import Engine, create_server
 from vera_engine.service.pool import RunnerSpec
 from vera_engine.service.pool.ray_backend import RayBackend
@@ -133,16 +132,6 @@ def _identical(a: list[np.ndarray], b: list[np.ndarray]) -> None:
     assert len(a) == len(b)
     for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(x, y)
-
-
-def _wait_for(predicate, timeout: float = 120.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _worker_nodes(cluster: Cluster) -> set[str]:
@@ -313,8 +302,10 @@ def test_a_node_removed_while_its_job_samples(
     front = Front(tmp_path / "spool", SHIPPED)
     fronts.append(front)
     client = front.client
-    _wait_for(
-        lambda: [w.state for w in client.info().workers] == [pb.WORKER_STATE_IDLE] * 2, what="two workers"
+    wait_for(
+        lambda: [w.state for w in client.info().workers] == [pb.WORKER_STATE_IDLE] * 2,
+        what="two workers",
+        timeout=120,
     )
     job = dict(prompt="add a red circle moving left", steps=40, guidance=2.0)
     first, second = (client.submit_arrays(_plate(20 + i), [1, 2, 3], seed=i, **job) for i in range(2))

@@ -9,14 +9,13 @@ from __future__ import annotations
 import os
 import signal
 import sqlite3
-import time
 from pathlib import Path
 
 import numpy as np
 import OpenImageIO as oiio
 import pytest
 
-from tests.service_helpers import assert_split_equals_one_process
+from tests.service_helpers import assert_split_equals_one_process, wait_for
 from vera_engine.service import Engine, create_server, serve_main
 from vera_engine.service import store as job_store
 from vera_engine.service.pool import LocalBackend, RunnerSpec, parse_devices
@@ -66,16 +65,6 @@ def _read(path: Path) -> np.ndarray:
     return pixels
 
 
-def _wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _passthrough_pool(devices: list[str], step_seconds: float = 0.2) -> LocalBackend:
     return LocalBackend(devices, RunnerSpec(PassThroughRunner, {"step_seconds": step_seconds}))
 
@@ -92,7 +81,7 @@ def test_two_cpu_workers_run_two_jobs_at_the_same_time(harnesses, tmp_path: Path
         states = {s.job_id: s.state for s in h.client.list_jobs()}
         return states[jobs[0]] == states[jobs[1]] == pb.JOB_STATE_RUNNING
 
-    _wait_for(both_running, what="the first two jobs running together")
+    wait_for(both_running, what="the first two jobs running together", timeout=60)
     # The third waits at the head of the queue while both workers are busy.
     third = h.client.status(jobs[2])
     assert third.state == pb.JOB_STATE_QUEUED and third.queue_position == 0
@@ -136,7 +125,7 @@ def test_pooled_jobs_keep_the_progress_they_stopped_at(harnesses, tmp_path: Path
     finished = h.client.wait(done)
     assert finished.state == pb.JOB_STATE_SUCCEEDED, finished.error
     assert (finished.step, finished.total_steps, finished.progress) == (4, 4, 1.0)
-    _wait_for(lambda: h.client.status(stopped).step >= 3, what="the second job sampling")
+    wait_for(lambda: h.client.status(stopped).step >= 3, what="the second job sampling", timeout=60)
     h.client.cancel(stopped)
     cancelled = h.client.wait(stopped)
     assert cancelled.state == pb.JOB_STATE_CANCELLED
@@ -151,9 +140,10 @@ def test_a_killed_worker_process_puts_its_job_back_and_is_replaced(harnesses, tm
     harnesses.append(h)
     h.client.wait_until_serving(120)
     victim_job = h.client.submit_arrays(_plate(), [1, 2], prompt="interrupted", steps=20)
-    status = _wait_for(
+    status = wait_for(
         lambda: (s := h.client.status(victim_job)).state == pb.JOB_STATE_RUNNING and s.step >= 2 and s,
         what="the job sampling",
+        timeout=60,
     )
     pool = h.engine.worker
     victim = next(w for w in pool._handles if w.name == status.worker)
@@ -165,9 +155,10 @@ def test_a_killed_worker_process_puts_its_job_back_and_is_replaced(harnesses, tm
     info = h.client.info()
     states = {w.name: w.state for w in info.workers}
     assert states[status.worker] == pb.WORKER_STATE_LOST
-    _wait_for(
+    wait_for(
         lambda: sum(w.state == pb.WORKER_STATE_IDLE for w in h.client.info().workers) == 2,
         what="a replacement worker",
+        timeout=60,
     )
 
 
@@ -177,7 +168,7 @@ def test_a_job_whose_worker_keeps_dying_fails_naming_the_cause(harnesses, tmp_pa
     harnesses.append(h)
     h.client.wait_until_serving(120)
     job = h.client.submit_arrays(_plate(), [1, 2], prompt="doomed", steps=20)
-    _wait_for(lambda: h.client.status(job).step >= 1, what="the job sampling")
+    wait_for(lambda: h.client.status(job).step >= 1, what="the job sampling", timeout=60)
     os.kill(h.engine.worker._handles[0].pids()[0], signal.SIGKILL)
     final = h.client.wait(job)
     assert final.state == pb.JOB_STATE_FAILED
