@@ -261,9 +261,8 @@ class JobStore:
         if state not in FINAL_STATES:
             raise ValueError(f"finish() needs a final state, got {pb.JobState.Name(state)}")
         step, total, fraction = progress
-        if (
-            len(error) > MAX_ERROR_CHARS
-        ):  # the full text is in the log; every JobStatus repeats the stored one
+        # The full text is in the log; every JobStatus repeats the stored one.
+        if len(error) > MAX_ERROR_CHARS:
             error = error[: MAX_ERROR_CHARS - 3] + "..."
         with self._lock:
             self._db.execute(

@@ -51,6 +51,10 @@ class LiveState:
     step_times: list[float] = field(default_factory=list)
     last_step_at: float = field(default_factory=time.monotonic)
 
+    def stopped_at(self) -> tuple[int, int, float]:
+        """(step, total steps, fraction): what the store keeps when the job ends, however it ends."""
+        return (self.step, self.total_steps, self.progress)
+
 
 class Events:
     """A version counter and condition that Watch streams wait on; bumped on every change of any job.
@@ -396,7 +400,7 @@ class Worker:
         if state == job_store.CANCELLED:
             shutil.rmtree(out_dir, ignore_errors=True)
         # A cancelled or failed job keeps the progress it had when it stopped (the proto's JobStatus promise).
-        stopped_at = (live.step, live.total_steps, live.progress)
+        stopped_at = live.stopped_at()
         self.store.finish(record.id, state, error=error, outputs=outputs, progress=stopped_at)
         self.spool.remove_inputs(record.id)
         free_memory()

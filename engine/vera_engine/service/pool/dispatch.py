@@ -394,15 +394,13 @@ class Pool:
             self._on_lost(handle, record, str(exc))
             return
         except InputError as exc:
-            outcome = JobOutcome(
-                job_store.FAILED, error=str(exc), progress=(live.step, live.total_steps, live.progress)
-            )
+            outcome = JobOutcome(job_store.FAILED, error=str(exc), progress=live.stopped_at())
         except Exception as exc:
             log.error("job %s failed on %s:\n%s", record.id, handle.name, traceback.format_exc())
             outcome = JobOutcome(
                 job_store.FAILED,
                 error=f"{type(exc).__name__}: {exc}",
-                progress=(live.step, live.total_steps, live.progress),
+                progress=live.stopped_at(),
             )
         self._release(handle, record.id)
         if self._stop.is_set() and outcome.state != job_store.SUCCEEDED:

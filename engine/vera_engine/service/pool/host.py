@@ -247,7 +247,7 @@ class WorkerHost:
         outcome = self._run(ticket, inputs, live)
         # Every job keeps the progress it had when it stopped (the proto's JobStatus promise): the front door
         # records it, as the relayed live fields may have been sampled a step earlier.
-        outcome.progress = (live.step, live.total_steps, live.progress)
+        outcome.progress = live.stopped_at()
         return outcome
 
     def _run(self, ticket: JobTicket, inputs: dict[str, bytes] | None, live: LiveState) -> JobOutcome:
