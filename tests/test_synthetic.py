@@ -238,3 +238,75 @@ def test_exact_backgrounds_are_determined_by_their_description():
     assert repeats > 20
     with pytest.raises(ValueError, match="cannot be exact"):
         _background(np.random.default_rng(0), 8, 8, kind="clouds", exact=True)
+
+
+def test_exact_backgrounds_mirror_with_their_sentence():
+    # Generator v4: a horizontally flipped new background is the picture its mirrored sentence describes. v3 laid
+    # stripes and checkers out from the frame's corner, and a flip turned "red and blue vertical stripes" into their
+    # colour-swapped twin under the same sentence (45 % of background-change clips taught two answers to one text).
+    from vera_engine.training.data.dataset import mirror_text
+    from vera_engine.training.data.synthetic import EXACT_BACKGROUND_KINDS, _background
+
+    pictures: dict[str, np.ndarray] = {}
+    for seed in range(300):
+        kind = EXACT_BACKGROUND_KINDS[seed % len(EXACT_BACKGROUND_KINDS)]
+        image, facts = _background(np.random.default_rng(seed), 32, 32, kind=kind, exact=True)
+        pictures[facts["description"]] = image
+    checked = 0
+    for description, image in pictures.items():
+        mirrored = pictures.get(mirror_text(description))
+        if mirrored is not None:
+            np.testing.assert_allclose(image[:, ::-1], mirrored, atol=1e-6, err_msg=description)
+            checked += 1
+    assert checked > 30
+    kinds_checked = {d.split()[-1] for d in pictures if mirror_text(d) in pictures}
+    assert {"stripes", "checkerboard"} <= kinds_checked or any("stripes" in d for d in pictures)
+
+
+def test_diagonal_stripes_say_which_way_they_run():
+    from vera_engine.training.data.synthetic import _background
+
+    seen = set()
+    for seed in range(200):
+        image, facts = _background(np.random.default_rng(seed), 32, 32, kind="stripes", exact=True)
+        if facts["orientation"] == "diagonal":
+            seen.add(facts["description"].split("running ")[1])
+            # Along the named run the picture is constant: a step down-right on "top left to bottom right" lines.
+            step = (1, 1) if "top left to bottom right" in facts["description"] else (1, -1)
+            a = image[8:24, 8:24]
+            b = image[8 + step[0] : 24 + step[0], 8 + step[1] : 24 + step[1]]
+            assert np.abs(a - b).mean() < np.abs(a - image[8:24, 9:25]).mean()
+    assert seen == {"from top left to bottom right", "from top right to bottom left"}
+
+
+def test_object_paths_are_pinned_by_the_words():
+    # v4 paths: start 0.22-0.26, end 0.74-0.78 of the frame, band within +-0.02 of its place.
+    for seed in range(60):
+        clip = generate_object_addition(seed, frames=8, height=64, width=64)
+        direction, position = clip.fields["direction"], clip.fields["position"]
+        if direction not in ("left_to_right", "top_to_bottom"):
+            continue
+        weights = clip.alpha * (clip.alpha > 0.5)
+        ys, xs = np.mgrid[0:64, 0:64] + 0.5
+        first = (
+            (weights[0] * xs).sum() / weights[0].sum() / 64,
+            (weights[0] * ys).sum() / weights[0].sum() / 64,
+        )
+        along, across = (first[0], first[1]) if direction == "left_to_right" else (first[1], first[0])
+        centre = {"upper": 0.27, "middle": 0.5, "lower": 0.73, "left": 0.27, "center": 0.5, "right": 0.73}[
+            position
+        ]
+        if not clip.fields["occluded"]:
+            assert 0.17 < along < 0.31, (seed, along)
+            assert abs(across - centre) < 0.06, (seed, across, position)
+
+
+def test_dataset_index_records_generator_version(tmp_path):
+    import json
+
+    synthetic.generate_dataset(tmp_path, {"train": 2}, height=16, width=16, frames=2)
+    assert (
+        json.loads((tmp_path / "index.json").read_text())["generator"]["version"]
+        == synthetic.GENERATOR_VERSION
+        == 4
+    )

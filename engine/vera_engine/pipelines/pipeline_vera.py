@@ -23,6 +23,8 @@ from vera_engine.models.transformer_vera import VeraTransformer3DModel
 
 SCHEDULERS = ("unipc", "euler")
 """Flow-matching samplers the pipeline can use (diffusers' `UniPCMultistepScheduler`, `FlowMatchEulerDiscreteScheduler`)."""
+INSTRUCTION_FORMATS = ("text", "slots")
+"""How a checkpoint's text encoder reads an instruction (`VeraPipeline.encoder_text`)."""
 
 
 class VeraInterrupted(RuntimeError):
@@ -115,8 +117,13 @@ class VeraPipeline(DiffusionPipeline):
         max_sequence_length: int = 512,
         default_steps: int = 50,
         default_guidance: float = 5.0,
+        instruction_format: str = "text",
     ) -> None:
         super().__init__()
+        if instruction_format not in INSTRUCTION_FORMATS:
+            raise ValueError(
+                f"instruction_format={instruction_format!r}; expected one of {INSTRUCTION_FORMATS} (model_index.json)"
+            )
         self.register_modules(
             transformer=transformer,
             text_encoder=text_encoder,
@@ -131,6 +138,7 @@ class VeraPipeline(DiffusionPipeline):
             max_sequence_length=max_sequence_length,
             default_steps=default_steps,
             default_guidance=default_guidance,
+            instruction_format=instruction_format,
         )
         self._interrupt = False
         self._trim: tuple[int, int, int] | None = None
@@ -246,11 +254,20 @@ class VeraPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------------------------------------------------
     # Encoders
 
+    def encoder_text(self, prompt: str) -> str:
+        """What the text encoder reads for `prompt`: the prompt itself, or its slot tokens for a checkpoint with
+        `instruction_format="slots"` (models/instruction_slots.py)."""
+        if self.config.get("instruction_format", "text") == "slots":
+            from vera_engine.models.instruction_slots import instruction_to_slot_text
+
+            return instruction_to_slot_text(prompt)
+        return prompt
+
     def encode_prompt(self, prompt: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """Text states `(1, max_sequence_length, text_dim)`, zero past the prompt's length (Wan's convention)."""
         length = self.config.max_sequence_length
         inputs = self.tokenizer(
-            [prompt],
+            [self.encoder_text(prompt)],
             padding="max_length",
             max_length=length,
             truncation=True,

@@ -29,6 +29,13 @@ class VeraPreset:
     text_encoder: dict[str, Any] = field(default_factory=dict)
     tokenizer: str = "byte"
     codec_spatial_factor: int | None = None
+    # "text": the encoder reads the instruction's words. "slots": it reads the facts the instruction states, one
+    # token per fact (models/instruction_slots.py) - for small checkpoints trained from scratch, which cannot learn
+    # word order from a CPU's worth of steps.
+    instruction_format: str = "text"
+    # Sampling settings the checkpoint is trained for (the pipeline's default_steps / default_guidance).
+    default_steps: int = 50
+    default_guidance: float = 5.0
 
 
 WAN_1_3B = VeraPreset(
@@ -121,7 +128,44 @@ VERA_TINY = VeraPreset(
     codec_spatial_factor=2,
 )
 
-PRESETS: dict[str, VeraPreset] = {preset.name: preset for preset in (TINY, VERA_TINY, WAN_1_3B, WAN_14B)}
+# vera-tiny v2 (issue 22): the shipped checkpoint's shape since generator v4. A token covers 2 frames of 4x4 pixels
+# (patch (2, 2, 2): 256 tokens per branch instead of 512, measured 3.2x faster per training step), the frame-position
+# embedding starts at a useful scale (std 0.15: about 0.5 RMS per token, like the patch embedding's), and the
+# instruction is read into slot tokens (one per fact: colour, shape, size, motion, place; background kind, colours,
+# sides, orientation), so "left to right" and "right to left" are different tokens rather than one word order.
+VERA_TINY_V2 = VeraPreset(
+    name="vera-tiny-v2",
+    transformer=dict(
+        patch_size=(2, 2, 2),
+        num_attention_heads=4,
+        attention_head_dim=32,
+        in_channels=12,
+        out_channels=12,
+        text_dim=64,
+        freq_dim=64,
+        ffn_dim=384,
+        num_layers=4,
+        rope_max_seq_len=64,
+        mask_text_padding=True,
+        frame_position_embedding=True,
+        frame_position_init_std=0.15,
+    ),
+    native_height=32,
+    native_width=32,
+    native_frames=8,
+    # Slot sentences are at most 8 tokens plus </s>.
+    max_sequence_length=16,
+    text_encoder=dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4),
+    tokenizer="word",
+    codec_spatial_factor=2,
+    instruction_format="slots",
+    default_steps=20,
+    default_guidance=2.5,
+)
+
+PRESETS: dict[str, VeraPreset] = {
+    preset.name: preset for preset in (TINY, VERA_TINY, VERA_TINY_V2, WAN_1_3B, WAN_14B)
+}
 
 
 def get_preset(name: str) -> VeraPreset:
@@ -206,6 +250,13 @@ def build_random_pipeline(
             f"preset {preset.name!r} is a full Wan size: its pipeline needs the umT5 encoder and the Wan VAE from a "
             "real Wan2.1 folder (use `vera-engine convert-wan`); random pipelines exist for tiny presets only"
         )
+    if vocabulary is not None and preset.instruction_format == "slots":
+        from vera_engine.models.instruction_slots import instruction_to_slot_text
+
+        # The vocabulary keeps the instructions' own words (hosts flag words outside it) and adds the slot tokens the
+        # encoder actually reads.
+        vocabulary = list(vocabulary)
+        vocabulary += [instruction_to_slot_text(text) for text in vocabulary]
     tokenizer, text_encoder = build_text_encoder(preset, seed, vocabulary)
     codec = SpaceToDepthCodec(spatial_factor=preset.codec_spatial_factor)
     transformer = build_random_transformer(preset, seed=seed + 1)
@@ -224,6 +275,9 @@ def build_random_pipeline(
         native_width=preset.native_width,
         native_frames=preset.native_frames,
         max_sequence_length=preset.max_sequence_length,
+        default_steps=preset.default_steps,
+        default_guidance=preset.default_guidance,
+        instruction_format=preset.instruction_format,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

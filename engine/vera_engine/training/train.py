@@ -124,6 +124,11 @@ class TrainConfig:
         help="weigh the loss this much more where the edit's alpha is above 0 (1: the paper's uniform loss); a small "
         "object is a few percent of the frame, and a model trained from scratch otherwise learns the rest first",
     )
+    clear_alpha_weight: float = _setting(
+        1.0,
+        help="weigh the alpha branch's loss this much more where the true alpha is exactly 0 (1: uniform); a faint "
+        "matte where nothing should change costs the plate's bit-exactness there, so a clean matte is worth more",
+    )
     ema_decay: float = _setting(0.999, help="decay of the weights' moving average (the saved model)")
     gradient_checkpointing: bool = _setting(
         False, help="recompute each block's activations in the backward pass"
@@ -456,7 +461,10 @@ def _load_or_build_pipeline(config: TrainConfig, vocabulary: Callable[[], list[s
         elif not resume and is_word_tokenizer(pipe.tokenizer):
             # New words in this run's data (a reworded or extended dataset) join the init model's vocabulary;
             # the words it knows keep their ids, so its trained encoder still reads them.
-            tokenizer = extend_word_tokenizer(pipe.tokenizer, vocabulary())
+            texts = vocabulary()
+            if pipe.config.get("instruction_format", "text") == "slots":
+                texts = texts + [pipe.encoder_text(text) for text in texts]
+            tokenizer = extend_word_tokenizer(pipe.tokenizer, texts)
             if len(tokenizer) > len(pipe.tokenizer):
                 pipe.text_encoder.resize_token_embeddings(len(tokenizer))
                 pipe.register_modules(tokenizer=tokenizer)
@@ -506,12 +514,15 @@ def flow_matching_loss(
     generator: torch.Generator,
     timestep_shift: float = 1.0,
     foreground_weight: float = 1.0,
+    clear_alpha_weight: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Equally weighted flow-matching loss of the three layers for a batch of encoded latents.
 
     `batch` holds latents `edit`, `alpha`, `composite`, `source`, `mask` (B, C, f, h, w), `mask_keep` (B,) and
     `region` (B, 1, f, h, w): 1 where the edit's alpha is above 0. `foreground_weight` > 1 weighs the squared error
     there that much more (each sample's weights normalised to a mean of 1, so the loss keeps its scale).
+    `clear_alpha_weight` > 1 weighs the alpha branch's error that much more where the true alpha is 0 everywhere in
+    the latent cell (where a faint predicted matte would touch plate pixels that must stay bit-exact).
     """
     clean = torch.cat([batch["edit"], batch["alpha"], batch["composite"]], dim=1)
     size = clean.shape[0]
@@ -538,14 +549,19 @@ def flow_matching_loss(
     else:
         weights = 1.0 + (foreground_weight - 1.0) * batch["region"].float()
         weights = weights / weights.mean(dim=(1, 2, 3, 4), keepdim=True)
-    losses = {
-        name: (
-            F.mse_loss(prediction.float(), layer_target.float())
-            if weights is None
-            else (weights * (prediction.float() - layer_target.float()) ** 2).mean()
-        )
-        for name, prediction, layer_target in zip(BRANCHES, out, target.chunk(3, dim=1), strict=True)
-    }
+
+    def branch_weights(name: str) -> torch.Tensor | None:
+        if name != "alpha" or clear_alpha_weight == 1.0:
+            return weights
+        clear = 1.0 + (clear_alpha_weight - 1.0) * (1.0 - batch["region"].float())
+        combined = clear if weights is None else weights * clear
+        return combined / combined.mean(dim=(1, 2, 3, 4), keepdim=True)
+
+    losses = {}
+    for name, prediction, layer_target in zip(BRANCHES, out, target.chunk(3, dim=1), strict=True):
+        w = branch_weights(name)
+        error = (prediction.float() - layer_target.float()) ** 2
+        losses[name] = error.mean() if w is None else (w * error).mean()
     loss = sum(losses.values()) / len(losses)
     return loss, {name: float(value.detach()) for name, value in losses.items()}
 
@@ -986,7 +1002,13 @@ def _train_step(
         else:
             text = prompts(instructions)
         loss, parts = flow_matching_loss(
-            run.train_model, latents, text, run.generator, config.timestep_shift, config.foreground_weight
+            run.train_model,
+            latents,
+            text,
+            run.generator,
+            config.timestep_shift,
+            config.foreground_weight,
+            config.clear_alpha_weight,
         )
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()

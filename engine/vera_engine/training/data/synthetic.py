@@ -48,7 +48,7 @@ from vera_engine.training.data.dataset import (
 )
 
 GENERATOR_NAME = "vera_engine.training.data.synthetic"
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 
 # Object colours: the vocabulary of instructions and of the colour check in evaluation (metrics.py).
 # Chosen far apart in sRGB so shading (at most ±8%) never makes one look nearest to another.
@@ -81,8 +81,12 @@ SHADOW_RGB = (0.03, 0.03, 0.05)
 
 # Where a path runs, as a fraction of the frame: position names are "_"-joined tokens that
 # metrics.position_matches checks on the matte centroid (upper: cy < 0.5, middle: |cy - 0.5| < 0.15, ...).
-_BANDS = {"upper": (0.22, 0.32), "middle": (0.45, 0.55), "lower": (0.68, 0.78)}
-_COLUMNS = {"left": (0.22, 0.32), "center": (0.45, 0.55), "right": (0.68, 0.78)}
+# Generator v4: bands of +-0.02 around 0.27 / 0.5 / 0.73 (v3: +-0.05), so the words pin where the object runs.
+_BANDS = {"upper": (0.25, 0.29), "middle": (0.48, 0.52), "lower": (0.71, 0.75)}
+_COLUMNS = {"left": (0.25, 0.29), "center": (0.48, 0.52), "right": (0.71, 0.75)}
+# Where a moving object starts and ends along its path (fractions of the frame; v3: 0.18-0.30 and 0.70-0.82).
+_PATH_START, _PATH_END = (0.22, 0.26), (0.74, 0.78)
+_WOBBLE = 0.01  # v3: up to 0.03
 _STATIC_POSITIONS = ("upper_left", "upper_right", "lower_left", "lower_right", "middle_center")
 
 # ---------------------------------------------------------------------------------------------------------
@@ -466,19 +470,28 @@ def _background(
         layout = {"towards": [round(math.cos(a), 6), round(math.sin(a), 6)]}  # from c0's side to c1's (x, y)
     elif kind == "stripes":
         orientation, angle = _choice(rng, (("vertical", 0.0), ("horizontal", 90.0), ("diagonal", 45.0)))
-        if orientation == "diagonal" and not exact and rng.random() < 0.5:
+        if orientation == "diagonal" and rng.random() < 0.5:
             angle = 135.0
         a = math.radians(angle)
         period = (0.25 if exact else rng.uniform(0.12, 0.3)) * scale
-        u = xx * math.cos(a) + yy * math.sin(a)
-        wave = np.sin(2 * np.pi * u / period + (0.0 if exact else rng.uniform(0, 2 * np.pi)))
+        # Measured from the frame's centre with a cosine (generator v4): the picture is its own mirror image, so a
+        # horizontally flipped clip shows what its (mirrored) sentence says. v3 started at the corner, and a flip
+        # turned "red and blue vertical stripes" into blue-and-red ones under the same sentence.
+        u = (xx - width / 2) * math.cos(a) + (yy - height / 2) * math.sin(a)
+        wave = np.cos(2 * np.pi * u / period + (0.0 if exact else rng.uniform(0, 2 * np.pi)))
         t = _smoothstep(-0.25, 0.25, wave)
         description = f"{c0} and {c1} {orientation} stripes"
+        if orientation == "diagonal":
+            # The stripes' lines run perpendicular to the wave's direction; the sentence says which way, so a
+            # mirror (45 <-> 135 degrees) changes the words with the picture.
+            runs = "from top right to bottom left" if angle == 45.0 else "from top left to bottom right"
+            description += f" running {runs}"
         layout = {"orientation": orientation}
     elif kind == "checkerboard":
         cell = (0.2 if exact else rng.uniform(0.1, 0.22)) * scale
-        px, py = (cell / 2, cell / 2) if exact else rng.uniform(0, cell, size=2)
-        wave = np.sin(np.pi * (xx + px) / cell) * np.sin(np.pi * (yy + py) / cell)
+        # Exact: a cell centred on the frame's centre (generator v4), so the board is its own mirror image.
+        px, py = (-width / 2, -height / 2) if exact else tuple(rng.uniform(0, cell, size=2))
+        wave = np.cos(np.pi * (xx + px) / cell) * np.cos(np.pi * (yy + py) / cell)
         t = _smoothstep(-0.2, 0.2, wave)
         description = _article(f"{c0} and {c1} checkerboard")
     elif kind == "clouds":
@@ -637,10 +650,10 @@ def _path(
 ) -> tuple[np.ndarray, np.ndarray, str]:
     """Centre (cx, cy) per frame, in pixels, for a motion direction; and the position it runs through."""
     t = np.linspace(0.0, 1.0, frames) if frames > 1 else np.zeros(1)
-    wobble = rng.uniform(0.0, 0.03) * np.sin(
+    wobble = rng.uniform(0.0, _WOBBLE) * np.sin(
         2 * np.pi * rng.uniform(0.3, 1.0) * t + rng.uniform(0, 2 * np.pi)
     )
-    start, end = rng.uniform(0.18, 0.3), rng.uniform(0.7, 0.82)
+    start, end = rng.uniform(*_PATH_START), rng.uniform(*_PATH_END)
     if direction in ("left_to_right", "right_to_left"):
         position = _choice(rng, tuple(_BANDS))
         band = rng.uniform(*_BANDS[position])
