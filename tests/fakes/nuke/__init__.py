@@ -587,7 +587,8 @@ _CLASS_KNOBS: dict[str, list[tuple[type[Knob], str, Any]]] = {
     ],
     "Copy": [(Channel_Knob, f"{d}{i}", "none") for i in range(4) for d in ("from", "to")],
     "Switch": [(Int_Knob, "which", 0)],
-    # Reformat "to box" with "distort" scales the image to exactly box_width x box_height (nearest pixel here).
+    # Reformat "to box" with "distort" scales the image to box_width x box_height when box_fixed ("force this
+    # shape") is on, else to box_width and the input's aspect ratio (nearest pixel here).
     "Reformat": [
         (Enumeration_Knob, "type", ["to format", "to box", "scale"]),
         (Int_Knob, "box_width", 200),
@@ -654,7 +655,7 @@ class Node:
                 if default is not None:
                     knob.setValue(default)
                 elif knob_cls is Format_Knob:  # the script's format (the root's own: PC_Video)
-                    knob._value = "PC_Video" if cls == "Root" else _STATE.root["format"]._value
+                    knob._value = "PC_Video" if cls == "Root" else _STATE.root._knobs["format"]._value
             self._attach(knob)
 
     def _attach(self, knob: Knob) -> None:
@@ -890,11 +891,28 @@ class Root(Group):
     def fullName(self) -> str:
         return "root"
 
+    # While a script loads, the root is created last: nuke.root() exists but is not bound to its C++ node yet,
+    # and reading its knobs raises "A PythonObject is not attached to a node" (shotgunsoftware/tk-nuke-writenode
+    # pull requests #9 and #22, "when a Nuke script is being loaded from disk, Nuke's root node is the last in the
+    # stack to be created").
+    def knob(self, p: str | int) -> Knob | None:
+        _check_root_attached()
+        return super().knob(p)
+
+    def __getitem__(self, name: str) -> Knob:
+        _check_root_attached()
+        return super().__getitem__(name)
+
     def firstFrame(self) -> int:
         return self["first_frame"].value()
 
     def lastFrame(self) -> int:
         return self["last_frame"].value()
+
+
+def _check_root_attached() -> None:
+    if _STATE.loading:
+        raise ValueError("A PythonObject is not attached to a node")
 
 
 def _root_range() -> tuple[int, int]:
@@ -921,6 +939,7 @@ class _State:
         self.selection_order: list[Node] = []
         self.layers: dict[str, list[str]] = {"rgba": [f"rgba.{c}" for c in ("red", "green", "blue", "alpha")]}
         self.callbacks: dict[str, list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], str]]] = {}
+        self.loading = False  # scriptOpen creating the script's nodes: the root is not attached yet
 
 
 _STATE = _State()
@@ -1463,8 +1482,16 @@ def _evaluate(node: Node | None, frame: int) -> _Image:
         if node["type"].value() != "to box" or node["resize"].value() != "distort":
             raise NotImplementedError("the fake Reformat does 'to box' with 'distort' only")
         height, width = _shape(image)
-        rows = (np.arange(node["box_height"].value()) * height // node["box_height"].value()).astype(int)
-        cols = (np.arange(node["box_width"].value()) * width // node["box_width"].value()).astype(int)
+        # Nuke Reference Guide, Reformat: "force this shape" (box_fixed) makes the output box_width x box_height;
+        # without it only box_width is used and the height keeps the input's aspect ratio.
+        box_width = node["box_width"].value()
+        box_height = (
+            node["box_height"].value()
+            if node["box_fixed"].value()
+            else max(1, round(box_width * height / width))
+        )
+        rows = (np.arange(box_height) * height // box_height).astype(int)
+        cols = (np.arange(box_width) * width // box_width).astype(int)
         return {name: plane[rows][:, cols] for name, plane in image.items()}
     if cls in ("Dot", "Output", "Write"):
         return _evaluate(node.input(0), frame)
@@ -1678,9 +1705,13 @@ def scriptOpen(filename: str) -> None:
     _STATE.root._knobs["name"]._value = os.fspath(filename)
     _STATE.layers.update(data["layers"])
     created: list[Node] = []
-    _load_group(_STATE.root, data["nodes"], created)
-    for node in created:
-        _run_script(node["onCreate"].getText(), node, None)
+    _STATE.loading = True
+    try:
+        _load_group(_STATE.root, data["nodes"], created)
+        for node in created:
+            _run_script(node["onCreate"].getText(), node, None)
+    finally:
+        _STATE.loading = False
     for call, args, kwargs, _ in _STATE.callbacks.get("onScriptLoad", []):
         _STATE.this.append((_STATE.root, None))
         try:
