@@ -214,7 +214,7 @@ def test_resolve_selftest_as_an_external_script(tmp_path: Path) -> None:
         "def scriptapp(name):\n"
         "    return _app if name == 'Resolve' else None\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     script = REPO / "resolve_scripts" / "Utility" / "Vera Self-test.py"
     done = subprocess.run(
         [sys.executable, str(script), str(tmp_path / "files")],
