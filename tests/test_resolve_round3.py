@@ -5,6 +5,7 @@ beside each faked method in tests/resolve_fake.py. Engine: the pass-through runn
 from __future__ import annotations
 
 import io
+import re
 import runpy
 from contextlib import redirect_stdout
 from pathlib import Path
@@ -174,3 +175,63 @@ def test_the_window_connects_with_the_panels_options(tmp_path: Path, monkeypatch
         window.client.close()
     finally:
         eng.stop()
+
+
+def test_every_host_follows_a_job_one_way_with_one_sentence(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Item 15: the Resolve adapter, Nuke's Generate (run_generate), the panel's job list and ``vera edit`` follow
+    a job through vera_plugin.generate.follow_job, and a failed job reads the same everywhere."""
+    import threading
+
+    from vera_engine.service.testing import PassThroughRunner
+    from vera_plugin import cli, generate, panel
+    from vera_proto.vera.v1 import engine_pb2 as pb
+
+    from .test_nuke import InProcessEngine, write_plate
+
+    followed: list[str] = []
+    real = generate.follow_job
+
+    def spy(client: Any, job_id: str, *args: Any, **kwargs: Any) -> Any:
+        followed.append(job_id)
+        return real(client, job_id, *args, **kwargs)
+
+    for module in (generate, cli, panel):
+        monkeypatch.setattr(module, "follow_job", spy)
+    eng = InProcessEngine(tmp_path / "spool", PassThroughRunner(fail_prompt="break"))
+    try:
+        pattern = write_plate(tmp_path / "plate")
+        sentences = {}
+        with EngineClient(eng.address) as client:
+            job = client.submit_files(pattern, [1001, 1002, 1003], prompt="break")
+            with pytest.raises(vera_resolve.ResolveError) as resolve_error:
+                vera_resolve.follow_job(client, job)
+            sentences["resolve"] = (job, str(resolve_error.value))
+            # The panel's list, watching the same kind of job to its end.
+            job = client.submit_files(pattern, [1001, 1002, 1003], prompt="break")
+            seen: list[pb.JobStatus] = []
+            with pytest.raises(generate.GenerateError) as panel_error:
+                generate.follow_job(
+                    client, job, panel._QuietSink(), on_status=seen.append, stop=threading.Event().is_set
+                )
+            sentences["panel"] = (job, str(panel_error.value))
+        request = generate.GenerateRequest(
+            eng.address, "break", {}, [1001, 1002, 1003], pattern, tmp_path / "c"
+        )
+        with pytest.raises(generate.GenerateError) as nuke_error:
+            generate.run_generate(request, panel._QuietSink())
+        sentences["nuke"] = (followed[-1], str(nuke_error.value))
+        code = cli.main(["edit", "--engine", eng.address, "--plate", pattern, "--frames", "1001-1003",
+                         "--prompt", "break", "--out", str(tmp_path / "out"), "--quiet"])  # fmt: skip
+        err = capsys.readouterr().err
+        assert code == cli.EXIT_JOB_FAILED
+        sentences["cli"] = (followed[-1], err.strip().splitlines()[-1].removeprefix("vera edit: "))
+    finally:
+        eng.stop()
+    assert len(followed) == 4
+    for host, (job, sentence) in sentences.items():
+        assert re.fullmatch(rf"job {job} failed on the engine: .*told to fail on prompt 'break'", sentence), (
+            host,
+            sentence,
+        )
