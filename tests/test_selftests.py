@@ -8,6 +8,7 @@ import ast
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -98,16 +99,24 @@ def test_nuke_selftest_in_a_gui_session_passes_and_exercises_every_host_call(
     qt_app: Any,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """Issue 25 item 12: the GUI route as a studio runs it, from the Script Editor in a new script (which holds
+    Viewer1), the engine given by $VERA_ENGINE; the job runs through the node's Generate button."""
+    import runpy
+
     import shiboken6
 
-    from vera_plugin.hosts.nuke.selftest import SelfTest
+    from vera_plugin.hosts.nuke import selftest
 
     nk._fake_reset_calls()
-    test = SelfTest(vocab_engine.address, tmp_path / "selftest").run()
-    nk._fake_process_events(
-        until=test.done.is_set, timeout=120
-    )  # the job runs as the Generate button runs it
+    assert [n.name() for n in nk.allNodes()] == ["Viewer1"]  # File > New in a GUI session
+    monkeypatch.setenv("VERA_ENGINE", vocab_engine.address)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    runpy.run_path(str(REPO / "nuke_gizmos" / "vera_selftest.py"))  # what exec(open(...).read()) runs
+    test = selftest.last_run
+    assert test is not None
+    nk._fake_process_events(until=test.done.is_set, timeout=120)  # the job's lines arrive on the main thread
     lines = [line for line in capsys.readouterr().out.splitlines() if line[:4] in ("PASS", "FAIL", "SKIP")]
     try:
         assert lines == test.lines
@@ -115,6 +124,7 @@ def test_nuke_selftest_in_a_gui_session_passes_and_exercises_every_host_call(
         assert [line.split()[0] for line in lines] == ["PASS"] * len(lines), "\n".join(lines)
         names = [line.split(":")[0].split(None, 1)[1] for line in lines]
         assert names[-2:] == ["engine job", "summary"] and "menus and pane" in names
+        assert "Generate button, worker thread 'vera-" in lines[-2], lines[-2]
     finally:
         for widget in getattr(test.pane, "widgets", []):
             widget.close()

@@ -604,6 +604,7 @@ _CLASS_KNOBS: dict[str, list[tuple[type[Knob], str, Any]]] = {
         (Int_Knob, "last", 1),
     ],
     "Input": [(Int_Knob, "number", 0)],
+    "Viewer": [],
     "Output": [],
     "Dot": [],
     "Group": [],
@@ -628,6 +629,7 @@ _MAX_INPUTS = {
     "Merge2": 3,
     "Copy": 3,
     "Switch": 1000,  # a Switch takes as many inputs as are connected
+    "Viewer": 10,
 }
 
 
@@ -1167,8 +1169,20 @@ def frame(f: int | None = None) -> int:
 
 # Nuke Python API reference (Foundry), nuke.scriptClear.
 def scriptClear() -> None:
-    """Clear the script without asking (Nuke Python API, nuke.scriptClear)."""
+    """Clear the script without asking (Nuke Python API, nuke.scriptClear); a new GUI script holds Viewer1."""
     scriptClose()
+    _new_gui_script()
+
+
+def _new_gui_script() -> None:
+    # Nuke user guide ("Using the Viewer"): every new script in a GUI session starts with a Viewer node, Viewer1;
+    # a terminal session (nuke -t) has none.
+    if GUI:
+        _STATE.undo_disabled += 1  # part of the new script, not an artist's step
+        try:
+            _create("Viewer", {})
+        finally:
+            _STATE.undo_disabled -= 1
 
 
 # Nuke Python API reference (Foundry), nuke.scriptName.
@@ -1725,8 +1739,9 @@ def scriptOpen(filename: str) -> None:
 
 
 def _fake_reset() -> None:
-    """A fresh session: empty script, no menus, callbacks, messages or queued calls."""
+    """A fresh session: a new script (Viewer1 only, in the GUI), no menus, callbacks, messages or queued calls."""
     _STATE.__init__()  # type: ignore[misc]
+    _new_gui_script()
 
 
 def _fake_messages() -> list[str]:
