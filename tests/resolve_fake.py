@@ -552,6 +552,11 @@ class FakeProject:
         self.settings: dict[str, Any] = {
             "colorScienceMode": "davinciYRGB",
             "timelineFrameRate": f"{timeline.fps:g}",
+            # README, Project.GetSetting: the colour management settings; renders are in the output space
+            # (Rec.709 Gamma 2.4 in a default SDR project, colour managed or not).
+            "colorSpaceInput": "Rec.709 Gamma 2.4",
+            "colorSpaceTimeline": "Rec.709 Gamma 2.4",
+            "colorSpaceOutput": "Rec.709 Gamma 2.4",
         }
         # The Deliver page, as an artist left it.
         self.render_settings: dict[str, Any] = {

@@ -235,3 +235,66 @@ def test_every_host_follows_a_job_one_way_with_one_sentence(
             host,
             sentence,
         )
+
+
+def test_a_rendered_clip_is_declared_in_the_projects_output_space(tmp_path: Path) -> None:
+    """Item 3: Resolve renders in the project's output space (Rec.709 Gamma 2.4 by default). With an engine that
+    offers that space the frames are sent as it and the results' clip declares it; with one that offers only
+    scene-linear spaces the window says the colours will be off instead of sending them silently as ACEScg."""
+    from vera_engine.imaging.exr import COLOUR_COMPRESSIONS
+    from vera_engine.service.schema import ModelDefaults, model_info
+    from vera_engine.service.testing import PassThroughRunner
+
+    from .test_nuke import InProcessEngine
+
+    class DisplaySpaces(PassThroughRunner):
+        def models(self) -> list[Any]:
+            defaults = ModelDefaults(
+                name="passthrough", native_height=32, native_width=32, frame_window=4, steps=1
+            )
+            spaces = ["ACEScg", "Linear Rec.709 (sRGB)", "Gamma 2.4 Rec.709 - Texture"]
+            return [model_info(defaults, spaces, COLOUR_COMPRESSIONS)]
+
+    for runner, sent in ((DisplaySpaces(), "Gamma 2.4 Rec.709 - Texture"), (PassThroughRunner(), "ACEScg")):
+        eng = InProcessEngine(tmp_path / f"spool-{sent[:5]}", runner)
+        try:
+            app = _resolve(tmp_path)
+            app.project.SetSetting("colorScienceMode", "davinciYRGBColorManagedv2")
+            app.timeline.playhead = T0 + 101  # the movie: rendered
+            window, _ = _window_in_run_loop(tmp_path, app, eng.address)
+            window.run()
+            log = "\n".join(window.log_lines)
+            assert window.results == ["placed"], log
+            with EngineClient(eng.address) as client:
+                job = client.list_jobs()[-1]
+            assert job.header.colorspace == sent, log
+            placed = window.placements[0].media_pool_item
+            if sent.startswith("Gamma"):
+                assert "Colour: rendered frames are Rec.709 Gamma 2.4 (sent as" in log
+                assert placed.GetClipProperty("Input Color Space") == "Rec.709 Gamma 2.4"
+            else:
+                assert "which this engine does not offer as a plate colour space" in log, log
+        finally:
+            eng.stop()
+
+
+def test_the_selftest_render_checks_hold_whatever_the_deliver_layout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Item 13: the self-test's render check must not assume timeline frame numbers or flat output, and its stop
+    check must see the queue empty once StopRendering has taken effect."""
+    from tests import resolve_fake
+    from vera_plugin.hosts.resolve.selftest import SelfTest
+
+    original = resolve_fake.FakeProject.__init__
+
+    def nested(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        self.render_subfolder, self.render_first_number = "Vera self-test/v001", 0
+
+    monkeypatch.setattr(resolve_fake.FakeProject, "__init__", nested)
+    lines: list[str] = []
+    test = SelfTest(FakeResolve(), tmp_path / "st", out=lines.append).run()
+    verdicts = {line.split(":")[0].split(None, 1)[1]: line.split()[0] for line in lines}
+    assert verdicts["render 3 frames"] == "PASS" and verdicts["render stopped half way"] == "PASS", lines
+    assert test.failures == 0, "\n".join(lines)

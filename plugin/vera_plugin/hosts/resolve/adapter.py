@@ -67,6 +67,7 @@ __all__ = [
     "ExrFrames",
     "ExrRender",
     "Placement",
+    "RenderColour",
     "ResolveClip",
     "ResolveError",
     "VeraCancelled",
@@ -81,6 +82,7 @@ __all__ = [
     "open_playhead_page",
     "place_results",
     "place_takes",
+    "render_colour",
     "results_by_take",
     "results_folder",
     "run_vera_edit",
@@ -755,12 +757,69 @@ _CLIP_COLOUR_SPACES = {
     "Input Color Space": {
         "ACEScg": ("ACEScg", "ACES (AP1) Linear", "ACES AP1 Linear"),
         "Linear Rec.709 (sRGB)": ("Rec.709 Linear", "Linear Rec.709", "sRGB Linear"),
+        "Gamma 2.4 Rec.709 - Texture": ("Rec.709 Gamma 2.4",),
+        "Gamma 2.2 Rec.709 - Texture": ("Rec.709 Gamma 2.2",),
+        "sRGB - Texture": ("sRGB",),
+        "Camera Rec.709": ("Rec.709 (Scene)",),
     },
     "IDT": {
         "ACEScg": ("ACEScg - CSC", "ACEScg"),
         "Linear Rec.709 (sRGB)": ("sRGB (Linear) - CSC", "Linear - sRGB"),
+        "Gamma 2.4 Rec.709 - Texture": ("Rec.709", "Rec.709 - CSC"),
+        "sRGB - Texture": ("sRGB", "sRGB - CSC"),
     },
 }
+
+
+# Resolve's names of the display-referred spaces it renders in, to the names the engine's OCIO config (the ACES
+# studio config) gives them. Resolve renders in the project's output space: Rec.709 Gamma 2.4 in a default
+# DaVinci YRGB or Resolve Color Managed SDR project.
+_RESOLVE_TO_OCIO = {
+    "Rec.709 Gamma 2.4": "Gamma 2.4 Rec.709 - Texture",
+    "Rec.709 Gamma 2.2": "Gamma 2.2 Rec.709 - Texture",
+    "Rec.709-A": "Gamma 2.4 Rec.709 - Texture",
+    "sRGB": "sRGB - Texture",
+    "Rec.709 (Scene)": "Camera Rec.709",
+    "Linear": "Linear Rec.709 (sRGB)",
+    "Rec.709 Linear": "Linear Rec.709 (sRGB)",
+}
+DEFAULT_RENDER_SPACE = "Rec.709 Gamma 2.4"
+
+
+@dataclass(frozen=True)
+class RenderColour:
+    """The colour space of frames Resolve renders for a clip: ``resolve_name`` as the project names it,
+    ``engine_name`` the engine's name for it (``""`` when the engine does not offer it); ``note`` says which."""
+
+    resolve_name: str
+    engine_name: str
+    note: str
+
+
+def render_colour(project: Any, offered: list[str] | tuple[str, ...]) -> RenderColour:
+    """What Resolve's render of a clip is in, and whether the engine takes it as a plate colour space.
+
+    A render is in the project's output space: a Resolve Color Managed project's ``colorSpaceOutput``; a DaVinci
+    YRGB project renders the timeline's display-referred values (Rec.709 Gamma 2.4 in a default SDR project); an
+    ACES project its output transform (``acesODT``). ``offered`` is the engine's ``colorspace`` choices."""
+    science = str(project.GetSetting("colorScienceMode") or "")
+    if "colormanaged" in science.lower():
+        name = str(project.GetSetting("colorSpaceOutput") or "") or DEFAULT_RENDER_SPACE
+    elif science.lower().startswith("aces"):
+        odt = str(project.GetSetting("acesODT") or "")
+        name = {"Rec.709": "Rec.709 Gamma 2.4", "sRGB": "sRGB"}.get(odt, odt or DEFAULT_RENDER_SPACE)
+    else:
+        name = DEFAULT_RENDER_SPACE
+    engine_name = _RESOLVE_TO_OCIO.get(name, name)
+    if engine_name in offered:
+        return RenderColour(name, engine_name, f"rendered frames are {name} (sent as {engine_name!r})")
+    return RenderColour(
+        name,
+        "",
+        f"rendered frames are {name}, which this engine does not offer as a plate colour space (it offers "
+        f"{', '.join(list(offered)[:4])}): they are sent as the chosen space and their colours will be off. An "
+        "engine publishing its OCIO config's display spaces takes them as they are",
+    )
 
 
 def set_clip_colorspace(project: Any, media_pool_item: Any, colorspace: str) -> tuple[str, str]:
@@ -934,6 +993,15 @@ def place_takes(
 # The whole thing
 
 
+def _offered_spaces(info: pb.EngineInfo, model: str) -> list[str]:
+    chosen = next((m for m in info.models if m.name == model), None) or next(
+        (m for m in info.models if m.is_default), info.models[0] if info.models else None
+    )
+    if chosen is None:
+        return []
+    return next((list(o.choices) for o in chosen.options if o.name == "colorspace"), [])
+
+
 def run_vera_edit(
     client: EngineClient,
     options: Mapping[str, Any],
@@ -959,6 +1027,13 @@ def run_vera_edit(
     frames = exr_frames(
         clip, work, resolve, progress=lambda f, m: progress(0.2 * f, m), cancel=cancel, handles=handles
     )
+    if frames.rendered:  # in the project's output space, not a plate space the caller chose
+        with _engine_sentences(client):
+            offered = _offered_spaces(client.info(), str(options.get("model") or ""))
+        colour = render_colour(_context(resolve).project, offered)
+        if colour.engine_name:
+            options = {**options, "colorspace": colour.engine_name}
+        progress(0.2, f"Colour: {colour.note}")
     progress(0.2, f"Uploading {len(frames.paths)} frames to {client.address}")
     job_id = send_clip(client, clip, frames, options)
     final = follow_job(client, job_id, lambda f, m: progress(0.25 + 0.65 * f, m), cancel)

@@ -310,6 +310,12 @@ class VeraEditWindow:
                 "Handles: none for a clip rendered from the timeline (only an EXR sequence has frames beyond it)"
             )
         project = self.resolve.GetProjectManager().GetCurrentProject()
+        # Resolve renders in the project's output space, not the plate space chosen for EXR sequences.
+        offered = next((list(f.choices) for f in self.fields if f.name == "colorspace"), [])
+        colour = vera_resolve.render_colour(project, offered)
+        if colour.engine_name:
+            options["colorspace"] = colour.engine_name
+        self.log(f"Colour: {colour.note}")
         target = self.work_dir / "renders" / os.urandom(6).hex()
         self.render = vera_resolve.ExrRender(project, self.clip, target)
         self.render.start()
