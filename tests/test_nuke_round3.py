@@ -141,3 +141,15 @@ def test_paths_with_tcl_characters_are_escaped_in_file_knobs(
         host._RUNS.clear()
     shown = node.node("VeraPreview")["file"].evaluate()
     assert Path(shown).parent == cache / ".previews" and Path(shown).is_file(), shown
+
+
+def test_generate_fetches_only_the_vera_results_the_job_lists(tmp_path: Path) -> None:
+    """Issue 28 item 2, on the shared Generate (Nuke's node, the panel): names the engine lists that are not Vera
+    results are refused before anything is fetched."""
+    from vera_plugin.generate import GenerateError, result_names
+
+    listed = pb.JobStatus(output_files=["vera_edit.1001.exr", "vera_edit_take2.1001.exr"])
+    assert result_names("j", listed) == ["vera_edit.1001.exr", "vera_edit_take2.1001.exr"]
+    for bad in (["vera_edit.1001.exr", ".bashrc"], ["../vera_edit.1001.exr"], []):
+        with pytest.raises(GenerateError, match="Not fetched"):
+            result_names("j", pb.JobStatus(output_files=bad))

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from vera_plugin.cache import CachedResult, find_takes, job_dir
+from vera_plugin.cache import CachedResult, find_takes, job_dir, take_and_frame
 from vera_plugin.client import EngineClient, EngineError, state_name
 from vera_proto.vera.v1 import engine_pb2 as pb
 
@@ -29,6 +29,7 @@ __all__ = [
     "client_options_from_env",
     "describe_engine_error",
     "follow_job",
+    "result_names",
     "run_generate",
     "status_text",
 ]
@@ -208,6 +209,19 @@ def follow_job(
     return check_final(job_id, latest[-1])
 
 
+def result_names(job_id: str, final: pb.JobStatus) -> list[str]:
+    """The result files a finished job lists, each checked to be a Vera result name (``vera_edit.<frame>.exr``,
+    ``vera_edit_take<k>.<frame>.exr``): an engine is not trusted to name files on this machine."""
+    names = list(final.output_files)
+    foreign = [name for name in names if take_and_frame(name) is None]
+    if not names or foreign:
+        raise GenerateError(
+            f"the engine listed {foreign[:3] or 'no files'} as job {job_id}'s results; expected names like "
+            "vera_edit.1001.exr. Not fetched"
+        )
+    return names
+
+
 def check_final(job_id: str, final: pb.JobStatus) -> pb.JobStatus:
     """``final`` when the job succeeded; else the sentence every host shows, as :class:`GenerateCancelled`
     ("job ... was cancelled") or :class:`GenerateError` ("job ... failed on the engine: why")."""
@@ -253,8 +267,9 @@ def run_generate(
             def fetched(index: int, total: int, name: str) -> None:
                 sink.update(index / max(total, 1), f"fetched {index}/{total} {name}")
 
+            names = result_names(job_id, final)
             sink.update(0.0, f"fetching {count} frames into {out}")
-            client.fetch(job_id, out, progress=fetched)
+            client.fetch(job_id, out, files=names, progress=fetched)
     except EngineError as exc:
         raise GenerateError(describe_engine_error(exc, address)) from None
     except (FileNotFoundError, ValueError, TypeError) as exc:

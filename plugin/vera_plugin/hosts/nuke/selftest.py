@@ -369,7 +369,8 @@ class SelfTest(CheckLog):
 
         def watch() -> None:
             worker.join()
-            nuke.executeInMainThread(self._job_done, (None, adapter._text(node, "status"), worker.name))
+            # Knobs are read on the main thread only (Nuke's threading rule): _job_done reads the status there.
+            nuke.executeInMainThread(self._job_done, (None, "", worker.name))
 
         threading.Thread(target=watch, name="vera-selftest-watch", daemon=True).start()
 

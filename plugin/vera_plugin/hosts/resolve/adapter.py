@@ -680,13 +680,7 @@ def fetch_results(
     progress = progress or _noop
     with _engine_sentences(client):
         final = final if final is not None else client.status(job_id)
-        names = list(final.output_files)
-        foreign = [n for n in names if take_and_frame(n) is None]
-        if not names or foreign:
-            raise ResolveError(
-                f"the engine listed {foreign[:3] or 'no files'} as job {job_id}'s results; expected names "
-                "like vera_edit.1001.exr. Not fetched"
-            )
+        names = generate.result_names(job_id, final)
         files = client.fetch(
             job_id,
             out_dir,

@@ -418,7 +418,11 @@ class SelfTest(CheckLog):
         generic = dispatcher.On.Timeout
 
         def timeout(ev: Any) -> None:
-            if ev["who"] == "VeraSelfTestWatchdog":
+            try:
+                who = ev["who"]
+            except (KeyError, TypeError, IndexError):
+                who = ""
+            if who == "VeraSelfTestWatchdog":
                 window.log("the self-test's watchdog closed the window after 300 s")
                 window.close()
             else:
