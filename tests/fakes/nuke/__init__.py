@@ -719,7 +719,21 @@ class Node:
         knob._node = None
 
     def input(self, index: int) -> Node | None:
-        return self._inputs.get(index)
+        found = self._inputs.get(index)
+        return found._wrapper() if found is not None else None
+
+    # Nuke Python API: a node object is a wrapper made afresh by calls such as Node.input(); two wrappers of one
+    # node compare equal (==) but are not the same object (`is`), as issue 25 item 12 found in the self-test.
+    def _wrapper(self) -> Node:
+        wrapper = object.__new__(type(self))
+        wrapper.__dict__ = self.__dict__
+        return wrapper
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Node) and other.__dict__ is self.__dict__
+
+    def __hash__(self) -> int:
+        return id(self.__dict__)
 
     def inputs(self) -> int:
         return max(self._inputs, default=-1) + 1
