@@ -2,9 +2,11 @@
 
     nuke -t /path/to/vera-edit/nuke_gizmos/vera_selftest.py [--engine HOST:PORT] [--folder DIR]
 
-(or, in a GUI session with an empty script, from the Script Editor: ``exec(open(".../vera_selftest.py").read())``
-checks the menus and the pane too). The checks are in ``vera_plugin.hosts.nuke.selftest``; the exit status is the
-number of failed checks.
+(or, in a GUI session with a new script, from the Script Editor: ``exec(open(".../vera_selftest.py").read())``
+checks the menus and the pane too, and with ``$VERA_ENGINE`` set before Nuke starts, or
+``os.environ["VERA_ENGINE"] = "HOST:PORT"`` typed before the exec, runs the engine job through the node's Generate
+button, as an artist does). The checks are in ``vera_plugin.hosts.nuke.selftest``; the exit status is the number
+of failed checks.
 """
 
 import os
@@ -33,6 +35,7 @@ except Exception as exc:  # ImportError, protobuf's VersionError, grpcio's Runti
     if not nuke.GUI:
         sys.exit(1)
 else:
+    # In the GUI there is no command line: the engine comes from $VERA_ENGINE (main's default).
     _failures = main(sys.argv[1:] if not nuke.GUI else [])
     if not nuke.GUI:
         sys.exit(min(_failures, 100))

@@ -55,6 +55,8 @@ import inspect
 import os
 import re
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +67,12 @@ from vera_plugin.hosts.resolve.timeline import frame_to_timecode, parse_sequence
 
 FAKE_SIZE = (24, 16)  # width, height of every fake frame (the engine takes 16 px and up)
 CALLS: set[str] = set()
+# The page Resolve shows (one per Resolve process). README, Timeline.GetCurrentTimecode: "Returns a string timecode
+# representation for the current playhead position, while on Cut, Edit, Color, Fairlight and Deliver pages";
+# SetCurrentTimecode likewise "for Cut, Edit, Color, Fairlight and Deliver pages". A script started from
+# Workspace > Scripts may find Resolve on the Media or Fusion page.
+PAGE = {"page": "edit"}
+PLAYHEAD_PAGES = ("cut", "edit", "color", "fairlight", "deliver")
 COLOUR_SPACES = {  # what this fake's projects accept per colour science (names as Resolve's menus show them)
     "rcm": {"Rec.709 Gamma 2.4", "Rec.709 Linear", "ACEScg", "ACES (AP1) Linear", "DaVinci WG/Intermediate"},
     "aces": {"ACEScg - CSC", "sRGB (Linear) - CSC", "No Input Transform"},
@@ -245,6 +253,16 @@ class FakeTimelineItem:
         return self.enabled
 
 
+class DeadTimelineItem:
+    """What some builds' AppendToTimeline returns for a clip it did not place: an item whose getters all answer
+    None (AYON's Resolve loader tests ``GetDuration() is None``)."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return lambda *args, **kwargs: None
+
+
 class FakeTimeline:
     """A timeline with video tracks, a playhead and Resolve's absolute frame clock (quirks 3 and 4)."""
 
@@ -332,10 +350,17 @@ class FakeTimeline:
             return None
         return sorted(self.tracks[index - 1], key=lambda i: i.start)
 
-    def GetCurrentTimecode(self) -> str:  # README: Timeline.GetCurrentTimecode (quirk 4)
+    def GetCurrentTimecode(self) -> str:
+        """README: Timeline.GetCurrentTimecode (quirk 4); "while on Cut, Edit, Color, Fairlight and Deliver
+        pages": elsewhere this fake answers "" (see PAGE)."""
+        if PAGE["page"] not in PLAYHEAD_PAGES:
+            return ""
         return frame_to_timecode(self.playhead, self.fps)
 
-    def SetCurrentTimecode(self, timecode: str) -> bool:  # README: Timeline.SetCurrentTimecode
+    def SetCurrentTimecode(self, timecode: str) -> bool:
+        """README: Timeline.SetCurrentTimecode, "for Cut, Edit, Color, Fairlight and Deliver pages"."""
+        if PAGE["page"] not in PLAYHEAD_PAGES:
+            return False
         try:
             self.playhead = timecode_to_frame(timecode, self.fps)
         except ValueError:
@@ -385,6 +410,9 @@ class FakeMediaPool:
         self.root = FakeFolder("Master")
         self.current = self.root
         self.end_frame_inclusive = False  # quirk 2 on builds that read endFrame inclusively
+        # Some builds answer a clip info they cannot place with a dead item (every getter None) instead of []:
+        # AYON's Resolve integration checks `GetDuration() is None` for this (issue 25, item 5).
+        self.dead_items = False
         self.append_calls: list[list[dict[str, Any]]] = []
 
     # -- test set-up -------------------------------------------------------------------------------------
@@ -480,10 +508,11 @@ class FakeMediaPool:
                 or not 1 <= track <= timeline.GetTrackCount("video")
                 or not media.first_frame <= start < end <= media.first_frame + media.frames
             ):
-                return []
+                return [DeadTimelineItem()] if self.dead_items else []
             duration = end - start
             if any(timeline.item_at(track, f) for f in range(record, record + duration)):
-                return []  # the track is occupied there; Resolve refuses rather than overwrite
+                # the track is occupied there; Resolve refuses rather than overwrite
+                return [DeadTimelineItem()] if self.dead_items else []
             placed.append(timeline.add_item(media, track, record, duration, start - media.first_frame))
         return placed
 
@@ -523,6 +552,11 @@ class FakeProject:
         self.settings: dict[str, Any] = {
             "colorScienceMode": "davinciYRGB",
             "timelineFrameRate": f"{timeline.fps:g}",
+            # README, Project.GetSetting: the colour management settings; renders are in the output space
+            # (Rec.709 Gamma 2.4 in a default SDR project, colour managed or not).
+            "colorSpaceInput": "Rec.709 Gamma 2.4",
+            "colorSpaceTimeline": "Rec.709 Gamma 2.4",
+            "colorSpaceOutput": "Rec.709 Gamma 2.4",
         }
         # The Deliver page, as an artist left it.
         self.render_settings: dict[str, Any] = {
@@ -534,9 +568,15 @@ class FakeProject:
         self.presets: dict[str, dict[str, Any]] = {}
         self.jobs: dict[str, dict[str, Any]] = {}
         self.rendering: list[str] = []
+        self.stopping = False  # StopRendering asked, not yet taken effect
         self.render_calls: list[str] = []
         self.rendered_jobs: list[dict[str, Any]] = []  # what each started job was set to (test helper)
         self.fail_renders = False  # a render that fails part way (disk full, codec error): test switch
+        # Where a render's files land and how they are numbered: Deliver presets can put them in sub-folders of
+        # the target (AYON's Resolve publisher collects `target/**/*.ext` for this reason) and number them from
+        # the timeline frame or from another start (the File tab's start-frame options): test switches.
+        self.render_subfolder = ""  # e.g. "clip/v1": files in TargetDir/clip/v1
+        self.render_first_number: int | None = None  # None: the timeline frame; else files numbered from it
         self.formats = dict(self.RENDER_FORMATS)
 
     # -- test helpers ------------------------------------------------------------------------------------
@@ -717,11 +757,19 @@ class FakeProject:
         else:
             offset = item.left_offset + int((frame - item.start) * item.speed)
             pixels = item.media.pixels(item.media.media_frame(offset), size)
-        out = Path(settings["TargetDir"]) / f"{settings['CustomName']}_{frame:08d}.{job['format']}"
+        number = frame
+        if self.render_first_number is not None:
+            number = self.render_first_number + job["frames"].index(frame)
+        folder = Path(settings["TargetDir"]) / self.render_subfolder
+        out = folder / f"{settings['CustomName']}_{number:08d}.{job['format']}"
         out.parent.mkdir(parents=True, exist_ok=True)
         write_exr(out, pixels, "RGB", pixel_type="half" if "Half" in job["codec"] else "float")
 
     def IsRenderingInProgress(self) -> bool:  # README: Project.IsRenderingInProgress
+        if self.stopping:
+            busy = bool(self.rendering)
+            self._settle_stop()
+            return busy  # this query still saw it running
         self._advance()
         return bool(self.rendering)
 
@@ -737,10 +785,18 @@ class FakeProject:
             status["Error"] = job["error"]
         return status
 
-    def StopRendering(self) -> None:  # README: StopRendering() --> None
-        for job_id in self.rendering:
-            self.jobs[job_id]["status"] = "Cancelled"
-        self.rendering = []
+    def StopRendering(self) -> None:
+        """README: "StopRendering() --> None # Stops any current render processes". It returns before the render
+        has stopped (issue 25 item 13): the job reads "Rendering" (and DeleteRenderJob refuses it) until the next
+        status query sees it stopped."""
+        self.stopping = True
+
+    def _settle_stop(self) -> None:
+        if self.stopping:
+            self.stopping = False
+            for job_id in self.rendering:
+                self.jobs[job_id]["status"] = "Cancelled"
+            self.rendering = []
 
 
 class FakeProjectManager:
@@ -794,7 +850,8 @@ class FakeProjectManager:
 class FakeResolve:
     """``resolve``: the scripting entry point (``bmd.scriptapp("Resolve")`` in a real Resolve)."""
 
-    def __init__(self, fps: float = 24.0, start_timecode: str = "01:00:00:00") -> None:
+    def __init__(self, fps: float = 24.0, start_timecode: str = "01:00:00:00", page: str = "edit") -> None:
+        PAGE["page"] = page
         self.manager = FakeProjectManager(FakeProject(FakeTimeline("Edit 1", fps, start_timecode)))
         self.storage = FakeMediaStorage()
 
@@ -824,6 +881,18 @@ class FakeResolve:
 
     def GetVersionString(self) -> str:  # README: Resolve.GetVersionString
         return "19.1.0.0"
+
+    def OpenPage(self, page_name: str) -> bool:
+        """README: "OpenPage(pageName) --> Bool # Switches to indicated page in DaVinci Resolve. Input can be one
+        of ("media", "cut", "edit", "fusion", "color", "fairlight", "deliver")"."""
+        if page_name not in ("media", "cut", "edit", "fusion", "color", "fairlight", "deliver"):
+            return False
+        PAGE["page"] = page_name
+        return True
+
+    def GetCurrentPage(self) -> str:
+        """README: "GetCurrentPage() --> String # Returns the page currently displayed in the main window"."""
+        return PAGE["page"]
 
 
 def parse_shown_path(item: FakeMediaPoolItem) -> tuple[str, int, int]:
@@ -860,8 +929,85 @@ _install_recording()
 # Fusion's UIManager (``fusion.UIManager``) and ``bmd.UIDispatcher``, as the Vera Edit window uses them:
 # widgets are made by calling ``ui.<Kind>({props}, [children])``, a window by ``dispatcher.AddWindow({props},
 # layout)``; ``window.GetItems()`` maps IDs to widgets; handlers are assigned as ``window.On.<ID>.<Event>``
-# (or ``On[ID]``); ``ui.Timer({"ID", "Interval"})`` fires ``dispatcher.On[ID].Timeout``. A test plays the
-# user by setting widget properties and calling the handlers; ``RunLoop`` returns at once.
+# (or ``On[ID]``). A test plays the user by setting widget properties and calling the handlers, directly or as
+# actions scheduled inside ``RunLoop`` (``dispatcher.at``). Two behaviours of the real loop are modelled
+# (issue 25, items 1 and 2, from UIManager tools that run in production):
+#
+# - ``ui.Timer({"ID", "Interval"})`` timeouts reach only the generic ``dispatcher.On.Timeout`` handler, with
+#   ``ev["who"]`` naming the timer; ``On[<timer ID>].Timeout`` is never called (several working Resolve tools
+#   register the generic handler for this reason).
+# - ``RunLoop`` keeps the GIL between callbacks (a tool measured "21 clips took 30 s instead of 0.6 s" until it
+#   yielded with ``thread.join(0.015)`` in every tick): here ``dispatcher.gil`` (:class:`ModelGil`), held by the
+#   loop. A callback is Python like any other: it gives the GIL up only as CPython's does, after the switch
+#   interval (``sys.getswitchinterval()``, 5 ms) has passed while it runs; a callback that returns sooner gives
+#   other threads nothing. Code on other threads that needs the GIL takes it: :class:`GilBoundClient` does, for
+#   every call into the engine client and every status or progress callback it makes.
+
+
+class ModelGil:
+    """The GIL as the loop holds it (see above): ``hold``/``drop`` by the loop, ``enter`` by code that needs it
+    (a no-op on the thread holding it)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.holder: int | None = None
+
+    def hold(self) -> None:
+        self._lock.acquire()
+        self.holder = threading.get_ident()
+
+    def drop(self) -> None:
+        self.holder = None
+        self._lock.release()
+
+    def enter(self) -> None:
+        if self.holder == threading.get_ident():
+            return
+        with self._lock:
+            pass
+
+
+class GilBoundClient:
+    """An ``EngineClient`` whose Python side needs ``gil`` (see above): each call takes it before and after the
+    call itself (the gRPC wait in between needs no GIL), and so does each callback the client makes (a status,
+    a fetched file). Anything not callable passes through."""
+
+    def __init__(self, client: Any, gil: ModelGil) -> None:
+        self._client, self._gil = client, gil
+        self.gil_waits = 0  # how often this client took the GIL (test helper)
+
+    def _python(self) -> None:
+        self._gil.enter()
+        self.gil_waits += 1
+
+    def _bound(self, function: Any) -> Any:
+        def bound(*args: Any, **kwargs: Any) -> Any:
+            self._python()
+            return function(*args, **kwargs)
+
+        return bound
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._client, name)
+        if not callable(attribute) or name.startswith("_"):
+            return attribute
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            for key in ("callback", "progress"):
+                if callable(kwargs.get(key)):
+                    kwargs[key] = self._bound(kwargs[key])
+            self._python()
+            result = attribute(*args, **kwargs)
+            self._python()
+            return result
+
+        return call
+
+    def __enter__(self) -> GilBoundClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._client.close()
 
 
 class FakeWidget:
@@ -915,13 +1061,16 @@ class FakeOn:
 
 
 class FakeTimer:
-    """``ui.Timer``."""
+    """``ui.Timer``: fires every ``Interval`` ms while started (inside ``RunLoop``)."""
 
     def __init__(self, props: dict[str, Any]) -> None:
         self.ID, self.Interval, self.active = props.get("ID", ""), props.get("Interval", 0), False
+        self.fired = 0
+        self._next = 0.0
 
     def Start(self) -> None:
         self.active = True
+        self._next = time.monotonic() + self.Interval / 1000
 
     def Stop(self) -> None:
         self.active = False
@@ -967,37 +1116,95 @@ class FakeWindow:
 
 
 class FakeDispatcher:
-    """``bmd.UIDispatcher(ui)``."""
+    """``bmd.UIDispatcher(ui)``: windows, handlers and ``RunLoop`` with the two behaviours described above."""
 
-    def __init__(self, ui: FakeUI) -> None:
+    def __init__(self, ui: FakeUI, max_seconds: float = 60.0) -> None:
         self.ui, self.On, self.windows, self.loops, self.exited = ui, FakeOn(), [], 0, False
+        self.gil = ModelGil()
+        self.max_seconds = max_seconds  # a safety net for tests: RunLoop gives up (timed_out) after this
+        self.timed_out = False
+        self.actions: list[tuple[float, Any]] = []  # (seconds into RunLoop, action(dispatcher)): the user
+
+    def at(self, seconds: float, action: Any) -> None:
+        """Schedule ``action(dispatcher)`` ``seconds`` after ``RunLoop`` starts, run as a UI callback."""
+        self.actions.append((seconds, action))
+        self.actions.sort(key=lambda a: a[0])
 
     def AddWindow(self, props: dict[str, Any], layout: FakeWidget) -> FakeWindow:
         window = FakeWindow(props, layout)
         self.windows.append(window)
         return window
 
+    def _callback(self, call: Any, *args: Any) -> None:
+        # The loop holds the GIL into the callback; only a callback still running after the switch interval lets
+        # other threads have it (a blocking call in it, such as thread.join(0.015), keeps it running that long).
+        finished, dropped, guard = threading.Event(), [], threading.Lock()
+
+        def switch() -> None:
+            if not finished.wait(sys.getswitchinterval()):
+                with guard:
+                    if not finished.is_set():
+                        self.gil.drop()
+                        dropped.append(True)
+
+        switcher = threading.Thread(target=switch, name="fake-gil-switch", daemon=True)
+        switcher.start()
+        try:
+            call(*args)
+        finally:
+            with guard:
+                finished.set()
+            switcher.join()
+            if dropped:
+                self.gil.hold()
+
     def RunLoop(self) -> None:
+        """Process events until ``ExitLoop``: scheduled user actions, and timer timeouts to ``On.Timeout`` only."""
         self.loops += 1
+        self.exited = False
+        start = time.monotonic()
+        pending = list(self.actions)
+        self.gil.hold()
+        try:
+            while not self.exited:
+                now = time.monotonic()
+                if now - start > self.max_seconds:
+                    self.timed_out = True
+                    break
+                while pending and pending[0][0] <= now - start and not self.exited:
+                    self._callback(pending.pop(0)[1], self)
+                for timer in list(self.ui.timers):
+                    if timer.active and now >= timer._next and not self.exited:
+                        timer._next = now + timer.Interval / 1000
+                        timer.fired += 1
+                        generic = self.On.__dict__.get("Timeout")  # On.Timeout, not On[ID].Timeout
+                        if callable(generic):
+                            self._callback(generic, {"who": timer.ID, "what": "Timeout", "sender": timer})
+                time.sleep(0.002)  # waiting for events: the GIL stays with the loop
+        finally:
+            self.gil.drop()
 
     def ExitLoop(self) -> None:
         self.exited = True
 
 
 class FakeFusion:
-    """``fusion`` (``resolve.Fusion()``): only its UIManager."""
+    """``fusion`` (``resolve.Fusion()``): only its UIManager (None in free Resolve 19.1+: no script windows)."""
 
-    def __init__(self) -> None:
-        self.UIManager = FakeUI()
+    def __init__(self, ui_manager: bool = True) -> None:
+        self.UIManager = FakeUI() if ui_manager else None
 
 
 class FakeBmd:
-    """``bmd``: only ``UIDispatcher``."""
+    """``bmd``: only ``UIDispatcher``; ``actions`` are scheduled into every dispatcher it makes."""
 
-    def __init__(self) -> None:
+    def __init__(self, actions: list[tuple[float, Any]] | None = None) -> None:
         self.dispatchers: list[FakeDispatcher] = []
+        self.actions = list(actions or [])
 
     def UIDispatcher(self, ui: FakeUI) -> FakeDispatcher:
         dispatcher = FakeDispatcher(ui)
+        for seconds, action in self.actions:
+            dispatcher.at(seconds, action)
         self.dispatchers.append(dispatcher)
         return dispatcher

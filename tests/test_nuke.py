@@ -485,7 +485,7 @@ def test_generate_points_the_internal_read_at_layered_exrs(
     nk.root()["workingSpaceLUT"].setValue("ACES - ACEScg")
     read = plate_read(nk, plate)
     node = make_vera(nk, host, engine.address, read)
-    assert node.input(0) is read
+    assert node.input(0) == read
     thread = host.generate(node)
     assert thread is not None
     status = wait_done(nk, host, node)
@@ -570,8 +570,8 @@ def test_bake_layers_builds_the_graph(
         assert r["colorspace"].value() == node["working_space"].value()
     assert "edit layer" in edit["label"].value() and "matte" in matte["label"].value()
     assert merge.Class() == "Merge2" and merge["operation"].value() == "over"
-    assert merge["Achannels"].value() == "edit" and merge.input(0) is read and merge.input(1) is edit
-    assert copy.input(0) is merge and copy.input(1) is matte
+    assert merge["Achannels"].value() == "edit" and merge.input(0) == read and merge.input(1) == edit
+    assert copy.input(0) == merge and copy.input(1) == matte
     assert (copy["from0"].value(), copy["to0"].value()) == ("matte.alpha", "matte.alpha")
     # The baked graph renders: an empty edit layer over the source is the source, and the matte rides along.
     out = render_node(nk, copy, tmp_path / "check", 1001)

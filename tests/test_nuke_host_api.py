@@ -80,7 +80,7 @@ def test_the_node_is_created_like_nukes_own_menus_create_nodes(
     read.setSelected(True)
     steps_before = len(nk._STATE.undo_done)
     node = host.create_node(engine.address)
-    assert node.input(0) is read
+    assert node.input(0) == read
     assert node.xpos() == read.xpos() and node.ypos() > read.ypos()  # beside (below) the selection
     assert node.isSelected() and not read.isSelected()
     assert node.shown()  # its properties panel is open

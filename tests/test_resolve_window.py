@@ -122,7 +122,7 @@ def test_errors_and_an_unreachable_engine_land_in_the_log(tmp_path: Path, addres
 
     window.items["Engine"].Text = "127.0.0.1:1"
     window.window.On.Connect.Clicked({})
-    assert "Cannot reach the engine at 127.0.0.1:1" in window.items["Log"].PlainText
+    assert "Cannot reach the Vera engine at 127.0.0.1:1" in window.items["Log"].PlainText
     window.window.On.Generate.Clicked({})
     assert "Error: not connected to an engine" in window.items["Log"].PlainText
 
@@ -146,7 +146,8 @@ def test_the_menu_script_opens_the_window(
     tmp_path: Path, address: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("VERA_ENGINE", address)
-    fusion, bmd = FakeFusion(), FakeBmd()
+    # The artist closes the window a moment after it opens (RunLoop runs until then).
+    fusion, bmd = FakeFusion(), FakeBmd([(0.3, lambda d: d.windows[-1].On[WINDOW_ID].Close({}))])
     runpy.run_path(
         str(REPO / "resolve_scripts" / "Utility" / "Vera Edit.py"),
         init_globals={"resolve": _resolve(tmp_path), "fusion": fusion, "bmd": bmd},
@@ -155,8 +156,9 @@ def test_the_menu_script_opens_the_window(
     assert dispatcher.loops == 1 and dispatcher.ui is fusion.UIManager
     window = dispatcher.windows[-1]
     assert window.GetItems()["Model"].items == ["passthrough"]
-    assert fusion.UIManager.timers[0].active and fusion.UIManager.timers[0].Interval == 200
-    assert callable(dispatcher.On["VeraEditPoll"].Timeout)
+    timer = fusion.UIManager.timers[0]
+    assert timer.Interval == 200 and timer.fired >= 1 and not dispatcher.timed_out
+    assert callable(dispatcher.On["VeraEditPoll"].Timeout) and callable(dispatcher.On.Timeout)
 
 
 def test_resolve_modules_need_only_grpcio_and_protobuf(tmp_path: Path) -> None:

@@ -41,6 +41,7 @@ from vera_plugin.client import (
     sequence_files,
     state_name,
 )
+from vera_plugin.generate import GenerateCancelled, GenerateError, follow_job, status_text
 from vera_proto.vera.v1 import engine_pb2 as pb
 
 EXIT_OK = 0
@@ -96,6 +97,18 @@ def _json(message: Any) -> dict[str, Any]:
 # Progress display
 
 
+class _NoSink:
+    # vera edit shows progress from each status (Progress.update) and cancels on Ctrl-C itself.
+    def update(self, fraction: float, message: str) -> None:
+        pass
+
+    def cancelled(self) -> bool:
+        return False
+
+
+_NO_SINK = _NoSink()
+
+
 class Progress:
     """A one-line progress bar on a terminal; one line per change of stage otherwise (logs stay readable)."""
 
@@ -113,15 +126,9 @@ class Progress:
         width = 30
         filled = round(status.progress * width)
         bar = "#" * filled + "-" * (width - filled)
-        parts = [f"[{bar}] {status.progress * 100:5.1f}%", state_name(status.state)]
-        if status.state == pb.JOB_STATE_QUEUED:
-            parts.append(f"position {status.queue_position + 1} in queue")
-        elif status.stage_detail:
-            parts.append(status.stage_detail)
-        if status.total_steps:
-            parts.append(f"step {status.step}/{status.total_steps}")
-        if status.HasField("eta_seconds") and status.state == pb.JOB_STATE_RUNNING:
-            parts.append(f"ETA {status.eta_seconds:.0f}s")
+        # The hosts' one status sentence (vera_plugin.generate.status_text), after the state.
+        state, detail = state_name(status.state), status_text(status)
+        parts = [f"[{bar}] {status.progress * 100:5.1f}%", state] + ([detail] if detail != state else [])
         line = "  ".join(parts)
         if self.tty:
             self.stream.write("\r" + line.ljust(len(self._last_line)))
@@ -315,20 +322,23 @@ def cmd_edit(args: argparse.Namespace) -> int:
         if args.detach:
             print(job)
             return EXIT_OK
-        try:
-            final = client.wait(job, callback=progress.update)
+        try:  # the hosts' one follow path and its sentences (vera_plugin.generate)
+            final = follow_job(client, job, _NO_SINK, on_status=progress.update)
         except KeyboardInterrupt:
             progress.done()
             print(f"vera edit: interrupted; cancelling job {job}", file=sys.stderr)
             client.cancel(job, ended_ok=True)
             return EXIT_INTERRUPTED
-        progress.done()
-        if final.state == pb.JOB_STATE_CANCELLED:
-            print(f"vera edit: job {job} was cancelled", file=sys.stderr)
+        except GenerateCancelled as exc:
+            progress.done()
+            print(f"vera edit: {exc}", file=sys.stderr)
             return EXIT_CANCELLED
-        if final.state != pb.JOB_STATE_SUCCEEDED:
-            print(f"vera edit: job {job} failed: {final.error}", file=sys.stderr)
+        except GenerateError as exc:
+            progress.done()
+            print(f"vera edit: {exc}", file=sys.stderr)
             return EXIT_JOB_FAILED
+        assert final is not None  # no stop() given
+        progress.done()
         files = _fetch(client, job, args.out, args.quiet)
     if args.json:
         print(json.dumps({"job_id": job, "seed": final.seed, "files": files}))

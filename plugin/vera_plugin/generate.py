@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from vera_plugin.cache import CachedResult, find_takes, job_dir
+from vera_plugin.cache import CachedResult, find_takes, job_dir, take_and_frame
 from vera_plugin.client import EngineClient, EngineError, state_name
 from vera_proto.vera.v1 import engine_pb2 as pb
 
@@ -25,8 +25,11 @@ __all__ = [
     "GenerateRequest",
     "GenerateResult",
     "ProgressSink",
+    "check_final",
     "client_options_from_env",
     "describe_engine_error",
+    "follow_job",
+    "result_names",
     "run_generate",
     "status_text",
 ]
@@ -51,14 +54,18 @@ class ProgressSink(Protocol):
 
 
 def client_options_from_env(env: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """``EngineClient`` keyword arguments from the environment: ``$VERA_TOKEN_FILE`` (engines started with a
-    token, as for the ``vera`` CLI) and ``$VERA_CA_CERT`` (TLS, verifying the engine against that PEM)."""
+    """``EngineClient`` keyword arguments from the environment, the same for every host (Nuke node, Qt panel,
+    Resolve window): ``$VERA_TOKEN_FILE`` (engines started with a token, as for the ``vera`` CLI),
+    ``$VERA_CA_CERT`` (TLS, verifying the engine against that PEM) and ``$VERA_SERVER_NAME`` (the name the
+    engine's certificate was issued for, when the address is an IP or another name)."""
     env = os.environ if env is None else env
     options: dict[str, Any] = {}
     if env.get("VERA_TOKEN_FILE"):
         options["token_file"] = env["VERA_TOKEN_FILE"]
     if env.get("VERA_CA_CERT"):
         options["ca_cert"] = env["VERA_CA_CERT"]
+    if env.get("VERA_SERVER_NAME"):
+        options["server_name"] = env["VERA_SERVER_NAME"]
     return options
 
 
@@ -97,10 +104,10 @@ def describe_engine_error(error: EngineError, address: str) -> str:
     if error.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
         return (
             f"Cannot reach the Vera engine at {address} ({error.details or error.code}). Start it on that "
-            "machine with `vera-engine serve --model <folder>`, or set the node's engine address."
+            "machine with `vera-engine serve --model <folder>`, or give the right engine address ($VERA_ENGINE)."
         )
     if error.code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
-        return f"The Vera engine at {address} refused the token ({error.details}); set $VERA_TOKEN_FILE."
+        return f"The Vera engine at {address} refused the token ({error.details}); set $VERA_TOKEN_FILE to the engine's token file."
     if error.code == "RESOURCE_EXHAUSTED":
         return f"The Vera engine at {address} has a full queue ({error.details}); try again later."
     if error.code in ("INVALID_ARGUMENT", "FAILED_PRECONDITION", "OUT_OF_RANGE"):
@@ -127,23 +134,48 @@ def status_text(status: pb.JobStatus) -> str:
     return state
 
 
-def _follow(
+class _StopFollowing(Exception):
+    """Raised inside the watch callback to leave the stream (the follower was told to stop, not to cancel)."""
+
+
+def follow_job(
     client: EngineClient,
     job_id: str,
     sink: ProgressSink,
-    previews: bool,
-    on_status: Callable[[pb.JobStatus], None] | None,
-    poll: float,
-) -> pb.JobStatus:
+    *,
+    previews: bool = False,
+    on_status: Callable[[pb.JobStatus], None] | None = None,
+    stop: Callable[[], bool] | None = None,
+    poll: float = 0.1,
+) -> pb.JobStatus | None:
+    """Follow ``job_id`` to its end: every host's one way to follow a job (the Nuke node, the Resolve window and
+    adapter, the Qt panel's job list, ``vera edit``).
+
+    Progress goes to ``sink.update(progress, status_text(status))``; ``on_status`` sees every status (previews
+    included with ``previews=True``). When ``sink.cancelled()`` turns true the job is cancelled on the engine
+    and followed until it has stopped. ``stop()`` turning true leaves the job alone and returns ``None`` (a list
+    that stops watching one job to watch another). A dropped connection is retried as
+    :meth:`EngineClient.wait` does. Returns the final status, checked by :func:`check_final`:
+    :class:`GenerateCancelled` or :class:`GenerateError` with the sentences every host shows; an engine error
+    propagates as :class:`~vera_plugin.client.EngineError` (see :func:`describe_engine_error`).
+    """
     # The Watch stream blocks between updates (a queued job may be silent for minutes), so it runs on its own
     # thread while this one polls the sink for a cancel request.
     latest: list[pb.JobStatus] = []
     failure: list[BaseException] = []
     done = threading.Event()
+    stopping = threading.Event()
+
+    def collect(status: pb.JobStatus) -> None:
+        latest.append(status)
+        if stopping.is_set():
+            raise _StopFollowing
 
     def watch() -> None:
         try:
-            client.wait(job_id, callback=latest.append, previews=previews)
+            client.wait(job_id, callback=collect, previews=previews)
+        except _StopFollowing:
+            pass
         except BaseException as exc:
             failure.append(exc)
         finally:
@@ -153,6 +185,9 @@ def _follow(
     cancel_sent = False
     shown = 0
     while not done.wait(poll):
+        if stop is not None and stop():
+            stopping.set()  # the stream closes at its next update; nobody waits for it
+            return None
         if not cancel_sent and sink.cancelled():
             cancel_sent = True
             sink.update(latest[-1].progress if latest else 0.0, "cancelling ...")
@@ -169,7 +204,32 @@ def _follow(
     for status in latest[shown:]:
         if on_status is not None:
             on_status(status)
-    return latest[-1]
+    if not latest:
+        raise GenerateError(f"job {job_id}: the engine sent no status; Generate again")
+    return check_final(job_id, latest[-1])
+
+
+def result_names(job_id: str, final: pb.JobStatus) -> list[str]:
+    """The result files a finished job lists, each checked to be a Vera result name (``vera_edit.<frame>.exr``,
+    ``vera_edit_take<k>.<frame>.exr``): an engine is not trusted to name files on this machine."""
+    names = list(final.output_files)
+    foreign = [name for name in names if take_and_frame(name) is None]
+    if not names or foreign:
+        raise GenerateError(
+            f"the engine listed {foreign[:3] or 'no files'} as job {job_id}'s results; expected names like "
+            "vera_edit.1001.exr. Not fetched"
+        )
+    return names
+
+
+def check_final(job_id: str, final: pb.JobStatus) -> pb.JobStatus:
+    """``final`` when the job succeeded; else the sentence every host shows, as :class:`GenerateCancelled`
+    ("job ... was cancelled") or :class:`GenerateError` ("job ... failed on the engine: why")."""
+    if final.state == pb.JOB_STATE_CANCELLED:
+        raise GenerateCancelled(f"job {job_id} was cancelled")
+    if final.state != pb.JOB_STATE_SUCCEEDED:
+        raise GenerateError(f"job {job_id} failed on the engine: {final.error or state_name(final.state)}")
+    return final
 
 
 def run_generate(
@@ -196,22 +256,20 @@ def run_generate(
                 on_submitted(job_id)
             if sink.cancelled():
                 client.cancel(job_id, ended_ok=True)
-                raise GenerateCancelled(f"job {job_id} cancelled")
-            final = _follow(client, job_id, sink, request.previews, on_status, poll)
-            if final.state == pb.JOB_STATE_CANCELLED:
-                raise GenerateCancelled(f"job {job_id} cancelled")
-            if final.state != pb.JOB_STATE_SUCCEEDED:
-                raise GenerateError(
-                    f"job {job_id} failed on the engine: {final.error or state_name(final.state)}"
-                )
+                raise GenerateCancelled(f"job {job_id} was cancelled")
+            final = follow_job(
+                client, job_id, sink, previews=request.previews, on_status=on_status, poll=poll
+            )
+            assert final is not None  # no stop() given
             out = job_dir(request.cache_root, job_id)
             count = len(final.output_files)
 
             def fetched(index: int, total: int, name: str) -> None:
                 sink.update(index / max(total, 1), f"fetched {index}/{total} {name}")
 
+            names = result_names(job_id, final)
             sink.update(0.0, f"fetching {count} frames into {out}")
-            client.fetch(job_id, out, progress=fetched)
+            client.fetch(job_id, out, files=names, progress=fetched)
     except EngineError as exc:
         raise GenerateError(describe_engine_error(exc, address)) from None
     except (FileNotFoundError, ValueError, TypeError) as exc:

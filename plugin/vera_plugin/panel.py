@@ -10,6 +10,7 @@ timer drains (worker threads never call Qt), so the panel never freezes on a slo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import queue
@@ -33,7 +34,13 @@ from vera_plugin.client import (
     parse_frames,
     state_name,
 )
-from vera_plugin.generate import client_options_from_env, describe_engine_error, status_text
+from vera_plugin.generate import (
+    GenerateError,
+    client_options_from_env,
+    describe_engine_error,
+    follow_job,
+    status_text,
+)
 from vera_plugin.schema_ui import (
     AUTO_COLORSPACE,
     Field,
@@ -45,10 +52,35 @@ from vera_plugin.schema_ui import (
 )
 from vera_proto.vera.v1 import engine_pb2 as pb
 
-__all__ = ["VeraPanel", "main"]
+__all__ = ["MAX_PREVIEW_SIDE", "VeraPanel", "main", "preview_problem"]
 
 _INT32 = 2**31 - 1
 _PREVIEW_SIZE = 256
+
+
+# The largest preview the panel draws, per side: the engine sends small ones (a few hundred pixels).
+MAX_PREVIEW_SIDE = 4096
+
+
+def preview_problem(preview: pb.Preview) -> str:
+    """Why ``preview`` cannot be drawn (``""`` when it can): a size over :data:`MAX_PREVIEW_SIDE` or a byte
+    length other than width x height x 3 (RGB8)."""
+    width, height = preview.width, preview.height
+    if not (0 < width <= MAX_PREVIEW_SIDE and 0 < height <= MAX_PREVIEW_SIDE):
+        return f"{width}x{height} is outside 1..{MAX_PREVIEW_SIDE} pixels a side"
+    if len(preview.rgb8) != width * height * 3:
+        return f"{len(preview.rgb8)} bytes for a {width}x{height} RGB8 picture; expected {width * height * 3}"
+    return ""
+
+
+class _QuietSink:
+    """A follower with nowhere to show progress (the list shows each status) and nothing to cancel."""
+
+    def update(self, fraction: float, message: str) -> None:
+        pass
+
+    def cancelled(self) -> bool:
+        return False
 
 
 class VeraPanel(QtWidgets.QWidget):
@@ -445,6 +477,13 @@ class VeraPanel(QtWidgets.QWidget):
             self._show_preview(status.preview)
 
     def _show_preview(self, preview: pb.Preview) -> None:
+        # The engine is not trusted with the process the panel docks in: QImage reads width*height*3 bytes from
+        # what it is given, so a short buffer (12 bytes declared 4096x4096) reads past it and crashes Nuke.
+        problem = preview_problem(preview)
+        if problem:
+            self.preview.setText("no preview")
+            self.preview_caption.setText(f"preview refused: {problem}")
+            return
         image = QtGui.QImage(
             preview.rgb8, preview.width, preview.height, preview.width * 3, QtGui.QImage.Format.Format_RGB888
         ).copy()  # QImage does not own the bytes it was given
@@ -473,10 +512,11 @@ class VeraPanel(QtWidgets.QWidget):
         self._watching = job
 
         def watch(client: EngineClient) -> None:
-            for update in client.watch(job, previews=True):
-                if self._closing.is_set() or self._watching != job:
-                    return
-                self._emit("status", update)
+            # The hosts' one follow path; the list shows every status (a cancelled or failed end included).
+            with contextlib.suppress(GenerateError):
+                follow_job(client, job, _QuietSink(), previews=True,
+                           on_status=lambda update: self._emit("status", update),
+                           stop=lambda: self._closing.is_set() or self._watching != job)  # fmt: skip
 
         self._background(watch)
 

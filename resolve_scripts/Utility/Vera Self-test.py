@@ -37,8 +37,12 @@ try:
 except Exception as _exc:  # ImportError, protobuf's VersionError, grpcio's RuntimeError
     print(f"FAIL  import vera_plugin: {type(_exc).__name__}: {_exc}. {_what_to_install(_exc)}.")
 else:
+    # Resolve gives menu scripts `resolve`, `fusion` and `bmd`: with them (and $VERA_ENGINE) the window is driven too.
     _failures = main(
-        globals().get("resolve"), sys.argv[1:] if __name__ == "__main__" and len(sys.argv) > 1 else None
+        globals().get("resolve"),
+        sys.argv[1:] if __name__ == "__main__" and len(sys.argv) > 1 else None,
+        globals().get("fusion"),
+        globals().get("bmd"),
     )
     if __name__ == "__main__" and globals().get("resolve") is None:
         sys.exit(min(_failures, 100))

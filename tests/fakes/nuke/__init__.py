@@ -587,7 +587,8 @@ _CLASS_KNOBS: dict[str, list[tuple[type[Knob], str, Any]]] = {
     ],
     "Copy": [(Channel_Knob, f"{d}{i}", "none") for i in range(4) for d in ("from", "to")],
     "Switch": [(Int_Knob, "which", 0)],
-    # Reformat "to box" with "distort" scales the image to exactly box_width x box_height (nearest pixel here).
+    # Reformat "to box" with "distort" scales the image to box_width x box_height when box_fixed ("force this
+    # shape") is on, else to box_width and the input's aspect ratio (nearest pixel here).
     "Reformat": [
         (Enumeration_Knob, "type", ["to format", "to box", "scale"]),
         (Int_Knob, "box_width", 200),
@@ -603,6 +604,7 @@ _CLASS_KNOBS: dict[str, list[tuple[type[Knob], str, Any]]] = {
         (Int_Knob, "last", 1),
     ],
     "Input": [(Int_Knob, "number", 0)],
+    "Viewer": [],
     "Output": [],
     "Dot": [],
     "Group": [],
@@ -627,6 +629,7 @@ _MAX_INPUTS = {
     "Merge2": 3,
     "Copy": 3,
     "Switch": 1000,  # a Switch takes as many inputs as are connected
+    "Viewer": 10,
 }
 
 
@@ -654,7 +657,7 @@ class Node:
                 if default is not None:
                     knob.setValue(default)
                 elif knob_cls is Format_Knob:  # the script's format (the root's own: PC_Video)
-                    knob._value = "PC_Video" if cls == "Root" else _STATE.root["format"]._value
+                    knob._value = "PC_Video" if cls == "Root" else _STATE.root._knobs["format"]._value
             self._attach(knob)
 
     def _attach(self, knob: Knob) -> None:
@@ -716,7 +719,21 @@ class Node:
         knob._node = None
 
     def input(self, index: int) -> Node | None:
-        return self._inputs.get(index)
+        found = self._inputs.get(index)
+        return found._wrapper() if found is not None else None
+
+    # Nuke Python API: a node object is a wrapper made afresh by calls such as Node.input(); two wrappers of one
+    # node compare equal (==) but are not the same object (`is`), as issue 25 item 12 found in the self-test.
+    def _wrapper(self) -> Node:
+        wrapper = object.__new__(type(self))
+        wrapper.__dict__ = self.__dict__
+        return wrapper
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Node) and other.__dict__ is self.__dict__
+
+    def __hash__(self) -> int:
+        return id(self.__dict__)
 
     def inputs(self) -> int:
         return max(self._inputs, default=-1) + 1
@@ -890,11 +907,28 @@ class Root(Group):
     def fullName(self) -> str:
         return "root"
 
+    # While a script loads, the root is created last: nuke.root() exists but is not bound to its C++ node yet,
+    # and reading its knobs raises "A PythonObject is not attached to a node" (shotgunsoftware/tk-nuke-writenode
+    # pull requests #9 and #22, "when a Nuke script is being loaded from disk, Nuke's root node is the last in the
+    # stack to be created").
+    def knob(self, p: str | int) -> Knob | None:
+        _check_root_attached()
+        return super().knob(p)
+
+    def __getitem__(self, name: str) -> Knob:
+        _check_root_attached()
+        return super().__getitem__(name)
+
     def firstFrame(self) -> int:
         return self["first_frame"].value()
 
     def lastFrame(self) -> int:
         return self["last_frame"].value()
+
+
+def _check_root_attached() -> None:
+    if _STATE.loading:
+        raise ValueError("A PythonObject is not attached to a node")
 
 
 def _root_range() -> tuple[int, int]:
@@ -921,6 +955,7 @@ class _State:
         self.selection_order: list[Node] = []
         self.layers: dict[str, list[str]] = {"rgba": [f"rgba.{c}" for c in ("red", "green", "blue", "alpha")]}
         self.callbacks: dict[str, list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], str]]] = {}
+        self.loading = False  # scriptOpen creating the script's nodes: the root is not attached yet
 
 
 _STATE = _State()
@@ -1148,8 +1183,20 @@ def frame(f: int | None = None) -> int:
 
 # Nuke Python API reference (Foundry), nuke.scriptClear.
 def scriptClear() -> None:
-    """Clear the script without asking (Nuke Python API, nuke.scriptClear)."""
+    """Clear the script without asking (Nuke Python API, nuke.scriptClear); a new GUI script holds Viewer1."""
     scriptClose()
+    _new_gui_script()
+
+
+def _new_gui_script() -> None:
+    # Nuke user guide ("Using the Viewer"): every new script in a GUI session starts with a Viewer node, Viewer1;
+    # a terminal session (nuke -t) has none.
+    if GUI:
+        _STATE.undo_disabled += 1  # part of the new script, not an artist's step
+        try:
+            _create("Viewer", {})
+        finally:
+            _STATE.undo_disabled -= 1
 
 
 # Nuke Python API reference (Foundry), nuke.scriptName.
@@ -1463,8 +1510,16 @@ def _evaluate(node: Node | None, frame: int) -> _Image:
         if node["type"].value() != "to box" or node["resize"].value() != "distort":
             raise NotImplementedError("the fake Reformat does 'to box' with 'distort' only")
         height, width = _shape(image)
-        rows = (np.arange(node["box_height"].value()) * height // node["box_height"].value()).astype(int)
-        cols = (np.arange(node["box_width"].value()) * width // node["box_width"].value()).astype(int)
+        # Nuke Reference Guide, Reformat: "force this shape" (box_fixed) makes the output box_width x box_height;
+        # without it only box_width is used and the height keeps the input's aspect ratio.
+        box_width = node["box_width"].value()
+        box_height = (
+            node["box_height"].value()
+            if node["box_fixed"].value()
+            else max(1, round(box_width * height / width))
+        )
+        rows = (np.arange(box_height) * height // box_height).astype(int)
+        cols = (np.arange(box_width) * width // box_width).astype(int)
         return {name: plane[rows][:, cols] for name, plane in image.items()}
     if cls in ("Dot", "Output", "Write"):
         return _evaluate(node.input(0), frame)
@@ -1678,9 +1733,13 @@ def scriptOpen(filename: str) -> None:
     _STATE.root._knobs["name"]._value = os.fspath(filename)
     _STATE.layers.update(data["layers"])
     created: list[Node] = []
-    _load_group(_STATE.root, data["nodes"], created)
-    for node in created:
-        _run_script(node["onCreate"].getText(), node, None)
+    _STATE.loading = True
+    try:
+        _load_group(_STATE.root, data["nodes"], created)
+        for node in created:
+            _run_script(node["onCreate"].getText(), node, None)
+    finally:
+        _STATE.loading = False
     for call, args, kwargs, _ in _STATE.callbacks.get("onScriptLoad", []):
         _STATE.this.append((_STATE.root, None))
         try:
@@ -1694,8 +1753,9 @@ def scriptOpen(filename: str) -> None:
 
 
 def _fake_reset() -> None:
-    """A fresh session: empty script, no menus, callbacks, messages or queued calls."""
+    """A fresh session: a new script (Viewer1 only, in the GUI), no menus, callbacks, messages or queued calls."""
     _STATE.__init__()  # type: ignore[misc]
+    _new_gui_script()
 
 
 def _fake_messages() -> list[str]:

@@ -30,6 +30,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import shutil
 import threading
 import uuid
@@ -88,6 +89,7 @@ __all__ = [
     "render_input",
     "select_take",
     "setup",
+    "tcl_escape",
     "teardown",
     "update_output",
     "use_models",
@@ -109,8 +111,10 @@ _RESERVED = {
     "model", "frame_range", "range_first", "range_last", "output", "take", "generate", "cancel", "bake",
     "status", "job_id", "prompt_words", "working_space", "vera_models",
 }  # fmt: skip
-# Python run by the node itself (saved in the script); guarded so a script opens even without vera_plugin.
-_GUARD = "try:\n    import vera_plugin.hosts.nuke as _vera\nexcept ImportError:\n    _vera = None\nif _vera:\n    _vera.{call}"
+# Python run by the node itself (saved in the script); guarded so a script opens even without vera_plugin, or
+# with a grpcio/protobuf too old for the generated code (protobuf's VersionError, grpcio's RuntimeError: not
+# ImportErrors), as menu.py's import is.
+_GUARD = "try:\n    import vera_plugin.hosts.nuke as _vera\nexcept Exception:\n    _vera = None\nif _vera:\n    _vera.{call}"
 _BUTTON = "import vera_plugin.hosts.nuke as _vera\n_vera.button({action!r})"
 _RELATIVE_ROOT = "[file dirname [value root.name]]"
 
@@ -512,14 +516,50 @@ def update_output(node: nuke.Node, has_result: bool | None = None) -> None:
     _inner(node, "VeraOutput")["which"].setValue(which)
 
 
+# Vera nodes whose cached results are looked for once the script has loaded (see on_create).
+_RELINK_AFTER_LOAD: set[str] = set()
+
+
+def _root_attached() -> bool:
+    # While a script loads, the root is created last: nuke.root() exists but reading its knobs raises
+    # ValueError("A PythonObject is not attached to a node") (ShotGrid's tk-nuke-writenode fixes #9, #22).
+    try:
+        nuke.root().knob("name")
+    except ValueError:
+        return False
+    return True
+
+
+def _relink_safely(node: nuke.Node) -> None:
+    try:
+        relink(node)
+    except Exception as exc:  # a script must open whatever happens here
+        _set_status(node, f"error: could not look for cached results ({type(exc).__name__}: {exc})")
+
+
+def _relink_loaded() -> None:
+    """onScriptLoad: the relinks :func:`on_create` put off until the root was attached."""
+    names = sorted(_RELINK_AFTER_LOAD)
+    _RELINK_AFTER_LOAD.clear()
+    for name in names:
+        node = nuke.toNode(name)
+        if node is not None and is_vera_node(node):
+            _relink_safely(node)
+
+
 def on_create() -> None:
-    """The node's onCreate (also when a script opens): find cached results of its job."""
+    """The node's onCreate (also when a script opens): find cached results of its job. The cache is found from
+    the script's name (``root.name``), which cannot be read while the script is still loading: the look-up then
+    waits for the script to finish loading (an onScriptLoad callback, as ShotGrid's tk-nuke does)."""
     node = nuke.thisNode()
-    if is_vera_node(node) and _text(node, "job_id"):
-        try:
-            relink(node)
-        except Exception as exc:  # a script must open whatever happens here
-            _set_status(node, f"error: could not look for cached results ({type(exc).__name__}: {exc})")
+    if not is_vera_node(node) or not _text(node, "job_id"):
+        return
+    if _root_attached():
+        _relink_safely(node)
+        return
+    _set_status(node, "looking for cached results once the script has loaded")
+    _RELINK_AFTER_LOAD.add(node.fullName())
+    nuke.addOnScriptLoad(_relink_loaded)  # registered once: Nuke keeps one entry per (call, args)
 
 
 def _cache_root() -> Path:
@@ -576,18 +616,26 @@ def _point_read(node: nuke.Node, result: CachedResult) -> None:
     update_output(node)
 
 
+def tcl_escape(text: str) -> str:
+    """``text`` with TCL's substitution characters escaped, for a knob Nuke evaluates as TCL (a Read's or
+    Write's ``file``): ``[cmd]`` would run a command (``[python -exec {...}]`` runs Python), ``$name`` reads a
+    variable and ``\\`` starts an escape. Nuke's TCL substitution turns ``\\[`` back into ``[``, so the
+    evaluated path is ``text`` as given (Nuke Python developer guide, "TCL expressions in knobs")."""
+    return re.sub(r"([\\\[\]$])", r"\\\1", text)
+
+
 def _script_relative(path: str) -> str:
     """``path`` written relative to the saved script's folder as Nuke's TCL (``[file dirname [value root.name]]/
     vera_cache/...``) when it lies inside it; otherwise (``$VERA_CACHE``, an unsaved script) as it is."""
     script = _script_path()
     if not script:
-        return path
+        return tcl_escape(path)
     folder = Path(script).parent
     try:
         relative = Path(path).relative_to(folder)
     except ValueError:
-        return path
-    return f"{_RELATIVE_ROOT}/{relative.as_posix()}"
+        return tcl_escape(path)
+    return f"{_RELATIVE_ROOT}/{tcl_escape(relative.as_posix())}"
 
 
 def _set_read(read: nuke.Node, result: CachedResult, working_space: str) -> None:
@@ -664,7 +712,7 @@ def _render_chunk(node_name: str, input_name: str, channels: str, pattern: str, 
                 write["raw"].setValue(
                     True
                 )  # the working space's values as they are: a linear EXR, no transform
-                write["file"].setValue(pattern)
+                write["file"].setValue(tcl_escape(pattern))
                 write.setInput(0, _inner(node, input_name))
                 try:
                     nuke.execute(write, first, last)
@@ -794,13 +842,14 @@ def _show_preview(name: str, path: str, size: tuple[int, int]) -> None:
     if node is None or name not in _RUNS:
         return
     preview = _inner(node, "VeraPreview")
-    preview["file"].setValue(path)
+    preview["file"].setValue(tcl_escape(path))
     for knob in ("first", "last", "origfirst", "origlast"):
         preview[knob].setValue(1)
     fit = _inner(node, "VeraPreviewFit")
     if size[0] and size[1]:
         fit["box_width"].setValue(size[0])
         fit["box_height"].setValue(size[1])
+        fit["box_fixed"].setValue(True)  # "force this shape": without it Nuke ignores box_height
     _inner(node, "VeraOutput")["which"].setValue(_SWITCH_INPUT["preview"])
 
 
@@ -810,11 +859,13 @@ def _save_preview(run: _Run, status: pb.JobStatus) -> None:
     if not status.HasField("preview") or not preview.width or not preview.height:
         return
     run.previews += 1
-    path = run.preview_dir / f"{run.job_id or 'job'}.{run.previews:05d}.png"
+    # The engine's job id is not trusted to be a file name (issue 28): reduced to safe characters.
+    stem = safe_name(run.job_id or "job")
+    path = run.preview_dir / f"{stem}.{run.previews:05d}.png"
     write_png(path, preview.width, preview.height, preview.rgb8)
     size = run.preview_size if all(run.preview_size) else (preview.width, preview.height)
     _post(_show_preview, run.node, path.as_posix(), size)
-    previous = run.preview_dir / f"{run.job_id or 'job'}.{run.previews - 1:05d}.png"
+    previous = run.preview_dir / f"{stem}.{run.previews - 1:05d}.png"
     with contextlib.suppress(OSError):
         previous.unlink()
 

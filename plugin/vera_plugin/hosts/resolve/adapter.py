@@ -26,17 +26,21 @@ the script (the UI thread); only the engine steps may run on a worker thread.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vera_plugin.cache import take_and_frame
-from vera_plugin.client import EngineClient, EngineError, state_name
+from vera_plugin import generate
+from vera_plugin.cache import job_dir, take_and_frame
+from vera_plugin.client import EngineClient, EngineError
+from vera_plugin.generate import GenerateCancelled, GenerateError, describe_engine_error
 from vera_plugin.hosts.resolve.matte import write_mattes
 from vera_plugin.hosts.resolve.timeline import (
     ClipRange,
@@ -63,6 +67,7 @@ __all__ = [
     "ExrFrames",
     "ExrRender",
     "Placement",
+    "RenderColour",
     "ResolveClip",
     "ResolveError",
     "VeraCancelled",
@@ -74,9 +79,12 @@ __all__ = [
     "fetch_results",
     "follow_job",
     "get_resolve",
+    "open_playhead_page",
     "place_results",
     "place_takes",
+    "render_colour",
     "results_by_take",
+    "results_folder",
     "run_vera_edit",
     "send_clip",
     "set_clip_colorspace",
@@ -84,6 +92,10 @@ __all__ = [
 
 BIN_NAME = "Vera"
 RESULT_PREFIX = "vera_edit."  # the engine's output file names: vera_edit.####.exr
+# A Vera result as Resolve names its clip or file: vera_edit.* (take 1) or vera_edit_take<k>.* (take k).
+_RESULT_NAME = re.compile(r"^vera_edit(?:_take\d+)?\.")
+# Pages on which the playhead can be read and moved (README, Timeline.GetCurrentTimecode/SetCurrentTimecode).
+PLAYHEAD_PAGES = ("cut", "edit", "color", "fairlight", "deliver")
 
 ProgressFn = Callable[[float, str], None]
 
@@ -263,7 +275,7 @@ def describe_item(timeline: Any, item: Any, track_index: int) -> ResolveClip:
     file_path = str(media.GetClipProperty("File Path") or "")
     if not file_path:
         raise ResolveError(f"{name!r} on V{track_index}: its media has no file path; relink the clip")
-    if os.path.basename(file_path).startswith(RESULT_PREFIX):
+    if _RESULT_NAME.match(os.path.basename(file_path)):
         raise ResolveError(
             f"the clip on V{track_index} under the playhead is a Vera result ({os.path.basename(file_path)}); "
             "choose the source clip's track in the Track menu (Resolve's current clip is the top track's)"
@@ -312,10 +324,24 @@ def describe_item(timeline: Any, item: Any, track_index: int) -> ResolveClip:
     return clip
 
 
+def open_playhead_page(resolve: Any) -> str:
+    """Make sure Resolve shows a page whose playhead scripts can read and move (Cut, Edit, Color, Fairlight,
+    Deliver: README, Timeline.GetCurrentTimecode); from any other page (Media, Fusion) open the Edit page.
+    Returns the page it was on."""
+    page = str(_call(resolve, "GetCurrentPage") or "")
+    if page and page not in PLAYHEAD_PAGES and not resolve.OpenPage("edit"):
+        raise ResolveError(
+            f"Resolve is on the {page.title()} page and did not open the Edit page; open it and try again"
+        )
+    return page
+
+
 def current_clip(resolve: Any = None, track: int | None = None) -> ResolveClip:
     """The clip to edit: ``Timeline.GetCurrentVideoItem()`` (the top track's item under the playhead), or
-    with ``track=N`` the item of video track N under the playhead."""
+    with ``track=N`` the item of video track N under the playhead. Opens the Edit page first when Resolve shows
+    a page without a playhead (see :func:`open_playhead_page`)."""
     ctx = _context(resolve)
+    open_playhead_page(ctx.resolve)
     timeline = ctx.timeline
     fps, drop = _timeline_rate(timeline)
     timecode = timeline.GetCurrentTimecode()
@@ -494,11 +520,14 @@ class ExrRender:
                     self.deliver.set_clip(item, False)
 
     def _cleanup(self) -> None:
+        problems = []
         if self.job_id:
-            self.project.DeleteRenderJob(self.job_id)
+            if not self.project.DeleteRenderJob(self.job_id):
+                problems.append(f"render job {self.job_id} is still in the render queue; delete it there")
             self.job_id = ""
         if self.deliver is not None:
-            self.restore_problems = self.deliver.restore()
+            problems += self.deliver.restore()
+        self.restore_problems = self.restore_problems + problems
 
     def poll(self) -> bool:
         """``True`` once the render is complete; :class:`ResolveError` if it failed or was cancelled."""
@@ -519,15 +548,22 @@ class ExrRender:
             )
         return False
 
-    def stop(self) -> None:
-        """Cancel the render and undo the set-up."""
-        self.project.StopRendering()
+    def stop(self, timeout: float = 10.0) -> None:
+        """Cancel the render and undo the set-up. ``StopRendering`` returns before the render has stopped (and
+        Resolve refuses to delete a job that is rendering), so this waits up to ``timeout`` seconds for it."""
+        if self.job_id and not self._done:
+            self.project.StopRendering()
+            deadline = time.monotonic() + timeout
+            while self.project.IsRenderingInProgress() and time.monotonic() < deadline:
+                time.sleep(0.05)
         self._cleanup()
 
     def files(self) -> list[str]:
         """The rendered frames in order (after :meth:`poll` returned ``True``); removes the queue job."""
         self._cleanup()
-        files = [str(p) for p in numbered_files(self.target_dir, "exr")]
+        # Recursively: Deliver presets can put the files in sub-folders; their numbers may be timeline frames or
+        # start anywhere else (the File tab's options), so only their order is used.
+        files = [str(p) for p in numbered_files(self.target_dir, "exr", recursive=True)]
         if len(files) != self.clip.range.duration:
             raise ResolveError(
                 f"Resolve rendered {len(files)} EXR files into {self.target_dir} for the "
@@ -578,6 +614,32 @@ def exr_frames(
 # The engine
 
 
+class _EventSink:
+    """A :class:`~vera_plugin.generate.ProgressSink` from a progress function and a cancel event."""
+
+    def __init__(self, progress: ProgressFn, cancel: threading.Event | None) -> None:
+        self.progress, self.cancel = progress, cancel
+
+    def update(self, fraction: float, message: str) -> None:
+        self.progress(fraction, message)
+
+    def cancelled(self) -> bool:
+        return _cancelled(self.cancel)
+
+
+@contextlib.contextmanager
+def _engine_sentences(client: EngineClient) -> Iterator[None]:
+    # The sentences every host shows (vera_plugin.generate), as this adapter's errors.
+    try:
+        yield
+    except GenerateCancelled as exc:
+        raise VeraCancelled(str(exc)) from None
+    except GenerateError as exc:
+        raise ResolveError(str(exc)) from None
+    except EngineError as exc:
+        raise ResolveError(describe_engine_error(exc, client.address)) from None
+
+
 def send_clip(client: EngineClient, clip: ResolveClip, frames: ExrFrames, options: Mapping[str, Any]) -> str:
     """Submit the frames with ``options`` (``prompt`` plus JobHeader fields from the schema, ``takes``
     included); the job id."""
@@ -586,7 +648,8 @@ def send_clip(client: EngineClient, clip: ResolveClip, frames: ExrFrames, option
     if not prompt.strip():
         raise ResolveError("the prompt is empty; describe the edit, e.g. 'add a paper boat drifting left'")
     opts.setdefault("name", clip.name)
-    return client.submit_files(frames.paths, frames.frames, prompt=prompt, **opts)
+    with _engine_sentences(client):
+        return client.submit_files(frames.paths, frames.frames, prompt=prompt, **opts)
 
 
 def follow_job(
@@ -595,39 +658,48 @@ def follow_job(
     progress: ProgressFn | None = None,
     cancel: threading.Event | None = None,
 ) -> pb.JobStatus:
-    """Watch ``job_id`` to the end with progress; cancels it on the engine when ``cancel`` is set."""
-    progress = progress or _noop
-    final: pb.JobStatus | None = None
-    for status in client.watch(job_id):
-        final = status
-        if status.state == pb.JOB_STATE_QUEUED:
-            progress(0.0, f"Queued on the engine ({status.queue_position} ahead)")
-        elif status.state == pb.JOB_STATE_RUNNING:
-            steps = f" step {status.step}/{status.total_steps}" if status.total_steps else ""
-            progress(status.progress, f"Engine: {status.stage_detail or 'running'}{steps}")
-        # A UI may also call client.cancel(job_id) itself: the watch then ends CANCELLED (below).
-        if _cancelled(cancel):
-            client.cancel(job_id, ended_ok=True)
-            raise VeraCancelled(f"cancelled job {job_id} on the engine")
-    if final is None:
-        raise EngineError("UNAVAILABLE", f"job {job_id}: the engine sent no status", client.address)
-    if final.state == pb.JOB_STATE_CANCELLED:
-        raise VeraCancelled(f"job {job_id} was cancelled on the engine")
-    if final.state != pb.JOB_STATE_SUCCEEDED:
-        raise ResolveError(
-            f"the engine's job {job_id} {state_name(final.state)}: {final.error or 'no reason given'}"
-        )
+    """Watch ``job_id`` to the end with progress; cancels it on the engine when ``cancel`` is set. The one
+    follow path of every host (:func:`vera_plugin.generate.follow_job`), its sentences as
+    :class:`ResolveError` / :class:`VeraCancelled`."""
+    with _engine_sentences(client):
+        final = generate.follow_job(client, job_id, _EventSink(progress or _noop, cancel))
+    assert final is not None  # no stop() given
     return final
 
 
 def fetch_results(
-    client: EngineClient, job_id: str, out_dir: str | os.PathLike[str], progress: ProgressFn | None = None
+    client: EngineClient,
+    job_id: str,
+    out_dir: str | os.PathLike[str],
+    progress: ProgressFn | None = None,
+    final: pb.JobStatus | None = None,
 ) -> list[Path]:
-    """Download a finished job's EXRs into ``out_dir``."""
+    """Download a finished job's EXRs into ``out_dir``: only the files its status lists, and only if each is a
+    Vera result name (``vera_edit.<frame>.exr``, ``vera_edit_take<k>.<frame>.exr``); an engine that names
+    anything else is refused before a byte is written."""
     progress = progress or _noop
-    return client.fetch(
-        job_id, out_dir, progress=lambda i, n, name: progress(i / max(n, 1), f"Fetched {name} ({i}/{n})")
-    )
+    with _engine_sentences(client):
+        final = final if final is not None else client.status(job_id)
+        names = generate.result_names(job_id, final)
+        files = client.fetch(
+            job_id,
+            out_dir,
+            files=names,
+            progress=lambda i, n, name: progress(i / max(n, 1), f"Fetched {name} ({i}/{n})"),
+        )
+    unexpected = [f.name for f in files if f.name not in names]
+    if unexpected:
+        raise ResolveError(f"the engine sent files it did not list for job {job_id}: {unexpected[:3]}")
+    return files
+
+
+def results_folder(work_dir: str | os.PathLike[str], job_id: str) -> Path:
+    """Where a job's results are kept under the work folder: ``<work>/results/<job id>``, through the cache's
+    job-folder check (a job id that is not a plain name is refused)."""
+    try:
+        return job_dir(Path(work_dir) / "results", job_id)
+    except ValueError as exc:
+        raise ResolveError(f"the engine answered with {exc}") from None
 
 
 def results_by_take(files: list[Path] | list[str]) -> dict[int, list[Path]]:
@@ -679,12 +751,69 @@ _CLIP_COLOUR_SPACES = {
     "Input Color Space": {
         "ACEScg": ("ACEScg", "ACES (AP1) Linear", "ACES AP1 Linear"),
         "Linear Rec.709 (sRGB)": ("Rec.709 Linear", "Linear Rec.709", "sRGB Linear"),
+        "Gamma 2.4 Rec.709 - Texture": ("Rec.709 Gamma 2.4",),
+        "Gamma 2.2 Rec.709 - Texture": ("Rec.709 Gamma 2.2",),
+        "sRGB - Texture": ("sRGB",),
+        "Camera Rec.709": ("Rec.709 (Scene)",),
     },
     "IDT": {
         "ACEScg": ("ACEScg - CSC", "ACEScg"),
         "Linear Rec.709 (sRGB)": ("sRGB (Linear) - CSC", "Linear - sRGB"),
+        "Gamma 2.4 Rec.709 - Texture": ("Rec.709", "Rec.709 - CSC"),
+        "sRGB - Texture": ("sRGB", "sRGB - CSC"),
     },
 }
+
+
+# Resolve's names of the display-referred spaces it renders in, to the names the engine's OCIO config (the ACES
+# studio config) gives them. Resolve renders in the project's output space: Rec.709 Gamma 2.4 in a default
+# DaVinci YRGB or Resolve Color Managed SDR project.
+_RESOLVE_TO_OCIO = {
+    "Rec.709 Gamma 2.4": "Gamma 2.4 Rec.709 - Texture",
+    "Rec.709 Gamma 2.2": "Gamma 2.2 Rec.709 - Texture",
+    "Rec.709-A": "Gamma 2.4 Rec.709 - Texture",
+    "sRGB": "sRGB - Texture",
+    "Rec.709 (Scene)": "Camera Rec.709",
+    "Linear": "Linear Rec.709 (sRGB)",
+    "Rec.709 Linear": "Linear Rec.709 (sRGB)",
+}
+DEFAULT_RENDER_SPACE = "Rec.709 Gamma 2.4"
+
+
+@dataclass(frozen=True)
+class RenderColour:
+    """The colour space of frames Resolve renders for a clip: ``resolve_name`` as the project names it,
+    ``engine_name`` the engine's name for it (``""`` when the engine does not offer it); ``note`` says which."""
+
+    resolve_name: str
+    engine_name: str
+    note: str
+
+
+def render_colour(project: Any, offered: list[str] | tuple[str, ...]) -> RenderColour:
+    """What Resolve's render of a clip is in, and whether the engine takes it as a plate colour space.
+
+    A render is in the project's output space: a Resolve Color Managed project's ``colorSpaceOutput``; a DaVinci
+    YRGB project renders the timeline's display-referred values (Rec.709 Gamma 2.4 in a default SDR project); an
+    ACES project its output transform (``acesODT``). ``offered`` is the engine's ``colorspace`` choices."""
+    science = str(project.GetSetting("colorScienceMode") or "")
+    if "colormanaged" in science.lower():
+        name = str(project.GetSetting("colorSpaceOutput") or "") or DEFAULT_RENDER_SPACE
+    elif science.lower().startswith("aces"):
+        odt = str(project.GetSetting("acesODT") or "")
+        name = {"Rec.709": "Rec.709 Gamma 2.4", "sRGB": "sRGB"}.get(odt, odt or DEFAULT_RENDER_SPACE)
+    else:
+        name = DEFAULT_RENDER_SPACE
+    engine_name = _RESOLVE_TO_OCIO.get(name, name)
+    if engine_name in offered:
+        return RenderColour(name, engine_name, f"rendered frames are {name} (sent as {engine_name!r})")
+    return RenderColour(
+        name,
+        "",
+        f"rendered frames are {name}, which this engine does not offer as a plate colour space (it offers "
+        f"{', '.join(list(offered)[:4])}): they are sent as the chosen space and their colours will be off. An "
+        "engine publishing its OCIO config's display spaces takes them as they are",
+    )
 
 
 def set_clip_colorspace(project: Any, media_pool_item: Any, colorspace: str) -> tuple[str, str]:
@@ -725,10 +854,14 @@ def append_checked(
         info = append_clip_info(media, first_frame, count, track, record_frame, inclusive)
         placed = media_pool.AppendToTimeline([info])
         item = placed[0] if placed else None
-        if item and int(item.GetDuration()) == count:
+        # Some builds answer a refusal with a dead item whose getters all return None (AYON checks
+        # GetDuration() is None): that is a refusal too, and the inclusive form is still tried.
+        duration = item.GetDuration() if item else None
+        if duration is None:
+            continue
+        if int(duration) == count:
             return item
-        if item:
-            timeline.DeleteClips([item])
+        timeline.DeleteClips([item])
     return None
 
 
@@ -854,6 +987,15 @@ def place_takes(
 # The whole thing
 
 
+def _offered_spaces(info: pb.EngineInfo, model: str) -> list[str]:
+    chosen = next((m for m in info.models if m.name == model), None) or next(
+        (m for m in info.models if m.is_default), info.models[0] if info.models else None
+    )
+    if chosen is None:
+        return []
+    return next((list(o.choices) for o in chosen.options if o.name == "colorspace"), [])
+
+
 def run_vera_edit(
     client: EngineClient,
     options: Mapping[str, Any],
@@ -879,15 +1021,20 @@ def run_vera_edit(
     frames = exr_frames(
         clip, work, resolve, progress=lambda f, m: progress(0.2 * f, m), cancel=cancel, handles=handles
     )
+    if frames.rendered:  # in the project's output space, not a plate space the caller chose
+        with _engine_sentences(client):
+            offered = _offered_spaces(client.info(), str(options.get("model") or ""))
+        colour = render_colour(_context(resolve).project, offered)
+        if colour.engine_name:
+            options = {**options, "colorspace": colour.engine_name}
+        progress(0.2, f"Colour: {colour.note}")
     progress(0.2, f"Uploading {len(frames.paths)} frames to {client.address}")
     job_id = send_clip(client, clip, frames, options)
-    follow_job(client, job_id, lambda f, m: progress(0.25 + 0.65 * f, m), cancel)
-    files = fetch_results(client, job_id, work / "results" / job_id, lambda f, m: progress(0.9 + 0.07 * f, m))
+    final = follow_job(client, job_id, lambda f, m: progress(0.25 + 0.65 * f, m), cancel)
+    out = results_folder(work, job_id)
+    files = fetch_results(client, job_id, out, lambda f, m: progress(0.9 + 0.07 * f, m), final)
     progress(0.97, "Writing the clip mattes")
-    mattes = {
-        t: write_mattes(take_files, work / "results" / job_id / "matte")
-        for t, take_files in results_by_take(files).items()
-    }
+    mattes = {t: write_mattes(take_files, out / "matte") for t, take_files in results_by_take(files).items()}
     placed = place_takes(clip, files, take, resolve, mattes, frames.head, frames.tail,
                          str(options.get("colorspace") or ""))  # fmt: skip
     where = ", ".join(f"take {p.take} on V{p.track_index}" for p in placed)

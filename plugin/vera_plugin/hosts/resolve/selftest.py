@@ -2,13 +2,17 @@
 external script on Resolve Studio). The first thing a studio runs.
 
 One line per check, ``PASS``/``FAIL``/``SKIP``, the check's name and the value seen, so that a failing line can
-be sent back as it is. It works in a scratch project it creates and deletes (your project is saved first and
-loaded again at the end): generated EXR sequences numbered from 1001 and a PNG sequence Resolve has to render,
-on a scratch timeline. It records what this Resolve offers (``GetRenderFormats``, ``GetRenderCodecs``), how it
-reads ``AppendToTimeline``'s ``endFrame``, renders 3 frames through the adapter and checks the file names and
-pixels, places a result and checks the placed item's source frames and its first and last pixels as rendered,
-counts the clip mattes, stops a render half way, and checks after every render that the Deliver page is as it
-was. It needs no engine: the result is written here, in the engine's layout.
+be sent back as it is. It opens the Edit page (playhead calls need it), works in a scratch project it creates and
+deletes (your project is saved first and loaded again at the end): generated EXR sequences numbered from 1001 and
+a PNG sequence Resolve has to render, on a scratch timeline. It records what this Resolve offers
+(``GetRenderFormats``, ``GetRenderCodecs``), how it reads ``AppendToTimeline``'s ``endFrame``, renders 3 frames
+through the adapter and checks their pixels (wherever the Deliver page puts and numbers the files), stops a render
+half way and checks the queue is empty again, places a result declared in the output space and checks the placed
+item's source frames and its first and last pixels as rendered, records what a result declared ACEScg looks like
+after the project's output transform (a diagnostic), counts the clip mattes, and checks after every render that
+the Deliver page is as it was. With an engine (``$VERA_ENGINE`` or ``--engine``) and the window's UIManager
+(Resolve Studio), it also drives the Vera Edit window: open, Generate on the scratch plate, the timer ticking, the
+worker finishing, the result placed, the window closed.
 """
 
 from __future__ import annotations
@@ -50,9 +54,18 @@ class SelfTest(CheckLog):
     """The checks, run in order by :meth:`run`; ``lines`` holds the report, ``failures`` counts FAIL lines."""
 
     def __init__(
-        self, resolve: Any = None, folder: Path | None = None, out: Callable[[str], None] | None = None
+        self,
+        resolve: Any = None,
+        folder: Path | None = None,
+        out: Callable[[str], None] | None = None,
+        *,
+        engine: str = "",
+        fusion: Any = None,
+        bmd: Any = None,
     ) -> None:
         self.resolve = resolve
+        self.engine = engine  # HOST:PORT of an engine the window check generates with ("" skips it)
+        self.fusion, self.bmd = fusion, bmd
         self.folder = folder or Path(tempfile.mkdtemp(prefix="vera_resolve_selftest_"))
         super().__init__(out or (lambda line: print(line, flush=True)))
         self.scratch = f"Vera self-test {time.strftime('%Y%m%d-%H%M%S')}"
@@ -66,6 +79,7 @@ class SelfTest(CheckLog):
         """All checks, then the scratch project's removal (always)."""
         checks: list[tuple[str, Callable[[], Outcome]]] = [
             ("versions", self._versions),
+            ("Edit page", self._edit_page),
             ("scratch project", self._scratch_project),
             ("media imported", self._media),
             ("scratch timeline", self._timeline),
@@ -79,7 +93,9 @@ class SelfTest(CheckLog):
             ("Deliver page restored after the stop", self._deliver_restored),
             ("result placed", self._place),
             ("placed pixels, first and last frame", self._placed_pixels),
+            ("colour path (diagnostic)", self._colour_path),
             ("clip mattes", self._mattes),
+            ("Vera Edit window", self._window),
             ("Deliver page restored at the end", self._deliver_restored),
         ]
         try:
@@ -111,6 +127,13 @@ class SelfTest(CheckLog):
         python = ".".join(map(str, sys.version_info[:3]))
         return "PASS", (f"{self.resolve.GetProductName()} {self.resolve.GetVersionString()}, Python {python}, "
                         f"grpcio {grpc.__version__}, protobuf {protobuf_version}, numpy {numpy_version}")  # fmt: skip
+
+    def _edit_page(self) -> Outcome:
+        # Playhead calls work only on the Cut, Edit, Color, Fairlight and Deliver pages; a script started from
+        # Workspace > Scripts may find Resolve on another (README, Timeline.GetCurrentTimecode).
+        before = self.resolve.GetCurrentPage() if hasattr(self.resolve, "GetCurrentPage") else "n/a"
+        opened = self.resolve.OpenPage("edit")
+        return ("PASS" if opened else "FAIL"), f"was on the {before!r} page; OpenPage('edit') gave {opened}"
 
     def _scratch_project(self) -> Outcome:
         manager = self.resolve.GetProjectManager()
@@ -247,23 +270,33 @@ class SelfTest(CheckLog):
         render = adapter.ExrRender(self.project, clip, self.folder / "render")
         render.start()
         self._render_to_end(render)
-        files = [Path(f) for f in render.files()]
+        files = [Path(f) for f in render.files()]  # found in sub-folders too, ordered by their numbers
         numbers = [int(re.findall(r"\d+", f.stem)[-1]) for f in files]
         pixels = [read_pixel(f, 1, 1) for f in files]
         greens = [round(p.get("G", -1.0), 3) for p in pixels]
         expected = [round(_code(f), 3) for f in _PNG_FRAMES]
         blue = {round(p.get("B", -1.0), 2) for p in pixels}
-        # 8-bit PNG values: within one code value (1/255) of the frame's code.
+        # 8-bit PNG values: within one code value (1/255) of the frame's code. The file numbers are recorded, not
+        # required: the Deliver page's options number them from the timeline frame or from elsewhere.
         same = all(abs(g - e) <= 1 / 255 + 1e-3 for g, e in zip(greens, expected, strict=True))
-        ok = numbers == clip.frames and same and blue == {0.25}
-        return ("PASS" if ok else "FAIL"), (f"{[f.name for f in files]} (timeline frames {clip.frames}); green {greens} "
-                                            f"(expected {expected}), blue {sorted(blue)} (0.25: the source, not the clip above it)")  # fmt: skip
+        ok = len(files) == len(clip.frames) and same and blue == {0.25}
+        where = sorted({f.parent.relative_to(self.folder / "render").as_posix() for f in files})
+        return ("PASS" if ok else "FAIL"), (f"{[f.name for f in files]} in {where} (numbers {numbers}, timeline frames "
+                                            f"{clip.frames}); green {greens} (expected {expected}), blue {sorted(blue)} "
+                                            "(0.25: the source, not the clip above it)")  # fmt: skip
 
     def _cancelled_render(self) -> Outcome:
+        before = len(self.project.GetRenderJobList() or [])
         render = adapter.ExrRender(self.project, self._source_clip(), self.folder / "stopped")
         render.start()
-        render.stop()
-        return "PASS", f"stopped; render queue now {len(self.project.GetRenderJobList() or [])} job(s)"
+        render.poll()  # under way
+        render.stop()  # waits for StopRendering to take effect, then deletes the job (checked)
+        after = len(self.project.GetRenderJobList() or [])
+        busy = self.project.IsRenderingInProgress()
+        ok = after == before and not busy and not render.restore_problems
+        problems = "; ".join(render.restore_problems) or "none"
+        return ("PASS" if ok else "FAIL"), (f"stopped; render queue {before} -> {after} job(s), rendering {busy}, "
+                                            f"problems putting things back: {problems}")  # fmt: skip
 
     def _deliver_state(self) -> dict[str, Any]:
         timeline = self.timeline
@@ -305,7 +338,11 @@ class SelfTest(CheckLog):
             mattes = {1: write_mattes(files, results / "matte")}
         except ImportError:
             mattes = {1: None}
-        (placed,) = adapter.place_takes(clip, files, 1, self.resolve, mattes, colorspace="ACEScg")
+        # Declared in the space the timeline shows (what the adapter sends for a rendered clip), so that the
+        # placed pixels render back as they are; the colour path itself is the diagnostic after.
+        colour = adapter.render_colour(self.project, ["Gamma 2.4 Rec.709 - Texture"])
+        space = colour.engine_name or "ACEScg"
+        (placed,) = adapter.place_takes(clip, files, 1, self.resolve, mattes, colorspace=space)
         self.items["placed"] = placed
         item = placed.timeline_item
         seen = (int(item.GetStart()), int(item.GetDuration()), int(item.GetLeftOffset()))
@@ -316,21 +353,93 @@ class SelfTest(CheckLog):
                                                           f"Start {placed.media_pool_item.GetClipProperty('Start')!r}; "
                                                           f"colour: {placed.colour_note}")  # fmt: skip
 
-    def _placed_pixels(self) -> Outcome:
+    def _render_placed(self, folder: str) -> list[float]:
         placed = self.items["placed"]
         plate = adapter.describe_item(self.timeline, self.items["plate"], 1)
         # The placed track rendered on its own: what the timeline shows of the result, frame by frame.
         clip = replace(plate, item=placed.timeline_item, media_pool_item=placed.media_pool_item,
                        track_index=placed.track_index, range=ClipRange(placed.record_frame, placed.record_frame + placed.frames, 0))  # fmt: skip
-        render = adapter.ExrRender(self.project, clip, self.folder / "placed")
+        render = adapter.ExrRender(self.project, clip, self.folder / folder)
         render.start()
         self._render_to_end(render)
         files = [Path(f) for f in render.files()]
-        reds = [round(read_pixel(files[i], 1, 1).get("R", -1.0), 3) for i in (0, -1)]
-        expected = [round(_code(plate.frames[i]), 3) for i in (0, -1)]
-        return (
-            "PASS" if reds == expected else "FAIL"
-        ), f"red of the first and last frame {reds} (expected {expected})"
+        return [round(read_pixel(files[i], 1, 1).get("R", -1.0), 4) for i in (0, -1)]
+
+    def _placed_pixels(self) -> Outcome:
+        plate = adapter.describe_item(self.timeline, self.items["plate"], 1)
+        reds = self._render_placed("placed")
+        expected = [round(_code(plate.frames[i]), 4) for i in (0, -1)]
+        # Declared in the output space, rendered to it: the same values, to within a half float's rounding.
+        same = all(abs(r - e) <= 2e-3 for r, e in zip(reds, expected, strict=True))
+        space = self.items["placed"].colour_space or "(not set)"
+        return ("PASS" if same else "FAIL"), (f"red of the first and last frame {reds} (expected {expected}); "
+                                              f"clip colour space {space!r}")  # fmt: skip
+
+    def _colour_path(self) -> Outcome:
+        # What a result declared scene-linear ACEScg looks like after the project's output transform: recorded to
+        # compare with the same values written, not required to equal them.
+        placed = self.items["placed"]
+        declared, note = adapter.set_clip_colorspace(self.project, placed.media_pool_item, "ACEScg")
+        reds = self._render_placed("placed_acescg")
+        if placed.colour_space:
+            adapter.set_clip_colorspace(self.project, placed.media_pool_item, "Gamma 2.4 Rec.709 - Texture")
+        output = self.project.GetSetting("colorSpaceOutput") or "(not reported)"
+        science = self.project.GetSetting("colorScienceMode")
+        return "PASS", (f"values {[round(_code(f), 4) for f in (_PLATE_FRAMES[0], _PLATE_FRAMES[-1])]} declared "
+                        f"{declared or 'nothing'!r} ({note}) render as {reds} in {science}, output {output!r}")  # fmt: skip
+
+    def _window(self) -> Outcome:
+        from vera_plugin.hosts.resolve.window import TIMER_ID, VeraEditWindow, no_window_reason
+
+        if not self.engine:
+            return (
+                "SKIP",
+                "no engine given: set VERA_ENGINE=HOST:PORT (or --engine) to drive the Vera Edit window",
+            )
+        reason = no_window_reason(self.resolve, self.fusion)
+        if reason or self.bmd is None:
+            return "SKIP", reason or "no bmd (UIDispatcher): run the self-test from Workspace > Scripts"
+        ui = self.fusion.UIManager
+        dispatcher = self.bmd.UIDispatcher(ui)
+        window = VeraEditWindow(ui, dispatcher, self.resolve, address=self.engine,
+                                work_dir=self.folder / "window", close_when_done=True)  # fmt: skip
+        window.start()
+        if window.client is None:
+            window.close()
+            return "FAIL", f"the window did not connect: {window.log_lines[-1] if window.log_lines else ''}"
+        plate = self.items["plate"]
+        self.timeline.SetCurrentTimecode(frame_to_timecode(int(plate.GetStart()) + 1, self._fps()))
+        window.items["opt_prompt"].PlainText = "add a red ball"
+        if window.items.get("opt_steps") is not None:
+            window.items["opt_steps"].Value = 1
+        window.items["Track"].CurrentIndex = window.items["Track"].items.index("V1")
+        # A watchdog, so that a window that never finishes cannot hold Resolve: it closes the window.
+        watchdog = ui.Timer({"ID": "VeraSelfTestWatchdog", "Interval": 300_000})
+        generic = dispatcher.On.Timeout
+
+        def timeout(ev: Any) -> None:
+            try:
+                who = ev["who"]
+            except (KeyError, TypeError, IndexError):
+                who = ""
+            if who == "VeraSelfTestWatchdog":
+                window.log("the self-test's watchdog closed the window after 300 s")
+                window.close()
+            else:
+                generic(ev)
+
+        dispatcher.On.Timeout = timeout
+        dispatcher.On["VeraSelfTestWatchdog"].Timeout = timeout
+        watchdog.Start()
+        window.window.On.Generate.Clicked({})  # as the artist's click
+        dispatcher.RunLoop()
+        watchdog.Stop()
+        window.window.Hide()
+        ok = window.results == ["placed"] and window.ticks > 0 and window.worker is None
+        placed = f"V{window.placements[0].track_index}" if window.placements else "nothing"
+        last = window.log_lines[-1] if window.log_lines else ""
+        return ("PASS" if ok else "FAIL"), (f"{window.ticks} timer ticks ({TIMER_ID}), outcome {window.results}, "
+                                            f"placed on {placed}; last log line: {last}")  # fmt: skip
 
     def _mattes(self) -> Outcome:
         placed = self.items["placed"]
@@ -362,8 +471,18 @@ class SelfTest(CheckLog):
         return "PASS", f"deleted {self.scratch!r}; {self.original or 'no project'!r} loaded again"
 
 
-def main(resolve: Any = None, argv: list[str] | None = None) -> int:
-    """The Resolve self-test: prints the report; returns the number of failed checks (0: all passed)."""
-    folder = Path(argv[0]) if argv else None
-    test = SelfTest(resolve, folder).run()
+def main(resolve: Any = None, argv: list[str] | None = None, fusion: Any = None, bmd: Any = None) -> int:
+    """The Resolve self-test: ``[FOLDER] [--engine HOST:PORT]`` (default ``$VERA_ENGINE``); prints the report;
+    returns the number of failed checks (0: all passed). ``fusion`` and ``bmd`` (Resolve gives them to menu
+    scripts) let it drive the Vera Edit window against the engine."""
+    import argparse
+    import os
+
+    parser = argparse.ArgumentParser(prog="Vera Self-test.py")
+    parser.add_argument(
+        "folder", nargs="?", type=Path, help="where the self-test writes (default: a temp folder)"
+    )
+    parser.add_argument("--engine", default=os.environ.get("VERA_ENGINE", ""), metavar="HOST:PORT")
+    args = parser.parse_args(list(argv or []))
+    test = SelfTest(resolve, args.folder, engine=args.engine, fusion=fusion, bmd=bmd).run()
     return test.failures

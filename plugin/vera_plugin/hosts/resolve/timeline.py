@@ -188,16 +188,17 @@ def sequence_from_files(files: Sequence[str | os.PathLike[str]]) -> SequencePath
     return SequencePath(pattern, frames[0], frames[-1])
 
 
-def numbered_files(directory: str | os.PathLike[str], extension: str) -> list[Path]:
-    """Files ``*.<extension>`` in ``directory`` ordered by the last number in their names (render output)."""
+def numbered_files(directory: str | os.PathLike[str], extension: str, recursive: bool = False) -> list[Path]:
+    """Files ``*.<extension>`` in ``directory`` (and its sub-folders with ``recursive``: Deliver presets can nest
+    a render's files) ordered by the last number in their names, whatever number the first one has."""
     ext = "." + extension.lower().lstrip(".")
     found = []
-    for path in Path(directory).iterdir():
+    for path in Path(directory).rglob("*") if recursive else Path(directory).iterdir():
         if path.is_file() and path.suffix.lower() == ext:
             numbers = re.findall(r"\d+", path.stem)
             if numbers:
-                found.append((int(numbers[-1]), path))
-    return [p for _, p in sorted(found)]
+                found.append((int(numbers[-1]), str(path), path))
+    return [p for _, _, p in sorted(found)]
 
 
 def parse_resolution(text: str) -> tuple[int, int] | None:

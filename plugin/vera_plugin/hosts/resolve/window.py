@@ -20,15 +20,17 @@ from pathlib import Path
 from typing import Any
 
 from vera_plugin.client import DEFAULT_ADDRESS, EngineClient, EngineError
+from vera_plugin.generate import client_options_from_env, describe_engine_error
 from vera_plugin.hosts.resolve import adapter as vera_resolve
 from vera_plugin.hosts.resolve.matte import write_mattes
 from vera_plugin.hosts.resolve.timeline import frame_to_timecode
 from vera_plugin.schema_ui import Field, OptionsError, fields_for_model, find_model, job_options
 
-__all__ = ["WINDOW_ID", "VeraEditWindow", "main"]
+__all__ = ["TIMER_ID", "WINDOW_ID", "VeraEditWindow", "main", "no_window_reason"]
 
 WINDOW_ID = "VeraEdit"
 TIMER_ID = "VeraEditPoll"
+YIELD_SECONDS = 0.015  # per timer tick, the engine thread's time to run while RunLoop holds the GIL
 TOP_CLIP = "Top clip under the playhead"
 
 
@@ -48,12 +50,19 @@ class VeraEditWindow:
         *,
         address: str | None = None,
         work_dir: str | os.PathLike[str] | None = None,
-        client_factory: Callable[[str], EngineClient] = EngineClient,
+        client_factory: Callable[..., EngineClient] = EngineClient,
+        client_options: dict[str, Any] | None = None,
+        close_when_done: bool = False,
     ) -> None:
         self.ui, self.dispatcher, self.resolve = ui, dispatcher, resolve
         self.address = address or os.environ.get("VERA_ENGINE") or DEFAULT_ADDRESS
         self.work_dir = Path(work_dir or vera_resolve.default_work_dir())
         self.client_factory = client_factory
+        # The panel's connection options: $VERA_TOKEN_FILE, $VERA_CA_CERT, $VERA_SERVER_NAME.
+        self.client_options = client_options_from_env() if client_options is None else dict(client_options)
+        self.close_when_done = close_when_done  # the self-test's window closes itself after one Generate
+        self.ticks = 0
+        self.results: list[str] = []  # "placed", "error: ..." or "cancelled: ..." per finished Generate
         self.client: EngineClient | None = None
         self.fields: list[Field] = []
         self.model_names: list[str] = []
@@ -81,13 +90,21 @@ class VeraEditWindow:
         if self.client is not None:
             self.client.close()
         self.client, self.fields, self.model_names = None, [], []
-        client = self.client_factory(self.address)
+        try:
+            client = self.client_factory(self.address, **self.client_options)
+        except (OSError, ValueError) as exc:  # a token or CA file that cannot be read
+            self.log(f"Error: cannot connect to {self.address}: {exc}")
+            return
         try:
             info = client.info()
             model = find_model(info)
-        except (EngineError, OptionsError) as exc:
+        except EngineError as exc:
             client.close()
-            self.log(f"Cannot reach the engine at {self.address}: {exc}. Start it (vera-engine) and Connect.")
+            self.log(f"{describe_engine_error(exc, self.address)} Then press Connect.")
+            return
+        except OptionsError as exc:
+            client.close()
+            self.log(f"Error: the engine at {self.address} offers no usable model: {exc}")
             return
         self.client = client
         self.model_names = [m.name for m in info.models]
@@ -213,18 +230,26 @@ class VeraEditWindow:
         try:
             action()
         except vera_resolve.VeraCancelled as exc:
-            self.log(f"Cancelled: {exc}")
-            self._finish()
-        except (vera_resolve.ResolveError, EngineError, OptionsError, OSError, ValueError) as exc:
-            self.log(f"Error: {exc}")
-            self._finish()
+            self._ended(f"Cancelled: {exc}")
+        except vera_resolve.ResolveError as exc:
+            self._ended(f"Error: {exc}")
+        except EngineError as exc:
+            self._ended(f"Error: {describe_engine_error(exc, self.address)}")
+        except (OptionsError, OSError, ValueError) as exc:
+            self._ended(f"Error: {exc}")
         except Exception as exc:
             where = traceback.extract_tb(exc.__traceback__)[-1]
-            self.log(
+            self._ended(
                 f"Error: unexpected {type(exc).__name__}: {exc} (at {Path(where.filename).name}:{where.lineno}); "
                 "please report this line"
             )
-            self._finish()
+
+    def _ended(self, line: str) -> None:
+        self.log(line)
+        busy = self.worker is not None or self.render is not None or self.clip is not None
+        if busy:
+            self.results.append(line)
+        self._finish()
 
     def _busy(self, busy: bool) -> None:
         self.items["Generate"].Enabled = not busy
@@ -285,6 +310,12 @@ class VeraEditWindow:
                 "Handles: none for a clip rendered from the timeline (only an EXR sequence has frames beyond it)"
             )
         project = self.resolve.GetProjectManager().GetCurrentProject()
+        # Resolve renders in the project's output space, not the plate space chosen for EXR sequences.
+        offered = next((list(f.choices) for f in self.fields if f.name == "colorspace"), [])
+        colour = vera_resolve.render_colour(project, offered)
+        if colour.engine_name:
+            options["colorspace"] = colour.engine_name
+        self.log(f"Colour: {colour.note}")
         target = self.work_dir / "renders" / os.urandom(6).hex()
         self.render = vera_resolve.ExrRender(project, self.clip, target)
         self.render.start()
@@ -302,14 +333,15 @@ class VeraEditWindow:
                 events.put(("progress", (0.2, f"Uploading {len(frames.paths)} frames to {client.address}")))
                 job_id = vera_resolve.send_clip(client, clip, frames, options)
                 events.put(("job", job_id))
-                vera_resolve.follow_job(
+                final = vera_resolve.follow_job(
                     client, job_id, lambda f, m: events.put(("progress", (0.25 + 0.65 * f, m))), self.cancel
                 )
-                files = vera_resolve.fetch_results(client, job_id, self.work_dir / "results" / job_id,
-                                         lambda f, m: events.put(("progress", (0.9 + 0.07 * f, m))))  # fmt: skip
+                out = vera_resolve.results_folder(self.work_dir, job_id)
+                files = vera_resolve.fetch_results(client, job_id, out,
+                                                   lambda f, m: events.put(("progress", (0.9 + 0.07 * f, m))), final)  # fmt: skip
                 events.put(("progress", (0.97, "Writing the clip mattes")))
                 mattes = {
-                    take: write_mattes(take_files, self.work_dir / "results" / job_id / "matte")
+                    take: write_mattes(take_files, out / "matte")
                     for take, take_files in vera_resolve.results_by_take(files).items()
                 }
                 events.put(("fetched", (files, mattes)))
@@ -319,9 +351,26 @@ class VeraEditWindow:
         self.worker = threading.Thread(target=work, name="vera-resolve-engine", daemon=True)
         self.worker.start()
 
+    def on_timeout(self, ev: Any) -> None:
+        """The dispatcher's generic ``On.Timeout``: Resolve delivers a ``ui.Timer``'s timeouts there (``ev["who"]``
+        names the timer), in builds where ``On[<timer ID>].Timeout`` never fires."""
+        try:
+            who = ev["who"]
+        except (KeyError, TypeError, IndexError):
+            who = TIMER_ID  # no sender given: ours is the window's only timer
+        if who == TIMER_ID:
+            self.tick()
+
     def tick(self) -> None:
-        """Timer: advance a render, show the worker's progress, place the results when they are in."""
+        """Timer: advance a render, show the worker's progress, place the results when they are in; then let the
+        engine thread run for a moment (Resolve's RunLoop holds the GIL between callbacks)."""
+        self.ticks += 1
         self._guard(self._tick)
+        worker = self.worker
+        if worker is not None and worker.is_alive():
+            # A UIManager tool measured RunLoop keeping the GIL between callbacks ("21 clips took 30 s instead of
+            # 0.6 s") and yields in every tick; without this the upload, watch and fetch only crawl.
+            worker.join(YIELD_SECONDS)
 
     def _tick(self) -> None:
         if self.render is not None:
@@ -374,6 +423,7 @@ class VeraEditWindow:
                 + ("" if placed.matte_attached else "; no clip matte (needs numpy and zip/none/rle output)")
             )
         self.log(f"Colour: {self.placements[0].colour_note}")
+        self.results.append("placed")
         self._finish()
 
     def stop(self) -> None:
@@ -391,6 +441,7 @@ class VeraEditWindow:
 
     def _finish(self) -> None:
         render, self.render, self.worker, self.job_id = self.render, None, None, ""
+        self.clip = None
         try:
             if render is not None:
                 render.stop()
@@ -400,6 +451,8 @@ class VeraEditWindow:
         finally:
             if self.items.get("Generate") is not None:
                 self._busy(False)
+            if self.close_when_done and self.results:
+                self.close()
 
     def close(self) -> None:
         """Close the window: cancel what runs and leave the event loop."""
@@ -411,21 +464,51 @@ class VeraEditWindow:
             self.client.close()
         self.dispatcher.ExitLoop()
 
-    def run(self) -> None:
-        """Connect, show the window and run Resolve's UI event loop until it is closed."""
+    def start(self) -> None:
+        """Connect, show the window and start its timer (what :meth:`run` does before the event loop)."""
         self.connect()
         self.show()
         self.timer = self.ui.Timer({"ID": TIMER_ID, "Interval": 200})
+        # Both: some builds deliver a timer's Timeout only to the generic On.Timeout (ev["who"] is the timer).
         self.dispatcher.On[TIMER_ID].Timeout = lambda ev: self.tick()
+        self.dispatcher.On.Timeout = self.on_timeout
         self.timer.Start()
+
+    def run(self) -> None:
+        """Connect, show the window and run Resolve's UI event loop until it is closed."""
+        self.start()
         self.dispatcher.RunLoop()
         self.window.Hide()
+
+
+def no_window_reason(resolve: Any, fusion: Any) -> str:
+    """Why this Resolve cannot show the window (``""`` when it can): free DaVinci Resolve 19.1 and later has no
+    UIManager for scripts (``fusion.UIManager`` is None), and 21.1 no longer lists Python scripts at all."""
+    if fusion is not None and getattr(fusion, "UIManager", None) is not None:
+        return ""
+    product = f"{_product(resolve)}".strip() or "this DaVinci Resolve"
+    return (
+        f"Vera Edit needs DaVinci Resolve Studio: {product} gives scripts no UIManager (fusion.UIManager is None), "
+        "so no script window can open. The free Resolve dropped script windows in 19.1 (and lists no Python "
+        "scripts from 21.1); use Resolve Studio, or the standalone panel (`vera panel`) with Nuke or files"
+    )
+
+
+def _product(resolve: Any) -> str:
+    try:
+        return f"{resolve.GetProductName()} {resolve.GetVersionString()}"
+    except Exception:  # an odd build without them: the sentence still reads
+        return ""
 
 
 def main(resolve: Any = None, fusion: Any = None, bmd: Any = None) -> None:
     """Entry point of the ``Vera Edit`` script: Resolve passes its ``resolve``, ``fusion`` and ``bmd``."""
     resolve = resolve or vera_resolve.get_resolve()
     fusion = fusion or resolve.Fusion()
+    reason = no_window_reason(resolve, fusion)
+    if reason:
+        print(f"Vera Edit: {reason}.")
+        return
     if bmd is None:
         import DaVinciResolveScript as bmd  # type: ignore[import-not-found, no-redef]
     ui = fusion.UIManager
