@@ -2,9 +2,11 @@
 
 Usage (repository root):
     OMP_NUM_THREADS=2 python bench/bench_train_step.py --preset vera-tiny --batch-size 8   # CPU
+    OMP_NUM_THREADS=2 python bench/bench_train_step.py --preset vera-tiny vera-tiny-v2     # two shapes, one run
     python bench/bench_train_step.py --preset vera-tiny --batch-size 64 --device cuda
 
-Both precisions run in this one process on the same batch, so their ratio is what to compare across machines.
+Both precisions (and every preset named) run in this one process, so their ratios are what to compare across
+machines.
 The loss is `vera_engine.training.train.flow_matching_loss`, the one `vera-engine train` uses; the batch is random latents
 of the preset's native size and a prompt half of zero padding (the tiny presets mask it). It also prints the two
 losses on that batch with the same noise, to show bf16 autocast is not changing what is learned.
@@ -80,26 +82,33 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--preset", default="vera-tiny")
+    parser.add_argument("--preset", nargs="+", default=["vera-tiny"], help="one or more tiny presets")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=8)
     args = parser.parse_args()
     device = torch.device(args.device)
-    batch, text = random_batch(args.preset, args.batch_size, device)
-    results = {}
-    for name, bf16 in (("float32", False), ("bf16 autocast", True)):
-        # The same seeded weights for both, so the first losses are comparable.
-        model = build_random_transformer(args.preset, seed=0).to(device).train()
-        results[name] = time_steps(model, batch, text, bf16, args.warmup, args.repeats)
-    print(
-        f"{args.preset}, batch {args.batch_size}, {device.type}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}"
-    )
-    for name, (seconds, loss) in results.items():
-        print(f"  {name:<14} {seconds:.3f} s/step   first loss {loss:.4f}")
-    print(f"  float32 / bf16: {results['float32'][0] / results['bf16 autocast'][0]:.2f}x")
+    bf16_seconds = {}
+    for preset in args.preset:
+        batch, text = random_batch(preset, args.batch_size, device)
+        results = {}
+        for name, bf16 in (("float32", False), ("bf16 autocast", True)):
+            # The same seeded weights for both, so the first losses are comparable.
+            model = build_random_transformer(preset, seed=0).to(device).train()
+            results[name] = time_steps(model, batch, text, bf16, args.warmup, args.repeats)
+        print(
+            f"{preset}, batch {args.batch_size}, {device.type}, {torch.get_num_threads()} threads, "
+            f"torch {torch.__version__}"
+        )
+        for name, (seconds, loss) in results.items():
+            print(f"  {name:<14} {seconds:.3f} s/step   first loss {loss:.4f}")
+        print(f"  float32 / bf16: {results['float32'][0] / results['bf16 autocast'][0]:.2f}x")
+        bf16_seconds[preset] = results["bf16 autocast"][0]
+    if len(bf16_seconds) > 1:
+        first = args.preset[0]
+        for preset, seconds in bf16_seconds.items():
+            print(f"bf16 step time, {first} / {preset}: {bf16_seconds[first] / seconds:.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """`vera-engine demo`, the README's main command, end to end on the shipped checkpoint (real processes): both shots
-come back as layers, and each shows the edit its instruction asks for."""
+come back as layers, and each shows the edit its instruction asks for (two shots on one plate with opposite
+motions: the words steer the edit)."""
 
 import json
 import subprocess
@@ -11,9 +12,13 @@ import pytest
 from vera_engine.imaging.colour import ColourConverter
 from vera_engine.imaging.exr import find_frames, read_layers, read_plate
 from vera_engine.pipelines.model_store import resolve_model_dir
-from vera_engine.tools.demo import DEMO_SCENES
-from vera_engine.training.data.synthetic import generate_clip
-from vera_engine.training.metrics import background_matches, matte_iou, nearest_colour_name
+from vera_engine.tools.demo import DEMO_SCENES, demo_clip
+from vera_engine.training.metrics import (
+    background_matches,
+    centroid_direction,
+    matte_iou,
+    nearest_colour_name,
+)
 
 
 @pytest.mark.slow
@@ -33,8 +38,7 @@ def test_demo_runs_the_whole_product_and_shows_both_edits(tmp_path):
     size = (4 * index["native_height"], 4 * index["native_width"])
     colour = ColourConverter("ACEScg")
     layers_of = {}
-    for task, seed in DEMO_SCENES:
-        name = task.replace("_", "-")
+    for name, task, seed, mirrored in DEMO_SCENES:
         frames = find_frames(str(out / name / "plate.####.exr"))
         assert frames == list(range(1001, 1001 + index["native_frames"]))
         plate = read_plate(str(out / name / "plate.####.exr"), frames).pixels
@@ -52,20 +56,23 @@ def test_demo_runs_the_whole_product_and_shows_both_edits(tmp_path):
         straight = np.divide(
             premult, matte[..., None], out=np.zeros_like(premult), where=matte[..., None] > 0
         )
-        layers_of[task] = (
-            colour.to_model(straight),
-            matte,
-            generate_clip(task, seed, frames=len(frames), height=size[0], width=size[1]),
-        )
+        clip, _, fields = demo_clip(task, seed, mirrored, len(frames), size[0], size[1])
+        layers_of[name] = (colour.to_model(straight), matte, clip, fields)
 
-    # Object addition: the object is there in every frame, in the colour asked for, about its size.
-    edit, matte, truth = layers_of["object_addition"]
-    body = matte > 0.5
-    assert body.any(axis=(1, 2)).all(), body.sum(axis=(1, 2))
-    assert nearest_colour_name(edit[body].mean(axis=0)) == truth.fields["colour"]
-    assert 0.25 <= body.sum() / (truth.alpha > 0.5).sum() <= 4
+    # Object addition, both shots: the object is there in every frame, in the colour asked for, about its size,
+    # moving the way each instruction says - the same plate, opposite words, opposite motions.
+    directions = []
+    for name in ("object-addition", "object-addition-mirrored"):
+        edit, matte, truth, fields = layers_of[name]
+        body = matte > 0.5
+        assert body.any(axis=(1, 2)).all(), (name, body.sum(axis=(1, 2)))
+        assert nearest_colour_name(edit[body].mean(axis=0)) == fields["colour"], name
+        assert 0.25 <= body.sum() / (truth.alpha > 0.5).sum() <= 4, name
+        assert centroid_direction(matte) == fields["direction"], name
+        directions.append(fields["direction"])
+    assert set(directions) == {"left_to_right", "right_to_left"}
     # Background change: the matte is the background, and the new one has the named colours, laid out as named.
-    edit, matte, truth = layers_of["background_change"]
+    edit, matte, truth, fields = layers_of["background-change"]
     assert matte_iou(matte, truth.alpha) > 0.85
-    assert background_matches(edit, matte, truth.fields["new_background"]) == (True, True)
+    assert background_matches(edit, matte, fields["new_background"]) == (True, True)
     assert (out / "contact_sheet.png").stat().st_size > 10_000

@@ -1,9 +1,10 @@
 """`vera-engine demo`: the whole product on the shipped checkpoint, end to end, in about a minute on a CPU.
 
-1. writes two sample plates, scene-linear ACEScg EXRs at 4x the model's native size, frames 1001+: a shot to add
-   an object to, and a shot whose background is replaced (with the artist's mask of the background);
+1. writes the sample shots, scene-linear ACEScg EXRs at 4x the model's native size, frames 1001+: one plate to add
+   an object to, twice, with opposite motions asked for, and a shot whose background is replaced (with the
+   artist's mask of the background);
 2. starts a real engine (`vera-engine serve`) on a free loopback port;
-3. submits both through the TD client (`vera_plugin.EngineClient`) and shows the jobs' progress;
+3. submits them through the TD client (`vera_plugin.EngineClient`) and shows the jobs' progress;
 4. fetches the layered EXRs (composite, edit layer, matte) and writes a contact sheet PNG;
 5. prints where everything is and stops the engine.
 """
@@ -20,10 +21,16 @@ import numpy as np
 
 FIRST_FRAME = 1001
 # The sample shots: the synthetic generator's scenes (docs/DATASET.md) for these seeds, with their instructions in
-# words the shipped model knows. One shot per task, picked among seeds 0-11 where the shipped model makes the edit
-# asked for (it does not on every scene: its model card gives the rates); a new checkpoint may need new picks, and
-# tests/test_demo.py says so when it does.
-DEMO_SCENES = (("object_addition", 6), ("background_change", 7))
+# words the shipped model knows. Two object-addition shots share one plate and ask for opposite motions (the second
+# shot's instruction is the first's with left and right swapped), so the demo shows the words steering the edit; the
+# third replaces a background. Seeds picked among 0-23 where the shipped model makes the edits asked for (it does not
+# on every scene: its model card gives the rates); a new checkpoint may need new picks, and tests/test_demo.py says
+# so when it does. (name, task, seed, mirrored instruction)
+DEMO_SCENES: tuple[tuple[str, str, int, bool], ...] = (
+    ("object-addition", "object_addition", 6, False),
+    ("object-addition-mirrored", "object_addition", 6, True),
+    ("background-change", "background_change", 7, False),
+)
 
 
 @dataclass
@@ -39,19 +46,31 @@ class DemoPlate:
     mask: str | None = None
 
 
+def demo_clip(task: str, seed: int, mirrored: bool, frames: int, height: int, width: int):
+    """A demo shot's scene (the generator's clip) and the instruction and facts the shot asks for.
+
+    `mirrored`: the same plate, the instruction with left and right swapped (the opposite horizontal motion).
+    """
+    from vera_engine.training.data.dataset import mirror_fields, mirror_text
+    from vera_engine.training.data.synthetic import generate_clip
+
+    clip = generate_clip(task, seed, frames=frames, height=height, width=width)
+    if not mirrored:
+        return clip, clip.instruction, clip.fields
+    return clip, mirror_text(clip.instruction), mirror_fields(clip.fields)
+
+
 def write_sample_plates(out: Path, native: tuple[int, int], frames: int) -> list[DemoPlate]:
     """The demo's shots at 4x `native`, written as ACEScg half-float EXRs (and a mask sequence where the task
     takes one)."""
     from vera_engine.imaging.colour import ColourConverter
     from vera_engine.imaging.exr import write_sequence
-    from vera_engine.training.data.synthetic import generate_clip
 
     height, width = native[0] * 4, native[1] * 4
     numbers = list(range(FIRST_FRAME, FIRST_FRAME + frames))
     plates = []
-    for task, seed in DEMO_SCENES:
-        clip = generate_clip(task, seed, frames=frames, height=height, width=width)
-        name = task.replace("_", "-")
+    for name, task, seed, mirrored in DEMO_SCENES:
+        clip, prompt, _ = demo_clip(task, seed, mirrored, frames, height, width)
         folder = out / name
         folder.mkdir(parents=True, exist_ok=True)
         # The generator draws in the model's display-referred space; a plate is scene-linear.
@@ -62,7 +81,7 @@ def write_sample_plates(out: Path, native: tuple[int, int], frames: int) -> list
         if task == "background_change":  # the background to replace: the inverse of a roto of the subject
             mask = str(folder / "mask.####.exr")
             write_sequence(mask, clip.mask[..., None].astype(np.float32), numbers, ("A",), pixel_type="half")
-        plates.append(DemoPlate(name, pattern, numbers, clip.instruction, task, (height, width), mask))
+        plates.append(DemoPlate(name, pattern, numbers, prompt, task, (height, width), mask))
     return plates
 
 
@@ -161,7 +180,7 @@ def run_demo(
     plates = write_sample_plates(out, native, frames)
     for plate in plates:
         mask = f", mask {plate.mask}" if plate.mask else ""
-        print(f"   {plate.task}: {plate.pattern}{mask}")
+        print(f"   {plate.name}: {plate.pattern}{mask}")
         print(f"   instruction: {plate.prompt!r}")
 
     print(f"2. starting the engine on model {str(model_dir)!r}")
@@ -187,7 +206,7 @@ def run_demo(
                 for plate in plates
             }
             for plate in plates:  # the engine runs them one after the other, in submission order
-                final = client.wait(jobs[plate.name], _progress_printer(plate.task))
+                final = client.wait(jobs[plate.name], _progress_printer(plate.name))
                 if sys.stdout.isatty():
                     print()
                 if state_name(final.state) != "succeeded":
@@ -215,7 +234,7 @@ def run_demo(
     print("5. done:")
     for plate in plates:
         print(
-            f"   {plate.task:<18} layered EXRs in {out / plate.name / 'results'} ({len(results[plate.name])} frames)"
+            f"   {plate.name:<24} layered EXRs in {out / plate.name / 'results'} ({len(results[plate.name])} frames)"
         )
     print(f"   contact sheet  {sheet_path}")
     print(
