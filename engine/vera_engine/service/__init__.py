@@ -13,9 +13,10 @@
 """
 
 from vera_engine.service.engine import Engine
+from vera_engine.service.errors import JobCancelled
 from vera_engine.service.serve import add_serve_parser, run_serve, serve_main
 from vera_engine.service.servicer import EngineServicer, create_server
-from vera_engine.service.worker import JobCancelled, JobContext, JobRunner
+from vera_engine.service.worker import JobContext, JobRunner
 
 __all__ = [
     "Engine",

@@ -22,8 +22,9 @@ from vera_engine.pipelines.model_store import (
     resolve_model_dir,
     vocabulary,
 )
+from vera_engine.service.errors import JobCancelled
 from vera_engine.service.schema import STEP_CACHES, ModelDefaults, model_info
-from vera_engine.service.worker import JobCancelled, JobContext
+from vera_engine.service.worker import JobContext
 from vera_proto.vera.v1 import engine_pb2 as pb
 
 DEFAULT_STEPS = 30

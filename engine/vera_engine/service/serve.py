@@ -13,8 +13,8 @@ from typing import Any
 
 from vera_engine.service import auth
 from vera_engine.service.engine import DEFAULT_QUEUE, DEFAULT_RETENTION_HOURS, Engine
+from vera_engine.service.errors import SpoolInUse
 from vera_engine.service.servicer import DEFAULT_PORT, create_server
-from vera_engine.service.spool import SpoolInUse
 
 log = logging.getLogger("vera_engine.service")
 

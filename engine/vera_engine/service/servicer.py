@@ -28,9 +28,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from vera_engine.service import auth, reflection
 from vera_engine.service import store as job_store
 from vera_engine.service.engine import CHUNK_BYTES, MAX_MESSAGE_BYTES, SERVICE_NAME, Engine
+from vera_engine.service.errors import InputError
 from vera_engine.service.limits import MAX_PAGE_SIZE, PAGE_BYTES, cap_message, quote
 from vera_engine.service.schema import resolve_header
-from vera_engine.service.spool import InputError, Upload
+from vera_engine.service.spool import Upload
 from vera_proto.vera.v1 import engine_pb2 as pb
 from vera_proto.vera.v1 import engine_pb2_grpc as pb_grpc
 

@@ -29,6 +29,10 @@ from typing import Any
 import numpy as np
 
 from vera_engine.service import imageio
+
+# Both moved to errors.py; importable from here still, for code written before.
+from vera_engine.service.errors import InputError
+from vera_engine.service.errors import SpoolInUse as SpoolInUse
 from vera_engine.service.limits import (
     MAX_FRAME_BYTES,
     MAX_HALF_VALUE,
@@ -47,14 +51,6 @@ _RAW_DTYPES: dict[int, np.dtype] = {
     pb.SAMPLE_TYPE_FLOAT16: np.dtype("<f2"),
 }
 _LAYER_NAMES = {pb.LAYER_PLATE: "plate", pb.LAYER_MASK: "mask"}
-
-
-class InputError(ValueError):
-    """Bad input from a client; ``field`` names the offending field for the INVALID_ARGUMENT message."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
 
 
 def _frame_field(layer: int, frame: int) -> str:
@@ -549,10 +545,6 @@ class FrameSequence:
 
     def __getitem__(self, index: int) -> np.ndarray:
         return self._read(self.frames[index])
-
-
-class SpoolInUse(RuntimeError):
-    """Another engine process holds this spool."""
 
 
 class Spool:

@@ -25,14 +25,11 @@ from typing import Protocol
 import numpy as np
 
 from vera_engine.service import store as job_store
-from vera_engine.service.spool import InputError, Spool, SpooledInputs
+from vera_engine.service.errors import InputError, JobCancelled
+from vera_engine.service.spool import Spool, SpooledInputs
 from vera_proto.vera.v1 import engine_pb2 as pb
 
 log = logging.getLogger("vera_engine.service")
-
-
-class JobCancelled(Exception):
-    """Raised inside a runner to stop a job that was cancelled."""
 
 
 @dataclass

@@ -10,7 +10,8 @@
   used: ``pip install 'vera-edit[cluster]'``).
 """
 
-from vera_engine.service.pool.dispatch import Pool, PoolBackend, WorkerHandle, WorkerLost
+from vera_engine.service.errors import WorkerLost
+from vera_engine.service.pool.dispatch import Pool, PoolBackend, WorkerHandle
 from vera_engine.service.pool.host import JobOutcome, JobTicket, RunnerSpec, WorkerHost
 from vera_engine.service.pool.local import LocalBackend, parse_devices
 

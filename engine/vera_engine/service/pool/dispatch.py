@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from vera_engine.service import store as job_store
+from vera_engine.service.errors import InputError, WorkerLost
 from vera_engine.service.pool.host import JobOutcome, JobTicket, WorkerReport, apply_snapshot, pack_inputs
-from vera_engine.service.spool import InputError, Spool
+from vera_engine.service.spool import Spool
 from vera_engine.service.worker import Events, JobRunner, LiveState, free_memory
 from vera_proto.vera.v1 import engine_pb2 as pb
 
@@ -37,10 +38,6 @@ log = logging.getLogger("vera_engine.service")
 
 RECONCILE_SECONDS = 5.0  # how often the backend is asked for workers for new (or recovered) devices
 LOST_SHOWN = 16  # lost workers GetInfo keeps listing, newest first
-
-
-class WorkerLost(Exception):
-    """The worker died while it held a job (its process, Ray actor or node); the message says how."""
 
 
 class WorkerHandle(ABC):

@@ -31,8 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from vera_engine.service import store as job_store
-from vera_engine.service.spool import MANIFEST, InputError, SpooledInputs
-from vera_engine.service.worker import Events, JobCancelled, JobContext, JobRunner, LiveState, free_memory
+from vera_engine.service.errors import InputError, JobCancelled
+from vera_engine.service.spool import MANIFEST, SpooledInputs
+from vera_engine.service.worker import Events, JobContext, JobRunner, LiveState, free_memory
 from vera_proto.vera.v1 import engine_pb2 as pb
 
 log = logging.getLogger("vera_engine.service")

@@ -20,7 +20,8 @@ from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
-from vera_engine.service.pool.dispatch import WorkerHandle, WorkerLost
+from vera_engine.service.errors import WorkerLost
+from vera_engine.service.pool.dispatch import WorkerHandle
 from vera_engine.service.pool.host import (
     GroupSpec,
     JobOutcome,

@@ -24,7 +24,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from vera_engine.service.pool.dispatch import WorkerHandle, WorkerLost
+from vera_engine.service.errors import ClusterError, InputError, WorkerLost
+from vera_engine.service.pool.dispatch import WorkerHandle
 from vera_engine.service.pool.host import (
     GroupSpec,
     JobOutcome,
@@ -34,17 +35,12 @@ from vera_engine.service.pool.host import (
     WorkerReport,
     free_port,
 )
-from vera_engine.service.spool import InputError
 
 log = logging.getLogger("vera_engine.service")
 
 POLL_SECONDS = 0.5  # longest wait of one progress long-poll inside the actor
 CONNECT_SECONDS = 60.0  # longest wait for ray.init once the address answers
 ACTOR_CONCURRENCY = 4  # run + poll + cancel at the same time on one actor
-
-
-class ClusterError(RuntimeError):
-    """The cluster cannot serve as a pool (unreachable, or without the workers' resource); says which and why."""
 
 
 class RayWorkerHost(WorkerHost):
