@@ -9,13 +9,14 @@ from __future__ import annotations
 import os
 import signal
 import sqlite3
+import threading
 from pathlib import Path
 
 import numpy as np
 import OpenImageIO as oiio
 import pytest
 
-from tests.service_helpers import assert_split_equals_one_process, wait_for
+from tests.service_helpers import P, assert_split_equals_one_process, raw_chunks, uniform_frame, wait_for
 from vera_engine.service import Engine, create_server, serve_main
 from vera_engine.service import store as job_store
 from vera_engine.service.pool import LocalBackend, RunnerSpec, parse_devices
@@ -285,3 +286,84 @@ def test_store_shortens_a_long_error_in_one_place_for_every_worker_kind(tmp_path
     assert len(failed.error) == MAX_ERROR_CHARS and failed.error.startswith("RuntimeError: xxx")
     assert failed.error.endswith("...") and (failed.step, failed.total_steps) == (3, 8)
     store.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The in-process tier: the pool's dispatch with its one worker in this process (no processes, no Ray).
+
+
+class _Gate:
+    """Holds a call at a known point until the test lets it go: `entered` is set when the call arrives."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def hold(self) -> None:
+        self.entered.set()
+        assert self.release.wait(20), "the test never released the gate"
+
+
+def _in_process_pool(make_harness, runner: PassThroughRunner, *, shares_spool: bool = True, **engine_kw):
+    from vera_engine.service.pool.inprocess import InProcessBackend
+
+    backend = InProcessBackend(runner, shares_spool=shares_spool)
+    return make_harness(runner, pool=backend, **engine_kw)
+
+
+def _one_frame_job(client: EngineClient, steps: int = 2) -> str:
+    return client.submit(
+        pb.JobHeader(prompt="x", frames=[1], steps=steps), raw_chunks(P, 1, uniform_frame())
+    ).job_id
+
+
+def test_a_cancel_while_the_front_door_packs_the_inputs_is_not_lost(make_harness, monkeypatch) -> None:
+    # A Ray worker without a shared spool gets the plate as bytes, read by the front door first (pack_inputs):
+    # a Cancel that arrives meanwhile must stop the job, not be forgotten while cancel_requested says true.
+    from vera_engine.service.pool import dispatch
+
+    gate = _Gate()
+    real_pack = dispatch.pack_inputs
+
+    def slow_pack(inputs_dir: Path) -> dict[str, bytes]:
+        gate.hold()
+        return real_pack(inputs_dir)
+
+    monkeypatch.setattr(dispatch, "pack_inputs", slow_pack)
+    runner = PassThroughRunner()
+    h = _in_process_pool(make_harness, runner, shares_spool=False, cancel_wait_seconds=0)
+    job = _one_frame_job(h.client)
+    assert gate.entered.wait(20)
+    asked = h.client.cancel(job)
+    assert asked.state == pb.JOB_STATE_RUNNING and asked.cancel_requested
+    gate.release.set()
+    final = h.client.wait(job)
+    assert final.state == pb.JOB_STATE_CANCELLED, final
+    assert job not in runner.started and final.output_files == []
+
+
+def test_a_cancel_between_the_claim_and_the_dispatch_is_not_lost(make_harness) -> None:
+    # The store marks a job RUNNING when the pool claims it, before the pool registers it as running: a Cancel
+    # in that window is remembered and met as the job starts (not answered "already ended (RUNNING)").
+    gate = _Gate()
+    runner = PassThroughRunner()
+    h = _in_process_pool(make_harness, runner, cancel_wait_seconds=0)
+    store = h.engine.store
+    real_claim = store.claim_next
+
+    def claim_then_hold(worker: str = "") -> job_store.JobRecord | None:
+        record = real_claim(worker=worker)
+        if record is not None:
+            gate.hold()
+        return record
+
+    store.claim_next = claim_then_hold  # type: ignore[method-assign]
+    h.client.wait_until_serving(20)
+    job = _one_frame_job(h.client)
+    assert gate.entered.wait(20)
+    asked = h.client.cancel(job)
+    assert asked.state == pb.JOB_STATE_RUNNING and asked.cancel_requested
+    gate.release.set()
+    final = h.client.wait(job)
+    assert final.state == pb.JOB_STATE_CANCELLED, final
+    assert job not in runner.started

@@ -345,6 +345,34 @@ class WorkerHost:
         return os.getpid()
 
 
+def run_relaying(
+    host: WorkerHost,
+    ticket: JobTicket,
+    inputs: dict[str, bytes] | None,
+    on_update: Callable[[dict[str, Any]], None],
+    poll_seconds: float = 0.5,
+) -> JobOutcome:
+    """Run ``ticket`` on ``host`` in this thread while a second thread relays its live fields to ``on_update``.
+
+    What a worker process does with its front door's "run" command, and what the in-process worker does itself.
+    """
+    done = threading.Event()
+
+    def relay() -> None:
+        seen = -1
+        while not done.is_set():
+            seen, snapshot = host.poll(ticket.job_id, seen, poll_seconds)
+            if snapshot is not None and not done.is_set():
+                on_update(snapshot)
+
+    if host.lead:
+        threading.Thread(target=relay, name=f"vera-relay-{ticket.job_id}", daemon=True).start()
+    try:
+        return host.run(ticket, inputs)
+    finally:
+        done.set()
+
+
 def apply_snapshot(live: LiveState, snapshot: dict[str, Any]) -> bool:
     """Copy a worker's live fields into the front door's LiveState; returns True if anything changed."""
     changed = False

@@ -30,6 +30,7 @@ from vera_engine.service.pool.host import (
     WorkerHost,
     WorkerReport,
     free_port,
+    run_relaying,
 )
 
 POLL_SECONDS = 0.5  # how long one long-poll of a job's progress waits inside the worker process
@@ -115,20 +116,9 @@ def _worker_main(
         return
 
     def run(ticket: JobTicket) -> None:
-        done = threading.Event()
-
-        def relay() -> None:
-            seen = -1
-            while not done.is_set():
-                seen, snapshot = host.poll(ticket.job_id, seen, POLL_SECONDS)
-                if snapshot is not None and not done.is_set():
-                    send("update", ticket.job_id, snapshot)
-
-        relay_thread = threading.Thread(target=relay, daemon=True)
-        if host.lead:
-            relay_thread.start()
-        outcome = host.run(ticket)
-        done.set()
+        outcome = run_relaying(
+            host, ticket, None, lambda snapshot: send("update", ticket.job_id, snapshot), POLL_SECONDS
+        )
         send("outcome", ticket.job_id, outcome)
 
     while True:
