@@ -146,8 +146,7 @@ def test_a_killed_worker_process_puts_its_job_back_and_is_replaced(harnesses, tm
         what="the job sampling",
         timeout=60,
     )
-    pool = h.engine.worker
-    victim = next(w for w in pool._handles if w.name == status.worker)
+    victim = h.engine.pool.handle(status.worker)
     os.kill(victim.pids()[0], signal.SIGKILL)
     final = h.client.wait(victim_job)
     assert final.state == pb.JOB_STATE_SUCCEEDED, final.error
@@ -170,7 +169,8 @@ def test_a_job_whose_worker_keeps_dying_fails_naming_the_cause(harnesses, tmp_pa
     h.client.wait_until_serving(120)
     job = h.client.submit_arrays(_plate(), [1, 2], prompt="doomed", steps=20)
     wait_for(lambda: h.client.status(job).step >= 1, what="the job sampling", timeout=60)
-    os.kill(h.engine.worker._handles[0].pids()[0], signal.SIGKILL)
+    (worker,) = h.client.info().workers
+    os.kill(h.engine.pool.handle(worker.name).pids()[0], signal.SIGKILL)
     final = h.client.wait(job)
     assert final.state == pb.JOB_STATE_FAILED
     assert "lost 1 times" in final.error and "killed by signal 9" in final.error

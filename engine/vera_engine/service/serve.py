@@ -297,22 +297,18 @@ def run_serve(args: argparse.Namespace) -> int:
         server, port = create_server(engine, args.host, args.port, tokens=tokens, tls=tls)
     except OSError as exc:
         print(f"vera-engine serve: error: {exc}", file=sys.stderr)
-        engine.store.close()
-        engine.spool.unlock()
-        if pool is not None:
-            pool.close()
+        engine.close()  # frees the spool and the pool's backend (its cluster connection)
         return 1
-    engine.start()
-    server.start()
-    done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
-    # A machine-readable line: tests and wrappers that pass --port 0 read the port from it.
-    print(f"vera-engine listening on {args.host}:{port}", flush=True)
-    done.wait()
-    log.info("shutting down")
-    server.stop(grace=5.0).wait()
-    engine.stop()
+    with engine:  # starts the engine; closes it (the running job's step ends first) when serving stops
+        server.start()
+        done = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: done.set())
+        # A machine-readable line: tests and wrappers that pass --port 0 read the port from it.
+        print(f"vera-engine listening on {args.host}:{port}", flush=True)
+        done.wait()
+        log.info("shutting down")
+        server.stop(grace=5.0).wait()
     return 0
 
 

@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from vera_engine.service import store as job_store
-from vera_engine.service.errors import InputError, JobCancelled
+from vera_engine.service.errors import InputError, JobCancelled, WorkerLost
 from vera_engine.service.spool import MANIFEST, SpooledInputs
-from vera_engine.service.worker import Events, JobContext, JobRunner, LiveState, free_memory
+from vera_engine.service.worker import CancelBook, Events, JobContext, JobRunner, LiveState, free_memory
 from vera_proto.vera.v1 import engine_pb2 as pb
 
 log = logging.getLogger("vera_engine.service")
@@ -93,6 +93,26 @@ class WorkerReport:
     host: str
     device: bytes  # pb.DeviceInfo
     models: list[bytes]  # pb.ModelInfo of each model the runner serves (first: the default)
+
+
+def job_outcome(job_id: str, body: Callable[[], JobOutcome], where: str = "") -> JobOutcome:
+    """Run ``body`` (a job's work) and map how it ended: the one place every worker's outcomes are decided.
+
+    Cancelled (:class:`JobCancelled`) is CANCELLED; bad input (:class:`InputError`, e.g. a frame sent by path that
+    changed) is FAILED with its message; anything else is FAILED with the exception named, its traceback in the log.
+    :class:`WorkerLost` passes through: the pool puts the job back in the queue instead.
+    """
+    try:
+        return body()
+    except JobCancelled:
+        return JobOutcome(job_store.CANCELLED)
+    except InputError as exc:
+        return JobOutcome(job_store.FAILED, error=str(exc))
+    except WorkerLost:
+        raise
+    except Exception as exc:
+        log.error("job %s failed%s:\n%s", job_id, f" on {where}" if where else "", traceback.format_exc())
+        return JobOutcome(job_store.FAILED, error=f"{type(exc).__name__}: {exc}")
 
 
 def pack_inputs(inputs_dir: Path) -> dict[str, bytes]:
@@ -198,7 +218,7 @@ class WorkerHost:
         self._lock = threading.Lock()
         self._events = Events()
         self._live: LiveState | None = None
-        self._cancel: dict[str, threading.Event] = {}
+        self._cancels = CancelBook()
 
     @property
     def lead(self) -> bool:
@@ -253,26 +273,33 @@ class WorkerHost:
 
     def _run(self, ticket: JobTicket, inputs: dict[str, bytes] | None, live: LiveState) -> JobOutcome:
         assert self.runner is not None
+        runner = self.runner
         header = pb.JobHeader.FromString(ticket.header)
-        cancel = threading.Event()
+        # A cancel that arrived before this point (while the front door packed the inputs, or the job travelled
+        # here) is in the book: the event starts set and the job stops before the runner starts it.
+        cancel = self._cancels.begin(ticket.job_id, only=True)
         with self._lock:
-            self._cancel[ticket.job_id] = cancel
             self._live = live
-        scratch: Path | None = None
-        try:
+        scratch: list[Path] = []
+
+        def work() -> JobOutcome:
+            if cancel.is_set() and self._control_group is None:
+                # (The ranks of a group agree on a cancel at the runner's first check instead: one rank that did
+                # not start would leave the others waiting in a collective.)
+                raise JobCancelled(ticket.job_id)
             if ticket.inputs_dir is not None and ticket.output_dir is not None:
                 inputs_dir, out_dir = Path(ticket.inputs_dir), Path(ticket.output_dir)
                 if not self.lead:
                     # Only rank 0 writes the results; the other ranks' (empty) output folder is their own.
-                    scratch = Path(tempfile.mkdtemp(prefix=f"vera-{ticket.job_id}-"))
-                    out_dir = scratch / "out"
+                    scratch.append(Path(tempfile.mkdtemp(prefix=f"vera-{ticket.job_id}-")))
+                    out_dir = scratch[0] / "out"
                     out_dir.mkdir()
             else:
                 if inputs is None:
                     raise ValueError(f"job {ticket.job_id}: no shared spool and no inputs sent")
-                scratch = Path(tempfile.mkdtemp(prefix=f"vera-{ticket.job_id}-"))
-                inputs_dir = unpack_inputs(inputs, scratch / "inputs")
-                out_dir = scratch / "out"
+                scratch.append(Path(tempfile.mkdtemp(prefix=f"vera-{ticket.job_id}-")))
+                inputs_dir = unpack_inputs(inputs, scratch[0] / "inputs")
+                out_dir = scratch[0] / "out"
                 out_dir.mkdir()
             args = (
                 ticket.job_id,
@@ -288,27 +315,24 @@ class WorkerHost:
                 ctx: JobContext = GroupJobContext(*args, lead=self.lead, control_group=self._control_group)
             else:
                 ctx = JobContext(*args, lead=self.lead)
-            paths = self.runner.run(ctx)
+            paths = runner.run(ctx)
             del ctx
+            # A cancel that arrives after the last step is too late: the results exist, keep them.
             names = sorted(Path(p).name for p in paths)
             files = None
             if ticket.output_dir is None and self.lead:
                 files = {name: (out_dir / name).read_bytes() for name in names}
             return JobOutcome(job_store.SUCCEEDED, outputs=names, files=files)
-        except JobCancelled:
-            return JobOutcome(job_store.CANCELLED)
-        except InputError as exc:
-            return JobOutcome(job_store.FAILED, error=str(exc))
-        except Exception as exc:
-            log.error("job %s failed:\n%s", ticket.job_id, traceback.format_exc())
-            return JobOutcome(job_store.FAILED, error=f"{type(exc).__name__}: {exc}")
+
+        try:
+            return job_outcome(ticket.job_id, work)
         finally:
+            self._cancels.end(ticket.job_id)
             with self._lock:
-                self._cancel.pop(ticket.job_id, None)
                 self._live = None
             self._events.bump()
-            if scratch is not None:
-                shutil.rmtree(scratch, ignore_errors=True)
+            for folder in scratch:
+                shutil.rmtree(folder, ignore_errors=True)
             free_memory()
 
     def poll(self, job_id: str, seen: int, timeout: float) -> tuple[int, dict[str, Any] | None]:
@@ -331,14 +355,9 @@ class WorkerHost:
         """Whether someone at the front door watches ``job_id``'s previews (they cost a decode: made only then)."""
         self._events.set_previews_watched(job_id, wanted)
 
-    def cancel(self, job_id: str) -> bool:
-        """Ask ``job_id`` to stop within one step; False if it does not run here."""
-        with self._lock:
-            event = self._cancel.get(job_id)
-        if event is None:
-            return False
-        event.set()
-        return True
+    def cancel(self, job_id: str) -> None:
+        """Ask ``job_id`` to stop within one step; one that has not started here yet stops as it starts."""
+        self._cancels.request(job_id)
 
     def pid(self) -> int:
         """The process this host runs in."""
