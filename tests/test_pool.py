@@ -367,3 +367,32 @@ def test_a_cancel_between_the_claim_and_the_dispatch_is_not_lost(make_harness) -
     final = h.client.wait(job)
     assert final.state == pb.JOB_STATE_CANCELLED, final
     assert job not in runner.started
+
+
+def test_worker_resources_are_asked_of_ray_as_ray_names_them() -> None:
+    # `--worker-resource CPU` (or GPU) once started an engine whose every job failed: Ray refuses CPU and GPU in
+    # `resources`. Ray's own option checks (the ones each actor start runs) must accept every request made.
+    pytest.importorskip("ray")
+    from vera_engine.service.errors import ClusterError
+    from vera_engine.service.pool.ray_backend import (
+        _remote_host_class,
+        actor_options,
+        check_actor_options,
+        worker_resource,
+    )
+
+    for typed, ray_name, request in [
+        ("CPU", "CPU", {"num_cpus": 1}),
+        ("cpu", "CPU", {"num_cpus": 1}),
+        ("GPU", "GPU", {"num_gpus": 1, "num_cpus": 0}),
+        ("vera_gpu", "vera_gpu", {"resources": {"vera_gpu": 1}, "num_cpus": 0}),
+    ]:
+        assert worker_resource(typed) == ray_name
+        options = actor_options(ray_name)
+        assert {k: options.get(k) for k in request} == request
+        assert ("resources" in options) == (ray_name not in ("CPU", "GPU"))
+        _remote_host_class().options(**options)  # raises ValueError for a request Ray refuses
+        check_actor_options(ray_name)
+    for name in ("", "memory", "object_store_memory", "node:10.0.0.1"):
+        with pytest.raises(ClusterError, match="--worker-resource"):
+            worker_resource(name)

@@ -117,8 +117,8 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--worker-resource",
         default="GPU",
         metavar="NAME",
-        help="with --cluster: the Ray resource one worker takes per device; other than GPU, workers run on the CPU "
-        "(default: %(default)s)",
+        help="with --cluster: the Ray resource one worker takes per device: GPU, CPU (one worker per CPU) or a "
+        "custom resource of the nodes; other than GPU, workers run on the CPU (default: %(default)s)",
     )
     parser.add_argument(
         "--allow-root",
