@@ -159,6 +159,59 @@ def test_path_input_only_under_allowed_roots(make_harness, tmp_path: Path) -> No
         closed.client.submit_files(pattern, [1, 2], prompt="x", send_paths=True)
 
 
+class _WindowsFirstRunner(PassThroughRunner):
+    """Reads the plate's windows before its pixels, as PipelineRunner does (results carry the plate's windows)."""
+
+    def run(self, ctx):
+        ctx.inputs.windows()
+        return super().run(ctx)
+
+
+def test_a_deleted_first_path_frame_fails_its_job_naming_the_frame(
+    make_harness, tmp_path: Path, caplog
+) -> None:
+    root = tmp_path / "shared"
+    runner = _WindowsFirstRunner(gate_step=1)
+    h = make_harness(runner, allowed_roots=[root])
+    pattern, _ = write_plate(root / "sh010", [7, 8])
+    blocker = h.client.submit(
+        pb.JobHeader(prompt="x", frames=[1], steps=2), raw_chunks(P, 1, uniform_frame())
+    ).job_id
+    assert runner.at_gate.wait(20)  # the worker is busy: the path job waits in the queue
+    job = h.client.submit_files(pattern, [7, 8], prompt="x", send_paths=True, steps=1)
+    (root / "sh010" / "plate.0007.exr").unlink()
+    runner.gate_step = 0
+    runner.gate.set()
+    assert h.client.wait(blocker).state == pb.JOB_STATE_SUCCEEDED
+    final = h.client.wait(job)
+    assert final.state == pb.JOB_STATE_FAILED
+    assert final.error.startswith(
+        f"plate frame 7.path: {root / 'sh010' / 'plate.0007.exr'} cannot be read any more"
+    )
+    assert not [
+        r for r in caplog.records if r.levelname == "ERROR"
+    ]  # the client's doing: no traceback logged
+
+
+def test_a_path_frame_must_be_an_exr_and_carry_no_data(make_harness, tmp_path: Path) -> None:
+    root = tmp_path / "shared"
+    root.mkdir()
+    h = make_harness(allowed_roots=[root])
+    not_exr = root / "notes.exr"
+    not_exr.write_text("not an image")
+    with pytest.raises(EngineError) as err:
+        h.client.submit_files([not_exr], [1], prompt="x", send_paths=True)
+    assert err.value.code == "INVALID_ARGUMENT"
+    assert err.value.details.startswith(f"plate frame 1.path: '{not_exr}' is not a usable OpenEXR frame")
+    pattern, _ = write_plate(root / "sh010", [1])
+    chunk = pb.FrameChunk(layer=P, frame=1, encoding=pb.ENCODING_PATH, path=pattern.replace("####", "0001"))
+    chunk.data = b"ignored?"
+    with pytest.raises(EngineError) as err:
+        h.client.submit(pb.JobHeader(prompt="x", frames=[1]), [pb.SubmitRequest(chunk=chunk)])
+    assert err.value.code == "INVALID_ARGUMENT"
+    assert err.value.details.startswith("plate frame 1.data: a frame sent by path carries no data")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Validation
 

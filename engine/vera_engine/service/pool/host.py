@@ -121,16 +121,20 @@ def pack_inputs(inputs_dir: Path) -> dict[str, bytes]:
     Frames that were sent by path are read here, on the front door, which is where they were checked: the worker
     gets their bytes as if they had been sent as EXR files.
     """
+    spooled = SpooledInputs(inputs_dir)
     manifest = json.loads((inputs_dir / MANIFEST).read_text())
     files: dict[str, bytes] = {}
-    for layer in ("plate", "mask"):
+    for layer, layer_number in (("plate", pb.LAYER_PLATE), ("mask", pb.LAYER_MASK)):
         for frame, entry in manifest[layer].items():
             if entry["encoding"] == "path":
                 name = f"{layer}.{frame}.by-path.exr"
+                path = spooled.exr_path(layer_number, int(frame))  # fails naming the frame if it changed
                 try:
-                    files[name] = Path(entry["path"]).read_bytes()
+                    files[name] = path.read_bytes()
                 except OSError as exc:
-                    raise InputError(f"{layer}[{frame}]", f"cannot be read any more: {exc}") from None
+                    raise InputError(
+                        f"{layer} frame {frame}.path", f"{path} cannot be read any more: {exc.strerror}"
+                    ) from None
                 manifest[layer][frame] = {**entry, "encoding": "exr", "file": name}
             else:
                 files[entry["file"]] = (inputs_dir / entry["file"]).read_bytes()
