@@ -69,12 +69,14 @@ def test_info_serves_the_options_schema(make_harness) -> None:
 
 
 def test_health_goes_serving_after_load_and_reflection_lists_services(make_harness) -> None:
-    h = make_harness(PassThroughRunner(load_seconds=1.0))
+    runner = PassThroughRunner(hold_load=True)
+    h = make_harness(runner)
     channel = grpc.insecure_channel(h.address)
     stub = health_pb2_grpc.HealthStub(channel)
     first = stub.Check(health_pb2.HealthCheckRequest(service="vera.v1.Engine"), timeout=5)
     assert first.status == health_pb2.HealthCheckResponse.NOT_SERVING
     assert h.client.health() == "NOT_SERVING"
+    runner.loaded.set()
     h.client.wait_until_serving(10)
     assert (
         stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status

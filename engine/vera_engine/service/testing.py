@@ -28,10 +28,19 @@ class PassThroughRunner:
     """A model-free runner: ``steps`` timed steps, then the plate written back as Vera's layered EXRs."""
 
     def __init__(
-        self, step_seconds: float = 0.0, load_seconds: float = 0.0, fail_prompt: str = "", gate_step: int = 0
+        self,
+        step_seconds: float = 0.0,
+        load_seconds: float = 0.0,
+        fail_prompt: str = "",
+        gate_step: int = 0,
+        hold_load: bool = False,
     ) -> None:
         self.step_seconds = step_seconds
         self.load_seconds = load_seconds
+        # hold_load: load() waits until the test sets `loaded` (NOT_SERVING for exactly as long as the test needs).
+        self.loaded = threading.Event()
+        if not hold_load:
+            self.loaded.set()
         self.fail_prompt = fail_prompt
         self.started: list[str] = []
         self.steps_done: dict[str, int] = {}
@@ -42,8 +51,9 @@ class PassThroughRunner:
         self.at_gate = threading.Event()
 
     def load(self) -> None:
-        """Pretend-free load: just waits ``load_seconds`` so tests can observe NOT_SERVING."""
+        """Pretend-free load: waits ``load_seconds``, then for ``loaded``, so tests can observe NOT_SERVING."""
         time.sleep(self.load_seconds)
+        self.loaded.wait(60)
 
     def models(self) -> list[pb.ModelInfo]:
         """One model called 'passthrough' with the standard schema."""
