@@ -278,6 +278,9 @@ class Pool:
     def _loop(self) -> None:
         last_reconcile = -1e9
         while not self._stop.is_set():
+            # Cleared before looking at the queue: a wake (job queued, job ended, worker loaded) during the look
+            # makes the wait below return at once instead of after its timeout.
+            self._wake.clear()
             if time.monotonic() - last_reconcile > RECONCILE_SECONDS:
                 last_reconcile = time.monotonic()
                 self._reconcile()
@@ -285,7 +288,6 @@ class Pool:
             if not dispatched and self.idle_hook is not None:
                 self.idle_hook()
             self._wake.wait(timeout=1.0)
-            self._wake.clear()
 
     def _reconcile(self) -> None:
         with self._lock:
