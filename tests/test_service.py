@@ -644,3 +644,58 @@ def test_disk_offload_folder_is_per_model_and_compiled_engines_offer_exact_sampl
     assert list(next(o for o in compiled.options if o.name == "step_cache").choices) == ["none"]
     plain = PipelineRunner(models[0], device="cpu").models()[0]
     assert "taylorseer:2" in next(o for o in plain.options if o.name == "step_cache").choices
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The Engine as a program embeds it (no gRPC)
+
+
+def test_engine_embedded_without_grpc_submits_cancels_fetches_and_closes(tmp_path: Path) -> None:
+    from vera_engine.service.errors import InputError, JobNotFound, QueueFull, WrongJobState
+
+    runner = PassThroughRunner(gate_step=1)
+    header = pb.JobHeader(prompt="x", frames=[1], steps=2)
+    chunk = raw_chunks(P, 1, uniform_frame())[0].chunk
+    with Engine(tmp_path / "spool", runner, queue_capacity=1) as engine:
+        first = engine.submit(header, [chunk])
+        assert first.state == pb.JOB_STATE_QUEUED and len(first.job_id) == 32
+        assert runner.at_gate.wait(20)
+        queued = engine.submit(header, [chunk]).job_id
+        with pytest.raises(QueueFull, match="the queue is full"):
+            engine.submit(header, [chunk])
+        assert engine.cancel(queued).state == pb.JOB_STATE_CANCELLED
+        with pytest.raises(WrongJobState, match=r"already ended \(JOB_STATE_CANCELLED\)"):
+            engine.cancel(queued)
+        with pytest.raises(JobNotFound):
+            engine.status("nope")
+        with pytest.raises(InputError, match="plate frame 2: frame 2 is not in the header's frames list"):
+            engine.submit(pb.JobHeader(prompt="x", frames=[1]), [pb.FrameChunk(layer=P, frame=2)])
+        runner.gate.set()
+        final = next(s for s in engine.watch(first.job_id) if s.state == pb.JOB_STATE_SUCCEEDED)
+        assert [p.name for p in engine.fetch_paths(final.job_id)] == list(final.output_files)
+        assert engine.fetch_paths(final.job_id)[0].is_file()
+    # Closed: the spool is free for another engine, which sees the finished job.
+    with Engine(tmp_path / "spool", PassThroughRunner()) as again:
+        assert again.status(first.job_id).state == pb.JOB_STATE_SUCCEEDED
+
+
+def test_closing_waits_for_the_running_step_then_requeues_the_job(tmp_path: Path) -> None:
+    runner = PassThroughRunner(gate_step=1)
+    engine = Engine(tmp_path / "spool", runner)
+    engine.start()
+    job = engine.submit(
+        pb.JobHeader(prompt="x", frames=[1], steps=3), [raw_chunks(P, 1, uniform_frame())[0].chunk]
+    )
+    assert runner.at_gate.wait(20)  # inside the job's first step
+    closing = threading.Thread(target=engine.close)
+    closing.start()
+    wait_for(lambda: engine.cancel_requested(job.job_id), what="the shutdown's cancel")
+    closing.join(0.2)
+    assert closing.is_alive()  # the step has not ended: the store stays open under it
+    assert engine.store.get(job.job_id).state == pb.JOB_STATE_RUNNING
+    runner.gate.set()
+    closing.join(20)
+    assert not closing.is_alive()
+    store = JobStore(tmp_path / "spool" / "jobs.sqlite")
+    assert store.get(job.job_id).state == pb.JOB_STATE_QUEUED  # resumes at the next start
+    store.close()
