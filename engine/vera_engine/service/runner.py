@@ -13,7 +13,7 @@ import logging
 import os
 import platform
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vera_engine.pipelines.model_store import (
     check_attention_backend,
@@ -26,6 +26,9 @@ from vera_engine.service.errors import JobCancelled
 from vera_engine.service.schema import STEP_CACHES, ModelDefaults, model_info
 from vera_engine.service.worker import JobContext
 from vera_proto.vera.v1 import engine_pb2 as pb
+
+if TYPE_CHECKING:
+    from vera_engine.acceleration.memory import MemoryOptions
 
 DEFAULT_STEPS = 30
 
@@ -74,7 +77,7 @@ class PipelineRunner:
         model: str,
         device: str | None = None,
         *,
-        memory: Any = None,
+        memory: MemoryOptions | None = None,
         attention_backend: str | None = None,
         compile_blocks: bool = False,
     ) -> None:

@@ -9,12 +9,16 @@ import logging
 import signal
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from vera_engine.service import auth
 from vera_engine.service.engine import DEFAULT_QUEUE, DEFAULT_RETENTION_HOURS, Engine
 from vera_engine.service.errors import SpoolInUse
 from vera_engine.service.servicer import DEFAULT_PORT, create_server
+
+if TYPE_CHECKING:
+    from vera_engine.acceleration.memory import MemoryOptions
+    from vera_engine.service.pool import PoolBackend
 
 log = logging.getLogger("vera_engine.service")
 
@@ -154,7 +158,7 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="INFO", help="logging level (default: %(default)s)")
 
 
-def memory_options(args: argparse.Namespace) -> Any:
+def memory_options(args: argparse.Namespace) -> MemoryOptions | None:
     """The serve flags as `vera_engine.acceleration.memory.MemoryOptions`, or None when none is given (all on the device)."""
     from vera_engine.acceleration.memory import MemoryOptions
 
@@ -180,7 +184,7 @@ def memory_options(args: argparse.Namespace) -> Any:
     return None if options == MemoryOptions() else options
 
 
-def pool_backend(args: argparse.Namespace) -> Any:
+def pool_backend(args: argparse.Namespace) -> PoolBackend | None:
     """The pool the flags ask for (`service.pool`), or None for one in-process worker on one device.
 
     Raises ValueError naming the flag for combinations that cannot work, and the Ray backend's ClusterError for a

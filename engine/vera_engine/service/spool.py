@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from vera_engine.imaging.exr import Window
 from vera_engine.service import imageio
 
 # Both moved to errors.py; importable from here still, for code written before.
@@ -507,7 +508,7 @@ class SpooledInputs:
         self._check_unchanged(_frame_field(layer, frame), path, entry)
         return path
 
-    def windows(self) -> tuple[Any, Any] | None:
+    def windows(self) -> tuple[Window, Window] | None:
         """(data window, display window) of the first plate frame if it came as an EXR, else None.
 
         Results carry the plate's windows, so overscan plates line up in the comp.

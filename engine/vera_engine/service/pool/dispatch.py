@@ -32,6 +32,7 @@ from vera_engine.service.errors import JobCancelled, WorkerLost
 from vera_engine.service.pool.host import (
     JobOutcome,
     JobTicket,
+    LiveSnapshot,
     WorkerReport,
     apply_snapshot,
     job_outcome,
@@ -64,7 +65,7 @@ class WorkerHandle(ABC):
 
     @abstractmethod
     def run(
-        self, ticket: JobTicket, inputs: dict[str, bytes] | None, on_update: Callable[[dict[str, Any]], None]
+        self, ticket: JobTicket, inputs: dict[str, bytes] | None, on_update: Callable[[LiveSnapshot], None]
     ) -> JobOutcome:
         """Run a job on the worker, calling ``on_update`` with its live fields as they change; blocks until it
         ends. Raises :class:`WorkerLost` if the worker dies meanwhile."""
@@ -402,7 +403,7 @@ class Pool:
 
         previews = [self.events.previews_watched(record.id)]
 
-        def on_update(snapshot: dict[str, Any]) -> None:
+        def on_update(snapshot: LiveSnapshot) -> None:
             if apply_snapshot(live, snapshot):
                 self.events.bump()
             # Previews are decoded on the worker only while someone here watches them: pass changes along.

@@ -28,7 +28,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from vera_engine.service import store as job_store
 from vera_engine.service.errors import InputError, JobCancelled, WorkerLost
@@ -40,6 +40,19 @@ log = logging.getLogger("vera_engine.service")
 
 # JobContext live fields a poll carries back to the front door.
 _LIVE_FIELDS = ("stage", "stage_detail", "step", "total_steps", "progress", "eta_seconds")
+
+
+class LiveSnapshot(TypedDict):
+    """A running job's live fields as a worker sends them to its front door (picklable, for pipes and Ray)."""
+
+    stage: int
+    stage_detail: str
+    step: int
+    total_steps: int
+    progress: float
+    eta_seconds: float | None
+    preview: bytes | None  # pb.Preview, serialised
+    preview_version: int
 
 
 @dataclass(frozen=True)
@@ -339,7 +352,7 @@ class WorkerHost:
                 shutil.rmtree(folder, ignore_errors=True)
             free_memory()
 
-    def poll(self, job_id: str, seen: int, timeout: float) -> tuple[int, dict[str, Any] | None]:
+    def poll(self, job_id: str, seen: int, timeout: float) -> tuple[int, LiveSnapshot | None]:
         """Wait up to ``timeout`` for news of ``job_id`` newer than version ``seen``.
 
         Returns (version, live fields) with the preview as ``preview`` (serialised pb.Preview, or None) and
@@ -350,9 +363,16 @@ class WorkerHost:
             live = self._live if self._live is not None and self._live.job_id == job_id else None
             if live is None:
                 return version, None
-            snapshot: dict[str, Any] = {name: getattr(live, name) for name in _LIVE_FIELDS}
-            snapshot["preview_version"] = live.preview_version
-            snapshot["preview"] = live.preview.SerializeToString() if live.preview is not None else None
+            snapshot = LiveSnapshot(
+                stage=live.stage,
+                stage_detail=live.stage_detail,
+                step=live.step,
+                total_steps=live.total_steps,
+                progress=live.progress,
+                eta_seconds=live.eta_seconds,
+                preview=live.preview.SerializeToString() if live.preview is not None else None,
+                preview_version=live.preview_version,
+            )
         return version, snapshot
 
     def want_previews(self, job_id: str, wanted: bool) -> None:
@@ -372,7 +392,7 @@ def run_relaying(
     host: WorkerHost,
     ticket: JobTicket,
     inputs: dict[str, bytes] | None,
-    on_update: Callable[[dict[str, Any]], None],
+    on_update: Callable[[LiveSnapshot], None],
     poll_seconds: float = 0.5,
 ) -> JobOutcome:
     """Run ``ticket`` on ``host`` in this thread while a second thread relays its live fields to ``on_update``.
@@ -396,12 +416,12 @@ def run_relaying(
         done.set()
 
 
-def apply_snapshot(live: LiveState, snapshot: dict[str, Any]) -> bool:
+def apply_snapshot(live: LiveState, snapshot: LiveSnapshot) -> bool:
     """Copy a worker's live fields into the front door's LiveState; returns True if anything changed."""
     changed = False
     for name in _LIVE_FIELDS:
-        if getattr(live, name) != snapshot[name]:
-            setattr(live, name, snapshot[name])
+        if getattr(live, name) != snapshot[name]:  # type: ignore[literal-required]
+            setattr(live, name, snapshot[name])  # type: ignore[literal-required]
             changed = True
     if snapshot["preview"] is not None and snapshot["preview_version"] != live.preview_version:
         live.preview = pb.Preview.FromString(snapshot["preview"])

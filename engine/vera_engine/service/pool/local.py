@@ -26,6 +26,7 @@ from vera_engine.service.pool.host import (
     GroupSpec,
     JobOutcome,
     JobTicket,
+    LiveSnapshot,
     RunnerSpec,
     WorkerHost,
     WorkerReport,
@@ -224,7 +225,7 @@ class LocalWorker(WorkerHandle):
         return reports[0]
 
     def run(
-        self, ticket: JobTicket, inputs: dict[str, bytes] | None, on_update: Callable[[dict[str, Any]], None]
+        self, ticket: JobTicket, inputs: dict[str, bytes] | None, on_update: Callable[[LiveSnapshot], None]
     ) -> JobOutcome:
         """Send the job to every rank; follow rank 0's updates; the outcome is rank 0's."""
         for process in self._processes:

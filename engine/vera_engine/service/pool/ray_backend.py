@@ -31,6 +31,7 @@ from vera_engine.service.pool.host import (
     GroupSpec,
     JobOutcome,
     JobTicket,
+    LiveSnapshot,
     RunnerSpec,
     WorkerHost,
     WorkerReport,
@@ -246,7 +247,7 @@ class RayWorker(WorkerHandle):
         return reports[0]
 
     def run(
-        self, ticket: JobTicket, inputs: dict[str, bytes] | None, on_update: Callable[[dict[str, Any]], None]
+        self, ticket: JobTicket, inputs: dict[str, bytes] | None, on_update: Callable[[LiveSnapshot], None]
     ) -> JobOutcome:
         """Run the job on every rank, following rank 0's progress; the outcome is rank 0's."""
         import ray
