@@ -1,17 +1,19 @@
-"""The front door's side of a pool: the dispatch code shared by the local and the Ray backend.
+"""The front door's side of a pool: how every job is claimed, followed and finished, whatever runs it.
 
-:class:`Pool` takes the place of the engine's single in-process worker. Jobs stay in the same durable SQLite
-queue; the pool hands the oldest queued job to an idle worker (as many jobs in flight as idle workers, in
-submission order), relays the worker's stage, steps, ETA and previews into the front door's live state (which
-Watch streams), stores the results in the spool, and finishes the job in the store as the single worker does.
+:class:`Pool` is the engine's worker in every mode: jobs stay in the durable SQLite queue; the pool hands the oldest
+queued job to an idle worker (as many jobs in flight as idle workers, in submission order), relays the worker's
+stage, steps, ETA and previews into the front door's live state (which Watch streams), stores the results in the
+spool, and records the job's end (:meth:`Pool._end`). Cancels are kept in one :class:`~vera_engine.service.worker.
+CancelBook`, so one asked between the claim and the worker's start is met as the job starts.
 
 A worker that dies mid-job (its process exits, Ray reports the actor or its node dead) raises
 :class:`WorkerLost`: the job goes back to the queue, whose order puts it at the head, counting the attempt as the
 kill -9 recovery does, and fails naming the cause once it reached the attempt limit. The backend replaces lost
 workers where their devices still exist.
 
-A backend (:class:`PoolBackend`) only makes workers (:class:`WorkerHandle`): `local.LocalBackend` (one process
-per device) and `ray_backend.RayBackend` (Ray actors, scheduled and watched by Ray).
+A backend (:class:`PoolBackend`) only makes workers (:class:`WorkerHandle`): `inprocess.InProcessBackend` (one
+worker in the engine's process: the default), `local.LocalBackend` (one process per device) and
+`ray_backend.RayBackend` (Ray actors, scheduled and watched by Ray).
 """
 
 from __future__ import annotations
