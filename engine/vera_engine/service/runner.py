@@ -270,7 +270,7 @@ class PipelineRunner:
             writer = ResultWriter(
                 ctx.output_dir,
                 frames,
-                name=take_name(take),
+                name=take_name(take + 1),
                 pixel_type=header.bit_depth,
                 compression=header.compression,
                 metadata={
@@ -303,5 +303,8 @@ class PipelineRunner:
 
 
 def take_name(take: int) -> str:
-    """The file name stem of take ``take`` (0-based): ``vera_edit`` for the first, ``vera_edit_take<k>`` after."""
-    return "vera_edit" if take == 0 else f"vera_edit_take{take + 1}"
+    """The file name stem of take ``take``, numbered from 1 as JobHeader.takes counts them and the results' ``take``
+    metadata, the plugin's cache and the Resolve adapter read them: ``vera_edit``, then ``vera_edit_take<k>``."""
+    if take < 1:
+        raise ValueError(f"take {take}: takes are numbered from 1")
+    return "vera_edit" if take == 1 else f"vera_edit_take{take}"

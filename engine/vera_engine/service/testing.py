@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vera_engine.service.runner import take_name
 from vera_engine.service.schema import ModelDefaults, model_info
 from vera_engine.service.worker import JobContext
 from vera_proto.vera.v1 import engine_pb2 as pb
@@ -96,7 +97,7 @@ class PassThroughRunner:
         # Takes (JobHeader.takes): take k is named vera_edit_take<k>.<frame>.exr (k > 1) and has seed + k - 1; its
         # edit layer is a flat (k - 1) / 8 with alpha 0 (so composite = plate + edit), telling the takes apart.
         for take in range(1, max(1, ctx.header.takes) + 1):
-            prefix = "vera_edit" if take == 1 else f"vera_edit_take{take}"
+            prefix = take_name(take)
             for frame, pixels in zip(ctx.inputs.frames, plate, strict=True):
                 rgba = (
                     pixels
