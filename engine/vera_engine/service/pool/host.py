@@ -38,6 +38,8 @@ from vera_proto.vera.v1 import engine_pb2 as pb
 
 log = logging.getLogger("vera_engine.service")
 
+FREE_MEMORY_AFTER_SECONDS = 2.0  # after a job's outcome is returned, time for it to reach the front door
+
 # JobContext live fields a poll carries back to the front door.
 _LIVE_FIELDS = ("stage", "stage_detail", "step", "total_steps", "progress", "eta_seconds")
 
@@ -236,6 +238,10 @@ class WorkerHost:
         self._events = Events()
         self._live: LiveState | None = None
         self._cancels = CancelBook()
+        self._free_lock = threading.Lock()
+        self._free_timer: threading.Timer | None = (
+            None  # gives the last job's memory back, unless a job comes first
+        )
 
     @property
     def lead(self) -> bool:
@@ -281,12 +287,28 @@ class WorkerHost:
         """Run one job to its end; the outcome says how it ended (never raises for the job's own errors)."""
         if self.runner is None:
             raise RuntimeError("WorkerHost.run before load()")
+        self._free_memory_now()  # the last job's memory is back before this one takes any
         live = LiveState(job_id=ticket.job_id)
         outcome = self._run(ticket, inputs, live)
         # Every job keeps the progress it had when it stopped (the proto's JobStatus promise): the front door
         # records it, as the relayed live fields may have been sampled a step earlier.
         outcome.progress = live.stopped_at()
+        # The outcome goes back first, the memory a moment later: a full garbage collection holds the GIL, for
+        # seconds in a Ray worker on a loaded machine (9 s measured on 2 busy cores), and the front door would
+        # hear of a cancelled or finished job only after it.
+        with self._free_lock:
+            self._free_timer = threading.Timer(FREE_MEMORY_AFTER_SECONDS, self._free_memory_now)
+            self._free_timer.daemon = True
+            self._free_timer.start()
         return outcome
+
+    def _free_memory_now(self) -> None:
+        """Give the last job's memory back if that is still to do (from the timer, or before the next job)."""
+        with self._free_lock:
+            timer, self._free_timer = self._free_timer, None
+        if timer is not None:
+            timer.cancel()
+            free_memory()
 
     def _run(self, ticket: JobTicket, inputs: dict[str, bytes] | None, live: LiveState) -> JobOutcome:
         assert self.runner is not None
@@ -350,7 +372,6 @@ class WorkerHost:
             self._events.bump()
             for folder in scratch:
                 shutil.rmtree(folder, ignore_errors=True)
-            free_memory()
 
     def poll(self, job_id: str, seen: int, timeout: float) -> tuple[int, LiveSnapshot | None]:
         """Wait up to ``timeout`` for news of ``job_id`` newer than version ``seen``.
