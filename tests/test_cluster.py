@@ -59,10 +59,16 @@ class Front:
     """A front door (Engine with a Ray pool) in this process on a free loopback port, and a client."""
 
     def __init__(
-        self, spool: Path, runner: RunnerSpec, *, gpus_per_job: int = 1, shared_spool: bool = False
+        self,
+        spool: Path,
+        runner: RunnerSpec,
+        *,
+        gpus_per_job: int = 1,
+        shared_spool: bool = False,
+        resource: str = RESOURCE,
     ) -> None:
         backend = RayBackend(
-            "auto", runner, resource=RESOURCE, gpus_per_job=gpus_per_job, shared_spool=shared_spool
+            "auto", runner, resource=resource, gpus_per_job=gpus_per_job, shared_spool=shared_spool
         )
         self.engine = Engine(spool, PassThroughRunner(), pool=backend)
         self.server, port = create_server(self.engine, "127.0.0.1", 0)
@@ -232,6 +238,21 @@ def test_a_job_needing_more_devices_than_any_node_has_is_invalid_argument(
     assert "needs 2 'vera_gpu' devices on one node" in error.value.details
     assert "largest live node of the Ray cluster has 1" in error.value.details
     assert front.client.list_jobs() == []
+
+
+def test_worker_resource_cpu_runs_jobs_on_ray_cpus(
+    cluster: Cluster, fronts: list[Front], tmp_path: Path
+) -> None:
+    # `--worker-resource CPU` once started, listed the pool, and failed every job: Ray refuses "CPU" in
+    # `resources`. It is Ray's num_cpus now: one worker per CPU of the cluster (three single-CPU nodes here).
+    front = Front(tmp_path / "spool", RunnerSpec(PassThroughRunner, {}), resource="cpu")
+    fronts.append(front)
+    front.client.wait_until_serving(120)
+    job = front.client.submit_arrays(_plate(0, frames=1), [1], prompt="on a CPU", steps=2)
+    final = front.client.wait(job)
+    assert final.state == pb.JOB_STATE_SUCCEEDED, final.error
+    ran_it = [w for w in front.client.info().workers if w.name == final.worker]
+    assert ran_it and ran_it[0].device.kind == "cpu"
 
 
 def _serve(*flags: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:

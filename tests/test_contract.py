@@ -179,7 +179,7 @@ def _submit_cases(tmp_path: Path, root: Path) -> dict[str, tuple[dict, list, str
         "relative frame path": ({"frames": [1]}, _path_chunk("shots/plate.0001.exr"), "plate frame 1.path: 'shots/plate.0001.exr' is not absolute"),
         "frame path to a folder": ({"frames": [1]}, _path_chunk(str(root)), ("plate frame 1.path: ", "is not a file")),
         "frame path that does not exist": ({"frames": [1]}, _path_chunk(f"{root}/missing.exr"), "does not exist"),
-        "frame path to a PNG": ({"frames": [1]}, _path_chunk(str(_png(root / "plate.0001.exr"))), "plate frame 1: not a usable OpenEXR frame: is a png image"),
+        "frame path to a PNG": ({"frames": [1]}, _path_chunk(str(_png(root / "plate.0001.exr"))), ("plate frame 1.path: ", "plate.0001.exr' is not a usable OpenEXR frame: is a png image")),
         "PNG bytes sent as EXR": ({"frames": [1]}, exr_chunks(P, 1, png_bytes), "plate frame 1: not a usable OpenEXR frame: is a png image"),
         **{
             f"{HUGE}-character {name}": ({name: "x" * HUGE}, good, f"header.{name}: is {HUGE} characters; at most {limit}")

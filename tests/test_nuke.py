@@ -647,8 +647,7 @@ def test_cancel_cancels_the_engine_job(
         else:
             nk._fake_progress_tasks()[-1]._cancelled = True  # the artist clicks the progress bar's cancel
         # Let the job go on only once the engine got the Cancel: it must then stop at its next step.
-        cancel_event = eng.engine.worker._cancel[job]
-        nk._fake_process_events(until=cancel_event.is_set, timeout=30)
+        nk._fake_process_events(until=lambda: eng.engine.cancel_requested(job), timeout=30)
         runner.gate.set()
         status = wait_done(nk, host, node)
         assert status == f"cancelled job {job}"

@@ -109,9 +109,7 @@ def test_submit_progress_preview_cancel_and_open(
     assert widget.job_list.topLevelItem(0).text(4) == "1001-1003"
     widget.cancel_button.click()
     qtbot.waitUntil(
-        lambda: (
-            gated.engine.worker._cancel.get(job) is not None and gated.engine.worker._cancel[job].is_set()
-        ),
+        lambda: gated.engine.cancel_requested(job),
         timeout=10000,
     )
     gated.runner.gate.set()

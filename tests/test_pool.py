@@ -9,13 +9,14 @@ from __future__ import annotations
 import os
 import signal
 import sqlite3
+import threading
 from pathlib import Path
 
 import numpy as np
 import OpenImageIO as oiio
 import pytest
 
-from tests.service_helpers import assert_split_equals_one_process, wait_for
+from tests.service_helpers import P, assert_split_equals_one_process, raw_chunks, uniform_frame, wait_for
 from vera_engine.service import Engine, create_server, serve_main
 from vera_engine.service import store as job_store
 from vera_engine.service.pool import LocalBackend, RunnerSpec, parse_devices
@@ -145,8 +146,7 @@ def test_a_killed_worker_process_puts_its_job_back_and_is_replaced(harnesses, tm
         what="the job sampling",
         timeout=60,
     )
-    pool = h.engine.worker
-    victim = next(w for w in pool._handles if w.name == status.worker)
+    victim = h.engine.pool.handle(status.worker)
     os.kill(victim.pids()[0], signal.SIGKILL)
     final = h.client.wait(victim_job)
     assert final.state == pb.JOB_STATE_SUCCEEDED, final.error
@@ -169,7 +169,8 @@ def test_a_job_whose_worker_keeps_dying_fails_naming_the_cause(harnesses, tmp_pa
     h.client.wait_until_serving(120)
     job = h.client.submit_arrays(_plate(), [1, 2], prompt="doomed", steps=20)
     wait_for(lambda: h.client.status(job).step >= 1, what="the job sampling", timeout=60)
-    os.kill(h.engine.worker._handles[0].pids()[0], signal.SIGKILL)
+    (worker,) = h.client.info().workers
+    os.kill(h.engine.pool.handle(worker.name).pids()[0], signal.SIGKILL)
     final = h.client.wait(job)
     assert final.state == pb.JOB_STATE_FAILED
     assert "lost 1 times" in final.error and "killed by signal 9" in final.error
@@ -285,3 +286,113 @@ def test_store_shortens_a_long_error_in_one_place_for_every_worker_kind(tmp_path
     assert len(failed.error) == MAX_ERROR_CHARS and failed.error.startswith("RuntimeError: xxx")
     assert failed.error.endswith("...") and (failed.step, failed.total_steps) == (3, 8)
     store.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The in-process tier: the pool's dispatch with its one worker in this process (no processes, no Ray).
+
+
+class _Gate:
+    """Holds a call at a known point until the test lets it go: `entered` is set when the call arrives."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def hold(self) -> None:
+        self.entered.set()
+        assert self.release.wait(20), "the test never released the gate"
+
+
+def _in_process_pool(make_harness, runner: PassThroughRunner, *, shares_spool: bool = True, **engine_kw):
+    from vera_engine.service.pool.inprocess import InProcessBackend
+
+    backend = InProcessBackend(runner, shares_spool=shares_spool)
+    return make_harness(runner, pool=backend, **engine_kw)
+
+
+def _one_frame_job(client: EngineClient, steps: int = 2) -> str:
+    return client.submit(
+        pb.JobHeader(prompt="x", frames=[1], steps=steps), raw_chunks(P, 1, uniform_frame())
+    ).job_id
+
+
+def test_a_cancel_while_the_front_door_packs_the_inputs_is_not_lost(make_harness, monkeypatch) -> None:
+    # A Ray worker without a shared spool gets the plate as bytes, read by the front door first (pack_inputs):
+    # a Cancel that arrives meanwhile must stop the job, not be forgotten while cancel_requested says true.
+    from vera_engine.service.pool import dispatch
+
+    gate = _Gate()
+    real_pack = dispatch.pack_inputs
+
+    def slow_pack(inputs_dir: Path) -> dict[str, bytes]:
+        gate.hold()
+        return real_pack(inputs_dir)
+
+    monkeypatch.setattr(dispatch, "pack_inputs", slow_pack)
+    runner = PassThroughRunner()
+    h = _in_process_pool(make_harness, runner, shares_spool=False, cancel_wait_seconds=0)
+    job = _one_frame_job(h.client)
+    assert gate.entered.wait(20)
+    asked = h.client.cancel(job)
+    assert asked.state == pb.JOB_STATE_RUNNING and asked.cancel_requested
+    gate.release.set()
+    final = h.client.wait(job)
+    assert final.state == pb.JOB_STATE_CANCELLED, final
+    assert job not in runner.started and final.output_files == []
+
+
+def test_a_cancel_between_the_claim_and_the_dispatch_is_not_lost(make_harness) -> None:
+    # The store marks a job RUNNING when the pool claims it, before the pool registers it as running: a Cancel
+    # in that window is remembered and met as the job starts (not answered "already ended (RUNNING)").
+    gate = _Gate()
+    runner = PassThroughRunner()
+    h = _in_process_pool(make_harness, runner, cancel_wait_seconds=0)
+    store = h.engine.store
+    real_claim = store.claim_next
+
+    def claim_then_hold(worker: str = "") -> job_store.JobRecord | None:
+        record = real_claim(worker=worker)
+        if record is not None:
+            gate.hold()
+        return record
+
+    store.claim_next = claim_then_hold  # type: ignore[method-assign]
+    h.client.wait_until_serving(20)
+    job = _one_frame_job(h.client)
+    assert gate.entered.wait(20)
+    asked = h.client.cancel(job)
+    assert asked.state == pb.JOB_STATE_RUNNING and asked.cancel_requested
+    gate.release.set()
+    final = h.client.wait(job)
+    assert final.state == pb.JOB_STATE_CANCELLED, final
+    assert job not in runner.started
+
+
+def test_worker_resources_are_asked_of_ray_as_ray_names_them() -> None:
+    # `--worker-resource CPU` (or GPU) once started an engine whose every job failed: Ray refuses CPU and GPU in
+    # `resources`. Ray's own option checks (the ones each actor start runs) must accept every request made.
+    pytest.importorskip("ray")
+    from vera_engine.service.errors import ClusterError
+    from vera_engine.service.pool.ray_backend import (
+        _remote_host_class,
+        actor_options,
+        check_actor_options,
+        worker_resource,
+    )
+
+    for typed, ray_name, request in [
+        ("CPU", "CPU", {"num_cpus": 1}),
+        ("cpu", "CPU", {"num_cpus": 1}),
+        ("GPU", "GPU", {"num_gpus": 1, "num_cpus": 0}),
+        ("vera_gpu", "vera_gpu", {"resources": {"vera_gpu": 1}, "num_cpus": 0}),
+    ]:
+        assert worker_resource(typed) == ray_name
+        options = actor_options(ray_name)
+        assert {k: options.get(k) for k in request} == request
+        assert ("resources" in options) == (ray_name not in ("CPU", "GPU"))
+        _remote_host_class().options(**options)  # raises ValueError for a request Ray refuses
+        check_actor_options(ray_name)
+    for name in ("", "memory", "object_store_memory", "node:10.0.0.1"):
+        with pytest.raises(ClusterError, match="--worker-resource"):
+            worker_resource(name)

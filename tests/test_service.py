@@ -69,12 +69,14 @@ def test_info_serves_the_options_schema(make_harness) -> None:
 
 
 def test_health_goes_serving_after_load_and_reflection_lists_services(make_harness) -> None:
-    h = make_harness(PassThroughRunner(load_seconds=1.0))
+    runner = PassThroughRunner(hold_load=True)
+    h = make_harness(runner)
     channel = grpc.insecure_channel(h.address)
     stub = health_pb2_grpc.HealthStub(channel)
     first = stub.Check(health_pb2.HealthCheckRequest(service="vera.v1.Engine"), timeout=5)
     assert first.status == health_pb2.HealthCheckResponse.NOT_SERVING
     assert h.client.health() == "NOT_SERVING"
+    runner.loaded.set()
     h.client.wait_until_serving(10)
     assert (
         stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status
@@ -159,6 +161,59 @@ def test_path_input_only_under_allowed_roots(make_harness, tmp_path: Path) -> No
         closed.client.submit_files(pattern, [1, 2], prompt="x", send_paths=True)
 
 
+class _WindowsFirstRunner(PassThroughRunner):
+    """Reads the plate's windows before its pixels, as PipelineRunner does (results carry the plate's windows)."""
+
+    def run(self, ctx):
+        ctx.inputs.windows()
+        return super().run(ctx)
+
+
+def test_a_deleted_first_path_frame_fails_its_job_naming_the_frame(
+    make_harness, tmp_path: Path, caplog
+) -> None:
+    root = tmp_path / "shared"
+    runner = _WindowsFirstRunner(gate_step=1)
+    h = make_harness(runner, allowed_roots=[root])
+    pattern, _ = write_plate(root / "sh010", [7, 8])
+    blocker = h.client.submit(
+        pb.JobHeader(prompt="x", frames=[1], steps=2), raw_chunks(P, 1, uniform_frame())
+    ).job_id
+    assert runner.at_gate.wait(20)  # the worker is busy: the path job waits in the queue
+    job = h.client.submit_files(pattern, [7, 8], prompt="x", send_paths=True, steps=1)
+    (root / "sh010" / "plate.0007.exr").unlink()
+    runner.gate_step = 0
+    runner.gate.set()
+    assert h.client.wait(blocker).state == pb.JOB_STATE_SUCCEEDED
+    final = h.client.wait(job)
+    assert final.state == pb.JOB_STATE_FAILED
+    assert final.error.startswith(
+        f"plate frame 7.path: {root / 'sh010' / 'plate.0007.exr'} cannot be read any more"
+    )
+    assert not [
+        r for r in caplog.records if r.levelname == "ERROR"
+    ]  # the client's doing: no traceback logged
+
+
+def test_a_path_frame_must_be_an_exr_and_carry_no_data(make_harness, tmp_path: Path) -> None:
+    root = tmp_path / "shared"
+    root.mkdir()
+    h = make_harness(allowed_roots=[root])
+    not_exr = root / "notes.exr"
+    not_exr.write_text("not an image")
+    with pytest.raises(EngineError) as err:
+        h.client.submit_files([not_exr], [1], prompt="x", send_paths=True)
+    assert err.value.code == "INVALID_ARGUMENT"
+    assert err.value.details.startswith(f"plate frame 1.path: '{not_exr}' is not a usable OpenEXR frame")
+    pattern, _ = write_plate(root / "sh010", [1])
+    chunk = pb.FrameChunk(layer=P, frame=1, encoding=pb.ENCODING_PATH, path=pattern.replace("####", "0001"))
+    chunk.data = b"ignored?"
+    with pytest.raises(EngineError) as err:
+        h.client.submit(pb.JobHeader(prompt="x", frames=[1]), [pb.SubmitRequest(chunk=chunk)])
+    assert err.value.code == "INVALID_ARGUMENT"
+    assert err.value.details.startswith("plate frame 1.data: a frame sent by path carries no data")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Validation
 
@@ -213,7 +268,7 @@ def test_cancel_running_job_stops_within_a_step(make_harness) -> None:
     answer: list[pb.JobStatus] = []
     canceller = threading.Thread(target=lambda: answer.append(h.client.cancel(job)))
     canceller.start()
-    wait_for(lambda: h.engine.worker._cancel.get(job) is not None and h.engine.worker._cancel[job].is_set())
+    wait_for(lambda: h.engine.cancel_requested(job), what="the cancel on record")
     waiting = h.client.status(job)  # the job is still inside step 3: RUNNING, with the cancel on record
     assert waiting.state == pb.JOB_STATE_RUNNING and waiting.cancel_requested
     runner.gate.set()  # step 3 ends; the job must not start step 4
@@ -243,25 +298,6 @@ def test_cancel_running_job_stops_within_a_step(make_harness) -> None:
         pb.JobHeader(prompt="x", frames=[1], steps=1), raw_chunks(P, 1, uniform_frame())
     ).job_id
     assert h.client.wait(nxt).state == pb.JOB_STATE_SUCCEEDED
-
-
-def test_cancel_between_claim_and_start_stops_the_job_as_it_starts(make_harness) -> None:
-    runner = PassThroughRunner(gate_step=1)
-    h = make_harness(runner)
-    first = h.client.submit(
-        pb.JobHeader(prompt="x", frames=[1], steps=2), raw_chunks(P, 1, uniform_frame())
-    ).job_id
-    assert runner.at_gate.wait(20)
-    second = h.client.submit(
-        pb.JobHeader(prompt="x", frames=[1], steps=2), raw_chunks(P, 1, uniform_frame())
-    ).job_id
-    # What Cancel does when the store shows a job RUNNING that the worker loop has not registered yet.
-    assert h.engine.worker.cancel_running(second)
-    runner.gate_step = 0
-    runner.gate.set()
-    assert h.client.wait(first).state == pb.JOB_STATE_SUCCEEDED
-    final = h.client.wait(second)
-    assert final.state == pb.JOB_STATE_CANCELLED and second not in runner.steps_done
 
 
 def test_failed_job_reports_error_and_engine_continues(make_harness) -> None:
@@ -345,15 +381,14 @@ def test_restart_resumes_interrupted_and_queued_jobs(make_harness, tmp_path: Pat
 
 
 def test_one_engine_per_spool(make_harness, tmp_path: Path) -> None:
-    from vera_engine.service.spool import SpoolInUse
+    from vera_engine.service.errors import SpoolInUse
 
     first = make_harness(spool=tmp_path / "shared")
     with pytest.raises(SpoolInUse, match=r"in use by another engine \(pid \d+\)"):
         Engine(tmp_path / "shared", PassThroughRunner())
     first.stop()
     second = Engine(tmp_path / "shared", PassThroughRunner())  # free again once the first stopped
-    second.store.close()
-    second.spool.unlock()
+    second.close()
 
 
 def test_job_crashing_the_engine_repeatedly_is_given_up(tmp_path: Path) -> None:
@@ -609,3 +644,58 @@ def test_disk_offload_folder_is_per_model_and_compiled_engines_offer_exact_sampl
     assert list(next(o for o in compiled.options if o.name == "step_cache").choices) == ["none"]
     plain = PipelineRunner(models[0], device="cpu").models()[0]
     assert "taylorseer:2" in next(o for o in plain.options if o.name == "step_cache").choices
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The Engine as a program embeds it (no gRPC)
+
+
+def test_engine_embedded_without_grpc_submits_cancels_fetches_and_closes(tmp_path: Path) -> None:
+    from vera_engine.service.errors import InputError, JobNotFound, QueueFull, WrongJobState
+
+    runner = PassThroughRunner(gate_step=1)
+    header = pb.JobHeader(prompt="x", frames=[1], steps=2)
+    chunk = raw_chunks(P, 1, uniform_frame())[0].chunk
+    with Engine(tmp_path / "spool", runner, queue_capacity=1) as engine:
+        first = engine.submit(header, [chunk])
+        assert first.state == pb.JOB_STATE_QUEUED and len(first.job_id) == 32
+        assert runner.at_gate.wait(20)
+        queued = engine.submit(header, [chunk]).job_id
+        with pytest.raises(QueueFull, match="the queue is full"):
+            engine.submit(header, [chunk])
+        assert engine.cancel(queued).state == pb.JOB_STATE_CANCELLED
+        with pytest.raises(WrongJobState, match=r"already ended \(JOB_STATE_CANCELLED\)"):
+            engine.cancel(queued)
+        with pytest.raises(JobNotFound):
+            engine.status("nope")
+        with pytest.raises(InputError, match="plate frame 2: frame 2 is not in the header's frames list"):
+            engine.submit(pb.JobHeader(prompt="x", frames=[1]), [pb.FrameChunk(layer=P, frame=2)])
+        runner.gate.set()
+        final = next(s for s in engine.watch(first.job_id) if s.state == pb.JOB_STATE_SUCCEEDED)
+        assert [p.name for p in engine.fetch_paths(final.job_id)] == list(final.output_files)
+        assert engine.fetch_paths(final.job_id)[0].is_file()
+    # Closed: the spool is free for another engine, which sees the finished job.
+    with Engine(tmp_path / "spool", PassThroughRunner()) as again:
+        assert again.status(first.job_id).state == pb.JOB_STATE_SUCCEEDED
+
+
+def test_closing_waits_for_the_running_step_then_requeues_the_job(tmp_path: Path) -> None:
+    runner = PassThroughRunner(gate_step=1)
+    engine = Engine(tmp_path / "spool", runner)
+    engine.start()
+    job = engine.submit(
+        pb.JobHeader(prompt="x", frames=[1], steps=3), [raw_chunks(P, 1, uniform_frame())[0].chunk]
+    )
+    assert runner.at_gate.wait(20)  # inside the job's first step
+    closing = threading.Thread(target=engine.close)
+    closing.start()
+    wait_for(lambda: engine.cancel_requested(job.job_id), what="the shutdown's cancel")
+    closing.join(0.2)
+    assert closing.is_alive()  # the step has not ended: the store stays open under it
+    assert engine.store.get(job.job_id).state == pb.JOB_STATE_RUNNING
+    runner.gate.set()
+    closing.join(20)
+    assert not closing.is_alive()
+    store = JobStore(tmp_path / "spool" / "jobs.sqlite")
+    assert store.get(job.job_id).state == pb.JOB_STATE_QUEUED  # resumes at the next start
+    store.close()

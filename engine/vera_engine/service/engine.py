@@ -1,29 +1,34 @@
-"""The engine core: one spool, one job store and the worker(s), and what the service reports about them.
+"""The engine core: one spool, one job store and a pool of workers, and what the service reports about them.
 
-:class:`Engine` accepts uploads, keeps the queue durable (a restarted engine resumes its queued jobs and still
-serves finished results), runs jobs one at a time on its in-process worker, or on a pool of workers (one per
-device, local or Ray actors: `service/pool/`), and purges results past their retention. The
-gRPC servicer (`servicer.py`) calls into it; `serve.py` builds one from the command line.
+:class:`Engine` is the API an embedding program uses, and the one the gRPC servicer (`servicer.py`) translates
+RPCs onto: :meth:`~Engine.submit`, :meth:`~Engine.watch`, :meth:`~Engine.status`, :meth:`~Engine.cancel`,
+:meth:`~Engine.fetch_paths`, :meth:`~Engine.info` and :meth:`~Engine.close` (or ``with Engine(...) as engine``).
+It admits uploads (checked, spooled, queued durably: a restarted engine resumes its queued jobs and still serves
+finished results) and purges results past their retention. Jobs run on a pool (`service/pool/`): one worker in
+this process on one device by default, or one per device (local processes) or Ray actors across a cluster; every
+kind runs a job through the same lifecycle. Refusals are the exceptions of `errors.py`, each with its gRPC code.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from grpc_health.v1 import health, health_pb2
 
 from vera_engine.service import store as job_store
-from vera_engine.service.limits import limits_message
+from vera_engine.service.errors import InputError, JobNotFound, QueueFull, ResultRemoved, WrongJobState
+from vera_engine.service.limits import limits_message, quote
+from vera_engine.service.pool.dispatch import Pool, PoolBackend
+from vera_engine.service.pool.inprocess import InProcessBackend
+from vera_engine.service.schema import resolve_header
 from vera_engine.service.spool import Spool
-from vera_engine.service.worker import Events, JobRunner, Worker
+from vera_engine.service.worker import Events, JobRunner
 from vera_proto.vera.v1 import engine_pb2 as pb
-
-if TYPE_CHECKING:
-    from vera_engine.service.pool import Pool, PoolBackend
 
 log = logging.getLogger("vera_engine.service")
 
@@ -44,8 +49,15 @@ def engine_version() -> str:
         return "0+unknown"
 
 
+SHOWN_FILES = 5  # result names an error lists
+
+
 class Engine:
-    """The engine core: owns the spool, the job store and the worker; the servicer calls into it."""
+    """The engine core: owns the spool, the job store and the pool of workers.
+
+    ``runner`` runs the jobs in this process, unless ``pool`` names another backend (local worker processes, Ray
+    actors): it then only answers for the models' schema until a worker has loaded and reported its own.
+    """
 
     def __init__(
         self,
@@ -75,41 +87,30 @@ class Engine:
         self.events = Events()
         self.health = health.HealthServicer()
         self._last_purge = 0.0
-        self.worker: Worker | Pool
-        if pool is None:
-            self.worker = Worker(
-                self.store,
-                self.spool,
-                runner,
-                self.events,
-                preview_interval=preview_interval,
-                on_loaded=self._on_loaded,
-                idle_hook=self._idle,
-            )
-        else:
-            # Jobs run on the pool's workers (local processes or Ray actors); `runner` is not loaded here, it only
-            # answers for the schema until a worker has loaded and reported its own.
-            from vera_engine.service.pool import Pool
-
-            self.worker = self.runner = Pool(
-                self.store,
-                self.spool,
-                pool,
-                self.events,
-                runner,
-                preview_interval=preview_interval,
-                max_attempts=max_attempts,
-                on_loaded=self._on_loaded,
-                idle_hook=self._idle,
-            )
+        self._phase = "new"  # then "started", then "closed"
+        # Where GetInfo's models and device come from: the runner here, or the pool's workers once they report.
+        self._workers_report = pool is not None
+        self.pool = Pool(
+            self.store,
+            self.spool,
+            pool if pool is not None else InProcessBackend(runner, preview_interval=preview_interval),
+            self.events,
+            runner,
+            preview_interval=preview_interval,
+            max_attempts=max_attempts,
+            on_loaded=self._on_loaded,
+            idle_hook=self._idle,
+        )
         for name in ("", SERVICE_NAME):
-            # Live but not ready until the worker has loaded the model.
+            # Live but not ready until a worker has loaded the model.
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     # -- life cycle ----------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Recover from a previous run (crash included) and start the worker."""
+        """Recover from a previous run (crash included) and start the pool (its workers load the model)."""
+        if self._phase != "new":
+            raise RuntimeError(f"Engine.start: the engine is {self._phase} already")
         dropped = self.spool.clean_incoming()
         known = {r.id for r in self.store.jobs()}
         for orphan in self.spool.orphans(known):
@@ -123,13 +124,32 @@ class Engine:
                 len(requeued),
                 len(failed),
             )
-        self.worker.start()
+        self._phase = "started"
+        self.pool.start()
 
-    def stop(self) -> None:
-        """Stop the worker (the running job is requeued) and close the store."""
-        self.worker.stop()
+    def close(self) -> None:
+        """Stop the pool, then close the store and free the spool for another engine (idempotent).
+
+        A running job is asked to stop at its next step and goes back to the queue (it resumes at the next
+        start); the store closes only once no job is inside a step.
+        """
+        if self._phase == "closed":
+            return
+        self._phase = "closed"
+        self.pool.stop()
         self.store.close()
         self.spool.unlock()
+
+    stop = close  # the name serve and older embedders use
+
+    def __enter__(self) -> Engine:
+        """``with Engine(...) as engine:`` starts it (if not started yet) and closes it at the end."""
+        if self._phase == "new":
+            self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _on_loaded(self) -> None:
         for name in ("", SERVICE_NAME):
@@ -149,9 +169,163 @@ class Engine:
             self.store.delete(job_id)
         return expired
 
+    # -- jobs ----------------------------------------------------------------------------------------------
+
+    def submit(self, header: pb.JobHeader, chunks: Iterable[pb.FrameChunk]) -> pb.JobStatus:
+        """Admit a job: check ``header`` against the model's schema, spool ``chunks`` (the frames, streamed to disk
+        as they come), queue it durably; returns its status (``job_id`` included).
+
+        Refuses (before reading any chunk) a header the schema rejects or a job no worker can place
+        (:class:`~vera_engine.service.errors.InputError`) and a full queue (``QueueFull``); then a bad frame
+        (``InputError`` naming it). A refused or abandoned upload leaves nothing behind.
+        """
+        header = resolve_header(header, self.models())
+        self.pool.check_placement()  # a pool whose nodes are too small for a job refuses it here
+        if self.store.count(job_store.QUEUED) >= self.queue_capacity:
+            # Refuse before the client spends minutes uploading a plate that cannot be queued.
+            raise QueueFull(
+                f"the queue is full ({self.queue_capacity} jobs waiting); retry later or use another engine"
+            )
+        upload = self.spool.new_upload(header, self.allowed_roots)
+        committed = False
+        try:
+            for chunk in chunks:
+                upload.add_chunk(chunk)
+            upload.finish()
+            job_id = uuid.uuid4().hex  # 32 lower-case hexadecimal characters, as the proto promises
+            upload.commit(self.spool.inputs_dir(job_id))
+            try:
+                record = self.store.add(job_id, header, self.queue_capacity)
+            except QueueFull as exc:
+                self.spool.remove_job(job_id)
+                raise QueueFull(f"{exc}; retry later or use another engine") from None
+            committed = True
+        finally:
+            if not committed:
+                upload.discard()
+        self.pool.wake()
+        self.events.bump()
+        log.info("job %s: queued (%d frames, %s)", job_id, len(header.frames), header.task)
+        return self.status_of(record)
+
+    def record(self, job_id: str) -> job_store.JobRecord:
+        """The stored job ``job_id``; :class:`JobNotFound` if there is none."""
+        record = self.store.get(job_id)
+        if record is None:
+            raise JobNotFound(
+                f"job {quote(job_id)} is not known to this engine (finished jobs are kept for the retention "
+                "period); see ListJobs / `vera jobs`"
+            )
+        return record
+
+    def status(self, job_id: str, preview: bool = False) -> pb.JobStatus:
+        """The job's status now, with live progress (and the latest preview, if asked) while it runs."""
+        return self.status_of(self.record(job_id), preview)
+
+    def watch(
+        self, job_id: str, previews: bool = False, active: Callable[[], bool] = lambda: True
+    ) -> Iterator[pb.JobStatus]:
+        """The job's status each time it changes, until it reaches a final state (or ``active()`` turns false).
+
+        With ``previews``, the job makes previews while this runs, and each new one is sent once.
+        """
+        with self.events.watching_previews(job_id) if previews else contextlib.nullcontext():
+            last_sent = b""
+            last_preview = None
+            while active():
+                version = self.events.version
+                record = self.record(job_id)
+                status = self.status_of(record, preview=previews)
+                new_preview = (
+                    status.HasField("preview") and status.preview.SerializeToString() != last_preview
+                )
+                if new_preview:
+                    last_preview = status.preview.SerializeToString()
+                else:
+                    status.ClearField("preview")
+                key = status.SerializeToString(deterministic=True)
+                if new_preview or key != last_sent:
+                    last_sent = key
+                    yield status
+                if record.final:
+                    return
+                self.events.wait(version, timeout=1.0)
+
+    def cancel(
+        self, job_id: str, wait: float | None = None, active: Callable[[], bool] = lambda: True
+    ) -> pb.JobStatus:
+        """Cancel a queued job at once, or ask a running one to stop within a step; returns its status.
+
+        For a running job, waits up to ``wait`` seconds (default: the engine's ``cancel_wait_seconds``) for it
+        to stop, so the answer shows CANCELLED; after that (or once ``active()`` turns false) it answers RUNNING
+        with ``cancel_requested``. A job that already ended is :class:`WrongJobState`, its state in the message.
+        """
+        record = self.record(job_id)
+        asked = False
+        if not record.final:
+            if self.store.cancel_if_queued(record.id):
+                asked = True
+                self.spool.remove_job(record.id)
+                self.events.bump()
+                log.info("job %s: cancelled while queued", record.id)
+            elif self.pool.cancel_running(record.id):
+                asked = True
+                deadline = time.monotonic() + (self.cancel_wait_seconds if wait is None else wait)
+                while time.monotonic() < deadline and active():
+                    version = self.events.version
+                    current = self.store.get(record.id)
+                    if current is None or current.final:
+                        break
+                    self.events.wait(version, timeout=min(0.5, max(0.0, deadline - time.monotonic())))
+        record = self.store.get(job_id) or record
+        if not asked:
+            raise WrongJobState(
+                f"job {record.id} already ended ({pb.JobState.Name(record.state)}); only queued or running jobs "
+                "can be cancelled"
+            )
+        return self.status_of(record)
+
+    def fetch_paths(self, job_id: str, files: Sequence[str] = ()) -> list[Path]:
+        """The result files of a succeeded job (``files``: some of its ``output_files``; default all), in order.
+
+        :class:`WrongJobState` for a job that did not succeed, ``InputError`` for names that are not its
+        results, :class:`ResultRemoved` for a result gone from the spool.
+        """
+        record = self.record(job_id)
+        if record.state != job_store.SUCCEEDED:
+            raise WrongJobState(
+                f"job {record.id} is {pb.JobState.Name(record.state)}; results exist only for "
+                "JOB_STATE_SUCCEEDED jobs" + (f" (error: {record.error})" if record.error else "")
+            )
+        names = list(files) or record.outputs
+        unknown = [n for n in names if n not in record.outputs]
+        if unknown:
+            shown = ", ".join(quote(n) for n in unknown[:SHOWN_FILES])
+            results = ", ".join(record.outputs[:SHOWN_FILES])
+            more = f" ... ({len(record.outputs)} in all; see JobStatus.output_files)"
+            raise InputError(
+                "files",
+                f"{len(unknown)} not results of job {record.id}, first {shown}; its results are {results}"
+                + (more if len(record.outputs) > SHOWN_FILES else ""),
+            )
+        out_dir = self.spool.output_dir(record.id)
+        paths = [out_dir / name for name in names]
+        for path in paths:
+            if not path.is_file():
+                raise ResultRemoved(f"result {path.name} of job {record.id} was removed")
+        return paths
+
     # -- queries -------------------------------------------------------------------------------------------
 
-    def status(self, record: job_store.JobRecord, preview: bool = False) -> pb.JobStatus:
+    def models(self) -> list[pb.ModelInfo]:
+        """The models jobs run with (the first is the default), with their options schema."""
+        return self.pool.models() if self._workers_report else self.runner.models()
+
+    def cancel_requested(self, job_id: str) -> bool:
+        """Whether ``job_id`` runs (or is about to) and has been asked to stop."""
+        return self.pool.cancel_requested(job_id)
+
+    def status_of(self, record: job_store.JobRecord, preview: bool = False) -> pb.JobStatus:
         """The JobStatus of a stored job, with live progress if it is running."""
         status = pb.JobStatus(
             job_id=record.id,
@@ -171,10 +345,10 @@ class Engine:
             queued = self.store.queued_ids()
             status.queue_position = queued.index(record.id) if record.id in queued else 0
             status.stage = pb.STAGE_QUEUED
-            status.stage_detail = "queued" if self.worker.loaded.is_set() else "waiting for the model to load"
+            status.stage_detail = "queued" if self.pool.loaded.is_set() else "waiting for the model to load"
         elif record.state == job_store.RUNNING:
-            status.cancel_requested = self.worker.cancel_requested(record.id)
-            live = self.worker.live_for(record.id)
+            status.cancel_requested = self.pool.cancel_requested(record.id)
+            live = self.pool.live_for(record.id)
             if live is not None:
                 status.stage, status.stage_detail = live.stage, live.stage_detail
                 status.step, status.total_steps = live.step, live.total_steps
@@ -200,21 +374,21 @@ class Engine:
 
     def info(self) -> pb.EngineInfo:
         """What GetInfo answers."""
-        models = self.runner.models()
+        models = self.models()
         for i, m in enumerate(models):
             m.is_default = i == 0
         return pb.EngineInfo(
             engine_version=engine_version(),
-            device=self.runner.device_info(),
+            device=self.pool.device_info() if self._workers_report else self.runner.device_info(),
             queue_length=self.store.count(job_store.QUEUED),
             queue_capacity=self.queue_capacity,
             running=self.store.count(job_store.RUNNING),
-            model_loaded=self.worker.loaded.is_set() and self.worker.load_error is None,
+            model_loaded=self.pool.loaded.is_set() and self.pool.load_error is None,
             models=models,
             max_message_bytes=MAX_MESSAGE_BYTES,
             chunk_bytes=CHUNK_BYTES,
             allowed_roots=[str(r) for r in self.allowed_roots],
             retention_seconds=self.retention_seconds,
             limits=limits_message(),
-            workers=self.worker.workers(),
+            workers=self.pool.workers(),
         )

@@ -13,7 +13,7 @@ import logging
 import os
 import platform
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vera_engine.pipelines.model_store import (
     check_attention_backend,
@@ -22,9 +22,13 @@ from vera_engine.pipelines.model_store import (
     resolve_model_dir,
     vocabulary,
 )
+from vera_engine.service.errors import JobCancelled
 from vera_engine.service.schema import STEP_CACHES, ModelDefaults, model_info
-from vera_engine.service.worker import JobCancelled, JobContext
+from vera_engine.service.worker import JobContext
 from vera_proto.vera.v1 import engine_pb2 as pb
+
+if TYPE_CHECKING:
+    from vera_engine.acceleration.memory import MemoryOptions
 
 DEFAULT_STEPS = 30
 
@@ -73,7 +77,7 @@ class PipelineRunner:
         model: str,
         device: str | None = None,
         *,
-        memory: Any = None,
+        memory: MemoryOptions | None = None,
         attention_backend: str | None = None,
         compile_blocks: bool = False,
     ) -> None:
@@ -266,7 +270,7 @@ class PipelineRunner:
             writer = ResultWriter(
                 ctx.output_dir,
                 frames,
-                name=take_name(take),
+                name=take_name(take + 1),
                 pixel_type=header.bit_depth,
                 compression=header.compression,
                 metadata={
@@ -299,5 +303,8 @@ class PipelineRunner:
 
 
 def take_name(take: int) -> str:
-    """The file name stem of take ``take`` (0-based): ``vera_edit`` for the first, ``vera_edit_take<k>`` after."""
-    return "vera_edit" if take == 0 else f"vera_edit_take{take + 1}"
+    """The file name stem of take ``take``, numbered from 1 as JobHeader.takes counts them and the results' ``take``
+    metadata, the plugin's cache and the Resolve adapter read them: ``vera_edit``, then ``vera_edit_take<k>``."""
+    if take < 1:
+        raise ValueError(f"take {take}: takes are numbered from 1")
+    return "vera_edit" if take == 1 else f"vera_edit_take{take}"

@@ -11,6 +11,7 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from vera_engine.service.errors import InputError
 from vera_engine.service.limits import (
     MAX_CHOICE_CHARS,
     MAX_FRAMES,
@@ -21,7 +22,6 @@ from vera_engine.service.limits import (
     SEED_MIN,
     quote,
 )
-from vera_engine.service.spool import InputError
 from vera_proto.vera.v1 import engine_pb2 as pb
 
 TASKS = ("object_addition", "background_change")

@@ -9,12 +9,16 @@ import logging
 import signal
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from vera_engine.service import auth
 from vera_engine.service.engine import DEFAULT_QUEUE, DEFAULT_RETENTION_HOURS, Engine
+from vera_engine.service.errors import SpoolInUse
 from vera_engine.service.servicer import DEFAULT_PORT, create_server
-from vera_engine.service.spool import SpoolInUse
+
+if TYPE_CHECKING:
+    from vera_engine.acceleration.memory import MemoryOptions
+    from vera_engine.service.pool import PoolBackend
 
 log = logging.getLogger("vera_engine.service")
 
@@ -117,8 +121,8 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--worker-resource",
         default="GPU",
         metavar="NAME",
-        help="with --cluster: the Ray resource one worker takes per device; other than GPU, workers run on the CPU "
-        "(default: %(default)s)",
+        help="with --cluster: the Ray resource one worker takes per device: GPU, CPU (one worker per CPU) or a "
+        "custom resource of the nodes; other than GPU, workers run on the CPU (default: %(default)s)",
     )
     parser.add_argument(
         "--allow-root",
@@ -154,7 +158,7 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="INFO", help="logging level (default: %(default)s)")
 
 
-def memory_options(args: argparse.Namespace) -> Any:
+def memory_options(args: argparse.Namespace) -> MemoryOptions | None:
     """The serve flags as `vera_engine.acceleration.memory.MemoryOptions`, or None when none is given (all on the device)."""
     from vera_engine.acceleration.memory import MemoryOptions
 
@@ -180,7 +184,7 @@ def memory_options(args: argparse.Namespace) -> Any:
     return None if options == MemoryOptions() else options
 
 
-def pool_backend(args: argparse.Namespace) -> Any:
+def pool_backend(args: argparse.Namespace) -> PoolBackend | None:
     """The pool the flags ask for (`service.pool`), or None for one in-process worker on one device.
 
     Raises ValueError naming the flag for combinations that cannot work, and the Ray backend's ClusterError for a
@@ -297,22 +301,18 @@ def run_serve(args: argparse.Namespace) -> int:
         server, port = create_server(engine, args.host, args.port, tokens=tokens, tls=tls)
     except OSError as exc:
         print(f"vera-engine serve: error: {exc}", file=sys.stderr)
-        engine.store.close()
-        engine.spool.unlock()
-        if pool is not None:
-            pool.close()
+        engine.close()  # frees the spool and the pool's backend (its cluster connection)
         return 1
-    engine.start()
-    server.start()
-    done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
-    # A machine-readable line: tests and wrappers that pass --port 0 read the port from it.
-    print(f"vera-engine listening on {args.host}:{port}", flush=True)
-    done.wait()
-    log.info("shutting down")
-    server.stop(grace=5.0).wait()
-    engine.stop()
+    with engine:  # starts the engine; closes it (the running job's step ends first) when serving stops
+        server.start()
+        done = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: done.set())
+        # A machine-readable line: tests and wrappers that pass --port 0 read the port from it.
+        print(f"vera-engine listening on {args.host}:{port}", flush=True)
+        done.wait()
+        log.info("shutting down")
+        server.stop(grace=5.0).wait()
     return 0
 
 

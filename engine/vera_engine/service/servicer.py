@@ -9,15 +9,12 @@ while the engine keeps serving. Messages are capped, so a reply's metadata never
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
 import inspect
 import logging
 import re
-import time
 import traceback
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -26,22 +23,20 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from vera_engine.service import auth, reflection
-from vera_engine.service import store as job_store
 from vera_engine.service.engine import CHUNK_BYTES, MAX_MESSAGE_BYTES, SERVICE_NAME, Engine
+from vera_engine.service.errors import InputError, ResultRemoved, ServiceError
 from vera_engine.service.limits import MAX_PAGE_SIZE, PAGE_BYTES, cap_message, quote
-from vera_engine.service.schema import resolve_header
-from vera_engine.service.spool import InputError, Upload
 from vera_proto.vera.v1 import engine_pb2 as pb
 from vera_proto.vera.v1 import engine_pb2_grpc as pb_grpc
 
 log = logging.getLogger("vera_engine.service")
 
 DEFAULT_PORT = 50051
-SHOWN_FILES = 5  # result names an error lists
 
 
 class RpcFailure(Exception):
-    """An RPC's answer other than OK (and other than INVALID_ARGUMENT, which :class:`InputError` carries)."""
+    """An RPC's answer other than OK, decided here rather than in the engine core (whose refusals are the
+    :class:`~vera_engine.service.errors.ServiceError` subclasses, each with its code)."""
 
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
@@ -52,8 +47,8 @@ class RpcFailure(Exception):
 def _abort(context: grpc.ServicerContext, exc: Exception, rpc: str) -> NoReturn:
     if isinstance(exc, RpcFailure):
         code, message = exc.code, exc.message
-    elif isinstance(exc, InputError):
-        code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    elif isinstance(exc, ServiceError):
+        code, message = grpc.StatusCode[exc.code], exc.message
     elif isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, f"the engine's spool disk is full: {exc.strerror}"
     else:
@@ -94,14 +89,6 @@ def _answers_errors(method: Callable[..., Any]) -> Callable[..., Any]:
     return unary
 
 
-def _not_found(job_id: str) -> RpcFailure:
-    return RpcFailure(
-        grpc.StatusCode.NOT_FOUND,
-        f"job {quote(job_id)} is not known to this engine (finished jobs are kept for the retention period); "
-        "see ListJobs / `vera jobs`",
-    )
-
-
 _PAGE_TOKEN = re.compile(r"(\d{1,18})\.(\d{1,10})")
 
 
@@ -121,6 +108,22 @@ def _parse_page_token(token: str) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
+def _chunks(requests: Iterator[pb.SubmitRequest]) -> Iterator[pb.FrameChunk]:
+    """The FrameChunks of a Submit stream after its header; a second header or an empty message is refused."""
+    for number, message in enumerate(requests, start=2):
+        if message.HasField("header"):
+            raise InputError(
+                "header", f"sent twice (again in message {number}); only the first message is one"
+            )
+        if not message.HasField("chunk"):
+            raise InputError(
+                "chunk",
+                f"message {number} is empty (neither header nor chunk); every message after the header carries a "
+                "FrameChunk",
+            )
+        yield message.chunk
+
+
 class EngineServicer(pb_grpc.EngineServicer):
     """The RPCs of vera.v1.Engine over an :class:`Engine`."""
 
@@ -136,132 +139,39 @@ class EngineServicer(pb_grpc.EngineServicer):
     def Submit(
         self, request_iterator: Iterator[pb.SubmitRequest], context: grpc.ServicerContext
     ) -> pb.SubmitResponse:
-        """Receive a header and frames, spooling them to disk; queue the job once all arrived and validated."""
-        engine = self.engine
-        upload: Upload | None = None
-        committed = False
-        try:
-            first = next(request_iterator, None)
-            if first is None or not first.HasField("header"):
-                raise InputError("header", "the first message of a Submit stream must be the JobHeader")
-            header = resolve_header(first.header, engine.runner.models())
-            engine.worker.check_placement()  # a pool whose nodes are too small for a job refuses it here
-            if engine.store.count(job_store.QUEUED) >= engine.queue_capacity:
-                # Refuse before the client spends minutes uploading a plate that cannot be queued.
-                raise RpcFailure(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"the queue is full ({engine.queue_capacity} jobs waiting); retry later or use another engine",
-                )
-            upload = engine.spool.new_upload(header, engine.allowed_roots)
-            for number, message in enumerate(request_iterator, start=2):
-                if message.HasField("header"):
-                    raise InputError(
-                        "header", f"sent twice (again in message {number}); only the first message is one"
-                    )
-                if not message.HasField("chunk"):
-                    raise InputError(
-                        "chunk",
-                        f"message {number} is empty (neither header nor chunk); every message after the "
-                        "header carries a FrameChunk",
-                    )
-                upload.add_chunk(message.chunk)
-            upload.finish()
-            job_id = uuid.uuid4().hex  # 32 lower-case hexadecimal characters, as the proto promises
-            upload.commit(engine.spool.inputs_dir(job_id))
-            try:
-                record = engine.store.add(job_id, header, engine.queue_capacity)
-            except job_store.QueueFull as exc:
-                engine.spool.remove_job(job_id)
-                raise RpcFailure(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; retry later or use another engine"
-                ) from None
-            committed = True
-            engine.worker.wake()
-            engine.events.bump()
-            log.info("job %s: queued (%d frames, %s)", job_id, len(header.frames), header.task)
-            return pb.SubmitResponse(job_id=job_id, status=engine.status(record))
-        finally:
-            # A failed, refused or abandoned upload (client gone mid-stream) leaves nothing behind.
-            if upload is not None and not committed:
-                upload.discard()
+        """The header, then the frames' chunks, handed to :meth:`Engine.submit` as they arrive."""
+        first = next(request_iterator, None)
+        if first is None or not first.HasField("header"):
+            raise InputError("header", "the first message of a Submit stream must be the JobHeader")
+        status = self.engine.submit(first.header, _chunks(request_iterator))
+        return pb.SubmitResponse(job_id=status.job_id, status=status)
 
     @_answers_errors
     def Watch(self, request: pb.WatchRequest, context: grpc.ServicerContext) -> Iterator[pb.JobStatus]:
         """Yield the job's status whenever it changes, until it reaches a final state."""
-        engine = self.engine
-        with (
-            engine.events.watching_previews(request.job_id) if request.previews else contextlib.nullcontext()
-        ):
-            yield from self._watch(request, context)
-
-    def _watch(self, request: pb.WatchRequest, context: grpc.ServicerContext) -> Iterator[pb.JobStatus]:
-        engine = self.engine
-        last_sent = b""
-        last_preview = None
-        while context.is_active():
-            version = engine.events.version
-            record = engine.store.get(request.job_id)
-            if record is None:
-                raise _not_found(request.job_id)
-            status = engine.status(record, preview=request.previews)
-            new_preview = status.HasField("preview") and status.preview.SerializeToString() != last_preview
-            if new_preview:
-                last_preview = status.preview.SerializeToString()
-            else:
-                status.ClearField("preview")
-            key = status.SerializeToString(deterministic=True)
-            if new_preview or key != last_sent:
-                last_sent = key
-                yield status
-            if record.final:
-                return
-            engine.events.wait(version, timeout=1.0)
+        yield from self.engine.watch(request.job_id, previews=request.previews, active=context.is_active)
 
     @_answers_errors
     def Fetch(self, request: pb.FetchRequest, context: grpc.ServicerContext) -> Iterator[pb.FetchChunk]:
         """Stream the result files of a finished job, chunk by chunk."""
-        engine = self.engine
-        record = engine.store.get(request.job_id)
-        if record is None:
-            raise _not_found(request.job_id)
-        if record.state != job_store.SUCCEEDED:
-            raise RpcFailure(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"job {record.id} is {pb.JobState.Name(record.state)}; results exist only for "
-                "JOB_STATE_SUCCEEDED jobs" + (f" (error: {record.error})" if record.error else ""),
-            )
-        names = list(request.files) or record.outputs
-        unknown = [n for n in names if n not in record.outputs]
-        if unknown:
-            shown = ", ".join(quote(n) for n in unknown[:SHOWN_FILES])
-            results = ", ".join(record.outputs[:SHOWN_FILES])
-            more = f" ... ({len(record.outputs)} in all; see JobStatus.output_files)"
-            raise InputError(
-                "files",
-                f"{len(unknown)} not results of job {record.id}, first {shown}; its results are {results}"
-                + (more if len(record.outputs) > SHOWN_FILES else ""),
-            )
-        out_dir = engine.spool.output_dir(record.id)
-        for index, name in enumerate(names):
-            path = out_dir / name
+        paths = self.engine.fetch_paths(request.job_id, list(request.files))
+        for index, path in enumerate(paths):
             try:
                 handle = open(path, "rb")  # noqa: SIM115 - closed below; the generator may be abandoned
             except FileNotFoundError:
-                raise RpcFailure(
-                    grpc.StatusCode.NOT_FOUND, f"result {name} of job {record.id} was removed"
-                ) from None
+                raise ResultRemoved(f"result {path.name} of job {request.job_id} was removed") from None
             with handle:
                 size = path.stat().st_size
                 offset = 0
                 while True:
                     data = handle.read(CHUNK_BYTES)
                     yield pb.FetchChunk(
-                        file_name=name,
+                        file_name=path.name,
                         file_size=size,
                         offset=offset,
                         data=data,
                         file_index=index,
-                        file_count=len(names),
+                        file_count=len(paths),
                     )
                     offset += len(data)
                     if offset >= size or not data:
@@ -273,35 +183,7 @@ class EngineServicer(pb_grpc.EngineServicer):
 
         A job that already ended is FAILED_PRECONDITION (the proto's convention), with its state in the message.
         """
-        engine = self.engine
-        record = engine.store.get(request.job_id)
-        if record is None:
-            raise _not_found(request.job_id)
-        asked = False
-        if not record.final:
-            if engine.store.cancel_if_queued(record.id):
-                asked = True
-                engine.spool.remove_job(record.id)
-                engine.events.bump()
-                log.info("job %s: cancelled while queued", record.id)
-            elif engine.worker.cancel_running(record.id):
-                asked = True
-                # Wait (bounded) for the worker to stop the job so the answer shows the final state.
-                deadline = time.monotonic() + engine.cancel_wait_seconds
-                while time.monotonic() < deadline and context.is_active():
-                    version = engine.events.version
-                    current = engine.store.get(record.id)
-                    if current is None or current.final:
-                        break
-                    engine.events.wait(version, timeout=0.5)
-        record = engine.store.get(request.job_id) or record
-        if not asked:
-            raise RpcFailure(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"job {record.id} already ended ({pb.JobState.Name(record.state)}); only queued or running jobs "
-                "can be cancelled",
-            )
-        return engine.status(record)
+        return self.engine.cancel(request.job_id, active=context.is_active)
 
     @_answers_errors
     def ListJobs(self, request: pb.ListJobsRequest, context: grpc.ServicerContext) -> pb.ListJobsResponse:
@@ -320,7 +202,7 @@ class EngineServicer(pb_grpc.EngineServicer):
         response = pb.ListJobsResponse()
         used = 0
         for record in records[:wanted]:
-            status = self.engine.status(record)
+            status = self.engine.status_of(record)
             size = status.ByteSize()
             if response.jobs and used + size > PAGE_BYTES:
                 more = True  # the byte budget ends the page early: replies stay well under 4 MiB

@@ -28,7 +28,12 @@ from typing import Any
 
 import numpy as np
 
+from vera_engine.imaging.exr import Window
 from vera_engine.service import imageio
+
+# Both moved to errors.py; importable from here still, for code written before.
+from vera_engine.service.errors import InputError
+from vera_engine.service.errors import SpoolInUse as SpoolInUse
 from vera_engine.service.limits import (
     MAX_FRAME_BYTES,
     MAX_HALF_VALUE,
@@ -47,14 +52,6 @@ _RAW_DTYPES: dict[int, np.dtype] = {
     pb.SAMPLE_TYPE_FLOAT16: np.dtype("<f2"),
 }
 _LAYER_NAMES = {pb.LAYER_PLATE: "plate", pb.LAYER_MASK: "mask"}
-
-
-class InputError(ValueError):
-    """Bad input from a client; ``field`` names the offending field for the INVALID_ARGUMENT message."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
 
 
 def _frame_field(layer: int, frame: int) -> str:
@@ -144,11 +141,18 @@ def check_pixels(field: str, pixels: np.ndarray, layer: int, max_abs: float | No
     return out[..., 0] if layer == pb.LAYER_MASK else out
 
 
-def _decode_and_check(path: Path, layer: int, field: str, max_abs: float | None) -> tuple[int, int, int]:
-    """Decode one EXR frame and validate it; returns its (H, W, C). Runs on the upload's decode threads."""
+def _decode_and_check(
+    path: Path, layer: int, field: str, max_abs: float | None, sent_path: str | None = None
+) -> tuple[int, int, int]:
+    """Decode one EXR frame and validate it; returns its (H, W, C). Runs on the upload's decode threads.
+
+    ``sent_path``: the frame came by path (shown as the client sent it): a file that is no EXR is the path's fault.
+    """
     try:
         pixels = imageio.read_mask_exr(path) if layer == pb.LAYER_MASK else imageio.read_plate_exr(path)
     except imageio.ImageReadError as exc:
+        if sent_path is not None:
+            raise InputError(f"{field}.path", f"{sent_path} is not a usable OpenEXR frame: {exc}") from None
         raise InputError(field, f"not a usable OpenEXR frame: {exc}") from None
     check_pixels(field, pixels, layer, max_abs)
     return pixels.shape  # type: ignore[return-value]
@@ -329,6 +333,12 @@ class Upload:
             raise InputError(
                 where, "path input is disabled on this engine (it has no --allow-root); send the bytes"
             )
+        if chunk.data:
+            raise InputError(
+                f"{field}.data",
+                f"a frame sent by path carries no data ({len(chunk.data)} bytes came); send either the path or "
+                "the bytes (ENCODING_EXR / ENCODING_RAW)",
+            )
         # The resolved path is what is checked, recorded and read again when the job runs: a symlink changed
         # later cannot redirect the job outside the allowed roots.
         real = Path(os.path.realpath(text))
@@ -344,12 +354,20 @@ class Upload:
         if not stat.S_ISREG(info.st_mode):
             raise InputError(where, f"{shown} is not a file")
         entry = {"encoding": "path", "path": str(real), "size": info.st_size, "mtime_ns": info.st_mtime_ns}
-        self._decode_later(chunk.layer, chunk.frame, field, real, entry)
+        self._decode_later(chunk.layer, chunk.frame, field, real, entry, sent_path=shown)
 
-    def _decode_later(self, layer: int, frame: int, field: str, path: Path, entry: dict[str, Any]) -> None:
+    def _decode_later(
+        self,
+        layer: int,
+        frame: int,
+        field: str,
+        path: Path,
+        entry: dict[str, Any],
+        sent_path: str | None = None,
+    ) -> None:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.DECODE_THREADS, thread_name_prefix="vera-upload")
-        future = self._pool.submit(_decode_and_check, path, layer, field, self.max_abs)
+        future = self._pool.submit(_decode_and_check, path, layer, field, self.max_abs, sent_path)
         self._pending.append(_Pending(layer, frame, field, entry, future))
         # Back-pressure: never more frames decoding or waiting than the pool can hold in memory at once.
         while len(self._pending) > 2 * self.DECODE_THREADS:
@@ -473,17 +491,36 @@ class SpooledInputs:
             shape = (entry["height"], entry["width"], entry["channels"])
             pixels = np.fromfile(self.dir / entry["file"], dtype=np.dtype(entry["dtype"])).reshape(shape)
         else:
-            if entry["encoding"] == "path":
-                path = Path(entry["path"])
-                self._check_unchanged(field, path, entry)
-            else:
-                path = self.dir / entry["file"]
+            path = self.exr_path(layer, frame)
             try:
                 reader = imageio.read_mask_exr if layer == pb.LAYER_MASK else imageio.read_plate_exr
                 pixels = reader(path)
             except imageio.ImageReadError as exc:
                 raise InputError(field, f"changed since it was submitted: {exc}") from None
         return check_pixels(field, pixels, layer)
+
+    def exr_path(self, layer: int, frame: int) -> Path:
+        """Where an EXR frame's file is: in the spool, or where it was sent by path (checked unchanged first)."""
+        entry = self.manifest[_LAYER_NAMES[layer]][str(frame)]
+        if entry["encoding"] != "path":
+            return self.dir / entry["file"]
+        path = Path(entry["path"])
+        self._check_unchanged(_frame_field(layer, frame), path, entry)
+        return path
+
+    def windows(self) -> tuple[Window, Window] | None:
+        """(data window, display window) of the first plate frame if it came as an EXR, else None.
+
+        Results carry the plate's windows, so overscan plates line up in the comp.
+        """
+        first = self.frames[0]
+        if self.manifest["plate"][str(first)]["encoding"] == "raw":
+            return None
+        field = _frame_field(pb.LAYER_PLATE, first)
+        try:
+            return imageio.read_windows(self.exr_path(pb.LAYER_PLATE, first))
+        except imageio.ImageReadError as exc:
+            raise InputError(field, f"changed since it was submitted: {exc}") from None
 
     @staticmethod
     def _check_unchanged(field: str, path: Path, entry: dict[str, Any]) -> None:
@@ -497,17 +534,6 @@ class SpooledInputs:
                 f"{field}.path",
                 f"{path} changed after it was submitted (size or modification time); submit the job again",
             )
-
-    def windows(self) -> tuple[Any, Any] | None:
-        """(data window, display window) of the first plate frame if it came as an EXR, else None.
-
-        Results carry the plate's windows, so overscan plates line up in the comp.
-        """
-        entry = self.manifest["plate"][str(self.frames[0])]
-        if entry["encoding"] == "raw":
-            return None
-        path = Path(entry["path"]) if entry["encoding"] == "path" else self.dir / entry["file"]
-        return imageio.read_windows(path)
 
     def plate_frame(self, frame: int) -> np.ndarray:
         """One plate frame, (H, W, 3 or 4) float32 scene-linear."""
@@ -549,10 +575,6 @@ class FrameSequence:
 
     def __getitem__(self, index: int) -> np.ndarray:
         return self._read(self.frames[index])
-
-
-class SpoolInUse(RuntimeError):
-    """Another engine process holds this spool."""
 
 
 class Spool:

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vera_engine.service.errors import QueueFull
 from vera_engine.service.limits import MAX_ERROR_CHARS
 from vera_proto.vera.v1 import engine_pb2 as pb
 
@@ -51,10 +52,6 @@ _ADDED_COLUMNS = {
     "progress": "REAL NOT NULL DEFAULT 0",
     "worker": "TEXT NOT NULL DEFAULT ''",
 }
-
-
-class QueueFull(Exception):
-    """Raised by :meth:`JobStore.add` when the queue already holds ``capacity`` waiting jobs."""
 
 
 @dataclass

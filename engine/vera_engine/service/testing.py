@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vera_engine.service.runner import take_name
 from vera_engine.service.schema import ModelDefaults, model_info
 from vera_engine.service.worker import JobContext
 from vera_proto.vera.v1 import engine_pb2 as pb
@@ -28,10 +29,19 @@ class PassThroughRunner:
     """A model-free runner: ``steps`` timed steps, then the plate written back as Vera's layered EXRs."""
 
     def __init__(
-        self, step_seconds: float = 0.0, load_seconds: float = 0.0, fail_prompt: str = "", gate_step: int = 0
+        self,
+        step_seconds: float = 0.0,
+        load_seconds: float = 0.0,
+        fail_prompt: str = "",
+        gate_step: int = 0,
+        hold_load: bool = False,
     ) -> None:
         self.step_seconds = step_seconds
         self.load_seconds = load_seconds
+        # hold_load: load() waits until the test sets `loaded` (NOT_SERVING for exactly as long as the test needs).
+        self.loaded = threading.Event()
+        if not hold_load:
+            self.loaded.set()
         self.fail_prompt = fail_prompt
         self.started: list[str] = []
         self.steps_done: dict[str, int] = {}
@@ -42,8 +52,9 @@ class PassThroughRunner:
         self.at_gate = threading.Event()
 
     def load(self) -> None:
-        """Pretend-free load: just waits ``load_seconds`` so tests can observe NOT_SERVING."""
+        """Pretend-free load: waits ``load_seconds``, then for ``loaded``, so tests can observe NOT_SERVING."""
         time.sleep(self.load_seconds)
+        self.loaded.wait(60)
 
     def models(self) -> list[pb.ModelInfo]:
         """One model called 'passthrough' with the standard schema."""
@@ -86,7 +97,7 @@ class PassThroughRunner:
         # Takes (JobHeader.takes): take k is named vera_edit_take<k>.<frame>.exr (k > 1) and has seed + k - 1; its
         # edit layer is a flat (k - 1) / 8 with alpha 0 (so composite = plate + edit), telling the takes apart.
         for take in range(1, max(1, ctx.header.takes) + 1):
-            prefix = "vera_edit" if take == 1 else f"vera_edit_take{take}"
+            prefix = take_name(take)
             for frame, pixels in zip(ctx.inputs.frames, plate, strict=True):
                 rgba = (
                     pixels

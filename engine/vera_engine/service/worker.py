@@ -1,9 +1,12 @@
-"""The job worker: one thread per device running queued jobs in submission (FIFO) order.
+"""What every worker runs a job with: its context, live state, cancels and the events Watch streams wait on.
 
 The actual work is an injected :class:`JobRunner`, so the queue, spool, cancellation and restart mechanics
 do not depend on the model. A runner reports progress through :meth:`JobContext.progress` once per
 denoising step and must stop (raising :class:`JobCancelled`) within one step of :meth:`JobContext.cancelled`
 turning true.
+
+Jobs are claimed, run and finished by `service.pool`: the engine's own process is a pool of one worker
+(`pool/inprocess.py`), so one lifecycle serves it, local worker processes and Ray actors alike.
 """
 
 from __future__ import annotations
@@ -11,28 +14,80 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import shutil
-import socket
 import sys
 import threading
 import time
-import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from vera_engine.service import store as job_store
-from vera_engine.service.spool import InputError, Spool, SpooledInputs
+from vera_engine.service.errors import JobCancelled
+from vera_engine.service.spool import SpooledInputs
 from vera_proto.vera.v1 import engine_pb2 as pb
 
 log = logging.getLogger("vera_engine.service")
 
 
-class JobCancelled(Exception):
-    """Raised inside a runner to stop a job that was cancelled."""
+class CancelBook:
+    """The cancels asked of the jobs one party holds (a pool's front door, or one worker host), in one place.
+
+    A cancel asked before the job started there (claimed from the queue but not yet dispatched; sent to a worker
+    that is still receiving the job's inputs) is remembered and met as the job starts, so no cancel is lost in
+    the hand-over from the store to the front door to the worker.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: dict[str, threading.Event] = {}
+        self._early: set[str] = set()
+
+    def request(self, job_id: str) -> None:
+        """Ask ``job_id`` to stop: at once if it runs, else as it starts."""
+        with self._lock:
+            event = self._running.get(job_id)
+            if event is None:
+                self._early.add(job_id)
+                return
+        event.set()
+
+    def requested(self, job_id: str) -> bool:
+        """Whether ``job_id`` was asked to stop (and has not ended)."""
+        with self._lock:
+            event = self._running.get(job_id)
+            return job_id in self._early or (event is not None and event.is_set())
+
+    def begin(self, job_id: str, *, only: bool = False) -> threading.Event:
+        """``job_id`` starts here: its cancel event, already set if a cancel came first.
+
+        ``only``: this party runs one job at a time, so a remembered cancel of any other job is stale.
+        """
+        with self._lock:
+            event = threading.Event()
+            if job_id in self._early:
+                event.set()
+            if only:
+                self._early.clear()
+            else:
+                self._early.discard(job_id)
+            self._running[job_id] = event
+            return event
+
+    def end(self, job_id: str) -> None:
+        """``job_id`` ended here: forget it."""
+        with self._lock:
+            self._running.pop(job_id, None)
+            self._early.discard(job_id)
+
+    def request_all(self) -> list[str]:
+        """Ask every running job to stop (shutdown); returns their ids."""
+        with self._lock:
+            events = list(self._running.items())
+        for _, event in events:
+            event.set()
+        return [job_id for job_id, _ in events]
 
 
 @dataclass
@@ -219,190 +274,3 @@ def free_memory() -> None:
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-class Worker:
-    """Runs queued jobs one at a time on one device, in the engine's process (a pool's is `service.pool.Pool`)."""
-
-    name = "local"
-
-    def __init__(
-        self,
-        store: job_store.JobStore,
-        spool: Spool,
-        runner: JobRunner,
-        events: Events,
-        *,
-        preview_interval: float = 1.0,
-        on_loaded: Callable[[], None] | None = None,
-        idle_hook: Callable[[], None] | None = None,
-    ) -> None:
-        self.store = store
-        self.spool = spool
-        self.runner = runner
-        self.events = events
-        self.preview_interval = preview_interval
-        self.on_loaded = on_loaded
-        self.idle_hook = idle_hook
-        self.loaded = threading.Event()
-        self.load_error: str | None = None
-        self.live: LiveState | None = None
-        self._cancel: dict[str, threading.Event] = {}
-        # Jobs cancelled after the store marked them RUNNING but before _run registered them: stopped as they start.
-        self._cancel_on_start: set[str] = set()
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="vera-worker", daemon=True)
-        self._lock = threading.Lock()
-
-    def start(self) -> None:
-        """Start the worker thread (it loads the model first)."""
-        self._thread.start()
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop after interrupting the running job, which goes back to the queue and resumes next start."""
-        self._stop.set()
-        with self._lock:
-            for event in self._cancel.values():
-                event.set()
-        self._wake.set()
-        self._thread.join(timeout)
-
-    def wake(self) -> None:
-        """Tell the worker a job was queued."""
-        self._wake.set()
-
-    def live_for(self, job_id: str) -> LiveState | None:
-        """The live state of ``job_id`` if it runs here now."""
-        live = self.live
-        return live if live is not None and live.job_id == job_id else None
-
-    def check_placement(self) -> None:
-        """Every job fits: it runs on this engine's one device."""
-
-    def workers(self) -> list[pb.WorkerInfo]:
-        """This worker, as GetInfo reports it."""
-        live = self.live
-        if not self.loaded.is_set():
-            state = pb.WORKER_STATE_STARTING
-        elif live is not None:
-            state = pb.WORKER_STATE_BUSY
-        else:
-            state = pb.WORKER_STATE_IDLE
-        models = self.runner.models()
-        return [
-            pb.WorkerInfo(
-                name=self.name,
-                node=socket.gethostname(),
-                device=self.runner.device_info(),
-                model=models[0].name if models else "",
-                state=state,
-                job_id=live.job_id if live is not None else "",
-                devices=1,
-            )
-        ]
-
-    def cancel_requested(self, job_id: str) -> bool:
-        """True while ``job_id`` runs here and has been asked to stop."""
-        with self._lock:
-            event = self._cancel.get(job_id)
-            return job_id in self._cancel_on_start or (event is not None and event.is_set())
-
-    def cancel_running(self, job_id: str) -> bool:
-        """Ask ``job_id``, which the store shows RUNNING, to stop within a step; False if the worker is stopping.
-
-        A job claimed from the queue but not yet started by the loop is stopped as it starts.
-        """
-        with self._lock:
-            if self._stop.is_set():
-                return False
-            event = self._cancel.get(job_id)
-            if event is None:
-                self._cancel_on_start.add(job_id)
-                return True
-        event.set()
-        return True
-
-    # -- the loop ------------------------------------------------------------------------------------------
-
-    def _loop(self) -> None:
-        try:
-            self.runner.load()
-        except Exception as exc:
-            self.load_error = f"the model failed to load: {type(exc).__name__}: {exc}"
-            log.error("%s\n%s", self.load_error, traceback.format_exc())
-        else:
-            if self.on_loaded is not None:
-                self.on_loaded()
-        self.loaded.set()
-        self.events.bump()
-        while not self._stop.is_set():
-            record = self.store.claim_next(worker=self.name)
-            if record is None:
-                if self.idle_hook is not None:
-                    self.idle_hook()
-                self._wake.wait(timeout=1.0)
-                self._wake.clear()
-                continue
-            self._run(record)
-
-    def _run(self, record: job_store.JobRecord) -> None:
-        cancel = threading.Event()
-        live = LiveState(job_id=record.id)
-        with self._lock:
-            self._cancel[record.id] = cancel
-            self.live = live
-            if record.id in self._cancel_on_start:
-                cancel.set()
-        self.events.bump()
-        log.info("job %s: started (attempt %d)", record.id, record.attempts)
-        out_dir = self.spool.output_dir(record.id)
-        # A previous attempt (before a crash) may have left part of the results: start clean.
-        shutil.rmtree(out_dir, ignore_errors=True)
-        out_dir.mkdir(parents=True)
-        state, error, outputs = job_store.FAILED, "", []
-        try:
-            if self.load_error is not None:
-                raise RuntimeError(self.load_error)
-            ctx = JobContext(
-                record.id,
-                record.header,
-                SpooledInputs(self.spool.inputs_dir(record.id)),
-                out_dir,
-                live,
-                self.events,
-                cancel,
-                self.preview_interval,
-            )
-            paths = self.runner.run(ctx)
-            del ctx
-            # A cancel that arrives after the last step is too late: the results exist, keep them.
-            outputs = sorted(Path(p).name for p in paths)
-            state = job_store.SUCCEEDED
-        except JobCancelled:
-            state = job_store.CANCELLED
-        except InputError as exc:
-            error = str(exc)
-        except Exception as exc:
-            error = f"{type(exc).__name__}: {exc}"
-            log.error("job %s failed:\n%s", record.id, traceback.format_exc())
-        finally:
-            with self._lock:
-                self._cancel.pop(record.id, None)
-                self._cancel_on_start.discard(record.id)
-                self.live = None
-        if self._stop.is_set() and state != job_store.SUCCEEDED:
-            # Shutting down: leave the job RUNNING so the next start resumes it.
-            log.info("job %s: interrupted by shutdown; it resumes when the engine restarts", record.id)
-            self.store.requeue(record.id)
-            free_memory()
-            return
-        if state == job_store.CANCELLED:
-            shutil.rmtree(out_dir, ignore_errors=True)
-        # A cancelled or failed job keeps the progress it had when it stopped (the proto's JobStatus promise).
-        stopped_at = live.stopped_at()
-        self.store.finish(record.id, state, error=error, outputs=outputs, progress=stopped_at)
-        self.spool.remove_inputs(record.id)
-        free_memory()
-        self.events.bump()
-        log.info("job %s: %s %s", record.id, pb.JobState.Name(state), error)

@@ -1,17 +1,19 @@
-"""The front door's side of a pool: the dispatch code shared by the local and the Ray backend.
+"""The front door's side of a pool: how every job is claimed, followed and finished, whatever runs it.
 
-:class:`Pool` takes the place of the engine's single in-process worker. Jobs stay in the same durable SQLite
-queue; the pool hands the oldest queued job to an idle worker (as many jobs in flight as idle workers, in
-submission order), relays the worker's stage, steps, ETA and previews into the front door's live state (which
-Watch streams), stores the results in the spool, and finishes the job in the store as the single worker does.
+:class:`Pool` is the engine's worker in every mode: jobs stay in the durable SQLite queue; the pool hands the oldest
+queued job to an idle worker (as many jobs in flight as idle workers, in submission order), relays the worker's
+stage, steps, ETA and previews into the front door's live state (which Watch streams), stores the results in the
+spool, and records the job's end (:meth:`Pool._end`). Cancels are kept in one :class:`~vera_engine.service.worker.
+CancelBook`, so one asked between the claim and the worker's start is met as the job starts.
 
 A worker that dies mid-job (its process exits, Ray reports the actor or its node dead) raises
 :class:`WorkerLost`: the job goes back to the queue, whose order puts it at the head, counting the attempt as the
 kill -9 recovery does, and fails naming the cause once it reached the attempt limit. The backend replaces lost
 workers where their devices still exist.
 
-A backend (:class:`PoolBackend`) only makes workers (:class:`WorkerHandle`): `local.LocalBackend` (one process
-per device) and `ray_backend.RayBackend` (Ray actors, scheduled and watched by Ray).
+A backend (:class:`PoolBackend`) only makes workers (:class:`WorkerHandle`): `inprocess.InProcessBackend` (one
+worker in the engine's process: the default), `local.LocalBackend` (one process per device) and
+`ray_backend.RayBackend` (Ray actors, scheduled and watched by Ray).
 """
 
 from __future__ import annotations
@@ -28,19 +30,24 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from vera_engine.service import store as job_store
-from vera_engine.service.pool.host import JobOutcome, JobTicket, WorkerReport, apply_snapshot, pack_inputs
-from vera_engine.service.spool import InputError, Spool
-from vera_engine.service.worker import Events, JobRunner, LiveState, free_memory
+from vera_engine.service.errors import JobCancelled, WorkerLost
+from vera_engine.service.pool.host import (
+    JobOutcome,
+    JobTicket,
+    LiveSnapshot,
+    WorkerReport,
+    apply_snapshot,
+    job_outcome,
+    pack_inputs,
+)
+from vera_engine.service.spool import Spool
+from vera_engine.service.worker import CancelBook, Events, JobRunner, LiveState
 from vera_proto.vera.v1 import engine_pb2 as pb
 
 log = logging.getLogger("vera_engine.service")
 
 RECONCILE_SECONDS = 5.0  # how often the backend is asked for workers for new (or recovered) devices
 LOST_SHOWN = 16  # lost workers GetInfo keeps listing, newest first
-
-
-class WorkerLost(Exception):
-    """The worker died while it held a job (its process, Ray actor or node); the message says how."""
 
 
 class WorkerHandle(ABC):
@@ -60,7 +67,7 @@ class WorkerHandle(ABC):
 
     @abstractmethod
     def run(
-        self, ticket: JobTicket, inputs: dict[str, bytes] | None, on_update: Callable[[dict[str, Any]], None]
+        self, ticket: JobTicket, inputs: dict[str, bytes] | None, on_update: Callable[[LiveSnapshot], None]
     ) -> JobOutcome:
         """Run a job on the worker, calling ``on_update`` with its live fields as they change; blocks until it
         ends. Raises :class:`WorkerLost` if the worker dies meanwhile."""
@@ -144,7 +151,9 @@ class Pool:
         self._lost: list[WorkerHandle] = []
         self._live: dict[str, LiveState] = {}
         self._running: dict[str, WorkerHandle] = {}
-        self._cancel_requested: set[str] = set()
+        # The one record of cancels at the front door: asked of a running job, or of one claimed from the queue
+        # (the store shows it RUNNING) that no worker has yet.
+        self._cancels = CancelBook()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -159,22 +168,34 @@ class Pool:
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop: running jobs are interrupted and go back to the queue uncounted; the workers are closed."""
+        """Stop: running jobs are interrupted and go back to the queue uncounted; the workers are closed.
+
+        Returns only once no job is inside a step any more (the store may then close): a job's own thread ends at
+        its next step boundary; one on a worker that does not stop within ``timeout`` ends when the worker is
+        closed (its process killed). A job in this process cannot be killed: the wait goes on, logged.
+        """
         self._stop.set()
-        with self._lock:
-            running = list(self._running.items())
-        for job_id, handle in running:
-            handle.cancel(job_id)
+        for job_id in self._cancels.request_all():
+            with self._lock:
+                handle = self._running.get(job_id)
+            if handle is not None:
+                handle.cancel(job_id)
         self._wake.set()
-        self._thread.join(timeout)
+        if self._thread.ident is not None:
+            self._thread.join(timeout)
+        jobs = [t for t in list(self._threads) if t.name.startswith("vera-job-")]
+        for thread in jobs:
+            thread.join(timeout)  # the interrupted jobs go back to the queue before their workers close
         with self._lock:
             handles = list(self._handles)
-        for thread in list(self._threads):
-            if thread.name.startswith("vera-job-"):
-                thread.join(timeout)  # the interrupted jobs go back to the queue before their workers close
         for handle in handles:
-            # Closing also ends the wait of a worker still starting (e.g. an actor Ray cannot place).
+            # Closing also ends the wait of a worker still starting (e.g. an actor Ray cannot place), and the
+            # run of a worker process that did not stop in time.
             handle.close()
+        for thread in jobs:
+            while thread.is_alive():
+                log.warning("stopping: waiting for %s to end its step", thread.name.removeprefix("vera-"))
+                thread.join(timeout)
         for thread in list(self._threads):
             thread.join(timeout)
         self.backend.close()
@@ -191,24 +212,38 @@ class Pool:
             return self._live.get(job_id)
 
     def cancel_running(self, job_id: str) -> bool:
-        """Ask the worker running ``job_id`` to stop it; False if no worker runs it."""
+        """Ask ``job_id``, which the store shows RUNNING, to stop within a step; False if the pool is stopping.
+
+        A job claimed from the queue that no worker has yet is stopped as it starts (the book remembers it).
+        """
+        if self._stop.is_set():
+            return False
+        self._cancels.request(job_id)
         with self._lock:
             handle = self._running.get(job_id)
-            if handle is not None:
-                self._cancel_requested.add(job_id)
-        if handle is None:
-            return False
-        handle.cancel(job_id)
+        if handle is not None:
+            handle.cancel(job_id)
+        record = self.store.get(job_id)
+        if record is None or record.final:
+            # It ended meanwhile (its end forgot its cancels before this one came): nothing to remember.
+            self._cancels.end(job_id)
         return True
 
     def cancel_requested(self, job_id: str) -> bool:
-        """True while ``job_id`` runs on a worker and has been asked to stop."""
-        with self._lock:
-            return job_id in self._cancel_requested
+        """True while ``job_id`` runs (or is about to) and has been asked to stop."""
+        return self._cancels.requested(job_id)
 
     def check_placement(self) -> None:
         """INVALID_ARGUMENT at Submit when no node can hold a job's devices (see the backend)."""
         self.backend.check_placement()
+
+    def handle(self, name: str) -> WorkerHandle:
+        """The live worker called ``name`` (as GetInfo lists it); KeyError if there is none."""
+        with self._lock:
+            for handle in self._handles:
+                if handle.name == name:
+                    return handle
+        raise KeyError(f"no live worker {name!r} in this pool")
 
     def workers(self) -> list[pb.WorkerInfo]:
         """Every worker with its node, device, model, state and job; then the most recently lost ones."""
@@ -246,6 +281,9 @@ class Pool:
     def _loop(self) -> None:
         last_reconcile = -1e9
         while not self._stop.is_set():
+            # Cleared before looking at the queue: a wake (job queued, job ended, worker loaded) during the look
+            # makes the wait below return at once instead of after its timeout.
+            self._wake.clear()
             if time.monotonic() - last_reconcile > RECONCILE_SECONDS:
                 last_reconcile = time.monotonic()
                 self._reconcile()
@@ -253,7 +291,6 @@ class Pool:
             if not dispatched and self.idle_hook is not None:
                 self.idle_hook()
             self._wake.wait(timeout=1.0)
-            self._wake.clear()
 
     def _reconcile(self) -> None:
         with self._lock:
@@ -330,13 +367,11 @@ class Pool:
     def _dispatch(self) -> bool:
         dispatched = False
         if self.load_error is not None:
-            # No worker could load the model: fail what is queued with that reason (as the single worker does).
+            # No worker could load the model: fail what is queued with that reason, rather than leave it queued for
+            # a model no worker can load.
             while (record := self.store.claim_next(worker="")) is not None:
-                self.store.finish(record.id, job_store.FAILED, error=self.load_error)
-                self.spool.remove_inputs(record.id)
+                self._end(record.id, JobOutcome(job_store.FAILED, error=self.load_error), "")
                 dispatched = True
-            if dispatched:
-                self.events.bump()
             return dispatched
         while not self._stop.is_set():
             with self._lock:
@@ -349,6 +384,9 @@ class Pool:
                 break
             handle.state, handle.job_id = pb.WORKER_STATE_BUSY, record.id
             live = LiveState(job_id=record.id)
+            self._cancels.begin(
+                record.id
+            )  # a cancel since the claim is kept: the job stops before its worker runs it
             with self._lock:
                 self._running[record.id] = handle
                 self._live[record.id] = live
@@ -358,7 +396,7 @@ class Pool:
         return dispatched
 
     def _follow(self, handle: WorkerHandle, record: job_store.JobRecord, live: LiveState) -> None:
-        """Run one job on ``handle`` and record how it ended (the front door's half of Worker._run)."""
+        """Run one job on ``handle`` (its own thread) and record how it ended."""
         log.info("job %s: started on %s (attempt %d)", record.id, handle.name, record.attempts)
         out_dir = self.spool.output_dir(record.id)
         # A previous attempt (before a crash, or on a lost worker) may have left part of the results: start clean.
@@ -367,7 +405,7 @@ class Pool:
 
         previews = [self.events.previews_watched(record.id)]
 
-        def on_update(snapshot: dict[str, Any]) -> None:
+        def on_update(snapshot: LiveSnapshot) -> None:
             if apply_snapshot(live, snapshot):
                 self.events.bump()
             # Previews are decoded on the worker only while someone here watches them: pass changes along.
@@ -376,7 +414,7 @@ class Pool:
                 previews[0] = wanted
                 handle.want_previews(record.id, wanted)
 
-        try:
+        def run() -> JobOutcome:
             shared = handle.shares_spool
             ticket = JobTicket(
                 job_id=record.id,
@@ -386,50 +424,62 @@ class Pool:
                 output_dir=str(out_dir) if shared else None,
             )
             inputs = None if shared else pack_inputs(self.spool.inputs_dir(record.id))
+            if self._cancels.requested(record.id):
+                # Cancelled before the worker got it (a later cancel reaches the worker, which remembers it).
+                raise JobCancelled(record.id)
             handle.want_previews(record.id, previews[0])
             outcome = handle.run(ticket, inputs, on_update)
             if outcome.files is not None:
                 _write_results(out_dir, outcome.files)
+            return outcome
+
+        try:
+            outcome = job_outcome(record.id, run, where=handle.name)
         except WorkerLost as exc:
             self._on_lost(handle, record, str(exc))
             return
-        except InputError as exc:
-            outcome = JobOutcome(job_store.FAILED, error=str(exc), progress=live.stopped_at())
-        except Exception as exc:
-            log.error("job %s failed on %s:\n%s", record.id, handle.name, traceback.format_exc())
-            outcome = JobOutcome(
-                job_store.FAILED,
-                error=f"{type(exc).__name__}: {exc}",
-                progress=live.stopped_at(),
-            )
+        if outcome.progress == JobOutcome(outcome.state).progress:
+            # Ended here, not on the worker (its inputs unreadable, cancelled before it got there): the progress
+            # the front door saw is what the job keeps.
+            outcome.progress = live.stopped_at()
         self._release(handle, record.id)
+        self._end(record.id, outcome, handle.name)
+
+    def _end(self, job_id: str, outcome: JobOutcome, worker: str) -> None:
+        """The end of a job, however it ended, on whichever worker: the one place a job's end is recorded.
+
+        Stopping: an unfinished job goes back to the queue (it resumes when the engine restarts). Otherwise the
+        store keeps its state, error, results and the progress it stopped at; a cancelled job's partial results
+        go; its inputs go; Watch streams wake, and the dispatcher looks for the next job.
+        """
         if self._stop.is_set() and outcome.state != job_store.SUCCEEDED:
-            log.info("job %s: interrupted by shutdown; it resumes when the engine restarts", record.id)
-            self.store.requeue(record.id)
+            log.info("job %s: interrupted by shutdown; it resumes when the engine restarts", job_id)
+            self.store.requeue(job_id)
+            self._cancels.end(job_id)
+            self.events.bump()
             return
         if outcome.state == job_store.CANCELLED:
-            shutil.rmtree(out_dir, ignore_errors=True)
+            shutil.rmtree(self.spool.output_dir(job_id), ignore_errors=True)
         self.store.finish(
-            record.id, outcome.state, error=outcome.error, outputs=outcome.outputs, progress=outcome.progress
+            job_id, outcome.state, error=outcome.error, outputs=outcome.outputs, progress=outcome.progress
         )
-        self.spool.remove_inputs(record.id)
-        free_memory()
+        self._cancels.end(job_id)
+        self.spool.remove_inputs(job_id)
         self.events.bump()
         self._wake.set()
-        log.info(
-            "job %s: %s on %s %s", record.id, pb.JobState.Name(outcome.state), handle.name, outcome.error
-        )
+        where = f" on {worker}" if worker else ""
+        log.info("job %s: %s%s %s", job_id, pb.JobState.Name(outcome.state), where, outcome.error)
 
     def _release(self, handle: WorkerHandle, job_id: str) -> None:
         with self._lock:
             self._running.pop(job_id, None)
             self._live.pop(job_id, None)
-            self._cancel_requested.discard(job_id)
         if handle.state == pb.WORKER_STATE_BUSY:
             handle.state, handle.job_id = pb.WORKER_STATE_IDLE, ""
 
     def _on_lost(self, handle: WorkerHandle, record: job_store.JobRecord, cause: str) -> None:
         self._release(handle, record.id)
+        self._cancels.end(record.id)
         self._lose(handle, cause)
         shutil.rmtree(self.spool.output_dir(record.id), ignore_errors=True)
         if self._stop.is_set():

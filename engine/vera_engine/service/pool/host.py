@@ -28,17 +28,33 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from vera_engine.service import store as job_store
-from vera_engine.service.spool import MANIFEST, InputError, SpooledInputs
-from vera_engine.service.worker import Events, JobCancelled, JobContext, JobRunner, LiveState, free_memory
+from vera_engine.service.errors import InputError, JobCancelled, WorkerLost
+from vera_engine.service.spool import MANIFEST, SpooledInputs
+from vera_engine.service.worker import CancelBook, Events, JobContext, JobRunner, LiveState, free_memory
 from vera_proto.vera.v1 import engine_pb2 as pb
 
 log = logging.getLogger("vera_engine.service")
 
+FREE_MEMORY_AFTER_SECONDS = 2.0  # after a job's outcome is returned, time for it to reach the front door
+
 # JobContext live fields a poll carries back to the front door.
 _LIVE_FIELDS = ("stage", "stage_detail", "step", "total_steps", "progress", "eta_seconds")
+
+
+class LiveSnapshot(TypedDict):
+    """A running job's live fields as a worker sends them to its front door (picklable, for pipes and Ray)."""
+
+    stage: int
+    stage_detail: str
+    step: int
+    total_steps: int
+    progress: float
+    eta_seconds: float | None
+    preview: bytes | None  # pb.Preview, serialised
+    preview_version: int
 
 
 @dataclass(frozen=True)
@@ -94,22 +110,46 @@ class WorkerReport:
     models: list[bytes]  # pb.ModelInfo of each model the runner serves (first: the default)
 
 
+def job_outcome(job_id: str, body: Callable[[], JobOutcome], where: str = "") -> JobOutcome:
+    """Run ``body`` (a job's work) and map how it ended: the one place every worker's outcomes are decided.
+
+    Cancelled (:class:`JobCancelled`) is CANCELLED; bad input (:class:`InputError`, e.g. a frame sent by path that
+    changed) is FAILED with its message; anything else is FAILED with the exception named, its traceback in the log.
+    :class:`WorkerLost` passes through: the pool puts the job back in the queue instead.
+    """
+    try:
+        return body()
+    except JobCancelled:
+        return JobOutcome(job_store.CANCELLED)
+    except InputError as exc:
+        return JobOutcome(job_store.FAILED, error=str(exc))
+    except WorkerLost:
+        raise
+    except Exception as exc:
+        log.error("job %s failed%s:\n%s", job_id, f" on {where}" if where else "", traceback.format_exc())
+        return JobOutcome(job_store.FAILED, error=f"{type(exc).__name__}: {exc}")
+
+
 def pack_inputs(inputs_dir: Path) -> dict[str, bytes]:
     """A committed job's inputs as bytes, for a worker that does not see the spool.
 
     Frames that were sent by path are read here, on the front door, which is where they were checked: the worker
     gets their bytes as if they had been sent as EXR files.
     """
+    spooled = SpooledInputs(inputs_dir)
     manifest = json.loads((inputs_dir / MANIFEST).read_text())
     files: dict[str, bytes] = {}
-    for layer in ("plate", "mask"):
+    for layer, layer_number in (("plate", pb.LAYER_PLATE), ("mask", pb.LAYER_MASK)):
         for frame, entry in manifest[layer].items():
             if entry["encoding"] == "path":
                 name = f"{layer}.{frame}.by-path.exr"
+                path = spooled.exr_path(layer_number, int(frame))  # fails naming the frame if it changed
                 try:
-                    files[name] = Path(entry["path"]).read_bytes()
+                    files[name] = path.read_bytes()
                 except OSError as exc:
-                    raise InputError(f"{layer}[{frame}]", f"cannot be read any more: {exc}") from None
+                    raise InputError(
+                        f"{layer} frame {frame}.path", f"{path} cannot be read any more: {exc.strerror}"
+                    ) from None
                 manifest[layer][frame] = {**entry, "encoding": "exr", "file": name}
             else:
                 files[entry["file"]] = (inputs_dir / entry["file"]).read_bytes()
@@ -197,7 +237,11 @@ class WorkerHost:
         self._lock = threading.Lock()
         self._events = Events()
         self._live: LiveState | None = None
-        self._cancel: dict[str, threading.Event] = {}
+        self._cancels = CancelBook()
+        self._free_lock = threading.Lock()
+        self._free_timer: threading.Timer | None = (
+            None  # gives the last job's memory back, unless a job comes first
+        )
 
     @property
     def lead(self) -> bool:
@@ -243,35 +287,58 @@ class WorkerHost:
         """Run one job to its end; the outcome says how it ended (never raises for the job's own errors)."""
         if self.runner is None:
             raise RuntimeError("WorkerHost.run before load()")
+        self._free_memory_now()  # the last job's memory is back before this one takes any
         live = LiveState(job_id=ticket.job_id)
         outcome = self._run(ticket, inputs, live)
         # Every job keeps the progress it had when it stopped (the proto's JobStatus promise): the front door
         # records it, as the relayed live fields may have been sampled a step earlier.
         outcome.progress = live.stopped_at()
+        # The outcome goes back first, the memory a moment later: a full garbage collection holds the GIL, for
+        # seconds in a Ray worker on a loaded machine (9 s measured on 2 busy cores), and the front door would
+        # hear of a cancelled or finished job only after it.
+        with self._free_lock:
+            self._free_timer = threading.Timer(FREE_MEMORY_AFTER_SECONDS, self._free_memory_now)
+            self._free_timer.daemon = True
+            self._free_timer.start()
         return outcome
+
+    def _free_memory_now(self) -> None:
+        """Give the last job's memory back if that is still to do (from the timer, or before the next job)."""
+        with self._free_lock:
+            timer, self._free_timer = self._free_timer, None
+        if timer is not None:
+            timer.cancel()
+            free_memory()
 
     def _run(self, ticket: JobTicket, inputs: dict[str, bytes] | None, live: LiveState) -> JobOutcome:
         assert self.runner is not None
+        runner = self.runner
         header = pb.JobHeader.FromString(ticket.header)
-        cancel = threading.Event()
+        # A cancel that arrived before this point (while the front door packed the inputs, or the job travelled
+        # here) is in the book: the event starts set and the job stops before the runner starts it.
+        cancel = self._cancels.begin(ticket.job_id, only=True)
         with self._lock:
-            self._cancel[ticket.job_id] = cancel
             self._live = live
-        scratch: Path | None = None
-        try:
+        scratch: list[Path] = []
+
+        def work() -> JobOutcome:
+            if cancel.is_set() and self._control_group is None:
+                # (The ranks of a group agree on a cancel at the runner's first check instead: one rank that did
+                # not start would leave the others waiting in a collective.)
+                raise JobCancelled(ticket.job_id)
             if ticket.inputs_dir is not None and ticket.output_dir is not None:
                 inputs_dir, out_dir = Path(ticket.inputs_dir), Path(ticket.output_dir)
                 if not self.lead:
                     # Only rank 0 writes the results; the other ranks' (empty) output folder is their own.
-                    scratch = Path(tempfile.mkdtemp(prefix=f"vera-{ticket.job_id}-"))
-                    out_dir = scratch / "out"
+                    scratch.append(Path(tempfile.mkdtemp(prefix=f"vera-{ticket.job_id}-")))
+                    out_dir = scratch[0] / "out"
                     out_dir.mkdir()
             else:
                 if inputs is None:
                     raise ValueError(f"job {ticket.job_id}: no shared spool and no inputs sent")
-                scratch = Path(tempfile.mkdtemp(prefix=f"vera-{ticket.job_id}-"))
-                inputs_dir = unpack_inputs(inputs, scratch / "inputs")
-                out_dir = scratch / "out"
+                scratch.append(Path(tempfile.mkdtemp(prefix=f"vera-{ticket.job_id}-")))
+                inputs_dir = unpack_inputs(inputs, scratch[0] / "inputs")
+                out_dir = scratch[0] / "out"
                 out_dir.mkdir()
             args = (
                 ticket.job_id,
@@ -287,30 +354,26 @@ class WorkerHost:
                 ctx: JobContext = GroupJobContext(*args, lead=self.lead, control_group=self._control_group)
             else:
                 ctx = JobContext(*args, lead=self.lead)
-            paths = self.runner.run(ctx)
+            paths = runner.run(ctx)
             del ctx
+            # A cancel that arrives after the last step is too late: the results exist, keep them.
             names = sorted(Path(p).name for p in paths)
             files = None
             if ticket.output_dir is None and self.lead:
                 files = {name: (out_dir / name).read_bytes() for name in names}
             return JobOutcome(job_store.SUCCEEDED, outputs=names, files=files)
-        except JobCancelled:
-            return JobOutcome(job_store.CANCELLED)
-        except InputError as exc:
-            return JobOutcome(job_store.FAILED, error=str(exc))
-        except Exception as exc:
-            log.error("job %s failed:\n%s", ticket.job_id, traceback.format_exc())
-            return JobOutcome(job_store.FAILED, error=f"{type(exc).__name__}: {exc}")
+
+        try:
+            return job_outcome(ticket.job_id, work)
         finally:
+            self._cancels.end(ticket.job_id)
             with self._lock:
-                self._cancel.pop(ticket.job_id, None)
                 self._live = None
             self._events.bump()
-            if scratch is not None:
-                shutil.rmtree(scratch, ignore_errors=True)
-            free_memory()
+            for folder in scratch:
+                shutil.rmtree(folder, ignore_errors=True)
 
-    def poll(self, job_id: str, seen: int, timeout: float) -> tuple[int, dict[str, Any] | None]:
+    def poll(self, job_id: str, seen: int, timeout: float) -> tuple[int, LiveSnapshot | None]:
         """Wait up to ``timeout`` for news of ``job_id`` newer than version ``seen``.
 
         Returns (version, live fields) with the preview as ``preview`` (serialised pb.Preview, or None) and
@@ -321,35 +384,65 @@ class WorkerHost:
             live = self._live if self._live is not None and self._live.job_id == job_id else None
             if live is None:
                 return version, None
-            snapshot: dict[str, Any] = {name: getattr(live, name) for name in _LIVE_FIELDS}
-            snapshot["preview_version"] = live.preview_version
-            snapshot["preview"] = live.preview.SerializeToString() if live.preview is not None else None
+            snapshot = LiveSnapshot(
+                stage=live.stage,
+                stage_detail=live.stage_detail,
+                step=live.step,
+                total_steps=live.total_steps,
+                progress=live.progress,
+                eta_seconds=live.eta_seconds,
+                preview=live.preview.SerializeToString() if live.preview is not None else None,
+                preview_version=live.preview_version,
+            )
         return version, snapshot
 
     def want_previews(self, job_id: str, wanted: bool) -> None:
         """Whether someone at the front door watches ``job_id``'s previews (they cost a decode: made only then)."""
         self._events.set_previews_watched(job_id, wanted)
 
-    def cancel(self, job_id: str) -> bool:
-        """Ask ``job_id`` to stop within one step; False if it does not run here."""
-        with self._lock:
-            event = self._cancel.get(job_id)
-        if event is None:
-            return False
-        event.set()
-        return True
+    def cancel(self, job_id: str) -> None:
+        """Ask ``job_id`` to stop within one step; one that has not started here yet stops as it starts."""
+        self._cancels.request(job_id)
 
     def pid(self) -> int:
         """The process this host runs in."""
         return os.getpid()
 
 
-def apply_snapshot(live: LiveState, snapshot: dict[str, Any]) -> bool:
+def run_relaying(
+    host: WorkerHost,
+    ticket: JobTicket,
+    inputs: dict[str, bytes] | None,
+    on_update: Callable[[LiveSnapshot], None],
+    poll_seconds: float = 0.5,
+) -> JobOutcome:
+    """Run ``ticket`` on ``host`` in this thread while a second thread relays its live fields to ``on_update``.
+
+    What a worker process does with its front door's "run" command, and what the in-process worker does itself.
+    """
+    done = threading.Event()
+
+    def relay() -> None:
+        seen = -1
+        while not done.is_set():
+            seen, snapshot = host.poll(ticket.job_id, seen, poll_seconds)
+            if snapshot is not None and not done.is_set():
+                on_update(snapshot)
+
+    if host.lead:
+        threading.Thread(target=relay, name=f"vera-relay-{ticket.job_id}", daemon=True).start()
+    try:
+        return host.run(ticket, inputs)
+    finally:
+        done.set()
+
+
+def apply_snapshot(live: LiveState, snapshot: LiveSnapshot) -> bool:
     """Copy a worker's live fields into the front door's LiveState; returns True if anything changed."""
     changed = False
     for name in _LIVE_FIELDS:
-        if getattr(live, name) != snapshot[name]:
-            setattr(live, name, snapshot[name])
+        if getattr(live, name) != snapshot[name]:  # type: ignore[literal-required]
+            setattr(live, name, snapshot[name])  # type: ignore[literal-required]
             changed = True
     if snapshot["preview"] is not None and snapshot["preview_version"] != live.preview_version:
         live.preview = pb.Preview.FromString(snapshot["preview"])

@@ -20,15 +20,18 @@ from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
-from vera_engine.service.pool.dispatch import WorkerHandle, WorkerLost
+from vera_engine.service.errors import WorkerLost
+from vera_engine.service.pool.dispatch import WorkerHandle
 from vera_engine.service.pool.host import (
     GroupSpec,
     JobOutcome,
     JobTicket,
+    LiveSnapshot,
     RunnerSpec,
     WorkerHost,
     WorkerReport,
     free_port,
+    run_relaying,
 )
 
 POLL_SECONDS = 0.5  # how long one long-poll of a job's progress waits inside the worker process
@@ -114,20 +117,9 @@ def _worker_main(
         return
 
     def run(ticket: JobTicket) -> None:
-        done = threading.Event()
-
-        def relay() -> None:
-            seen = -1
-            while not done.is_set():
-                seen, snapshot = host.poll(ticket.job_id, seen, POLL_SECONDS)
-                if snapshot is not None and not done.is_set():
-                    send("update", ticket.job_id, snapshot)
-
-        relay_thread = threading.Thread(target=relay, daemon=True)
-        if host.lead:
-            relay_thread.start()
-        outcome = host.run(ticket)
-        done.set()
+        outcome = run_relaying(
+            host, ticket, None, lambda snapshot: send("update", ticket.job_id, snapshot), POLL_SECONDS
+        )
         send("outcome", ticket.job_id, outcome)
 
     while True:
@@ -233,7 +225,7 @@ class LocalWorker(WorkerHandle):
         return reports[0]
 
     def run(
-        self, ticket: JobTicket, inputs: dict[str, bytes] | None, on_update: Callable[[dict[str, Any]], None]
+        self, ticket: JobTicket, inputs: dict[str, bytes] | None, on_update: Callable[[LiveSnapshot], None]
     ) -> JobOutcome:
         """Send the job to every rank; follow rank 0's updates; the outcome is rank 0's."""
         for process in self._processes:

@@ -11,8 +11,9 @@ value), unless ``--shared-spool`` says the workers see the front door's spool pa
 door's Ray job: a front door that dies takes its actors with it, and a restarted one starts new ones and reruns
 what was queued or running.
 
-``--worker-resource NAME`` asks for a custom resource instead of GPUs (nodes started with
-``ray start --resources '{"NAME": 1}'``); such workers run on the CPU. The tests use it to stand in for GPUs, so
+``--worker-resource NAME`` asks for another resource instead of GPUs: ``CPU`` (one worker per CPU, through Ray's
+``num_cpus``), or a custom one (nodes started with ``ray start --resources '{"NAME": 1}'``); such workers run on
+the CPU. A name Ray cannot place a worker with is refused at start. The tests use it to stand in for GPUs, so
 the placement code they run is the one that places GPU workers.
 """
 
@@ -24,27 +25,24 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from vera_engine.service.pool.dispatch import WorkerHandle, WorkerLost
+from vera_engine.service.errors import ClusterError, InputError, WorkerLost
+from vera_engine.service.pool.dispatch import WorkerHandle
 from vera_engine.service.pool.host import (
     GroupSpec,
     JobOutcome,
     JobTicket,
+    LiveSnapshot,
     RunnerSpec,
     WorkerHost,
     WorkerReport,
     free_port,
 )
-from vera_engine.service.spool import InputError
 
 log = logging.getLogger("vera_engine.service")
 
 POLL_SECONDS = 0.5  # longest wait of one progress long-poll inside the actor
 CONNECT_SECONDS = 60.0  # longest wait for ray.init once the address answers
 ACTOR_CONCURRENCY = 4  # run + poll + cancel at the same time on one actor
-
-
-class ClusterError(RuntimeError):
-    """The cluster cannot serve as a pool (unreachable, or without the workers' resource); says which and why."""
 
 
 class RayWorkerHost(WorkerHost):
@@ -147,6 +145,48 @@ def _remote_host_class() -> Any:
     return _actor_class
 
 
+def worker_resource(name: str) -> str:
+    """``--worker-resource`` as Ray spells it: ``CPU`` and ``GPU`` (any case) are Ray's own, others are custom."""
+    name = name.strip()
+    if not name:
+        raise ClusterError(
+            "--worker-resource is empty; name GPU, CPU or a custom resource of the cluster's nodes"
+        )
+    if name in ("memory", "object_store_memory") or name.startswith(("node:", "accelerator_type:")):
+        # Ray's byte counts and node markers: one unit of them is not a device (a node's `memory` would count as
+        # billions of worker slots).
+        raise ClusterError(
+            f"--worker-resource {name!r} is one of Ray's byte counts or node markers, not a device; name GPU, CPU "
+            "or a custom resource the nodes offer per device (`ray start --resources '{\"NAME\": N}'`)"
+        )
+    return name.upper() if name.upper() in ("CPU", "GPU") else name
+
+
+def actor_options(resource: str) -> dict[str, Any]:
+    """The Ray options of one worker actor that takes one unit of ``resource`` (see :func:`worker_resource`).
+
+    Ray asks for its own CPUs and GPUs by ``num_cpus`` / ``num_gpus`` and refuses them in ``resources``.
+    """
+    if resource == "GPU":
+        # num_cpus=0: a worker's arithmetic is on its device; CPU counts must not limit how many GPUs are used.
+        request: dict[str, Any] = {"num_gpus": 1, "num_cpus": 0}
+    elif resource == "CPU":
+        request = {"num_cpus": 1}  # the worker computes on that CPU
+    else:
+        request = {"resources": {resource: 1}, "num_cpus": 0}
+    return {**request, "max_concurrency": ACTOR_CONCURRENCY, "max_restarts": 0}
+
+
+def check_actor_options(resource: str) -> None:
+    """Refuse at start a worker request Ray would refuse for every actor (by Ray's own option checks)."""
+    try:
+        _remote_host_class().options(**actor_options(resource))
+    except ValueError as exc:
+        raise ClusterError(
+            f"--worker-resource {resource!r}: Ray cannot place a worker with it: {exc}"
+        ) from None
+
+
 class RayWorker(WorkerHandle):
     """A worker of the Ray backend: one actor, or a placement group of N actors on one node for N devices per job."""
 
@@ -163,15 +203,6 @@ class RayWorker(WorkerHandle):
         """Only with --shared-spool: otherwise frames and results go through the object store."""
         return self.backend.shared_spool
 
-    def _actor_options(self) -> dict[str, Any]:
-        backend = self.backend
-        if backend.resource == "GPU":
-            options: dict[str, Any] = {"num_gpus": 1}
-        else:
-            options = {"resources": {backend.resource: 1}}
-        # num_cpus=0: a worker's arithmetic is on its device; CPU counts must not limit how many GPUs are used.
-        return {**options, "num_cpus": 0, "max_concurrency": ACTOR_CONCURRENCY, "max_restarts": 0}
-
     def load(self) -> WorkerReport:
         """Create the actor(s) where Ray places them and wait until every rank loaded the model."""
         import ray
@@ -180,14 +211,14 @@ class RayWorker(WorkerHandle):
 
         backend = self.backend
         actor_class = _remote_host_class()
-        options = self._actor_options()
+        options = actor_options(backend.resource)
         count = backend.gpus_per_job
         try:
             with self._lock:
                 if self._closed:
                     raise WorkerLost(f"worker {self.name} was closed while starting")
                 if count > 1:
-                    bundle = {"GPU": 1} if backend.resource == "GPU" else {backend.resource: 1}
+                    bundle = {backend.resource: 1}  # bundles name Ray's CPU and GPU like any resource
                     self._placement_group = placement_group([bundle] * count, strategy="STRICT_PACK")
             if count > 1:
                 ray.get(self._placement_group.ready())  # waits until one node has the N devices free
@@ -216,7 +247,7 @@ class RayWorker(WorkerHandle):
         return reports[0]
 
     def run(
-        self, ticket: JobTicket, inputs: dict[str, bytes] | None, on_update: Callable[[dict[str, Any]], None]
+        self, ticket: JobTicket, inputs: dict[str, bytes] | None, on_update: Callable[[LiveSnapshot], None]
     ) -> JobOutcome:
         """Run the job on every rank, following rank 0's progress; the outcome is rank 0's."""
         import ray
@@ -296,7 +327,10 @@ class RayBackend:
             raise ValueError(f"--gpus-per-job {gpus_per_job}: expected 1 or more devices per job")
         self.address = address
         self.runner = runner
-        self.resource = resource
+        self.resource = worker_resource(resource)
+        check_actor_options(
+            self.resource
+        )  # before connecting: a request Ray refuses fails every job otherwise
         self.gpus_per_job = gpus_per_job
         self.context_parallel = context_parallel
         self.shared_spool = shared_spool
@@ -312,11 +346,10 @@ class RayBackend:
     def _check_resource(self) -> None:
         nodes = _alive_nodes()
         if not any(n["Resources"].get(self.resource, 0) >= 1 for n in nodes):
-            how = (
-                "start GPU nodes (`ray start --address HEAD:6379 --num-gpus N`)"
-                if self.resource == "GPU"
-                else f"start nodes with `ray start --address HEAD:6379 --resources '{{\"{self.resource}\": 1}}'`"
-            )
+            if self.resource in ("GPU", "CPU"):
+                how = f"start nodes with them (`ray start --address HEAD:6379 --num-{self.resource.lower()}s N`)"
+            else:
+                how = f"start nodes with `ray start --address HEAD:6379 --resources '{{\"{self.resource}\": 1}}'`"
             raise ClusterError(
                 f"the Ray cluster at {self.address} has no worker resource {self.resource!r} on any of its "
                 f"{len(nodes)} live node(s): {how}, or name the resource with --worker-resource"
