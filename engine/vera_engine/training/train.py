@@ -148,6 +148,16 @@ class TrainConfig:
     seed: int = _setting(0, help="seed of the weights, the data order and the noise")
     num_workers: int = _setting(0, help="DataLoader worker processes")
     max_grad_norm: float = _setting(1.0, help="gradient clipping norm")
+    # Data formats, cached latents and adapters (issue 24; training/data/released.py, training/cache.py, lora.py)
+    format: str = _setting(
+        "auto",
+        choices=("auto", "vera", "layered"),
+        help="--data's format: vera (the released metadata.jsonl + MP4 layers), layered (docs/DATASET.md), or "
+        "auto (detected)",
+    )
+    skip_bad: bool = _setting(
+        False, help="leave out (and count) released-layout records that fail the checks instead of stopping"
+    )
 
 
 def branch_of_parameter(name: str) -> str:
@@ -1015,7 +1025,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     """Run (or resume) a training run; returns a summary with the final losses and timing."""
     from tqdm.auto import tqdm
 
-    from vera_engine.training.data.dataset import LayeredVideoDataset
+    from vera_engine.training.data.released import open_training_dataset
 
     if config.cooldown_steps < 0 or config.warmup_steps < 0:
         raise ValueError(
@@ -1034,8 +1044,14 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     torch.manual_seed(config.seed + dist.rank)
 
     # 2. Data and the starting pipeline (a preset's random weights, an --init model, or the run's raw weights)
-    dataset = LayeredVideoDataset(
-        config.data, "train", frames=config.frames, size=config.size, seed=config.seed
+    dataset = open_training_dataset(
+        config.data,
+        "train",
+        format=config.format,
+        frames=config.frames,
+        size=config.size,
+        seed=config.seed,
+        skip_bad=config.skip_bad,
     )
     pipe = _load_or_build_pipeline(config, dataset.instructions, resume)
     if resume:
