@@ -195,6 +195,55 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_cache(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "cache",
+        help="encode a dataset once with a model's VAE and text encoder (for `train --cache`)",
+        description="Encode every clip of a split (layered or released layout) with the model's own codec (Wan's "
+        "AutoencoderKLWan for real checkpoints) and every instruction with its text encoder, into a folder that "
+        "`vera-engine train --cache` trains from without loading either. The index records the model, the VAE, "
+        "the text encoder, the size and the frames; training refuses a mismatch.",
+    )
+    parser.add_argument("--data", required=True, help="dataset folder (layered or released Vera layout)")
+    parser.add_argument("--model", required=True, help="pipeline folder whose VAE and text encoder to use")
+    parser.add_argument("--out", required=True, help="cache folder to write")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--format", default="auto", choices=("auto", "vera", "layered"))
+    parser.add_argument("--frames", type=int, help="frames per clip (default: the data's)")
+    parser.add_argument(
+        "--size", type=int, nargs=2, metavar=("H", "W"), help="clip size (default: the data's)"
+    )
+    parser.add_argument("--skip-bad", action="store_true", help="leave out (and count) bad released records")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.set_defaults(handler=_run_cache)
+
+
+def _run_cache(args: argparse.Namespace) -> int:
+    from vera_engine.training.cache import build_cache
+
+    index = build_cache(
+        args.data,
+        args.model,
+        args.out,
+        split=args.split,
+        format=args.format,
+        frames=args.frames,
+        size=tuple(args.size) if args.size else None,
+        skip_bad=args.skip_bad,
+        device=args.device,
+        overwrite=args.overwrite,
+        progress=args.progress,
+    )
+    print(
+        f"cached {len(index['clips'])} clips ({index['frames']} frames, {index['size'][0]}x{index['size'][1]}, "
+        f"latents {index['latent_shape']}) with the {index['vae_class']} and {index['text_encoder_class']} of "
+        f"{index['model']} in {index['seconds']:.1f} s -> {args.out}"
+    )
+    return 0
+
+
 def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo",
@@ -229,7 +278,15 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from vera_engine.service.serve import add_serve_parser
 
-    for add in (add_serve_parser, _add_convert_wan, _add_bench_step, _add_train, _add_eval, _add_demo):
+    for add in (
+        add_serve_parser,
+        _add_convert_wan,
+        _add_bench_step,
+        _add_train,
+        _add_eval,
+        _add_demo,
+        _add_cache,
+    ):
         add(subparsers)
     return parser
 

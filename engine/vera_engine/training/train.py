@@ -158,6 +158,12 @@ class TrainConfig:
     skip_bad: bool = _setting(
         False, help="leave out (and count) released-layout records that fail the checks instead of stopping"
     )
+    cache: str | None = _setting(
+        None,
+        type=str,
+        help="latents and text states made by `vera-engine cache` from --data: train without loading the VAE or "
+        "the text encoder (the model is --init, else the one the cache was made with; a mismatch is refused)",
+    )
 
 
 def branch_of_parameter(name: str) -> str:
@@ -715,6 +721,12 @@ def _save_pipeline(pipe: Any, folder: Path, transformer_weights: Mapping[str, to
     pipe.transformer = _unsharded(sharded, transformer_weights)
     try:
         pipe.save_pretrained(folder, safe_serialization=True)
+        if getattr(
+            pipe, "unloaded_components_from", None
+        ):  # a --cache run: the VAE and text encoder it left out
+            from vera_engine.training.cache import complete_pipeline_folder
+
+            complete_pipeline_folder(folder, pipe.unloaded_components_from)
     finally:
         pipe.transformer = sharded
 
@@ -761,7 +773,7 @@ def _save_checkpoint(
     training = staging / "training"
     training.mkdir()
     _unsharded(model, raw_weights).save_pretrained(training / "raw_transformer", safe_serialization=True)
-    if any(p.requires_grad for p in pipe.text_encoder.parameters()):
+    if pipe.text_encoder is not None and any(p.requires_grad for p in pipe.text_encoder.parameters()):
         pipe.text_encoder.save_pretrained(training / "raw_text_encoder", safe_serialization=True)
     save_state(
         training / "state",
@@ -873,7 +885,8 @@ def _prepare_model(pipe: Any, config: TrainConfig, dist: "_Distributed") -> _Run
     model: VeraTransformer3DModel = pipe.transformer
     model.train()
     train_text = config.text_encoder_lr_scale > 0
-    pipe.text_encoder.requires_grad_(train_text).train(train_text)
+    if pipe.text_encoder is not None:  # None: a --cache run, which does not load it
+        pipe.text_encoder.requires_grad_(train_text).train(train_text)
     if config.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     if config.fsdp:
@@ -982,16 +995,24 @@ def _train_step(
     run: _Run, batch: Mapping[str, Any], step: int, prompts: PromptCache
 ) -> tuple[dict[str, float], float]:
     """One optimiser step on `batch`; returns the (process-averaged) losses and the gradient norm."""
+    from vera_engine.training.cache import cached_latents, cached_text
+
     config, dist, pipe = run.config, run.dist, run.pipe
     for group in run.optimizer.param_groups:
         group["lr"] = group["initial_lr"] * learning_rate_factor(
             step, config.warmup_steps, config.steps, config.cooldown_steps
         )
-    latents = encode_batch(pipe, batch, config.mask_dropout, run.generator, dist.device)
+    cached = "text_states" in batch  # --cache: latents and text states made by `vera-engine cache`
+    if cached:
+        latents = cached_latents(batch, config.mask_dropout, run.generator, dist.device)
+    else:
+        latents = encode_batch(pipe, batch, config.mask_dropout, run.generator, dist.device)
     drop_text = torch.rand(len(batch["instruction"]), generator=run.generator) < config.text_dropout
     instructions = ["" if drop else p for p, drop in zip(batch["instruction"], drop_text, strict=True)]
     with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=run.use_bf16):
-        if run.text_parameters:
+        if cached:
+            text = cached_text(batch, drop_text, dist.device, run.model.dtype)
+        elif run.text_parameters:
             text = torch.cat([pipe.encode_prompt(p, dist.device, run.model.dtype) for p in instructions])
         else:
             text = prompts(instructions)
@@ -1025,6 +1046,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     """Run (or resume) a training run; returns a summary with the final losses and timing."""
     from tqdm.auto import tqdm
 
+    from vera_engine.training.cache import open_cache_for_training
     from vera_engine.training.data.released import open_training_dataset
 
     if config.cooldown_steps < 0 or config.warmup_steps < 0:
@@ -1044,16 +1066,21 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     torch.manual_seed(config.seed + dist.rank)
 
     # 2. Data and the starting pipeline (a preset's random weights, an --init model, or the run's raw weights)
-    dataset = open_training_dataset(
-        config.data,
-        "train",
-        format=config.format,
-        frames=config.frames,
-        size=config.size,
-        seed=config.seed,
-        skip_bad=config.skip_bad,
-    )
-    pipe = _load_or_build_pipeline(config, dataset.instructions, resume)
+    if (
+        config.cache
+    ):  # latents and text states encoded once by `vera-engine cache`: no VAE or text encoder here
+        dataset, pipe = open_cache_for_training(config, resume)
+    else:
+        dataset = open_training_dataset(
+            config.data,
+            "train",
+            format=config.format,
+            frames=config.frames,
+            size=config.size,
+            seed=config.seed,
+            skip_bad=config.skip_bad,
+        )
+        pipe = _load_or_build_pipeline(config, dataset.instructions, resume)
     if resume:
         _load_raw_weights(pipe, config)
 
