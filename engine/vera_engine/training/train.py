@@ -164,6 +164,12 @@ class TrainConfig:
         help="latents and text states made by `vera-engine cache` from --data: train without loading the VAE or "
         "the text encoder (the model is --init, else the one the cache was made with; a mismatch is refused)",
     )
+    lora: int = _setting(
+        0,
+        help="train low-rank adapters of this rank on the --init model's attention and FFN projections (all three "
+        "branches, at their --branch-lr scales) instead of all its weights; --out receives the adapter alone "
+        "(vera_lora.safetensors, with the base model's hash) for `serve --lora NAME=PATH`",
+    )
 
 
 def branch_of_parameter(name: str) -> str:
@@ -884,6 +890,10 @@ def _prepare_model(pipe: Any, config: TrainConfig, dist: "_Distributed") -> _Run
     pipe.to(dist.device)
     model: VeraTransformer3DModel = pipe.transformer
     model.train()
+    if config.lora:  # only the adapters train (training/lora.py)
+        from vera_engine.training.lora import add_training_adapter
+
+        add_training_adapter(model, config.lora)
     train_text = config.text_encoder_lr_scale > 0
     if pipe.text_encoder is not None:  # None: a --cache run, which does not load it
         pipe.text_encoder.requires_grad_(train_text).train(train_text)
@@ -893,7 +903,7 @@ def _prepare_model(pipe: Any, config: TrainConfig, dist: "_Distributed") -> _Run
         shard_transformer(model)  # before the optimiser and EMA are made: they hold the sharded parameters
 
     text_parameters = list(pipe.text_encoder.parameters()) if train_text else []
-    trainable = list(model.parameters()) + text_parameters
+    trainable = [p for p in model.parameters() if p.requires_grad] + text_parameters
     ema = EMAModel(
         trainable, decay=config.ema_decay, model_cls=VeraTransformer3DModel, model_config=model.config
     )
@@ -1048,6 +1058,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
 
     from vera_engine.training.cache import open_cache_for_training
     from vera_engine.training.data.released import open_training_dataset
+    from vera_engine.training.lora import check_lora_run, save_lora_checkpoint
 
     if config.cooldown_steps < 0 or config.warmup_steps < 0:
         raise ValueError(
@@ -1061,6 +1072,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
             "(a single process trains the whole model without it)"
         )
     saved_config = _check_resume(config, resume)
+    check_lora_run(config, resume)
     random.seed(config.seed + dist.rank)
     np.random.seed(config.seed + dist.rank)
     torch.manual_seed(config.seed + dist.rank)
@@ -1081,6 +1093,12 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
             skip_bad=config.skip_bad,
         )
         pipe = _load_or_build_pipeline(config, dataset.instructions, resume)
+    if config.lora:  # the base the adapter is trained on: recorded in the adapter file
+        from vera_engine.pipelines.model_store import resolve_model_dir
+        from vera_engine.training.lora import base_transformer_hash
+
+        base_dir = resolve_model_dir(config.init)
+        pipe.lora_base_hash, pipe.lora_base_name = base_transformer_hash(base_dir), base_dir.resolve().name
     if resume:
         _load_raw_weights(pipe, config)
 
@@ -1119,7 +1137,12 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
                     {"step": step, **last, "grad_norm": grad_norm, "lr": lr, "time": time.time()}
                 )
             # 5. Checkpoints: the pipeline folder (EMA weights) and what a resume needs, replaced atomically
-            if step % config.save_every == 0 or step == config.steps:
+            if config.lora and (step % config.save_every == 0 or step == config.steps):
+                if dist.is_main:
+                    save_lora_checkpoint(run, step)
+                    _append_log(log_path, pending_log)
+                dist.barrier()
+            elif step % config.save_every == 0 or step == config.steps:
                 _save_checkpoint(
                     pipe,
                     run.model,
