@@ -226,3 +226,28 @@ def adapter_size(path: str | os.PathLike[str]) -> Mapping[str, Any]:
     with safe_open(str(file), "pt") as handle:
         count = len(list(handle.keys()))
     return {"bytes": file.stat().st_size, "tensors": count}
+
+
+def check_adapter_base(path: str | os.PathLike[str], name: str, model_dir: str | os.PathLike[str]) -> None:
+    """Refuse (before anything loads) an adapter that is missing or was trained on another base than ``model_dir``."""
+    metadata = read_adapter_metadata(path)
+    base_hash, base_name = base_transformer_hash(model_dir), Path(model_dir).resolve().name
+    if metadata.get(BASE_HASH_KEY) != base_hash:
+        raise ValueError(
+            f"--lora {name}={path} was trained on {metadata.get(BASE_NAME_KEY, 'an unknown model')} (transformer "
+            f"sha256 {str(metadata.get(BASE_HASH_KEY, 'none'))[:12]}), not on {base_name} (transformer sha256 "
+            f"{base_hash[:12]}); serve it with the model it was trained on, or train one for this model"
+        )
+
+
+def load_adapter_for_model(
+    transformer: torch.nn.Module, path: str | os.PathLike[str], name: str, model_dir: str | os.PathLike[str]
+) -> None:
+    """:func:`load_adapter` with the base hash and name of the pipeline folder ``model_dir`` the engine serves."""
+    load_adapter(
+        transformer,
+        path,
+        name,
+        base_hash=base_transformer_hash(model_dir),
+        base_name=Path(model_dir).resolve().name,
+    )
