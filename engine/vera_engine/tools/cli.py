@@ -173,6 +173,13 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--report", help="also write the full report (per-clip results) as JSON here")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    released = parser.add_argument_group(
+        "released Vera layout (metadata.jsonl + MP4s): the paper's Table 1 preservation scores and matte IoU / MAD"
+    )
+    released.add_argument("--format", default="auto", choices=("auto", "vera", "layered"))
+    released.add_argument("--frames", type=int, help="frames per clip (default: each record's)")
+    released.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="fit clips to this size")
+    released.add_argument("--skip-bad", action="store_true", help="leave out (and count) bad records")
     parser.set_defaults(handler=_run_eval)
 
 
@@ -180,8 +187,11 @@ def _run_eval(args: argparse.Namespace) -> int:
     import json
 
     from vera_engine.pipelines.model_store import load_pipeline
+    from vera_engine.training.data.released import detect_format
     from vera_engine.training.evaluate import evaluate_pipeline, format_report, write_report
 
+    if detect_format(args.data, args.format) == "vera":
+        return _run_paper_eval(args, load_pipeline(args.model))
     pipe = load_pipeline(args.model)
     report = evaluate_pipeline(
         pipe, args.data, args.split, steps=args.steps, guidance=args.guidance, seed=args.seed
@@ -241,6 +251,36 @@ def _run_cache(args: argparse.Namespace) -> int:
         f"latents {index['latent_shape']}) with the {index['vae_class']} and {index['text_encoder_class']} of "
         f"{index['model']} in {index['seconds']:.1f} s -> {args.out}"
     )
+    return 0
+
+
+def _run_paper_eval(args: argparse.Namespace, pipe: object) -> int:
+    """`eval` on the released layout: the paper's scores, a table with its rows, and the JSON beside."""
+    import json
+    from pathlib import Path
+
+    from vera_engine.pipelines.model_store import resolve_model_dir
+    from vera_engine.training.paper_metrics import evaluate_released, format_paper_table, write_paper_report
+
+    report = evaluate_released(
+        pipe,
+        args.data,
+        args.split,
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        format=args.format,
+        frames=args.frames,
+        size=tuple(args.size) if args.size else None,
+        skip_bad=args.skip_bad,
+    )
+    path = Path(args.report or f"vera-eval-{args.split}.json")
+    write_paper_report(report, path)
+    if args.json:
+        print(json.dumps({"summary": report["summary"], "lpips": report["lpips"]}))
+    else:
+        print(format_paper_table(report, resolve_model_dir(args.model).resolve().name))
+        print(f"per-clip scores: {path}")
     return 0
 
 
