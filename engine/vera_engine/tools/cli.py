@@ -284,6 +284,83 @@ def _run_paper_eval(args: argparse.Namespace, pipe: object) -> int:
     return 0
 
 
+def _add_dataset(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "dataset",
+        help="build training data: layered tuples from a studio's own elements and plates",
+        description="Dataset tools (docs/DATASET.md).",
+    )
+    tools = parser.add_subparsers(dest="dataset_command", required=True, metavar="TOOL")
+    build = tools.add_parser(
+        "from-elements",
+        help="object-addition and background-change tuples from RGBA elements over clean plates",
+        description="Layered tuples in the project's format from RGBA element sequences (EXR or PNG) and clean "
+        "plates (image sequences or MP4), each with a caption; colour converted with OpenColorIO to the model's "
+        "space; seeded and reproducible. Layouts: docs/DATASET.md, 'Your own elements'.",
+    )
+    build.add_argument(
+        "--elements", required=True, help="folder with a folder (frames + caption.txt) per element"
+    )
+    build.add_argument("--plates", required=True, help="folder with a folder of frames (or an MP4) per plate")
+    build.add_argument("--out", required=True, help="dataset folder to write")
+    build.add_argument("--count", type=int, default=100, help="training tuples (default: 100)")
+    build.add_argument("--heldout", type=int, default=0, help="held-out tuples (default: 0)")
+    build.add_argument(
+        "--tasks",
+        default="object_addition,background_change",
+        help="comma-separated tasks, alternated (default: both)",
+    )
+    build.add_argument("--frames", type=int, default=16, help="frames per tuple (default: 16)")
+    build.add_argument("--size", type=int, nargs=2, default=(480, 832), metavar=("H", "W"))
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument(
+        "--scale",
+        type=float,
+        nargs=2,
+        default=(0.3, 0.6),
+        metavar=("MIN", "MAX"),
+        help="element height / frame",
+    )
+    build.add_argument(
+        "--motion-probability", type=float, default=0.5, help="object addition: share that moves"
+    )
+    build.add_argument(
+        "--element-colorspace", help="OCIO space of the elements (default: EXR header, else ACEScg)"
+    )
+    build.add_argument(
+        "--plate-colorspace", help="OCIO space of the plates (default: EXR header, else ACEScg)"
+    )
+    build.add_argument(
+        "--captions", help="JSON file {name: caption} for elements and plates without a caption file"
+    )
+    build.add_argument("--bits", type=int, default=8, choices=(8, 16), help="stored colour code width")
+    build.set_defaults(handler=_run_dataset_from_elements)
+
+
+def _run_dataset_from_elements(args: argparse.Namespace) -> int:
+    from vera_engine.training.data.elements import build_from_elements
+
+    summary = build_from_elements(
+        args.elements,
+        args.plates,
+        args.out,
+        count=args.count,
+        heldout=args.heldout,
+        tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
+        frames=args.frames,
+        size=tuple(args.size),
+        seed=args.seed,
+        scale=tuple(args.scale),
+        motion_probability=args.motion_probability,
+        element_colorspace=args.element_colorspace,
+        plate_colorspace=args.plate_colorspace,
+        captions=args.captions,
+        bits=args.bits,
+    )
+    print(f"wrote {summary['splits']} tuples to {summary['out']}")
+    return 0
+
+
 def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo",
@@ -326,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_eval,
         _add_demo,
         _add_cache,
+        _add_dataset,
     ):
         add(subparsers)
     return parser
