@@ -109,3 +109,31 @@ def test_serve_refuses_an_adapter_for_another_model(models, tmp_path):
     build_random_pipeline("tiny", seed=6).save_pretrained(other, safe_serialization=True)
     with pytest.raises(ValueError, match=r"was trained on base \(transformer sha256 \w{12}\), not on other"):
         PipelineRunner(str(other), device="cpu", loras={"tuned": str(adapter)})
+
+
+def test_every_host_form_offers_the_adapters_from_the_schema():
+    # The Nuke node, the Resolve window and the panel all build their fields with schema_ui (tests/test_nuke.py,
+    # tests/test_panel.py check that): a model that serves adapters gets the two fields, and a filled form gives
+    # the header's lora / lora_scale.
+    from vera_plugin import schema_ui
+
+    info = model_info(ModelDefaults("m", 32, 32, 4, loras=("swans",)), ["ACEScg"], ["zip"])
+    fields = {f.name: f for f in schema_ui.fields_for_model(info)}
+    assert fields["lora"].kind == "choice" and fields["lora"].choices == ("none", "swans")
+    assert fields["lora"].default == "none"
+    assert fields["lora_scale"].kind == "float" and (
+        fields["lora_scale"].minimum,
+        fields["lora_scale"].maximum,
+    ) == (
+        0.0,
+        2.0,
+    )
+    _, options = schema_ui.job_options(
+        list(fields.values()),
+        {"prompt": "add a swan", "lora": "swans", "lora_scale": 0.7, "colorspace": "ACEScg"},
+    )
+    assert options["lora"] == "swans" and options["lora_scale"] == pytest.approx(0.7)
+    header = pb.JobHeader(prompt="add a swan", frames=[1], **{k: options[k] for k in ("lora", "lora_scale")})
+    assert resolve_header(header, [info]).lora == "swans"
+    with pytest.raises(schema_ui.OptionsError):
+        schema_ui.job_options(list(fields.values()), {"prompt": "x", "lora": "boats", "colorspace": "ACEScg"})
