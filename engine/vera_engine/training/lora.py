@@ -169,13 +169,6 @@ def parse_lora_arguments(values: list[str] | None) -> dict[str, str]:
     return adapters
 
 
-def lora_summary(model: torch.nn.Module) -> dict[str, Any]:
-    """Trainable (LoRA) and total parameter counts of a model with a training adapter."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"trainable_parameters": trainable, "total_parameters": total}
-
-
 def save_lora_checkpoint(run: Any, step: int) -> Path:
     """A `train --lora` checkpoint: the adapter (EMA weights) alone in ``--out``, plus the run's config."""
     config = run.config

@@ -438,22 +438,6 @@ class ReleasedVeraDataset:
         self.random_crop, self.hflip, self.seed = random_crop, hflip, int(seed)
         self.epoch = 0
 
-    @property
-    def entries(self) -> list[dict[str, Any]]:
-        """Index-style entries (id, task, frames, height, width, has_mask) of the training clips."""
-        h, w = self.size
-        return [
-            {
-                "id": r.video_id,
-                "task": r.task,
-                "frames": self.frames,
-                "height": h,
-                "width": w,
-                "has_mask": "mask" in r.paths,
-            }
-            for r in self.records
-        ]
-
     def __len__(self) -> int:
         return len(self.records)
 
