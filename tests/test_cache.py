@@ -121,3 +121,31 @@ def test_the_shipped_tiny_models_codec_caches_the_layered_format(tmp_path):
     argv = ["train", "--data", str(data), "--cache", str(cache), "--out", str(out), "--steps", "2"]
     assert main([*argv, "--batch-size", "2", "--warmup-steps", "0", "--no-progress"]) == 0
     assert VeraPipeline.from_pretrained(out).vae.__class__.__name__ == "SpaceToDepthCodec"
+
+
+def test_an_adapter_trains_from_the_cache_on_the_model_it_names(setup, tmp_path):
+    from vera_engine.training.lora import (
+        ADAPTER_FILE,
+        BASE_HASH_KEY,
+        base_transformer_hash,
+        read_adapter_metadata,
+    )
+
+    data, model, cache = setup
+    out = tmp_path / "adapter"
+    argv = [
+        "train",
+        "--data",
+        str(data),
+        "--cache",
+        str(cache),
+        "--out",
+        str(out),
+        "--lora",
+        "2",
+        "--steps",
+        "2",
+    ]
+    assert main([*argv, "--batch-size", "2", "--warmup-steps", "0", "--no-progress"]) == 0
+    assert read_adapter_metadata(out / ADAPTER_FILE)[BASE_HASH_KEY] == base_transformer_hash(model)
+    assert not (out / "vae").exists() and not (out / "transformer").exists()
