@@ -727,9 +727,8 @@ def _save_pipeline(pipe: Any, folder: Path, transformer_weights: Mapping[str, to
     pipe.transformer = _unsharded(sharded, transformer_weights)
     try:
         pipe.save_pretrained(folder, safe_serialization=True)
-        if getattr(
-            pipe, "unloaded_components_from", None
-        ):  # a --cache run: the VAE and text encoder it left out
+        # A --cache run: the folder also gets the VAE and text encoder the run did not load.
+        if getattr(pipe, "unloaded_components_from", None):
             from vera_engine.training.cache import complete_pipeline_folder
 
             complete_pipeline_folder(folder, pipe.unloaded_components_from)
@@ -1078,9 +1077,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     torch.manual_seed(config.seed + dist.rank)
 
     # 2. Data and the starting pipeline (a preset's random weights, an --init model, or the run's raw weights)
-    if (
-        config.cache
-    ):  # latents and text states encoded once by `vera-engine cache`: no VAE or text encoder here
+    # --cache: latents and text states encoded once by `vera-engine cache`, no VAE or text encoder here.
+    if config.cache:
         dataset, pipe = open_cache_for_training(config, resume)
     else:
         dataset = open_training_dataset(
