@@ -186,13 +186,6 @@ def memory_options(args: argparse.Namespace) -> Any:
     return None if options == MemoryOptions() else options
 
 
-def parse_lora_arguments(values: list[str] | None) -> dict[str, str]:
-    """`--lora NAME=PATH` (repeatable) as {name: path} (training/lora.py checks the adapters themselves)."""
-    from vera_engine.training.lora import parse_lora_arguments as parse
-
-    return parse(values)
-
-
 def pool_backend(args: argparse.Namespace) -> Any:
     """The pool the flags ask for (`service.pool`), or None for one in-process worker on one device.
 
@@ -338,3 +331,10 @@ def serve_main(argv: list[str] | None = None) -> int:
     )
     _serve_arguments(parser)
     return run_serve(parser.parse_args(argv))
+
+
+def parse_lora_arguments(values: list[str] | None) -> dict[str, str]:
+    """`--lora NAME=PATH` (repeatable) as {name: path} (training/lora.py checks the adapters themselves)."""
+    from vera_engine.training.lora import parse_lora_arguments as parse
+
+    return parse(values)
