@@ -74,9 +74,9 @@ class PipelineRunner:
         device: str | None = None,
         *,
         memory: Any = None,
+        loras: dict[str, str] | None = None,
         attention_backend: str | None = None,
         compile_blocks: bool = False,
-        loras: dict[str, str] | None = None,
     ) -> None:
         import torch
 
