@@ -171,8 +171,6 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--steps", type=int, help="denoising steps per clip (default: the checkpoint's)")
     parser.add_argument("--guidance", type=float, help="guidance scale (default: the checkpoint's)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--report", help="also write the full report (per-clip results) as JSON here")
-    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     released = parser.add_argument_group(
         "released Vera layout (metadata.jsonl + MP4s): the paper's Table 1 preservation scores and matte IoU / MAD"
     )
@@ -180,6 +178,8 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
     released.add_argument("--frames", type=int, help="frames per clip (default: each record's)")
     released.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="fit clips to this size")
     released.add_argument("--skip-bad", action="store_true", help="leave out (and count) bad records")
+    parser.add_argument("--report", help="also write the full report (per-clip results) as JSON here")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.set_defaults(handler=_run_eval)
 
 

@@ -301,9 +301,12 @@ def open_cache_for_training(config: Any, resume: bool) -> tuple[CachedLatentData
     dataset = CachedLatentDataset(config.cache)
     index = dataset.index
     if config.text_encoder_lr_scale > 0:
-        raise ValueError(
-            "--cache holds text states of a frozen text encoder: drop --text-encoder-lr (or train without --cache)"
+        # A preset's recipe may train its text encoder; the cache holds the states of the frozen one.
+        print(
+            f"--cache holds the text states of a frozen text encoder: --text-encoder-lr "
+            f"{config.text_encoder_lr_scale:g} ignored (train without --cache to train the encoder)"
         )
+        config.text_encoder_lr_scale = 0.0
     if config.fresh_text_encoder:
         raise ValueError("--fresh-text-encoder needs the text encoder, which --cache does not load")
     if Path(config.data).resolve() != Path(index["data"]):

@@ -200,11 +200,17 @@ def check_lora_run(config: Any, resume: bool) -> None:
         raise ValueError(
             "--lora runs save the adapter alone and cannot --resume; start a new run with --init"
         )
-    if config.text_encoder_lr_scale > 0 or config.fresh_text_encoder or config.frame_position_embedding:
+    if config.fresh_text_encoder or config.frame_position_embedding:
         raise ValueError(
-            "--lora trains adapters on the --init model as it is: drop --text-encoder-lr, --fresh-text-encoder and "
+            "--lora trains adapters on the --init model as it is: drop --fresh-text-encoder and "
             "--frame-position-embedding (they change the base the adapter is served on)"
         )
+    if config.text_encoder_lr_scale > 0:
+        # A preset's recipe may train its text encoder; an adapter is served with the base model's encoder.
+        print(
+            f"--lora: the text encoder stays frozen (--text-encoder-lr {config.text_encoder_lr_scale:g} ignored)"
+        )
+        config.text_encoder_lr_scale = 0.0
     if config.fsdp:
         raise ValueError(
             "--lora trains a few million parameters: run it without --fsdp (DDP under torchrun works)"
