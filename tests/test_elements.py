@@ -135,3 +135,34 @@ def test_missing_captions_and_a_lone_plate_are_named(tmp_path, capsys):
     argv += ["--captions", str(tmp_path / "captions.json"), "--size", "24", "32", "--frames", "2"]
     assert main([*argv, "--out", str(tmp_path / "p"), "--tasks", "background_change"]) == 2
     assert "background change needs a second plate" in capsys.readouterr().err
+
+
+def test_the_colour_space_comes_from_the_file_or_the_flag(tmp_path):
+    import OpenImageIO as oiio
+
+    from vera_engine.training.data.elements import ColourReader
+
+    linear = np.array([0.18, 0.05, 0.02], np.float32)
+    plain, tagged = tmp_path / "plain.exr", tmp_path / "tagged.exr"
+    write_exr(plain, np.broadcast_to(np.r_[linear, 1.0], (4, 4, 4)).astype(np.float32), ("R", "G", "B", "A"))
+    spec = oiio.ImageSpec(4, 4, 4, oiio.FLOAT)
+    spec.channelnames = ("R", "G", "B", "A")
+    spec.attribute("oiio:ColorSpace", "Linear Rec.709 (sRGB)")
+    out = oiio.ImageOutput.create(str(tagged))
+    out.open(str(tagged), spec)
+    out.write_image(np.broadcast_to(np.r_[linear, 1.0], (4, 4, 4)).astype(np.float32).copy())
+    out.close()
+
+    def model(space):
+        return ColourConverter(space).to_model(linear[None, None])[0, 0]
+
+    reader = ColourReader(None, None)
+    pixels, space = reader.read(plain, "element")  # no colour space in the header: ACEScg
+    assert space == "ACEScg" and np.allclose(pixels[0, 0, :3], model("ACEScg"), atol=2e-3)
+    pixels, space = reader.read(tagged, "element")  # the header's
+    assert space == "Linear Rec.709 (sRGB)" and np.allclose(
+        pixels[0, 0, :3], model("Linear Rec.709 (sRGB)"), atol=1e-6
+    )
+    assert np.abs(model("ACEScg") - model("Linear Rec.709 (sRGB)")).max() > 0.02  # the spaces differ
+    pixels, space = ColourReader("ACEScg", None).read(tagged, "element")  # the flag wins
+    assert space == "ACEScg" and np.allclose(pixels[0, 0, :3], model("ACEScg"), atol=2e-3)

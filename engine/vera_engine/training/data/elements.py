@@ -111,15 +111,27 @@ def find_sources(
 # Reading, in the model's colour space
 
 
+# OpenImageIO reports a file's colour space as a colour-interop id (`oiio:ColorSpace`, e.g. "lin_rec709_scene");
+# the ACES studio config names the same spaces so.
+OIIO_INTEROP_SPACES = {
+    "lin_ap1_scene": "ACEScg",
+    "lin_ap0_scene": "ACES2065-1",
+    "lin_rec709_scene": "Linear Rec.709 (sRGB)",
+    "lin_rec2020_scene": "Linear Rec.2020",
+    "lin_p3d65_scene": "Linear P3-D65",
+    "srgb_rec709_scene": "sRGB - Texture",
+}
+
+
 def _file_colorspace(spec: Any, converter_config: Any) -> str | None:
-    """The colour space an image's header names, if the OCIO config knows it."""
+    """The colour space an image's header names, if the OCIO config knows it (directly or by its interop id)."""
     name = spec.get_string_attribute("oiio:ColorSpace")
     if not name:
         return None
-    try:
-        return converter_config.getCanonicalName(name) or None
-    except Exception:  # an unknown name is simply not used
-        return None
+    for candidate in (name, OIIO_INTEROP_SPACES.get(name, "")):
+        if candidate and converter_config.getCanonicalName(candidate):
+            return str(converter_config.getCanonicalName(candidate))
+    return None
 
 
 class ColourReader:
