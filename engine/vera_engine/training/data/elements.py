@@ -10,9 +10,9 @@ Inputs (docs/DATASET.md, "Your own elements")::
                                             for background change, where it is the new background
 
 Colour: every layer is brought into the model's space (sRGB-encoded Rec.709 in [0, 1]) with OpenColorIO
-(`imaging/colour.py`). An EXR is in the colour space its header names (``oiio:ColorSpace``, when the OCIO config
-knows it), else ``--element-colorspace`` / ``--plate-colorspace`` (default ACEScg); PNG, JPEG and MP4 are taken as
-already sRGB unless a flag names another space. An EXR element is unpremultiplied in its own (linear) space
+(`imaging/colour.py`). The colour space is ``--element-colorspace`` / ``--plate-colorspace`` when given; else an
+EXR's header (``oiio:ColorSpace``, when the OCIO config knows it), else ACEScg for EXR; PNG, JPEG and MP4 are taken
+as already sRGB unless a flag names another space. An EXR element is unpremultiplied in its own (linear) space
 before conversion, so its edges keep their colour.
 
 Two kinds of tuple, each seeded by (``seed``, index) so the same call writes the same dataset:
