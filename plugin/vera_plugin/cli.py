@@ -300,6 +300,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
         "takes": args.takes,
         "window_frames": args.window,
         "window_overlap": args.overlap,
+        "lora": args.lora,
+        "lora_scale": args.lora_scale,
     }
     progress = Progress(sys.stderr, quiet=args.quiet)
     try:  # every frame present before anything is said about uploading them
@@ -425,6 +427,10 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--bit-depth", choices=("half", "float"), help="output EXR bit depth (default: half)")
     edit.add_argument("--compression", help="output EXR compression (default: zip)")
     edit.add_argument("--model", help="model name (default: the engine's default)")
+    edit.add_argument(
+        "--lora", help="a LoRA adapter the engine serves for the model (`vera info` lists them)"
+    )
+    edit.add_argument("--lora-scale", type=float, help="adapter strength, 0..2 (default: 1)")
     edit.add_argument("--name", help="label shown in job lists (e.g. the shot)")
     edit.add_argument(
         "--send-paths",

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
+from diffusers.loaders import PeftAdapterMixin
 from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
 from diffusers.models.attention import AttentionMixin
 from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
@@ -279,7 +280,8 @@ class VeraTransformerOutput(BaseOutput):
     composite: torch.Tensor
 
 
-class VeraTransformer3DModel(ModelMixin, ConfigMixin, CacheMixin, AttentionMixin):
+# PeftAdapterMixin: diffusers' adapter API (LoRA training and serving, training/lora.py).
+class VeraTransformer3DModel(ModelMixin, ConfigMixin, CacheMixin, AttentionMixin, PeftAdapterMixin):
     r"""The Vera Mixture-of-Transformers: three Wan2.1 DiTs (edit, alpha, composite) with joint self-attention.
 
     The constructor's arguments are the config and mean what they mean for `WanTransformer3DModel` (one branch has

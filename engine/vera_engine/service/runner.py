@@ -78,6 +78,7 @@ class PipelineRunner:
         device: str | None = None,
         *,
         memory: MemoryOptions | None = None,
+        loras: dict[str, str] | None = None,
         attention_backend: str | None = None,
         compile_blocks: bool = False,
     ) -> None:
@@ -105,6 +106,17 @@ class PipelineRunner:
         self.pipe: Any = None
         self.hash = ""
         self._models: list[pb.ModelInfo] | None = None
+        # LoRA adapters (`serve --lora NAME=PATH`): checked against this model now, so a wrong one stops `serve`.
+        self.loras = dict(loras or {})
+        if self.loras:
+            from vera_engine.training.lora import check_adapter_base
+
+            if compile_blocks:
+                raise ValueError(
+                    "--lora switches adapters per job, which a --compile'd block cannot follow; choose one"
+                )
+            for name, path in self.loras.items():
+                check_adapter_base(path, name, self.model_dir)
 
     def load(self) -> None:
         """Load the pipeline onto the device (called once on the worker thread)."""
@@ -125,6 +137,12 @@ class PipelineRunner:
             attention_backend=self.attention_backend,
             compile_blocks=self.compile_blocks,
         )
+        if self.loras:
+            from vera_engine.training.lora import load_adapter_for_model
+
+            for name, path in self.loras.items():
+                load_adapter_for_model(self.pipe.transformer, path, name, self.model_dir)
+            log.info("adapters loaded: %s", ", ".join(f"{n}={p}" for n, p in self.loras.items()))
         log.info(
             "loaded %s on %s: attention backend %s, compiled blocks %s",
             self.name,
@@ -152,6 +170,7 @@ class PipelineRunner:
                 weights_hash=self.hash,
                 max_window_frames=max_window_frames(self.model_dir),
                 vocabulary=vocabulary(self.model_dir),
+                loras=tuple(self.loras),
             )
             self._models = [model_info(defaults, scene_linear_spaces(), COLOUR_COMPRESSIONS)]
         return [pb.ModelInfo.FromString(m.SerializeToString()) for m in self._models]
@@ -189,6 +208,7 @@ class PipelineRunner:
         from vera_engine.imaging.edit_plate import ResultWriter, finish_frames, sample_plate
         from vera_engine.models.word_tokenizer import unknown_words
         from vera_engine.pipelines.pipeline_vera import VeraInterrupted
+        from vera_engine.training.lora import adapter_in_use
 
         header = ctx.header
         pipe = self.pipe
@@ -231,9 +251,13 @@ class PipelineRunner:
 
             detail = f"sampling{of_takes}" + (f" (unknown words: {', '.join(unknown)})" if unknown else "")
             try:
-                with step_cache(
-                    pipe, header.step_cache, num_inference_steps=steps, guidance_scale=header.guidance
-                ) as cache:
+                lora_scale = header.lora_scale if header.HasField("lora_scale") else 1.0
+                with (
+                    adapter_in_use(pipe.transformer, header.lora, lora_scale),
+                    step_cache(
+                        pipe, header.step_cache, num_inference_steps=steps, guidance_scale=header.guidance
+                    ) as cache,
+                ):
                     # Recorded in the result: a MagCache calibration job skipped nothing (its result is exact).
                     cache_used = (
                         f"{cache.spec} (calibration run: exact)" if cache.calibrating else str(cache.spec)
@@ -283,6 +307,7 @@ class PipelineRunner:
                     "model": self.name,
                     "model_hash": self.hash,
                     "step_cache": cache_used,
+                    "lora": f"{header.lora} x{lora_scale:g}" if header.lora not in ("", "none") else "none",
                     "unknown_words": ", ".join(unknown) or "none",
                 },
                 chromaticities=colour.chromaticities(),

@@ -36,7 +36,7 @@ STRING_LIMITS = {
     "name": MAX_LABEL_CHARS,
     "submitted_by": MAX_LABEL_CHARS,
     **dict.fromkeys(
-        ("task", "model", "colorspace", "bit_depth", "compression", "step_cache"), MAX_CHOICE_CHARS
+        ("task", "model", "colorspace", "bit_depth", "compression", "step_cache", "lora"), MAX_CHOICE_CHARS
     ),
 }
 SHOWN_CHOICES = 12  # an error lists at most this many choices (an OCIO config may have hundreds of spaces)
@@ -62,6 +62,8 @@ class ModelDefaults:
     # checkpoint reads (empty: free text).
     max_window_frames: int = 0
     vocabulary: Sequence[str] = ()
+    # LoRA adapters served for this model (`serve --lora NAME=PATH`); none: no "lora" options.
+    loras: Sequence[str] = ()
 
     @property
     def longest_window(self) -> int:
@@ -105,7 +107,7 @@ def options_schema(
         pb.OPTION_TYPE_FLOAT,
         pb.OPTION_TYPE_STRING,
     )
-    return [
+    return [  # noqa: RUF005 (the table stays one list literal; the adapter options follow it when there are any)
         pb.OptionSpec(name="task", label="Task", type=choice, default=_value(model.tasks[0]), choices=list(model.tasks),
                       help="What kind of edit this is: object_addition (add something to the shot) or background_change "
                       "(replace what is behind the subject). Recorded in the results and used for the defaults; the "
@@ -141,6 +143,24 @@ def options_schema(
                       choices=list(BIT_DEPTHS), help="half: 16-bit float EXRs; float: 32-bit float EXRs."),
         pb.OptionSpec(name="compression", label="Output compression", type=choice, default=_value("zip"),
                       choices=list(compressions), help="EXR compression of the results; the matte is always lossless."),
+    ] + lora_options(model)  # fmt: skip
+
+
+LORA_SCALE_MAX = 2.0
+
+
+def lora_options(model: ModelDefaults) -> list[pb.OptionSpec]:
+    """The adapter options of a model that serves LoRA adapters (none for one that does not)."""
+    if not model.loras:
+        return []
+    return [
+        pb.OptionSpec(name="lora", label="Adapter (LoRA)", type=pb.OPTION_TYPE_CHOICE, default=_value("none"),
+                      choices=["none", *model.loras],
+                      help="A fine-tuned adapter of this model to edit with (trained with `vera-engine train --lora`); "
+                      "none = the base model."),
+        pb.OptionSpec(name="lora_scale", label="Adapter strength", type=pb.OPTION_TYPE_FLOAT, default=_value(1.0),
+                      min=0.0, max=LORA_SCALE_MAX,
+                      help="How strongly the adapter applies: 0 = not at all, 1 = as trained."),
     ]  # fmt: skip
 
 
@@ -225,6 +245,7 @@ def resolve_header(header: pb.JobHeader, models: Sequence[pb.ModelInfo]) -> pb.J
         raise InputError("header.prompt", "is empty; describe the edit, e.g. 'add a red ball rolling left'")
     for name in ("task", "step_cache", "colorspace", "bit_depth", "compression"):
         _check_choice(info, out, name)
+    _resolve_lora(info, out)
     if out.HasField("seed"):
         _check_range(info, "seed", out.seed)
     else:
@@ -248,6 +269,23 @@ def resolve_header(header: pb.JobHeader, models: Sequence[pb.ModelInfo]) -> pb.J
         dup = next(f for f in frames if f in seen or seen.add(f))  # type: ignore[func-returns-value]
         raise InputError("header.frames", f"frame {dup} is listed twice; each frame number must appear once")
     return out
+
+
+def _resolve_lora(info: pb.ModelInfo, header: pb.JobHeader) -> None:
+    """Check (and fill) the adapter and its strength against the adapters the model serves."""
+    if not any(o.name == "lora" for o in info.options):
+        if header.lora not in ("", "none"):
+            raise InputError(
+                "header.lora", f"{quote(header.lora)}: model {quote(info.name)} serves no adapters"
+            )
+        if header.HasField("lora_scale"):
+            raise InputError("header.lora_scale", f"model {quote(info.name)} serves no adapters")
+        return
+    _check_choice(info, header, "lora")
+    if header.HasField("lora_scale"):
+        _check_range(info, "lora_scale", header.lora_scale)
+    else:
+        header.lora_scale = 1.0
 
 
 def _resolve_windows_and_takes(info: pb.ModelInfo, header: pb.JobHeader) -> None:

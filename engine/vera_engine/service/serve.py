@@ -50,6 +50,12 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--spool", type=Path, required=True, metavar="DIR", help="folder for job inputs, results and state"
     )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--lora",
+        action="append",
+        metavar="NAME=PATH",
+        help="serve a LoRA adapter of --model (from `vera-engine train --lora`) as job option lora=NAME; repeatable",
+    )
     perf = parser.add_argument_group("speed and memory (docs/BENCHMARKS.md has the figures)")
     perf.add_argument(
         "--attention-backend",
@@ -224,6 +230,7 @@ def pool_backend(args: argparse.Namespace) -> PoolBackend | None:
             "memory": memory_options(args),
             "attention_backend": args.attention_backend,
             "compile_blocks": args.compile,
+            "loras": parse_lora_arguments(args.lora),
         },
     )
     if args.devices:
@@ -274,6 +281,7 @@ def run_serve(args: argparse.Namespace) -> int:
             memory=memory_options(args),
             attention_backend=args.attention_backend,
             compile_blocks=args.compile,
+            loras=parse_lora_arguments(args.lora),
         )
         pool = pool_backend(args)
     except (auth.PolicyError, ValueError, FileNotFoundError, RuntimeError) as exc:
@@ -323,3 +331,10 @@ def serve_main(argv: list[str] | None = None) -> int:
     )
     _serve_arguments(parser)
     return run_serve(parser.parse_args(argv))
+
+
+def parse_lora_arguments(values: list[str] | None) -> dict[str, str]:
+    """`--lora NAME=PATH` (repeatable) as {name: path} (training/lora.py checks the adapters themselves)."""
+    from vera_engine.training.lora import parse_lora_arguments as parse
+
+    return parse(values)

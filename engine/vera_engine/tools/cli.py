@@ -171,6 +171,13 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--steps", type=int, help="denoising steps per clip (default: the checkpoint's)")
     parser.add_argument("--guidance", type=float, help="guidance scale (default: the checkpoint's)")
     parser.add_argument("--seed", type=int, default=0)
+    released = parser.add_argument_group(
+        "released Vera layout (metadata.jsonl + MP4s): the paper's Table 1 preservation scores and matte IoU / MAD"
+    )
+    released.add_argument("--format", default="auto", choices=("auto", "vera", "layered"))
+    released.add_argument("--frames", type=int, help="frames per clip (default: each record's)")
+    released.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="fit clips to this size")
+    released.add_argument("--skip-bad", action="store_true", help="leave out (and count) bad records")
     parser.add_argument("--report", help="also write the full report (per-clip results) as JSON here")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.set_defaults(handler=_run_eval)
@@ -180,8 +187,11 @@ def _run_eval(args: argparse.Namespace) -> int:
     import json
 
     from vera_engine.pipelines.model_store import load_pipeline
+    from vera_engine.training.data.released import detect_format
     from vera_engine.training.evaluate import evaluate_pipeline, format_report, write_report
 
+    if detect_format(args.data, args.format) == "vera":
+        return _run_paper_eval(args, load_pipeline(args.model))
     pipe = load_pipeline(args.model)
     report = evaluate_pipeline(
         pipe, args.data, args.split, steps=args.steps, guidance=args.guidance, seed=args.seed
@@ -192,6 +202,162 @@ def _run_eval(args: argparse.Namespace) -> int:
         print(json.dumps({"summary": report["summary"], "targets": report["targets"]}, default=str))
     else:
         print(format_report(report))
+    return 0
+
+
+def _add_cache(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "cache",
+        help="encode a dataset once with a model's VAE and text encoder (for `train --cache`)",
+        description="Encode every clip of a split (layered or released layout) with the model's own codec (Wan's "
+        "AutoencoderKLWan for real checkpoints) and every instruction with its text encoder, into a folder that "
+        "`vera-engine train --cache` trains from without loading either. The index records the model, the VAE, "
+        "the text encoder, the size and the frames; training refuses a mismatch.",
+    )
+    parser.add_argument("--data", required=True, help="dataset folder (layered or released Vera layout)")
+    parser.add_argument("--model", required=True, help="pipeline folder whose VAE and text encoder to use")
+    parser.add_argument("--out", required=True, help="cache folder to write")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--format", default="auto", choices=("auto", "vera", "layered"))
+    parser.add_argument("--frames", type=int, help="frames per clip (default: the data's)")
+    parser.add_argument(
+        "--size", type=int, nargs=2, metavar=("H", "W"), help="clip size (default: the data's)"
+    )
+    parser.add_argument("--skip-bad", action="store_true", help="leave out (and count) bad released records")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.set_defaults(handler=_run_cache)
+
+
+def _run_cache(args: argparse.Namespace) -> int:
+    from vera_engine.training.cache import build_cache
+
+    index = build_cache(
+        args.data,
+        args.model,
+        args.out,
+        split=args.split,
+        format=args.format,
+        frames=args.frames,
+        size=tuple(args.size) if args.size else None,
+        skip_bad=args.skip_bad,
+        device=args.device,
+        overwrite=args.overwrite,
+        progress=args.progress,
+    )
+    print(
+        f"cached {len(index['clips'])} clips ({index['frames']} frames, {index['size'][0]}x{index['size'][1]}, "
+        f"latents {index['latent_shape']}) with the {index['vae_class']} and {index['text_encoder_class']} of "
+        f"{index['model']} in {index['seconds']:.1f} s -> {args.out}"
+    )
+    return 0
+
+
+def _run_paper_eval(args: argparse.Namespace, pipe: object) -> int:
+    """`eval` on the released layout: the paper's scores, a table with its rows, and the JSON beside."""
+    import json
+    from pathlib import Path
+
+    from vera_engine.pipelines.model_store import resolve_model_dir
+    from vera_engine.training.paper_metrics import evaluate_released, format_paper_table, write_paper_report
+
+    report = evaluate_released(
+        pipe,
+        args.data,
+        args.split,
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        format=args.format,
+        frames=args.frames,
+        size=tuple(args.size) if args.size else None,
+        skip_bad=args.skip_bad,
+    )
+    path = Path(args.report or f"vera-eval-{args.split}.json")
+    write_paper_report(report, path)
+    if args.json:
+        print(json.dumps({"summary": report["summary"], "lpips": report["lpips"]}))
+    else:
+        print(format_paper_table(report, resolve_model_dir(args.model).resolve().name))
+        print(f"per-clip scores: {path}")
+    return 0
+
+
+def _add_dataset(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "dataset",
+        help="build training data: layered tuples from a studio's own elements and plates",
+        description="Dataset tools (docs/DATASET.md).",
+    )
+    tools = parser.add_subparsers(dest="dataset_command", required=True, metavar="TOOL")
+    build = tools.add_parser(
+        "from-elements",
+        help="object-addition and background-change tuples from RGBA elements over clean plates",
+        description="Layered tuples in the project's format from RGBA element sequences (EXR or PNG) and clean "
+        "plates (image sequences or MP4), each with a caption; colour converted with OpenColorIO to the model's "
+        "space; seeded and reproducible. Layouts: docs/DATASET.md, 'Your own elements'.",
+    )
+    build.add_argument(
+        "--elements", required=True, help="folder with a folder (frames + caption.txt) per element"
+    )
+    build.add_argument("--plates", required=True, help="folder with a folder of frames (or an MP4) per plate")
+    build.add_argument("--out", required=True, help="dataset folder to write")
+    build.add_argument("--count", type=int, default=100, help="training tuples (default: 100)")
+    build.add_argument("--heldout", type=int, default=0, help="held-out tuples (default: 0)")
+    build.add_argument(
+        "--tasks",
+        default="object_addition,background_change",
+        help="comma-separated tasks, alternated (default: both)",
+    )
+    build.add_argument("--frames", type=int, default=16, help="frames per tuple (default: 16)")
+    build.add_argument("--size", type=int, nargs=2, default=(480, 832), metavar=("H", "W"))
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument(
+        "--scale",
+        type=float,
+        nargs=2,
+        default=(0.3, 0.6),
+        metavar=("MIN", "MAX"),
+        help="element height / frame",
+    )
+    build.add_argument(
+        "--motion-probability", type=float, default=0.5, help="object addition: share that moves"
+    )
+    build.add_argument(
+        "--element-colorspace", help="OCIO space of the elements (default: EXR header, else ACEScg)"
+    )
+    build.add_argument(
+        "--plate-colorspace", help="OCIO space of the plates (default: EXR header, else ACEScg)"
+    )
+    build.add_argument(
+        "--captions", help="JSON file {name: caption} for elements and plates without a caption file"
+    )
+    build.add_argument("--bits", type=int, default=8, choices=(8, 16), help="stored colour code width")
+    build.set_defaults(handler=_run_dataset_from_elements)
+
+
+def _run_dataset_from_elements(args: argparse.Namespace) -> int:
+    from vera_engine.training.data.elements import build_from_elements
+
+    summary = build_from_elements(
+        args.elements,
+        args.plates,
+        args.out,
+        count=args.count,
+        heldout=args.heldout,
+        tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
+        frames=args.frames,
+        size=tuple(args.size),
+        seed=args.seed,
+        scale=tuple(args.scale),
+        motion_probability=args.motion_probability,
+        element_colorspace=args.element_colorspace,
+        plate_colorspace=args.plate_colorspace,
+        captions=args.captions,
+        bits=args.bits,
+    )
+    print(f"wrote {summary['splits']} tuples to {summary['out']}")
     return 0
 
 
@@ -229,7 +395,16 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from vera_engine.service.serve import add_serve_parser
 
-    for add in (add_serve_parser, _add_convert_wan, _add_bench_step, _add_train, _add_eval, _add_demo):
+    for add in (
+        add_serve_parser,
+        _add_convert_wan,
+        _add_bench_step,
+        _add_train,
+        _add_eval,
+        _add_demo,
+        _add_cache,
+        _add_dataset,
+    ):
         add(subparsers)
     return parser
 

@@ -153,6 +153,28 @@ class TrainConfig:
     seed: int = _setting(0, help="seed of the weights, the data order and the noise")
     num_workers: int = _setting(0, help="DataLoader worker processes")
     max_grad_norm: float = _setting(1.0, help="gradient clipping norm")
+    # Data formats, cached latents and adapters (issue 24; training/data/released.py, training/cache.py, lora.py)
+    format: str = _setting(
+        "auto",
+        choices=("auto", "vera", "layered"),
+        help="--data's format: vera (the released metadata.jsonl + MP4 layers), layered (docs/DATASET.md), or "
+        "auto (detected)",
+    )
+    skip_bad: bool = _setting(
+        False, help="leave out (and count) released-layout records that fail the checks instead of stopping"
+    )
+    cache: str | None = _setting(
+        None,
+        type=str,
+        help="latents and text states made by `vera-engine cache` from --data: train without loading the VAE or "
+        "the text encoder (the model is --init, else the one the cache was made with; a mismatch is refused)",
+    )
+    lora: int = _setting(
+        0,
+        help="train low-rank adapters of this rank on the --init model's attention and FFN projections (all three "
+        "branches, at their --branch-lr scales) instead of all its weights; --out receives the adapter alone "
+        "(vera_lora.safetensors, with the base model's hash) for `serve --lora NAME=PATH`",
+    )
 
 
 def branch_of_parameter(name: str) -> str:
@@ -721,6 +743,11 @@ def _save_pipeline(pipe: Any, folder: Path, transformer_weights: Mapping[str, to
     pipe.transformer = _unsharded(sharded, transformer_weights)
     try:
         pipe.save_pretrained(folder, safe_serialization=True)
+        # A --cache run: the folder also gets the VAE and text encoder the run did not load.
+        if getattr(pipe, "unloaded_components_from", None):
+            from vera_engine.training.cache import complete_pipeline_folder
+
+            complete_pipeline_folder(folder, pipe.unloaded_components_from)
     finally:
         pipe.transformer = sharded
 
@@ -767,7 +794,7 @@ def _save_checkpoint(
     training = staging / "training"
     training.mkdir()
     _unsharded(model, raw_weights).save_pretrained(training / "raw_transformer", safe_serialization=True)
-    if any(p.requires_grad for p in pipe.text_encoder.parameters()):
+    if pipe.text_encoder is not None and any(p.requires_grad for p in pipe.text_encoder.parameters()):
         pipe.text_encoder.save_pretrained(training / "raw_text_encoder", safe_serialization=True)
     save_state(
         training / "state",
@@ -878,15 +905,20 @@ def _prepare_model(pipe: Any, config: TrainConfig, dist: "_Distributed") -> _Run
     pipe.to(dist.device)
     model: VeraTransformer3DModel = pipe.transformer
     model.train()
+    if config.lora:  # only the adapters train (training/lora.py)
+        from vera_engine.training.lora import add_training_adapter
+
+        add_training_adapter(model, config.lora)
     train_text = config.text_encoder_lr_scale > 0
-    pipe.text_encoder.requires_grad_(train_text).train(train_text)
+    if pipe.text_encoder is not None:  # None: a --cache run, which does not load it
+        pipe.text_encoder.requires_grad_(train_text).train(train_text)
     if config.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     if config.fsdp:
         shard_transformer(model)  # before the optimiser and EMA are made: they hold the sharded parameters
 
     text_parameters = list(pipe.text_encoder.parameters()) if train_text else []
-    trainable = list(model.parameters()) + text_parameters
+    trainable = [p for p in model.parameters() if p.requires_grad] + text_parameters
     ema = EMAModel(
         trainable, decay=config.ema_decay, model_cls=VeraTransformer3DModel, model_config=model.config
     )
@@ -988,16 +1020,24 @@ def _train_step(
     run: _Run, batch: Mapping[str, Any], step: int, prompts: PromptCache
 ) -> tuple[dict[str, float], float]:
     """One optimiser step on `batch`; returns the (process-averaged) losses and the gradient norm."""
+    from vera_engine.training.cache import cached_latents, cached_text
+
     config, dist, pipe = run.config, run.dist, run.pipe
     for group in run.optimizer.param_groups:
         group["lr"] = group["initial_lr"] * learning_rate_factor(
             step, config.warmup_steps, config.steps, config.cooldown_steps
         )
-    latents = encode_batch(pipe, batch, config.mask_dropout, run.generator, dist.device)
+    cached = "text_states" in batch  # --cache: latents and text states made by `vera-engine cache`
+    if cached:
+        latents = cached_latents(batch, config.mask_dropout, run.generator, dist.device)
+    else:
+        latents = encode_batch(pipe, batch, config.mask_dropout, run.generator, dist.device)
     drop_text = torch.rand(len(batch["instruction"]), generator=run.generator) < config.text_dropout
     instructions = ["" if drop else p for p, drop in zip(batch["instruction"], drop_text, strict=True)]
     with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=run.use_bf16):
-        if run.text_parameters:
+        if cached:
+            text = cached_text(batch, drop_text, dist.device, run.model.dtype)
+        elif run.text_parameters:
             text = torch.cat([pipe.encode_prompt(p, dist.device, run.model.dtype) for p in instructions])
         else:
             text = prompts(instructions)
@@ -1037,7 +1077,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     """Run (or resume) a training run; returns a summary with the final losses and timing."""
     from tqdm.auto import tqdm
 
-    from vera_engine.training.data.dataset import LayeredVideoDataset
+    from vera_engine.training.cache import open_cache_for_training
+    from vera_engine.training.data.released import open_training_dataset
+    from vera_engine.training.lora import check_lora_run, save_lora_checkpoint
 
     if config.cooldown_steps < 0 or config.warmup_steps < 0:
         raise ValueError(
@@ -1051,15 +1093,32 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
             "(a single process trains the whole model without it)"
         )
     saved_config = _check_resume(config, resume)
+    check_lora_run(config, resume)
     random.seed(config.seed + dist.rank)
     np.random.seed(config.seed + dist.rank)
     torch.manual_seed(config.seed + dist.rank)
 
     # 2. Data and the starting pipeline (a preset's random weights, an --init model, or the run's raw weights)
-    dataset = LayeredVideoDataset(
-        config.data, "train", frames=config.frames, size=config.size, seed=config.seed
-    )
-    pipe = _load_or_build_pipeline(config, dataset.instructions, resume)
+    # --cache: latents and text states encoded once by `vera-engine cache`, no VAE or text encoder here.
+    if config.cache:
+        dataset, pipe = open_cache_for_training(config, resume)
+    else:
+        dataset = open_training_dataset(
+            config.data,
+            "train",
+            format=config.format,
+            frames=config.frames,
+            size=config.size,
+            seed=config.seed,
+            skip_bad=config.skip_bad,
+        )
+        pipe = _load_or_build_pipeline(config, dataset.instructions, resume)
+    if config.lora:  # the base the adapter is trained on: recorded in the adapter file
+        from vera_engine.pipelines.model_store import resolve_model_dir
+        from vera_engine.training.lora import base_transformer_hash
+
+        base_dir = resolve_model_dir(config.init)
+        pipe.lora_base_hash, pipe.lora_base_name = base_transformer_hash(base_dir), base_dir.resolve().name
     if resume:
         _load_raw_weights(pipe, config)
 
@@ -1098,7 +1157,12 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
                     {"step": step, **last, "grad_norm": grad_norm, "lr": lr, "time": time.time()}
                 )
             # 5. Checkpoints: the pipeline folder (EMA weights) and what a resume needs, replaced atomically
-            if step % config.save_every == 0 or step == config.steps:
+            if config.lora and (step % config.save_every == 0 or step == config.steps):
+                if dist.is_main:
+                    save_lora_checkpoint(run, step)
+                    _append_log(log_path, pending_log)
+                dist.barrier()
+            elif step % config.save_every == 0 or step == config.steps:
                 _save_checkpoint(
                     pipe,
                     run.model,
