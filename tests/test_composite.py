@@ -219,3 +219,20 @@ def test_plate_content_the_model_space_cannot_hold_shows_through_the_uncovered_p
     assert (edit >= 0).all()
     target = model_over[0, 1] + 0.5 * (plate[0, 1] - acescg.from_model(plate_model)[0, 1])
     assert np.all(np.abs(over[0, 1] - target) <= (1 - matte[0, 1]) * np.abs(plate[0, 1]) + 1e-6)
+
+
+def test_clip_matte_is_a_keyers_clip_black_and_white():
+    from vera_engine.imaging.composite import DEFAULT_CLIP_BLACK, DEFAULT_CLIP_WHITE, clip_matte
+
+    alpha = np.array([-0.1, 0.0, 0.03, 0.05, 0.06, 0.5, 0.94, 0.95, 0.99, 1.2], np.float32)
+    out = clip_matte(alpha, 0.05, 0.95)
+    np.testing.assert_array_equal(out[[0, 1, 2, 3]], 0.0)  # at or below black: exactly 0
+    np.testing.assert_array_equal(out[[7, 8, 9]], 1.0)  # at or above white: exactly 1
+    np.testing.assert_allclose(
+        out[[4, 5, 6]], (alpha[[4, 5, 6]] - 0.05) / 0.9, rtol=1e-6
+    )  # stretched between
+    assert np.all(np.diff(out) >= 0)  # order kept: a matte stays continuous
+    np.testing.assert_array_equal(clip_matte(alpha, 0.0, 1.0), np.clip(alpha, 0, 1))
+    assert (DEFAULT_CLIP_BLACK, DEFAULT_CLIP_WHITE) == (0.05, 0.95)
+    with pytest.raises(ValueError, match="expected 0 <= black < white <= 1"):
+        clip_matte(alpha, 0.6, 0.4)

@@ -194,6 +194,8 @@ def _submit_cases(tmp_path: Path, root: Path) -> dict[str, tuple[dict, list, str
         "too many takes": ({"takes": 9}, good, "header.takes: 9 is out of range; expected 1..8"),
         "window overlap as long as the window": ({"window_frames": 4, "window_overlap": 4}, good, "header.window_overlap"),
         "window beyond the model": ({"window_frames": 10**6}, good, "header.window_frames"),
+        "clip black not below clip white": ({"clip_black": 0.5, "clip_white": 0.5}, good, "header.clip_black: 0.5 is not below clip_white 0.5"),
+        "clip white out of range": ({"clip_white": 1.5}, good, "header.clip_white: 1.5 is out of range; expected 0.5..1"),
         "float plate beyond half with half output": (
             {"frames": [1]}, raw_chunks(P, 1, big), "plate frame 1: sample 1e+38 (pixel x=5, y=2, channel 0) is beyond +-65504",
         ),

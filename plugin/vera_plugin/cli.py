@@ -302,6 +302,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
         "window_overlap": args.overlap,
         "lora": args.lora,
         "lora_scale": args.lora_scale,
+        "clip_black": args.clip_black,
+        "clip_white": args.clip_white,
     }
     progress = Progress(sys.stderr, quiet=args.quiet)
     try:  # every frame present before anything is said about uploading them
@@ -431,6 +433,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--lora", help="a LoRA adapter the engine serves for the model (`vera info` lists them)"
     )
     edit.add_argument("--lora-scale", type=float, help="adapter strength, 0..2 (default: 1)")
+    edit.add_argument(
+        "--clip-black",
+        type=float,
+        help="matte values at or below this become exactly 0: the plate kept bit for bit there (default: the "
+        "model's, 0.05)",
+    )
+    edit.add_argument(
+        "--clip-white",
+        type=float,
+        help="matte values at or above this become exactly 1 (default: the model's, 0.95)",
+    )
     edit.add_argument("--name", help="label shown in job lists (e.g. the shot)")
     edit.add_argument(
         "--send-paths",

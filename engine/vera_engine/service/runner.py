@@ -205,6 +205,7 @@ class PipelineRunner:
         """
         from vera_engine.acceleration.step_cache import step_cache
         from vera_engine.imaging.colour import ColourConverter
+        from vera_engine.imaging.composite import clip_matte
         from vera_engine.imaging.edit_plate import ResultWriter, finish_frames, sample_plate
         from vera_engine.models.word_tokenizer import unknown_words
         from vera_engine.pipelines.pipeline_vera import VeraInterrupted
@@ -290,6 +291,9 @@ class PipelineRunner:
             ctx.check_cancelled()
             if not ctx.lead:
                 continue  # another rank of a job over several devices: rank 0 writes the layers
+            # The keyer's clip black / white on the model's matte, before any layer is made from it: where the
+            # model meant "nothing here" the matte is exactly 0 and the plate is kept bit for bit.
+            model.alpha = clip_matte(model.alpha, header.clip_black, header.clip_white)
             ctx.stage(pb.STAGE_WRITING, f"writing{of_takes}", progress(take, 0.85))
             writer = ResultWriter(
                 ctx.output_dir,
@@ -308,6 +312,7 @@ class PipelineRunner:
                     "model_hash": self.hash,
                     "step_cache": cache_used,
                     "lora": f"{header.lora} x{lora_scale:g}" if header.lora not in ("", "none") else "none",
+                    "matte_clip": f"black {header.clip_black:.4g}, white {header.clip_white:.4g}",
                     "unknown_words": ", ".join(unknown) or "none",
                 },
                 chromaticities=colour.chromaticities(),

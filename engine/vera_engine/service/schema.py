@@ -11,6 +11,7 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from vera_engine.imaging.composite import DEFAULT_CLIP_BLACK, DEFAULT_CLIP_WHITE
 from vera_engine.service.errors import InputError
 from vera_engine.service.limits import (
     MAX_CHOICE_CHARS,
@@ -143,6 +144,11 @@ def options_schema(
                       choices=list(BIT_DEPTHS), help="half: 16-bit float EXRs; float: 32-bit float EXRs."),
         pb.OptionSpec(name="compression", label="Output compression", type=choice, default=_value("zip"),
                       choices=list(compressions), help="EXR compression of the results; the matte is always lossless."),
+        pb.OptionSpec(name="clip_black", label="Matte clip black", type=number, default=_value(DEFAULT_CLIP_BLACK),
+                      min=0.0, max=0.5, help="Matte values at or below this become exactly 0, so the plate is kept "
+                      "bit for bit there (a keyer's clip black; values between black and white are stretched)."),
+        pb.OptionSpec(name="clip_white", label="Matte clip white", type=number, default=_value(DEFAULT_CLIP_WHITE),
+                      min=0.5, max=1.0, help="Matte values at or above this become exactly 1 (a keyer's clip white)."),
     ] + lora_options(model)  # fmt: skip
 
 
@@ -259,6 +265,7 @@ def resolve_header(header: pb.JobHeader, models: Sequence[pb.ModelInfo]) -> pb.J
     else:
         out.guidance = _spec(info, "guidance").default.float_value
     _resolve_windows_and_takes(info, out)
+    _resolve_clip(info, out)
     frames = list(out.frames)
     if not frames:
         raise InputError("header.frames", "is empty; list the plate's frame numbers (e.g. 1001..1100)")
@@ -269,6 +276,20 @@ def resolve_header(header: pb.JobHeader, models: Sequence[pb.ModelInfo]) -> pb.J
         dup = next(f for f in frames if f in seen or seen.add(f))  # type: ignore[func-returns-value]
         raise InputError("header.frames", f"frame {dup} is listed twice; each frame number must appear once")
     return out
+
+
+def _resolve_clip(info: pb.ModelInfo, header: pb.JobHeader) -> None:
+    """Check (and fill) the matte's clip black and clip white: each in range, black below white."""
+    for name in ("clip_black", "clip_white"):
+        if header.HasField(name):
+            _check_range(info, name, getattr(header, name))
+        else:
+            setattr(header, name, _spec(info, name).default.float_value)
+    if header.clip_black >= header.clip_white:
+        raise InputError(
+            "header.clip_black",
+            f"{header.clip_black:g} is not below clip_white {header.clip_white:g}; expected clip_black < clip_white",
+        )
 
 
 def _resolve_lora(info: pb.ModelInfo, header: pb.JobHeader) -> None:
