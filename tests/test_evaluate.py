@@ -140,6 +140,12 @@ def test_eval_cli_on_a_real_tiny_pipeline(heldout, tmp_path, capsys):
     low, high = printed["summary"]["object_addition"]["preserved_exact_ci95"]
     assert low < printed["summary"]["object_addition"]["preserved_exact"] <= high
     assert 0 <= printed["summary"]["object_addition"]["matte_clear_outside"] <= 1
+    # 6 clips (3 per task) cannot tell the targets apart; the JSON says which tasks have too few.
+    assert printed["too_few_clips"] == {
+        "object_addition": 3,
+        "object_addition_masked": 3,
+        "background_change": 3,
+    }
     report = json.loads(report_path.read_text())
     assert len(report["clips"]) == 6 + 3  # object addition twice: without and with its mask
     # Whatever a model predicts, the product's compositor keeps the source exactly where the matte is 0.
