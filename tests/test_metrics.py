@@ -337,6 +337,11 @@ def test_summarize_gives_every_rate_its_interval():
     assert summary["direction_ok_ci95"] == pytest.approx(list(wilson_interval(3, 4)))
     assert summary["direction_ok_ci95"] == pytest.approx([0.30064, 0.95441], abs=1e-4)
     assert "matte_iou_ci95" not in summary  # a mean of fractions is not a binomial rate
+    # The clean-matte fractions: their mean and their worst clip.
+    rows = [{"task": "object_addition", "matte_clear_outside": v} for v in (1.0, 0.9, 0.17, math.nan)]
+    summary = summarize(rows)["object_addition"]
+    assert summary["matte_clear_outside"] == pytest.approx((1.0 + 0.9 + 0.17) / 3)
+    assert summary["matte_clear_outside_worst"] == 0.17
 
 
 def test_square_dilate_and_erode_known_shapes():
