@@ -50,6 +50,21 @@ def test_a_perfect_model_meets_every_target_and_preserves_exactly(heldout):
     )
     assert all(row["preserved_exact"] for row in report["clips"])
     assert all(check["met"] for task in report["targets"].values() for check in task.values())
+    # The clean-matte rows: the truth is exactly 0 outside the object and over the kept subject.
+    assert summary["object_addition"]["matte_clear_outside"] == 1.0
+    assert summary["background_change"]["matte_clear_subject"] == 1.0
+    assert summary["background_change"]["composite_psnr_ge_20"] == 1.0
+    # Every rate carries its 95 % interval: 3 of 3 clips is (0.44, 1.00), too wide to settle a 0.9 target.
+    assert summary["object_addition"]["direction_ok_ci95"] == pytest.approx([0.43850, 1.0], abs=1e-4)
+    assert report["targets"]["object_addition"]["direction_ok"]["settled"] is False
+    assert "1.00 (0.44–1.00)" in format_report(report)
+    # 3 clips per task is far below what tells the targets apart, and the report says so.
+    assert report["too_few_clips"] == {
+        "object_addition": 3,
+        "object_addition_masked": 3,
+        "background_change": 3,
+    }
+    assert "too few clips to tell the targets apart" in format_report(report)
     # The protocol: background change gets its mask; object addition runs without one, then with one.
     assert {(task, has_mask) for _, has_mask, task in oracle.calls} == {
         ("background_change", True),
@@ -60,10 +75,43 @@ def test_a_perfect_model_meets_every_target_and_preserves_exactly(heldout):
 
 
 def test_targets_flag_a_miss():
-    checks = check_targets({"background_change": {"matte_iou": 0.5, "composite_psnr": 30.0}})
+    checks = check_targets(
+        {
+            "background_change": {
+                "matte_iou": 0.5,
+                "composite_psnr_ge_20": 0.93,
+                "composite_psnr_ge_20_ci95": [0.91, 0.96],
+            }
+        }
+    )
     assert checks["background_change"]["matte_iou"] == {"value": 0.5, "target": 0.9, "met": False}
-    assert checks["background_change"]["composite_psnr"]["met"] is True
+    # A rate whose whole interval is above its target meets it beyond chance.
+    assert checks["background_change"]["composite_psnr_ge_20"] == {
+        "value": 0.93,
+        "target": 0.9,
+        "met": True,
+        "ci95": [0.91, 0.96],
+        "settled": True,
+    }
     assert set(TARGETS) == {"background_change", "object_addition", "object_addition_masked"}
+
+
+def test_targets_are_issue_22s_table():
+    assert TARGETS["object_addition"] == {
+        "colour_and_size_ok": 0.9,
+        "direction_ok": 0.8,
+        "present_all_frames": 0.9,
+        "matte_iou": 0.5,
+        "preserved_exact": 1.0,
+        "matte_clear_outside": 0.95,
+    }
+    assert TARGETS["background_change"] == {
+        "composite_psnr_ge_20": 0.9,
+        "background_ok": 0.8,
+        "matte_iou": 0.9,
+        "preserved_exact": 1.0,
+        "matte_clear_subject": 0.95,
+    }
 
 
 def test_eval_cli_on_a_real_tiny_pipeline(heldout, tmp_path, capsys):
@@ -88,6 +136,16 @@ def test_eval_cli_on_a_real_tiny_pipeline(heldout, tmp_path, capsys):
     )
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(printed["summary"]) == {"object_addition", "object_addition_masked", "background_change"}
+    # JSON keeps each rate's interval as a [low, high] pair beside it.
+    low, high = printed["summary"]["object_addition"]["preserved_exact_ci95"]
+    assert low < printed["summary"]["object_addition"]["preserved_exact"] <= high
+    assert 0 <= printed["summary"]["object_addition"]["matte_clear_outside"] <= 1
+    # 6 clips (3 per task) cannot tell the targets apart; the JSON says which tasks have too few.
+    assert printed["too_few_clips"] == {
+        "object_addition": 3,
+        "object_addition_masked": 3,
+        "background_change": 3,
+    }
     report = json.loads(report_path.read_text())
     assert len(report["clips"]) == 6 + 3  # object addition twice: without and with its mask
     # Whatever a model predicts, the product's compositor keeps the source exactly where the matte is 0.

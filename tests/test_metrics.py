@@ -308,3 +308,103 @@ def test_stripes_are_checked_for_their_orientation():
         assert background_matches(clip.edit, clip.alpha, facts)[1] is False
     else:
         assert background_matches(turned, alpha, facts)[1] is False
+
+
+def test_wilson_interval_against_hand_computed_values():
+    from vera_engine.training.metrics import wilson_interval
+
+    # The Wilson interval's ends are the roots p of (k/n - p)^2 = z^2 p (1 - p) / n (Wilson 1927). 8 of 10, z^2 =
+    # 3.8415: 1.38415 p^2 - 1.98415 p + 0.64 = 0, roots (1.98415 -+ sqrt(3.93685 - 3.54326)) / 2.76830 =
+    # 0.49016 and 0.94332.
+    low, high = wilson_interval(8, 10)
+    assert (low, high) == (pytest.approx(0.49016, abs=1e-4), pytest.approx(0.94332, abs=1e-4))
+    # 83 of 100: 1.038415 p^2 - 1.698415 p + 0.6889 = 0, roots 0.74452 and 0.89106; 0 and all of 20 stay inside
+    # [0, 1] and are not empty.
+    assert wilson_interval(83, 100) == (pytest.approx(0.74452, abs=1e-4), pytest.approx(0.89106, abs=1e-4))
+    assert wilson_interval(0, 20) == (0.0, pytest.approx(0.16113, abs=1e-4))
+    assert wilson_interval(20, 20) == (pytest.approx(0.83887, abs=1e-4), 1.0)
+    assert all(math.isnan(v) for v in wilson_interval(0, 0))
+    with pytest.raises(ValueError, match="successes"):
+        wilson_interval(3, 2)
+
+
+def test_summarize_gives_every_rate_its_interval():
+    from vera_engine.training.metrics import wilson_interval
+
+    rows = [{"task": "object_addition", "direction_ok": i < 3, "matte_iou": 0.5} for i in range(4)]
+    summary = summarize(rows)["object_addition"]
+    assert summary["direction_ok"] == 0.75
+    assert summary["direction_ok_ci95"] == pytest.approx(list(wilson_interval(3, 4)))
+    assert summary["direction_ok_ci95"] == pytest.approx([0.30064, 0.95441], abs=1e-4)
+    assert "matte_iou_ci95" not in summary  # a mean of fractions is not a binomial rate
+    # The clean-matte fractions: their mean and their worst clip.
+    rows = [{"task": "object_addition", "matte_clear_outside": v} for v in (1.0, 0.9, 0.17, math.nan)]
+    summary = summarize(rows)["object_addition"]
+    assert summary["matte_clear_outside"] == pytest.approx((1.0 + 0.9 + 0.17) / 3)
+    assert summary["matte_clear_outside_worst"] == 0.17
+
+
+def test_square_dilate_and_erode_known_shapes():
+    from vera_engine.training.metrics import square_dilate, square_erode
+
+    dot = np.zeros((1, 9, 9), bool)
+    dot[0, 4, 4] = True
+    assert np.count_nonzero(square_dilate(dot, 2)) == 25  # a 5 x 5 square
+    assert square_dilate(dot, 2)[0, 2:7, 2:7].all()
+    block = np.zeros((1, 9, 9), bool)
+    block[0, 1:8, 1:8] = True  # 7 x 7
+    assert np.count_nonzero(square_erode(block, 2)) == 9  # 3 x 3 left
+    # The frame's border is not an edge: a region filling the frame is not eroded.
+    assert square_erode(np.ones((1, 6, 6), bool), 2).all()
+
+
+def test_matte_clear_outside_counts_exact_zeros_outside_the_dilated_object():
+    clip = hand_made_clip("object_addition")  # a 6 x 6 square per 32 x 32 frame
+    perfect = evaluate_clip(clip, {"edit": clip.edit, "alpha": clip.alpha})
+    assert perfect["matte_clear_outside"] == 1.0
+    # Outside the square dilated by 2 px (10 x 10 = 100 pixels) there are 1024 - 100 = 924 pixels per frame.
+    faint = clip.alpha.copy()
+    faint[:, 28:32, :] = np.maximum(faint[:, 28:32, :], 0.01)  # a faint bottom band of 4 x 32 = 128 pixels
+    result = evaluate_clip(clip, {"edit": clip.edit, "alpha": faint})
+    assert result["matte_clear_outside"] == pytest.approx((924 - 128) / 924)
+    # Matte within 2 px of the object is allowed (soft edges, blur); 3 px away is not.
+    halo = clip.alpha.copy()
+    halo[0, 4:14, 2:12] = np.maximum(halo[0, 4:14, 2:12], 0.2)  # frame 0's square: rows 6-11, columns 4-9
+    assert evaluate_clip(clip, {"edit": clip.edit, "alpha": halo})["matte_clear_outside"] == 1.0
+    halo[0, 6 + 6 + 2, 4] = 0.2  # row 14: 3 px below the square (rows 6-11)
+    assert evaluate_clip(clip, {"edit": clip.edit, "alpha": halo})["matte_clear_outside"] == pytest.approx(
+        1 - 1 / (4 * 924)
+    )
+    # A whole-frame faint matte clears nothing.
+    assert (
+        evaluate_clip(clip, {"edit": clip.edit, "alpha": np.full_like(faint, 1e-6)})["matte_clear_outside"]
+        == 0.0
+    )
+
+
+def test_matte_clear_subject_counts_exact_zeros_inside_the_eroded_subject():
+    clip = hand_made_clip("background_change")  # background alpha 1 around a kept 6 x 6 square
+    perfect = evaluate_clip(clip, {"edit": clip.edit, "alpha": clip.alpha})
+    assert perfect["matte_clear_subject"] == 1.0 and perfect["composite_psnr_ge_20"]
+    # The kept square eroded by 2 px is its 2 x 2 core; a faint matte over the frame but on one core pixel per
+    # frame clears 3 of 4.
+    faint = np.maximum(clip.alpha, 0.004)
+    for t in range(4):
+        faint[t, 6 + 2, 4 + 5 * t + 2] = 0.0
+        faint[t, 6 + 2, 4 + 5 * t + 3] = 0.0
+        faint[t, 6 + 3, 4 + 5 * t + 2] = 0.0
+    result = evaluate_clip(clip, {"edit": clip.edit, "alpha": faint})
+    assert result["matte_clear_subject"] == pytest.approx(3 / 4)
+    # The subject's 2 px rim may carry matte (soft edges).
+    rim = clip.alpha.copy()
+    rim[:, 6, :] = np.maximum(rim[:, 6, :], 0.3)
+    assert evaluate_clip(clip, {"edit": clip.edit, "alpha": rim})["matte_clear_subject"] == 1.0
+
+
+def test_composite_psnr_ge_20_is_the_issue_s_background_check():
+    clip = hand_made_clip("background_change")
+    # The composite off by 0.099 everywhere: 20.09 dB, which counts; 0.101 is 19.91 dB, which does not.
+    for offset, expected in ((0.099, True), (0.101, False)):
+        composite = clip.composite + np.float32(offset)
+        result = evaluate_clip(clip, {"edit": clip.edit, "alpha": clip.alpha, "composite": composite})
+        assert result["composite_psnr_ge_20"] is expected, (offset, result["composite_psnr"])

@@ -367,7 +367,15 @@ def test_model_card_has_the_loss_curve_and_eval_figures(dataset_dir, tmp_path):
     # Resumed with another noise-level shift: the card says which steps trained with which.
     config.steps, config.timestep_shift = 6, 3.0
     train(config, resume=True, progress=False)
-    summary = {"background_change": {"count": 2.0, "matte_iou": 0.95, "composite_psnr": 15.0}}
+    summary = {
+        "background_change": {
+            "count": 100.0,
+            "matte_iou": 0.95,
+            "composite_psnr": 15.0,
+            "composite_psnr_ge_20": 0.83,
+            "composite_psnr_ge_20_ci95": [0.7445, 0.8911],
+        }
+    }
     report = {"steps": 10, "guidance": 1.0, "summary": summary, "targets": check_targets(summary)}
     reworded = {
         "steps": 10,
@@ -388,7 +396,12 @@ def test_model_card_has_the_loss_curve_and_eval_figures(dataset_dir, tmp_path):
     )
     text = card.read_text()
     assert "| background_change | matte_iou | 0.95 | ≥ 0.9 (met) |" in text
-    assert "| background_change | composite_psnr | 15 | ≥ 20 (not met) |" in text
+    assert "| background_change | composite_psnr | 15 |  |" in text
+    # Rates with their 95 % interval; the interval is not a row of its own.
+    assert "| background_change | composite_psnr_ge_20 | 0.83 (0.74–0.89) | ≥ 0.9 (not met) |" in text
+    assert "_ci95" not in text
+    # 100 clips per task is enough; the reworded report's single clip is not, and the card says so.
+    assert text.count("Fewer than 100 clips per task") == 1 and "(object_addition 1)" in text
     assert "### Reworded held-out split\n\n`eval --data reworded`" in text
     assert "| object_addition | direction_ok | 1 |  |" in text and "## Notes\n\n- a note" in text
     assert "6 steps of batch 2" in text

@@ -161,7 +161,9 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
         description="Object addition (without and with a mask): colour and size of the matte, direction of motion, "
         "presence in every frame, IoU with the true object; background change: matte IoU, composite PSNR beside "
         "the flat two-colour baseline, named colours and layout; both: exact preservation where the matte is zero. "
-        "At the checkpoint's own steps and guidance unless given. Prints a table (or JSON) against the targets.",
+        "At the checkpoint's own steps and guidance unless given. Prints a table (or JSON) against the targets, "
+        "each rate with its 95 % interval. The targets need at least 100 clips per task to be told apart: make "
+        "the held-out split (and the reworded one) with `--heldout 200` or more (docs/EVAL.md).",
     )
     parser.add_argument(
         "--model", default="default", help="pipeline folder, or 'default' for the shipped one"
@@ -199,7 +201,16 @@ def _run_eval(args: argparse.Namespace) -> int:
     if args.report:
         write_report(report, args.report)
     if args.json:
-        print(json.dumps({"summary": report["summary"], "targets": report["targets"]}, default=str))
+        print(
+            json.dumps(
+                {
+                    "summary": report["summary"],
+                    "targets": report["targets"],
+                    "too_few_clips": report["too_few_clips"],
+                },
+                default=str,
+            )
+        )
     else:
         print(format_report(report))
     return 0

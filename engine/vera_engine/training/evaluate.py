@@ -10,7 +10,7 @@ scored as `object_addition` and `object_addition_masked`. Background change is s
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,24 +20,32 @@ import torch
 from vera_engine.imaging.composite import composite_over_plate, fill_unmatted, premultiply, snap_matte
 from vera_engine.training.data.dataset import LayeredClip
 
-# Targets the shipped checkpoint is held to (issue 19), at its native size and shipped defaults.
+# Targets the shipped checkpoint is held to (issue 22's table), at its native size and shipped defaults. Rates are
+# shares of clips; `matte_iou` and the `matte_clear_*` fractions are means over clips. The masked run has no row in
+# the table and keeps issue 19's targets.
 TARGETS: dict[str, dict[str, float]] = {
     "object_addition": {
-        "colour_and_size_ok": 0.8,
+        "colour_and_size_ok": 0.9,
         "direction_ok": 0.8,
         "present_all_frames": 0.9,
+        # Not reachable on generator v3 (an oracle that knows every instructed fact scored 0.46); v4's tighter
+        # paths put that oracle at 0.66.
         "matte_iou": 0.5,
         "preserved_exact": 1.0,
+        "matte_clear_outside": 0.95,
     },
     "object_addition_masked": {"matte_iou": 0.7, "colour_ok": 0.9, "preserved_exact": 1.0},
     "background_change": {
-        "matte_iou": 0.9,
-        "composite_psnr": 20.0,
-        "beats_flat_baseline": 0.9,
+        "composite_psnr_ge_20": 0.9,
         "background_ok": 0.8,
+        "matte_iou": 0.9,
         "preserved_exact": 1.0,
+        "matte_clear_subject": 0.95,
     },
 }
+# A rate's 95 % interval is about +-0.2 wide at 20 clips and +-0.08 at 100: fewer clips than this per task cannot
+# tell a 0.8 target from 0.7 or 0.9. Generate held-out splits of 2 x this many clips (the tasks alternate).
+MIN_CLIPS_PER_TASK = 100
 # Printed beside the metric they are the baseline of.
 BASELINES = {"composite_psnr": "flat_baseline_psnr"}
 
@@ -102,6 +110,8 @@ def evaluate_pipeline(
     summary = summarize(results)
     return {
         "split": split,
+        "clips_per_task_wanted": MIN_CLIPS_PER_TASK,
+        "too_few_clips": too_few_clips(summary),
         "steps": steps,
         "guidance": guidance,
         "seed": seed,
@@ -112,25 +122,53 @@ def evaluate_pipeline(
     }
 
 
-def check_targets(summary: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, Any]]:
-    """For each task in `summary`, each target metric: the value reached, the target and whether it is met."""
+def too_few_clips(summary: Mapping[str, Mapping[str, Any]]) -> dict[str, int]:
+    """The tasks of `summary` scored on fewer than `MIN_CLIPS_PER_TASK` clips, with their counts."""
+    return {
+        task: int(metrics["count"])
+        for task, metrics in summary.items()
+        if int(metrics.get("count", 0)) < MIN_CLIPS_PER_TASK
+    }
+
+
+def check_targets(summary: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """For each task in `summary`, each target metric: the value reached, the target and whether it is met.
+
+    Where the summary gives the metric's 95 % interval (`<metric>_ci95`, rates), the check also carries it as
+    `ci95` and says whether the interval lies wholly on one side of the target (`settled`): a rate of 0.83 whose
+    interval is 0.75-0.89 neither meets nor misses a 0.8 target beyond chance.
+    """
     checks: dict[str, dict[str, Any]] = {}
     for task, targets in TARGETS.items():
         if task not in summary:
             continue
-        checks[task] = {
-            metric: {
-                "value": summary[task].get(metric),
+        checks[task] = {}
+        for metric, target in targets.items():
+            value = summary[task].get(metric)
+            check: dict[str, Any] = {
+                "value": value,
                 "target": target,
-                "met": bool(summary[task].get(metric, float("nan")) >= target),
+                "met": bool((value if value is not None else float("nan")) >= target),
             }
-            for metric, target in targets.items()
-        }
+            interval = summary[task].get(f"{metric}_ci95")
+            if interval is not None:
+                low, high = interval
+                check["ci95"] = [low, high]
+                check["settled"] = bool(low >= target or high < target)
+            checks[task][metric] = check
     return checks
 
 
+def format_rate(value: float, interval: "Sequence[float] | None") -> str:
+    """`0.83 (0.75–0.89)`: a rate with its 95 % interval (the value alone where there is none)."""
+    if interval is None:
+        return f"{value:.4g}"
+    low, high = interval
+    return f"{value:.2f} ({low:.2f}–{high:.2f})"
+
+
 def format_report(report: Mapping[str, Any]) -> str:
-    """A short human-readable table of an `evaluate_pipeline` report."""
+    """A short human-readable table of an `evaluate_pipeline` report; rates with their 95 % intervals."""
     lines = [
         f"split {report['split']}: {report['steps']} steps, guidance {report['guidance']:g}, "
         f"{report['seconds']:.1f} s"
@@ -138,20 +176,28 @@ def format_report(report: Mapping[str, Any]) -> str:
     for task, metrics in report["summary"].items():
         lines.append(f"  {task} ({int(metrics['count'])} clips)")
         for name, value in metrics.items():
-            if name == "count":
+            if name == "count" or name.endswith("_ci95"):
                 continue
             if name in BASELINES.values():
                 continue  # printed beside the metric it is the baseline of
             target = report["targets"].get(task, {}).get(name)
-            mark = (
-                ""
-                if target is None
-                else f"   target {target['target']:g}: {'met' if target['met'] else 'NOT met'}"
-            )
+            mark = ""
+            if target is not None:
+                mark = f"   target {target['target']:g}: {'met' if target['met'] else 'NOT met'}"
+                if target.get("settled") is False:
+                    mark += " (the target is inside the 95 % interval)"
             baseline = BASELINES.get(name)
             if baseline in metrics:
                 mark += f"   (baseline {metrics[baseline]:.4g})"
-            lines.append(f"    {name:<20} {value:8.4g}{mark}")
+            lines.append(f"    {name:<22} {format_rate(value, metrics.get(f'{name}_ci95')):>18}{mark}")
+    few = report.get("too_few_clips") or {}
+    if few:
+        wanted = report.get("clips_per_task_wanted", MIN_CLIPS_PER_TASK)
+        counts = ", ".join(f"{task} {count}" for task, count in few.items())
+        lines.append(
+            f"  too few clips to tell the targets apart ({counts}; wanted >= {wanted} per task): generate the "
+            f"split with --heldout {2 * wanted} or more"
+        )
     return "\n".join(lines)
 
 

@@ -59,15 +59,29 @@ def plot_loss_curve(
 
 
 def _summary_rows(report: Mapping[str, Any]) -> list[str]:
+    """The eval table: one row per metric, rates as `0.83 (0.75–0.89)` (their 95 % Wilson intervals), then a line
+    for any task scored on fewer clips than can tell the targets apart."""
+    from vera_engine.training.evaluate import MIN_CLIPS_PER_TASK, format_rate
+
     rows = ["| task | metric | value | target |", "| --- | --- | --- | --- |"]
     for task, metrics in report["summary"].items():
         for name, value in metrics.items():
+            if name.endswith("_ci95"):
+                continue  # shown beside its rate
             target = report.get("targets", {}).get(task, {}).get(name)
             target_text = (
                 "" if target is None else f"≥ {target['target']:g} ({'met' if target['met'] else 'not met'})"
             )
-            shown = f"{int(value)}" if name == "count" else f"{value:.4g}"
+            shown = f"{int(value)}" if name == "count" else format_rate(value, metrics.get(f"{name}_ci95"))
             rows.append(f"| {task} | {name} | {shown} | {target_text} |")
+    few = {task: int(m["count"]) for task, m in report["summary"].items() if m["count"] < MIN_CLIPS_PER_TASK}
+    if few:
+        rows += [
+            "",
+            f"Fewer than {MIN_CLIPS_PER_TASK} clips per task ("
+            + ", ".join(f"{task} {count}" for task, count in few.items())
+            + "): the intervals are too wide to tell the targets apart.",
+        ]
     return rows
 
 
@@ -206,7 +220,8 @@ def write_model_card(
         "",
         f"`{eval_command}`",
         "",
-        f"Held-out split, {eval_report['steps']} steps, guidance {eval_report['guidance']:g}:",
+        f"Held-out split, {eval_report['steps']} steps, guidance {eval_report['guidance']:g}; each rate (a share "
+        "of clips) with its 95 % interval (Wilson score):",
         "",
         *_summary_rows(eval_report),
         "",
