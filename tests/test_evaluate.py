@@ -150,3 +150,24 @@ def test_eval_cli_on_a_real_tiny_pipeline(heldout, tmp_path, capsys):
     assert len(report["clips"]) == 6 + 3  # object addition twice: without and with its mask
     # Whatever a model predicts, the product's compositor keeps the source exactly where the matte is 0.
     assert all(row["preserved_exact"] for row in report["clips"])
+
+
+def test_eval_scores_the_matte_as_the_engine_delivers_it_clipped():
+    # `vera-engine eval` applies the engine's matte clip (defaults 0.05 / 0.95), so its matte_clear rows are what a
+    # `vera edit` user gets; --clip-black 0 --clip-white 1 scores the raw matte.
+
+    from vera_engine.training.data.synthetic import generate_clip
+    from vera_engine.training.evaluate import predict_clip
+
+    clip = generate_clip("object_addition", 3, frames=2, height=16, width=16)
+    faint = np.full(clip.alpha.shape, 0.04, np.float32)
+    faint[:, 4:8, 4:8] = 0.97
+
+    def pipe(*args, **kwargs):
+        return SimpleNamespace(alpha=faint, edit=np.full((*faint.shape, 3), 0.5, np.float32))
+
+    clipped = predict_clip(pipe, clip, steps=1, guidance=1.0, seed=0)
+    raw = predict_clip(pipe, clip, steps=1, guidance=1.0, seed=0, clip_black=0.0, clip_white=1.0)
+    assert np.mean(clipped["alpha"] == 0) == pytest.approx(1 - 16 / 256)
+    assert np.all(clipped["alpha"][:, 4:8, 4:8] == 1.0)
+    assert np.mean(raw["alpha"] == 0) == 0.0

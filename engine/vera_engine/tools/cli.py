@@ -173,6 +173,16 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--steps", type=int, help="denoising steps per clip (default: the checkpoint's)")
     parser.add_argument("--guidance", type=float, help="guidance scale (default: the checkpoint's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--clip-black",
+        type=float,
+        help="matte clip black, as the engine's option (default: the engine's, 0.05)",
+    )
+    parser.add_argument(
+        "--clip-white",
+        type=float,
+        help="matte clip white, as the engine's option (default: the engine's, 0.95)",
+    )
     released = parser.add_argument_group(
         "released Vera layout (metadata.jsonl + MP4s): the paper's Table 1 preservation scores and matte IoU / MAD"
     )
@@ -195,8 +205,17 @@ def _run_eval(args: argparse.Namespace) -> int:
     if detect_format(args.data, args.format) == "vera":
         return _run_paper_eval(args, load_pipeline(args.model))
     pipe = load_pipeline(args.model)
+    from vera_engine.imaging.composite import DEFAULT_CLIP_BLACK, DEFAULT_CLIP_WHITE
+
     report = evaluate_pipeline(
-        pipe, args.data, args.split, steps=args.steps, guidance=args.guidance, seed=args.seed
+        pipe,
+        args.data,
+        args.split,
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        clip_black=DEFAULT_CLIP_BLACK if args.clip_black is None else args.clip_black,
+        clip_white=DEFAULT_CLIP_WHITE if args.clip_white is None else args.clip_white,
     )
     if args.report:
         write_report(report, args.report)

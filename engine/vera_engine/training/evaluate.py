@@ -17,7 +17,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from vera_engine.imaging.composite import composite_over_plate, fill_unmatted, premultiply, snap_matte
+from vera_engine.imaging.composite import (
+    DEFAULT_CLIP_BLACK,
+    DEFAULT_CLIP_WHITE,
+    clip_matte,
+    composite_over_plate,
+    fill_unmatted,
+    premultiply,
+    snap_matte,
+)
 from vera_engine.training.data.dataset import LayeredClip
 
 # Targets the shipped checkpoint is held to (issue 22's table), at its native size and shipped defaults. Rates are
@@ -58,11 +66,14 @@ def predict_clip(
     guidance: float | None,
     seed: int,
     with_mask: bool = False,
+    clip_black: float = DEFAULT_CLIP_BLACK,
+    clip_white: float = DEFAULT_CLIP_WHITE,
 ) -> dict[str, np.ndarray]:
     """Run the pipeline on one clip and composite its layers over the source as the product does.
 
     Background change always gets the clip's mask; object addition only ``with_mask``. ``steps`` and ``guidance``
-    None: the checkpoint's defaults (what a user gets).
+    None: the checkpoint's defaults (what a user gets); ``clip_black`` / ``clip_white`` the engine's matte clip
+    (defaults: the engine's).
     """
     mask = clip.mask if clip.task == "background_change" or with_mask else None
     out = pipe(
@@ -73,9 +84,10 @@ def predict_clip(
         guidance_scale=guidance,
         generator=torch.Generator().manual_seed(seed),
     )
-    # The product's finishing steps (vera_engine.imaging.edit_plate.edit_plate), at native size: snap the matte's
-    # near-0/1 noise, clean the edit colour where the matte is empty, premultiply, composite over the source.
-    alpha = snap_matte(np.clip(out.alpha, 0.0, 1.0))
+    # The product's finishing steps (the runner's matte clip, then vera_engine.imaging.edit_plate), at native size:
+    # clip black / white, snap the matte's near-0/1 noise, clean the edit colour where the matte is empty,
+    # premultiply, composite over the source.
+    alpha = snap_matte(clip_matte(out.alpha, clip_black, clip_white))
     edit = fill_unmatted(out.edit, alpha)
     composite = composite_over_plate(clip.input, premultiply(edit, alpha), alpha)[..., :3]
     return {"edit": edit, "alpha": alpha, "composite": composite}
@@ -89,10 +101,13 @@ def evaluate_pipeline(
     steps: int | None = None,
     guidance: float | None = None,
     seed: int = 0,
+    clip_black: float = DEFAULT_CLIP_BLACK,
+    clip_white: float = DEFAULT_CLIP_WHITE,
 ) -> dict[str, Any]:
     """Score `pipe` on every clip of `split`; returns per-clip results, per-task summary and target checks.
 
-    `steps` / `guidance` None: the checkpoint's defaults.
+    `steps` / `guidance` None: the checkpoint's defaults. `clip_black` / `clip_white`: the matte clip (the engine's
+    defaults, what `vera edit` gives; 0 and 1 score the model's raw matte).
     """
     from vera_engine.training.data.dataset import iter_clips
     from vera_engine.training.metrics import evaluate_clip, summarize
@@ -102,10 +117,13 @@ def evaluate_pipeline(
     started = time.perf_counter()
     results = []
     for clip in iter_clips(data, split):
-        prediction = predict_clip(pipe, clip, steps=steps, guidance=guidance, seed=seed)
+        clip_options = {"clip_black": clip_black, "clip_white": clip_white}
+        prediction = predict_clip(pipe, clip, steps=steps, guidance=guidance, seed=seed, **clip_options)
         results.append(evaluate_clip(clip, prediction))
         if clip.task == "object_addition" and clip.mask is not None:
-            masked = predict_clip(pipe, clip, steps=steps, guidance=guidance, seed=seed, with_mask=True)
+            masked = predict_clip(
+                pipe, clip, steps=steps, guidance=guidance, seed=seed, with_mask=True, **clip_options
+            )
             results.append({**evaluate_clip(clip, masked), "task": "object_addition_masked"})
     summary = summarize(results)
     return {
@@ -115,6 +133,8 @@ def evaluate_pipeline(
         "steps": steps,
         "guidance": guidance,
         "seed": seed,
+        "clip_black": clip_black,
+        "clip_white": clip_white,
         "seconds": time.perf_counter() - started,
         "summary": summary,
         "targets": check_targets(summary),
