@@ -247,3 +247,34 @@ def test_ring_advice_names_only_context_parallel_backends(tmp_path):
         assert all(repr(name) in str(raised.value) for name in RING_BACKENDS)
     finally:
         torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    ("options", "device", "expected"),
+    [
+        (dict(group_offload="block"), "cuda", True),  # the default on CUDA: streamed
+        (dict(group_offload="block"), "cpu", False),
+        (dict(group_offload="block", num_blocks_per_group=2), "cuda", False),  # diffusers streams one group
+        (dict(group_offload="block", use_stream=False), "cuda", False),  # the off switch
+        (dict(), "cuda", False),  # no group offloading, nothing to stream
+    ],
+)
+def test_group_offload_streams_by_default_on_cuda(options, device, expected):
+    from vera_engine.acceleration.memory import MemoryOptions, stream_group_offload
+
+    assert stream_group_offload(MemoryOptions(**options), device) is expected
+
+
+def test_streamed_group_offload_records_streams(monkeypatch):
+    from vera_engine.acceleration.memory import MemoryOptions, apply_memory_options
+    from vera_engine.pipelines.presets import build_random_pipeline
+
+    pipe = build_random_pipeline("tiny", seed=0)
+    calls = {}
+    monkeypatch.setattr(pipe.transformer, "enable_group_offload", lambda **kw: calls.update(kw))
+    # Placement of the other components is not under test (and there is no CUDA device here).
+    monkeypatch.setattr(pipe.vae, "to", lambda *a, **k: pipe.vae)
+    monkeypatch.setattr(pipe.text_encoder, "to", lambda *a, **k: pipe.text_encoder)
+    notes = apply_memory_options(pipe, MemoryOptions(group_offload="block"), "cuda")
+    assert calls["use_stream"] is True and calls["record_stream"] is True
+    assert any("(streamed)" in note for note in notes)

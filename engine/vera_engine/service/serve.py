@@ -54,7 +54,10 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
         "_flash_3, sage (8-bit, approximate), ...",
     )
     perf.add_argument(
-        "--compile", action="store_true", help="torch.compile the repeated MoT block (the first job compiles)"
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the repeated MoT block (the first job compiles; default: on for CUDA without offloading)",
     )
     perf.add_argument(
         "--text-encoder-offload",
@@ -74,8 +77,9 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     perf.add_argument(
         "--offload-stream",
-        action="store_true",
-        help="with --group-offload 1 on CUDA: prefetch the next block on a side stream",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with --group-offload 1: prefetch the next block on a side stream (default: on for CUDA)",
     )
     perf.add_argument(
         "--model-cpu-offload", action="store_true", help="whole components visit the device one at a time"
