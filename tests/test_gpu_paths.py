@@ -278,3 +278,30 @@ def test_streamed_group_offload_records_streams(monkeypatch):
     notes = apply_memory_options(pipe, MemoryOptions(group_offload="block"), "cuda")
     assert calls["use_stream"] is True and calls["record_stream"] is True
     assert any("(streamed)" in note for note in notes)
+
+
+def test_bench_step_names_per_step_and_per_forward_flops(capsys):
+    from vera_engine.tools.bench import bench_step, job_path, print_result
+
+    result = bench_step("tiny", device="cpu", repeats=1, steps=2)
+    assert result.tflop_per_step == pytest.approx(2 * result.tflop_per_forward)
+    assert (result.forwards_per_step, result.forward_batch) == (1, 2)
+    assert result.peak_reserved_gib is None and result.device_free_gib is None  # CUDA-only figures
+    print_result(result)
+    printed = capsys.readouterr().out
+    assert "TFLOP per step (CFG batch 2)" in printed and "TFLOP per forward (batch 1)" in printed
+    sequential = bench_step("tiny", device="cpu", repeats=1, steps=2, cfg_sequential=True)
+    assert (sequential.forwards_per_step, sequential.forward_batch) == (2, 1)
+    assert sequential.tflop_per_step == pytest.approx(result.tflop_per_step)
+    # What jobs do at 81 frames with the default windows of a 49-frame checkpoint (Wan VAE: 4 frames a latent).
+    assert "2 windows of 49 frames" in job_path(81, 49, 4)
+    assert "one pass" in job_path(49, 49, 4)
+
+
+def test_vera_1_3b_figures_per_step_and_per_forward():
+    from vera_engine.pipelines.presets import WAN_1_3B
+    from vera_engine.tools.bench import step_flops
+
+    tokens = 13 * 30 * 52  # 49 frames at 832x480
+    assert step_flops(WAN_1_3B.transformer, tokens, 512, batch=2).total / 1e12 == pytest.approx(1681, rel=2e-3)
+    assert step_flops(WAN_1_3B.transformer, tokens, 512, batch=1).total / 1e12 == pytest.approx(841, rel=2e-3)
