@@ -468,7 +468,8 @@ def _train_step(probe: Probe, lora: bool) -> None:
     """One training step of the shape at batch 1, gradient checkpointing on, bf16 autocast on the GPU: forward,
     flow-matching-style loss on all three layers, backward, AdamW (fused on CUDA)."""
     torch = probe.torch
-    case = "lora_r32" if lora else "full"
+    rank = 4 if probe.dry else 32
+    case = f"lora_r{rank}" if lora else "full"
 
     def run() -> None:
         model = _transformer(probe, probe.device)
@@ -479,7 +480,7 @@ def _train_step(probe: Probe, lora: bool) -> None:
 
             model.requires_grad_(False)
             targets = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
-            inject_adapter_in_model(LoraConfig(r=32, lora_alpha=32, target_modules=targets), model)
+            inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets), model)
             for name, param in model.named_parameters():
                 if "lora_" in name:
                     param.data = param.data.float()

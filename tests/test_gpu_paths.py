@@ -303,5 +303,7 @@ def test_vera_1_3b_figures_per_step_and_per_forward():
     from vera_engine.tools.bench import step_flops
 
     tokens = 13 * 30 * 52  # 49 frames at 832x480
-    assert step_flops(WAN_1_3B.transformer, tokens, 512, batch=2).total / 1e12 == pytest.approx(1681, rel=2e-3)
+    assert step_flops(WAN_1_3B.transformer, tokens, 512, batch=2).total / 1e12 == pytest.approx(
+        1681, rel=2e-3
+    )
     assert step_flops(WAN_1_3B.transformer, tokens, 512, batch=1).total / 1e12 == pytest.approx(841, rel=2e-3)

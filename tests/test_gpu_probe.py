@@ -47,12 +47,12 @@ def test_probe_runs_dry_every_section_and_writes_lines_and_a_table(tmp_path):
         ("offload_plain", "no_streams"),
         ("compile", "graph_breaks"),
         ("compile", "compiled_step"),
-        ("train_lora", "lora_r32"),
+        ("train_lora", "lora_r4"),
         ("train_full", "full"),
     } <= cases
     assert next(r for r in rows if r["case"] == "graph_breaks")["graph_break_count"] == 0
     assert all(row["seconds"] > 0 for row in rows if row["status"] == "ok" and "seconds" in row)
-    lora = next(r for r in rows if r["case"] == "lora_r32")
+    lora = next(r for r in rows if r["case"] == "lora_r4")
     full = next(r for r in rows if r["case"] == "full")
     assert 0 < lora["trainable_parameters"] < full["trainable_parameters"]
     table = (tmp_path / "out" / "probe.md").read_text()

@@ -152,3 +152,60 @@ def test_wan_vae_decodes_a_batch_like_its_parts():
         apart = torch.cat([pipe.decode_latents(latents[:1]), pipe.decode_latents(latents[1:])])
     # Batched convolutions round differently in the last bits (measured: 1.1e-6 of a [-1, 1] range on this CPU).
     torch.testing.assert_close(together, apart, rtol=0, atol=1e-5)
+
+
+def _wan_pipe():
+    parts = make_tiny_wan_pipeline_parts()
+    parts["transformer"] = VeraTransformer3DModel.from_wan(parts["transformer"]).eval()
+    pipe = VeraPipeline(**parts, native_height=32, native_width=32, native_frames=5, max_sequence_length=32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_one_frame_previews_of_the_wan_vae_are_a_linear_projection_without_a_decode(monkeypatch):
+    pipe = _wan_pipe()
+    decodes = []
+    original = type(pipe.vae).decode
+    monkeypatch.setattr(
+        type(pipe.vae), "decode", lambda self, *a, **k: decodes.append(1) or original(self, *a, **k)
+    )
+    previews = {}
+
+    def callback(p, step, timestep, kwargs):
+        before = len(decodes)
+        previews["linear"] = p.decode_preview(kwargs["composite_x0"], frame=3)
+        assert len(decodes) == before  # no VAE decode for the preview
+        previews["vae"] = p.decode_preview(kwargs["composite_x0"], frame=3, method="vae")
+        return {}
+
+    pipe(
+        _video(frames=5, height=32, width=32),
+        "add a ball",
+        num_inference_steps=1,
+        guidance_scale=1.0,
+        callback_on_step_end=callback,
+        callback_on_step_end_tensor_inputs=["composite_x0"],
+        layers=("edit",),
+    )
+    assert previews["linear"].shape == previews["vae"].shape == (1, 32, 32, 3)
+    assert previews["linear"].min() >= 0 and previews["linear"].max() <= 1
+    with pytest.raises(ValueError, match="method='fast'"):
+        pipe._trim = (5, 32, 32)
+        pipe.decode_preview(torch.zeros(1, 16, 2, 4, 4), frame=0, method="fast")
+    pipe._trim = None
+
+
+def test_the_linear_projection_is_fitted_from_the_codec(pipe):
+    # The space-to-depth codec stores each 2x2 block's pixels as channels: the exact linear read-out of a latent
+    # pixel's colour is their mean, which the fit on the test card must find (for the Wan VAE it is approximate).
+    weight, bias = pipe.preview_projection()
+    assert weight.shape == (3, 12) and bias.shape == (3,)
+    assert pipe.preview_projection()[0] is weight  # fitted once per codec and weights
+    video = torch.rand(1, 3, 2, 16, 16, generator=torch.Generator().manual_seed(7)) * 2 - 1
+    latents = pipe.encode_video(video)
+    rgb = torch.einsum("oc,fchw->fohw", weight, latents[0].transpose(0, 1)) + bias.view(1, 3, 1, 1)
+    block_means = torch.nn.functional.avg_pool2d(video[0].transpose(0, 1), 2)  # f, 3, 8, 8
+    torch.testing.assert_close(rgb, block_means, atol=1e-4, rtol=0)
+    with torch.no_grad():
+        next(pipe.vae.parameters(), torch.zeros(1)).add_(0)  # the codec has no weights: nothing to invalidate
+    assert pipe.preview_projection()[0] is weight

@@ -373,27 +373,79 @@ class VeraPipeline(DiffusionPipeline):
         std = torch.tensor(self.vae.config.latents_std, device=like.device, dtype=torch.float32).view(shape)
         return mean, std
 
-    def decode_preview(self, composite_x0: torch.Tensor, frame: int | None = None) -> np.ndarray:
+    def decode_preview(
+        self, composite_x0: torch.Tensor, frame: int | None = None, method: str = "auto"
+    ) -> np.ndarray:
         """The predicted clean composite of a step (`callback_kwargs["composite_x0"]`) as (F, H, W, 3) in [0, 1].
 
-        `frame`: decode only the latent frame that holds video frame `frame` and return that one frame (1, H, W, 3)
+        `frame`: preview only the latent frame that holds video frame `frame` and return that one frame (1, H, W, 3)
         (a preview shows one frame: decoding the whole clip at Wan size on every preview would cost a full VAE
-        decode). With a temporally compressing codec it is that latent frame decoded on its own, an
-        approximation that is fine for a preview.
+        decode). With a temporally compressing codec it is that latent frame on its own, an approximation that is
+        fine for a preview.
+
+        `method`: "vae" decodes with the codec; "linear" projects the latent frame to RGB with
+        `preview_projection` (no VAE: a few kernels, at the latent grid's resolution drawn at the frame's size);
+        "auto" (default) is "linear" for one frame of the Wan VAE, "vae" otherwise (the space-to-depth codec's
+        decode is itself a free rearrangement, and a whole-clip preview is asked for its exactness).
         """
         if self._trim is None:
             raise RuntimeError("decode_preview is for use inside a sampling call's step callback")
+        if method not in ("auto", "vae", "linear"):
+            raise ValueError(f"method={method!r}; expected 'auto', 'vae' or 'linear'")
         frames, height, width = self._trim
+        if frame is not None and not 0 <= frame < frames:
+            raise ValueError(f"frame={frame}; expected 0..{frames - 1}")
+        if method == "auto":
+            method = "linear" if frame is not None and not isinstance(self.vae, SpaceToDepthCodec) else "vae"
         if frame is None:
+            if method == "linear":
+                raise ValueError("method='linear' previews one frame: pass frame=")
             video = self.decode_latents(composite_x0)[:, :, :frames, :height, :width]
-        else:
-            if not 0 <= frame < frames:
-                raise ValueError(f"frame={frame}; expected 0..{frames - 1}")
-            t = self.temporal_compression
-            # Wan's causal VAE keeps the first frame alone in latent 0, then t frames per latent.
-            latent = frame if t == 1 else (0 if frame == 0 else (frame - 1) // t + 1)
+            return _to_frames_last((video + 1) / 2)[0].clamp(0, 1).float().cpu().numpy()
+        t = self.temporal_compression
+        # Wan's causal VAE keeps the first frame alone in latent 0, then t frames per latent.
+        latent = frame if t == 1 else (0 if frame == 0 else (frame - 1) // t + 1)
+        if method == "vae":
             video = self.decode_latents(composite_x0[:, :, latent : latent + 1])[:, :, :1, :height, :width]
-        return _to_frames_last((video + 1) / 2)[0].clamp(0, 1).float().cpu().numpy()
+            return _to_frames_last((video + 1) / 2)[0].clamp(0, 1).float().cpu().numpy()
+        weight, bias = self.preview_projection()
+        values = composite_x0[0, :, latent].float()  # C, h, w
+        rgb = torch.einsum("oc,chw->ohw", weight.to(values.device), values) + bias.to(values.device).view(
+            3, 1, 1
+        )
+        s = self.spatial_compression
+        rgb = rgb.repeat_interleave(s, dim=1).repeat_interleave(s, dim=2)[:, :height, :width]
+        return ((rgb.permute(1, 2, 0) + 1) / 2).clamp(0, 1)[None].cpu().numpy()
+
+    def preview_projection(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(weight (3, C), bias (3,))`: the least-squares linear map from a normalised latent pixel to the codec
+        input colour ([-1, 1]) it came from, fitted once per codec (and its weights) by encoding a static test card
+        of 64 random colour patches (2x2 latent pixels each) and reading which latents each colour gave."""
+        codec = self.vae
+        key = (id(codec), _weights_version(codec))
+        cached = self.__dict__.get("_preview_projection")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        s, t = self.spatial_compression, self.temporal_compression
+        patch = 2 * s
+        generator = torch.Generator().manual_seed(0)
+        colours = torch.rand(3, 8, 8, generator=generator) * 2 - 1
+        card = colours.repeat_interleave(patch, dim=1).repeat_interleave(patch, dim=2)  # 3, 8·patch, 8·patch
+        # 1 + t frames: two latent frames of a causal video codec (the first frame alone, then t), one otherwise.
+        frames = t + 1 if t > 1 else 1
+        video = card[None, :, None].expand(1, 3, frames, -1, -1).to(self._execution_device)
+        with torch.no_grad():
+            latents = self.encode_video(video)
+        # Every latent pixel of every latent frame sees one patch colour (the card is static).
+        target = card[:, ::s, ::s]  # 3, h, w
+        samples = latents[0].float().cpu().permute(1, 2, 3, 0).reshape(-1, latents.shape[1])  # f·h·w, C
+        target = target[None].expand(latents.shape[2], -1, -1, -1).permute(0, 2, 3, 1).reshape(-1, 3)
+        design = torch.cat([samples, torch.ones(len(samples), 1)], dim=1).double()
+        # SVD-based (gelsd): the card makes some latent channels collinear, where the default driver goes wrong.
+        solution = torch.linalg.lstsq(design, target.double(), driver="gelsd").solution.float()  # C + 1, 3
+        projection = (solution[:-1].T.contiguous(), solution[-1].contiguous())
+        self.__dict__["_preview_projection"] = (key, projection)
+        return projection
 
     # ------------------------------------------------------------------------------------------------------------
     # Inputs
