@@ -357,15 +357,73 @@ class VeraPipeline(DiffusionPipeline):
         self, latents: dict[str, torch.Tensor], layers: Sequence[str]
     ) -> dict[str, torch.Tensor]:
         """Decode the `layers` asked for: edit and alpha in one batched codec call, the composite on its own (a
-        batch of three would hold three clips' decoder activations at once)."""
-        together = [name for name in ("edit", "alpha") if name in layers]
-        decoded: dict[str, torch.Tensor] = {}
-        if together:
-            video = self.decode_latents(torch.cat([latents[name] for name in together]))
-            decoded.update(zip(together, video.chunk(len(together)), strict=True))
-        if "composite" in layers:
-            decoded["composite"] = self.decode_latents(latents["composite"])
+        batch of three would hold three clips' decoder activations at once).
+
+        Under context parallelism every rank holds the same final latents: the decode units (edit + alpha, the
+        composite; each layer on its own with three or more ranks) are shared out over the ranks and each decoded
+        layer is broadcast from the rank that decoded it, so no rank repeats another's VAE work and every rank
+        still returns all the layers asked for."""
+        edit_alpha = [name for name in ("edit", "alpha") if name in layers]
+        units = [unit for unit in (edit_alpha, ["composite"] if "composite" in layers else []) if unit]
+        group = self._context_parallel_group()
+        if group is None:
+            return self._decode_units(latents, units)
+        import torch.distributed as dist
+
+        rank, world = group
+        if world >= 3:
+            units = [[name] for unit in units for name in unit]
+        owner = {name: index % world for index, unit in enumerate(units) for name in unit}
+        decoded = self._decode_units(
+            latents, [unit for index, unit in enumerate(units) if index % world == rank]
+        )
+        for unit in units:
+            for name in unit:
+                mine = owner[name] == rank
+                meta = [(tuple(decoded[name].shape), decoded[name].dtype) if mine else None]
+                dist.broadcast_object_list(meta, src=owner[name])
+                if not mine:
+                    decoded[name] = torch.empty(meta[0][0], dtype=meta[0][1], device=latents[name].device)
+                decoded[name] = decoded[name].contiguous()
+                dist.broadcast(decoded[name], src=owner[name])
         return decoded
+
+    def _decode_units(
+        self, latents: dict[str, torch.Tensor], units: list[list[str]]
+    ) -> dict[str, torch.Tensor]:
+        decoded: dict[str, torch.Tensor] = {}
+        for unit in units:
+            video = self.decode_latents(torch.cat([latents[name] for name in unit]))
+            decoded.update(zip(unit, video.chunk(len(unit)), strict=True))
+        return decoded
+
+    def _context_parallel_group(self) -> tuple[int, int] | None:
+        """(rank, world size) when the transformer is split across processes (`enable_context_parallel`: one job
+        over the whole process group), else None."""
+        if getattr(self.transformer, "_parallel_config", None) is None:
+            return None
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return None
+        return dist.get_rank(), dist.get_world_size()
+
+    def _from_rank0(self, compute: Callable[[], torch.Tensor], device: torch.device) -> torch.Tensor:
+        """`compute()` on this process, or under context parallelism on rank 0 only, broadcast to the others (the
+        text encode and VAE encodes of a job are the same on every rank: one does them)."""
+        group = self._context_parallel_group()
+        if group is None:
+            return compute()
+        import torch.distributed as dist
+
+        rank, _world = group
+        tensor = compute().contiguous() if rank == 0 else None
+        meta = [(tuple(tensor.shape), tensor.dtype) if tensor is not None else None]
+        dist.broadcast_object_list(meta, src=0)
+        if tensor is None:
+            tensor = torch.empty(meta[0][0], dtype=meta[0][1], device=device)
+        dist.broadcast(tensor, src=0)
+        return tensor
 
     def _wan_latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (1, self.vae.config.z_dim, 1, 1, 1)
@@ -659,13 +717,16 @@ class VeraPipeline(DiffusionPipeline):
 
         # 1. Text: conditional and (for guidance) unconditional states, batched as [cond, uncond] in one encoder
         # call, and kept for the next call with the same prompts
-        text = self.text_states(prompt, negative_prompt, do_cfg, device, dtype)
+        # (under context parallelism rank 0 encodes and the other ranks receive the result)
+        text = self._from_rank0(
+            lambda: self.text_states(prompt, negative_prompt, do_cfg, device, dtype), device
+        )
 
         # 2. Source and mask videos, encoded once (and kept for the next take of the same plate)
-        source_latents = self._encoded_video(video, padded, device)
+        source_latents = self._from_rank0(lambda: self._encoded_video(video, padded, device), device)
         mask_latents = None
         if mask is not None:
-            mask_latents = self._encoded_video(mask, padded, device)
+            mask_latents = self._from_rank0(lambda: self._encoded_video(mask, padded, device), device)
 
         # 3. Noise for the three layers, stacked on the channel axis so one scheduler steps them together
         channels = self.transformer.config.in_channels
