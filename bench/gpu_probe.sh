@@ -61,7 +61,8 @@ for entry in "${SECTIONS[@]}"; do
     log="$OUT/$name.log"
     echo "gpu_probe: $name (time box ${budget}s)"
     start=$(date +%s)
-    timeout --kill-after=10 "$budget" "$PYTHON" "$REPO/bench/gpu_probe.py" "$name" --out "$JSONL" "${DRY_FLAG[@]}" \
+    # (the array expansion is written so that bash < 4.4 accepts it empty under set -u)
+    timeout --kill-after=10 "$budget" "$PYTHON" "$REPO/bench/gpu_probe.py" "$name" --out "$JSONL" ${DRY_FLAG[@]+"${DRY_FLAG[@]}"} \
         >"$log" 2>&1
     rc=$?
     took=$(( $(date +%s) - start ))
