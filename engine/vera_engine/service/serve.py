@@ -50,8 +50,8 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     perf.add_argument(
         "--attention-backend",
         metavar="NAME",
-        help="diffusers attention backend for the joint attention: native (default), _native_cudnn, flash, "
-        "_flash_3, sage (8-bit, approximate), ...",
+        help="diffusers attention backend for the joint attention: native, _native_cudnn, flash, _flash_3, sage "
+        "(8-bit, approximate), ... (default: the one picked for the device, docs/GPU.md)",
     )
     perf.add_argument(
         "--compile",
