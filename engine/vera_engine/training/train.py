@@ -944,8 +944,12 @@ def _prepare_model(pipe: Any, config: TrainConfig, dist: "_Distributed") -> _Run
         shard_transformer(model, fsdp_mixed_precision(use_bf16 and dist.device.type == "cuda"))
     else:
         model.to(dist.device)
-    pipe.vae.to(dist.device)
-    if train_text or not (use_bf16 and dist.device.type == "cuda"):
+    # (A run from a latent/text cache loads neither codec nor encoder: they may be None.)
+    if pipe.vae is not None:
+        pipe.vae.to(dist.device)
+    if pipe.text_encoder is None:
+        pass
+    elif train_text or not (use_bf16 and dist.device.type == "cuda"):
         pipe.text_encoder.to(dist.device)
     else:
         # A frozen encoder in a bf16 GPU run: bf16 (umT5-XXL 11.4 GB, not 22.8 GB) and in host memory, visiting
