@@ -2,7 +2,7 @@
 
 Usage (repository root):
     python bench/bench_step.py --config tiny                       # CPU
-    python bench/bench_step.py --config wan-1.3b --dtype bfloat16  # GPU: add --attention-backend flash, ...
+    python bench/bench_step.py --config wan-1.3b --dtype bfloat16  # GPU: the engine's backend; or --attention-backend
 
 Prints both `vera-engine bench-step` reports and the ratios (time and FLOPs) Vera / Wan.
 """
@@ -19,7 +19,11 @@ def main() -> None:
     parser.add_argument("--config", default="tiny")
     parser.add_argument("--device")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--attention-backend")
+    parser.add_argument(
+        "--attention-backend",
+        default="auto",
+        help="diffusers backend name, or auto: the engine's choice (docs/GPU.md)",
+    )
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     common = dict(

@@ -42,8 +42,14 @@ def test_two_gloo_processes_give_the_single_process_result(kind, tmp_path):
     # Same velocities (float32 summation order differs only) for a transformer with every condition active...
     assert result["transformer_scale"] > 0.5
     assert result["transformer"] < 1e-5 and result["transformer_no_mask"] < 1e-5
-    # ...and the same layers out of a whole CFG sampling run of the shipped checkpoint.
+    # ...and the same layers out of a whole CFG sampling run of the shipped checkpoint, on every rank...
     assert result["pipeline"] < 1e-4
+    # ...with the text encode (prompt and negative: one call) and the two VAE encodes on rank 0 only, and the three
+    # decodes shared out (edit + alpha batched on rank 0, the composite on rank 1).
+    assert result["work_per_rank"] == [
+        {"text_encoder": 1, "encode_video": 2, "decoded_layers": 2},
+        {"text_encoder": 0, "encode_video": 0, "decoded_layers": 1},
+    ]
 
 
 def test_context_parallel_config_and_errors(monkeypatch):

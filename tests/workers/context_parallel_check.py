@@ -105,6 +105,9 @@ def main() -> None:
 
     pipeline_reference = sample()
 
+    def max_diff(a, b) -> float:
+        return float(np.max(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64))))
+
     if kind == "ring":
         # The default `native` backend cannot do ring attention: refused with a clear message.
         try:
@@ -120,10 +123,33 @@ def main() -> None:
     with torch.no_grad():
         parallel = model(**inputs)
         parallel_no_mask = model(**{**inputs, "mask_latents": None})
-    pipeline_parallel = sample()
+    # What each rank runs outside the transformer: rank 0 encodes (the caches of the reference run are dropped so
+    # that the encoders must run), the decodes are shared out.
+    pipe.__dict__.pop("_text_cache", None)
+    pipe.__dict__.pop("_video_cache", None)
+    work = {"text_encoder": 0, "encode_video": 0, "decoded_layers": 0}
+    pipe.text_encoder.register_forward_pre_hook(
+        lambda _m, _a: work.__setitem__("text_encoder", work["text_encoder"] + 1)
+    )
+    encode_video, decode_latents = pipe.encode_video, pipe.decode_latents
 
-    def max_diff(a, b) -> float:
-        return float(np.max(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64))))
+    def counting_encode(video):
+        work["encode_video"] += 1
+        return encode_video(video)
+
+    def counting_decode(latents):
+        work["decoded_layers"] += latents.shape[0]
+        return decode_latents(latents)
+
+    pipe.encode_video, pipe.decode_latents = counting_encode, counting_decode
+    pipeline_parallel = sample()
+    pipe.encode_video, pipe.decode_latents = encode_video, decode_latents
+    pipeline_difference = max(
+        max_diff(getattr(pipeline_reference, n), getattr(pipeline_parallel, n))
+        for n in ("edit", "alpha", "composite")
+    )
+    per_rank = [None, None]
+    torch.distributed.all_gather_object(per_rank, {"work": work, "pipeline": pipeline_difference})
 
     result = {
         "transformer": max(
@@ -134,10 +160,8 @@ def main() -> None:
             for n in ("edit", "alpha", "composite")
         ),
         "transformer_scale": float(reference.edit.abs().max()),
-        "pipeline": max(
-            max_diff(getattr(pipeline_reference, n), getattr(pipeline_parallel, n))
-            for n in ("edit", "alpha", "composite")
-        ),
+        "pipeline": max(rank_result["pipeline"] for rank_result in per_rank),
+        "work_per_rank": [rank_result["work"] for rank_result in per_rank],
         "ring_refused_with_native": ring_refused_with_native,
         "tokens_per_layer": 3 * 8 * 12 // 4,
         "tokens_seen_by_a_rank": seen_lengths,

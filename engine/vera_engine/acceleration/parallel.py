@@ -27,6 +27,11 @@ ParallelKind = Literal["ulysses", "ring"]
 # Backends whose forward op cannot return the log-sum-exp that ring attention needs (diffusers raises mid-forward).
 _NO_LOG_SUM_EXP = (AttentionBackendName.NATIVE, AttentionBackendName._NATIVE_MATH)
 
+RING_BACKENDS = ("_native_cudnn", "_native_flash", "flash")
+"""Backends to suggest for ring attention: context-parallel in diffusers 0.42.1 and returning the log-sum-exp
+(`_native_cudnn` / `_native_flash` ship with torch; `flash` needs a flash-attn build). FlashAttention-3
+(`_flash_3`) is not context-parallel there (only its kernels-hub variant `_flash_3_hub` is)."""
+
 
 def init_distributed(device: str | None = None) -> tuple[int, int, torch.device]:
     """Join the `torchrun` process group (NCCL on CUDA, gloo on CPU); returns rank, world size and this rank's device."""
@@ -87,8 +92,8 @@ def enable_context_parallel(
     if kind == "ring" and backend in _NO_LOG_SUM_EXP:
         raise ValueError(
             f"ring attention merges partial results by their log-sum-exp, which the {backend.value!r} attention "
-            "backend does not return; set_attention_backend('_native_cudnn' / '_native_flash' / 'flash' / "
-            "'_flash_3') first, or use Ulysses"
+            f"backend does not return; set_attention_backend({' / '.join(map(repr, RING_BACKENDS))}) first, "
+            "or use Ulysses"
         )
     cp_config = context_parallel_config(kind, degree)
     if transformer.device.type != "cpu":

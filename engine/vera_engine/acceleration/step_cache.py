@@ -55,6 +55,7 @@ import torch
 from diffusers.hooks import FirstBlockCacheConfig, HookRegistry, MagCacheConfig, TaylorSeerCacheConfig
 from diffusers.hooks.mag_cache import _MAG_CACHE_BLOCK_HOOK
 
+from vera_engine.acceleration.compile import eager_blocks
 from vera_engine.models.transformer_vera import BRANCHES, VeraMoTBlock
 
 logger = logging.getLogger(__name__)
@@ -330,17 +331,20 @@ def step_cache(
     steps, guidance = _sampling_settings(pipe, num_inference_steps, guidance_scale)
     config = build_cache_config(pipe, parsed, num_inference_steps=steps, guidance_scale=guidance)
     calibrating = isinstance(config, MagCacheConfig) and config.calibrate
-    transformer.enable_cache(config)
-    handle = None
-    recorded: dict[str, list[float]] = {}
-    try:
-        if calibrating:
-            handle = _watch_mag_calibration(transformer, recorded)
-        yield StepCacheRun(parsed, config, calibrating)
-    finally:
-        if handle is not None:
-            handle.remove()
-        transformer.disable_cache()
+    # The cache hooks wrap the blocks' forward, which a compiled block cannot call into: compiled blocks (the
+    # default for exact sampling on CUDA, `acceleration.compile`) run eager for this call and are restored after.
+    with eager_blocks(transformer):
+        transformer.enable_cache(config)
+        handle = None
+        recorded: dict[str, list[float]] = {}
+        try:
+            if calibrating:
+                handle = _watch_mag_calibration(transformer, recorded)
+            yield StepCacheRun(parsed, config, calibrating)
+        finally:
+            if handle is not None:
+                handle.remove()
+            transformer.disable_cache()
     if calibrating:
         ratios = recorded.get("ratios", [])
         if len(ratios) == steps:

@@ -64,16 +64,23 @@ def wan_key_to_vera(key: str, branch: str) -> str:
 
 
 def apply_rotary_emb(
-    hidden_states: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor
+    hidden_states: torch.Tensor,
+    freqs_cos: torch.Tensor,
+    freqs_sin: torch.Tensor,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Wan's interleaved rotary embedding (same arithmetic as `WanAttnProcessor`, so branches match Wan exactly)."""
+    """Wan's interleaved rotary embedding (same arithmetic as `WanAttnProcessor`, so branches match Wan exactly).
+
+    `out`: where to write the result (a slice of the joint attention's q/k/v buffer); its dtype is the result's.
+    """
     x1, x2 = hidden_states.unflatten(-1, (-1, 2)).unbind(-1)
     cos = freqs_cos[..., 0::2]
     sin = freqs_sin[..., 1::2]
-    out = torch.empty_like(hidden_states)
+    if out is None:
+        out = torch.empty_like(hidden_states)
     out[..., 0::2] = x1 * cos - x2 * sin
     out[..., 1::2] = x1 * sin + x2 * cos
-    return out.type_as(hidden_states)
+    return out
 
 
 # Frequencies (in multiples of pi, per axis) of the frame-position features: a period of 2 frame widths down to a
@@ -152,9 +159,21 @@ class VeraMoTBlock(nn.Module):
         branches: tuple[str, ...],
         rotary_emb: tuple[torch.Tensor, torch.Tensor],
     ) -> list[torch.Tensor]:
-        """Self-attention over the concatenated tokens of `branches`; returns each branch's projected output."""
-        queries, keys, values = [], [], []
-        for name, hidden_states in zip(branches, norm_hidden_states, strict=True):
+        """Self-attention over the concatenated tokens of `branches`; returns each branch's projected output.
+
+        Each branch's rotated queries and keys and its values are written straight into one preallocated
+        `(3, batch, heads, num_branches * seq_len, head_dim)` buffer, so the joint q/k/v exist once (not as
+        per-branch tensors plus their concatenation: ~1-2 GB at 49 frames of Vera-1.3B), in the heads-first
+        layout torch's SDPA kernels take, so the `permute(...).contiguous()` of diffusers' `native` / cuDNN
+        backends copies nothing; they are handed over as `(batch, tokens, heads, head_dim)` views, the dispatch
+        convention (the last dimension stays contiguous, as flash-attn requires). The buffer has the
+        values' dtype: under autocast the RMS-normed queries and keys come out float32 (torch >= 2.12 runs
+        RMSNorm in float32 there) and are cast to the values' bfloat16 as they are written, which is what the
+        fused attention kernels (cuDNN, flash, sage) require of all three.
+        """
+        seq_len = norm_hidden_states[0].shape[1]
+        qkv: torch.Tensor | None = None
+        for index, (name, hidden_states) in enumerate(zip(branches, norm_hidden_states, strict=True)):
             attn = getattr(self, name).attn1
             query, key, value = _get_qkv_projections(attn, hidden_states, None)
             query = attn.norm_q(query)
@@ -163,31 +182,36 @@ class VeraMoTBlock(nn.Module):
             query = query.unflatten(2, (attn.heads, -1))
             key = key.unflatten(2, (attn.heads, -1))
             value = value.unflatten(2, (attn.heads, -1))
+            if qkv is None:
+                batch, _, heads, head_dim = value.shape
+                qkv = value.new_empty(3, batch, heads, len(branches) * seq_len, head_dim).transpose(2, 3)
+            rows = slice(index * seq_len, (index + 1) * seq_len)
             # All layers share the same RoPE positions: token i of every branch is the same place in the video.
-            queries.append(apply_rotary_emb(query, *rotary_emb))
-            keys.append(apply_rotary_emb(key, *rotary_emb))
-            values.append(value)
+            apply_rotary_emb(query, *rotary_emb, out=qkv[0, :, rows])
+            apply_rotary_emb(key, *rotary_emb, out=qkv[1, :, rows])
+            qkv[2, :, rows] = value
+        assert qkv is not None
+        # batch, num_branches * seq_len, heads, head_dim (views of the heads-first buffer)
+        query, key, value = qkv.unbind(0)
 
         # The backend and the context-parallel config are set on the branches' processors by diffusers
         # (`set_attention_backend`, `enable_parallelism`); they are the same on every branch, so read the first.
         processor = getattr(self, branches[0]).attn1.processor
         # batch, num_branches * seq_len, heads, head_dim
         hidden_states = dispatch_attention_fn(
-            torch.cat(queries, dim=1),
-            torch.cat(keys, dim=1),
-            torch.cat(values, dim=1),
+            query,
+            key,
+            value,
             attn_mask=None,
             dropout_p=0.0,
             is_causal=False,
             backend=processor._attention_backend,
             parallel_config=processor._parallel_config,
         )
-        hidden_states = hidden_states.flatten(2, 3).type_as(queries[0])
+        hidden_states = hidden_states.flatten(2, 3).type_as(value)
 
         outputs = []
-        for name, branch_states in zip(
-            branches, hidden_states.split(queries[0].shape[1], dim=1), strict=True
-        ):
+        for name, branch_states in zip(branches, hidden_states.split(seq_len, dim=1), strict=True):
             attn = getattr(self, name).attn1
             outputs.append(attn.to_out[1](attn.to_out[0](branch_states)))
         return outputs

@@ -5,9 +5,12 @@ No hub, no downloads: a model is a folder on disk (`model_index.json` + componen
 """
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "vera-tiny"
 SHIPPED_MODEL_DIR = Path(__file__).resolve().parents[1] / "checkpoints" / DEFAULT_MODEL_NAME
@@ -83,8 +86,8 @@ def load_pipeline(
     precision: str = "auto",
     *,
     memory: Any = None,
-    attention_backend: str | None = None,
-    compile_blocks: bool = False,
+    attention_backend: str | None = "auto",
+    compile_blocks: bool | None = None,
 ) -> Any:
     """Load a `VeraPipeline` from `model` (see `resolve_model_dir`), refusing pickle weights.
 
@@ -92,8 +95,10 @@ def load_pipeline(
     float32, the VAE stays float32, as for Wan) and everything in float32 on a CPU; or "float32" / "bfloat16".
     `memory`: a `vera_engine.acceleration.memory.MemoryOptions` placing the components on `device` (offloading, VAE tiling);
     without it every component goes to `device`. `attention_backend`: a diffusers attention backend name for the
-    joint attention (`native`, `_native_cudnn`, `flash`, `_flash_3`, `sage`, ...). `compile_blocks`: compile the
-    repeated MoT block with `torch.compile` (the first job pays the compilation).
+    joint attention (`native`, `_native_cudnn`, `flash`, `_flash_3`, `sage`, ...), or "auto" / None for the one
+    `acceleration.backends.choose_attention_backend` picks for the device (`$VERA_ATTENTION_BACKEND` overrides it).
+    `compile_blocks`: compile the repeated MoT block with `torch.compile(fullgraph=True)` (the first job pays the
+    compilation); None: on CUDA without offloading, off elsewhere (`$VERA_COMPILE=0` turns the default off).
     """
     import torch
 
@@ -101,7 +106,11 @@ def load_pipeline(
 
     if precision not in ("auto", "float32", "bfloat16"):
         raise ValueError(f"precision={precision!r}; expected 'auto', 'float32' or 'bfloat16'")
-    if attention_backend is not None:
+    from vera_engine.acceleration.backends import AUTO, resolve_attention_backend
+    from vera_engine.acceleration.compile import compile_blocks as compile_repeated
+    from vera_engine.acceleration.compile import should_compile
+
+    if attention_backend not in (None, AUTO):
         check_attention_backend(attention_backend)
     on_gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     half = precision == "bfloat16" or (precision == "auto" and on_gpu)
@@ -122,10 +131,16 @@ def load_pipeline(
         apply_memory_options(pipe, memory, device or ("cuda" if on_gpu else "cpu"))
     elif device:
         pipe.to(device)
-    if attention_backend is not None:
-        pipe.transformer.set_attention_backend(attention_backend)
-    if compile_blocks:
-        pipe.transformer.compile_repeated_blocks(fullgraph=True)
+    target = torch.device(device or ("cuda" if on_gpu else "cpu"))
+    backend, why = resolve_attention_backend(attention_backend, target, pipe.transformer.dtype)
+    if backend != pipe.transformer.attention_backend:
+        if why != "named":
+            check_attention_backend(backend)
+        pipe.transformer.set_attention_backend(backend)
+    logger.info("attention backend %s (%s)", backend, why)
+    offloading = memory is not None and (memory.group_offload is not None or memory.model_cpu_offload)
+    if should_compile(compile_blocks, target.type, offloading):
+        compile_repeated(pipe.transformer)
     return pipe
 
 

@@ -5,7 +5,9 @@
 # channel axis), `callback_on_step_end` gives progress and previews, `interrupt` stops within one step.
 
 import functools
+import hashlib
 import os
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +22,15 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from vera_engine.models.space_to_depth_codec import SpaceToDepthCodec
 from vera_engine.models.transformer_vera import VeraTransformer3DModel
+
+TEXT_CACHE_SIZE = 8
+"""Prompt pairs whose text states `VeraPipeline.text_states` keeps (a few MB each at umT5 size)."""
+
+VIDEO_CACHE_SIZE = 2
+"""Encoded videos `VeraPipeline` keeps: a job's source and its mask, reused by its next take."""
+
+LAYERS = ("edit", "alpha", "composite")
+"""The layers a sampling call can decode (`layers=`)."""
 
 SCHEDULERS = ("unipc", "euler")
 """Flow-matching samplers the pipeline can use (diffusers' `UniPCMultistepScheduler`, `FlowMatchEulerDiscreteScheduler`)."""
@@ -265,9 +276,16 @@ class VeraPipeline(DiffusionPipeline):
 
     def encode_prompt(self, prompt: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """Text states `(1, max_sequence_length, text_dim)`, zero past the prompt's length (Wan's convention)."""
+        return self.encode_prompts([prompt], device, dtype)
+
+    def encode_prompts(
+        self, prompts: Sequence[str], device: torch.device, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """Text states `(len(prompts), max_sequence_length, text_dim)` from one batched encoder call (prompt and
+        negative prompt together), each zero past its prompt's length."""
         length = self.config.max_sequence_length
         inputs = self.tokenizer(
-            [self.encoder_text(prompt)],
+            [self.encoder_text(prompt) for prompt in prompts],
             padding="max_length",
             max_length=length,
             truncation=True,
@@ -276,12 +294,65 @@ class VeraPipeline(DiffusionPipeline):
             return_tensors="pt",
         )
         ids, mask = inputs.input_ids, inputs.attention_mask
-        seq_len = int(mask.gt(0).sum())
+        seq_lens = mask.gt(0).sum(dim=1).tolist()
         encoder_device = self.text_encoder.device
         states = self.text_encoder(ids.to(encoder_device), mask.to(encoder_device)).last_hidden_state
         states = states.to(device=device, dtype=dtype)
-        states[:, seq_len:] = 0
+        for row, seq_len in enumerate(seq_lens):
+            states[row, seq_len:] = 0
         return states
+
+    def text_states(
+        self,
+        prompt: str,
+        negative_prompt: str | None,
+        guidance: bool,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """`[cond]` or, with guidance, `[cond, uncond]` text states, from an LRU cache of the last
+        `TEXT_CACHE_SIZE` prompts: a job's takes, and jobs that repeat an instruction, encode it once (umT5-XXL is
+        11.4 GB of weights to run, and to move onto the device when it is swapped in). The key holds the
+        encoder's identity and its parameters' version counters, so training the encoder invalidates it."""
+        prompts = [prompt, negative_prompt or ""] if guidance else [prompt]
+        encoder = self.text_encoder
+        version = _weights_version(encoder)
+        if version is None:
+            return self.encode_prompts(prompts, device, dtype)
+        key = (tuple(prompts), id(encoder), id(self.tokenizer), version, self.config.max_sequence_length)
+        key += (str(device), dtype)
+        cache = self.__dict__.setdefault("_text_cache", OrderedDict())
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+        states = self.encode_prompts(prompts, device, dtype)
+        cache[key] = states
+        while len(cache) > TEXT_CACHE_SIZE:
+            cache.popitem(last=False)
+        return states
+
+    def _encoded_video(self, array: Any, padded: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+        """`encode_video` of a source or mask array, remembered for the next call with the same content (a job's
+        takes sample the same plate: its VAE encode is done once). One entry per kind of input, keyed by a digest
+        of the array's bytes and the codec's identity and parameter versions."""
+        values = np.ascontiguousarray(
+            array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
+        )
+        codec = self.vae
+        version = _weights_version(codec)
+        if version is None:
+            return self.encode_video(self._prepare_video(array, padded, device))
+        digest = hashlib.blake2b(values.view(np.uint8).reshape(-1), digest_size=16).hexdigest()
+        key = (digest, values.shape, str(values.dtype), padded, str(device), id(codec), version)
+        cache = self.__dict__.setdefault("_video_cache", OrderedDict())
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+        latents = self.encode_video(self._prepare_video(array, padded, device))
+        cache[key] = latents
+        while len(cache) > VIDEO_CACHE_SIZE:
+            cache.popitem(last=False)
+        return latents
 
     def encode_video(self, video: torch.Tensor) -> torch.Tensor:
         """`(B, 3, F, H, W)` video in [-1, 1] -> normalised latents `(B, C, f, h, w)`."""
@@ -299,33 +370,157 @@ class VeraPipeline(DiffusionPipeline):
         latents = latents.float() * std + mean
         return self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0].float()
 
+    def _decode_layers(
+        self, latents: dict[str, torch.Tensor], layers: Sequence[str]
+    ) -> dict[str, torch.Tensor]:
+        """Decode the `layers` asked for: edit and alpha in one batched codec call, the composite on its own (a
+        batch of three would hold three clips' decoder activations at once).
+
+        Under context parallelism every rank holds the same final latents: the decode units (edit + alpha, the
+        composite; each layer on its own with three or more ranks) are shared out over the ranks and each decoded
+        layer is broadcast from the rank that decoded it, so no rank repeats another's VAE work and every rank
+        still returns all the layers asked for."""
+        edit_alpha = [name for name in ("edit", "alpha") if name in layers]
+        units = [unit for unit in (edit_alpha, ["composite"] if "composite" in layers else []) if unit]
+        group = self._context_parallel_group()
+        if group is None:
+            return self._decode_units(latents, units)
+        import torch.distributed as dist
+
+        rank, world = group
+        if world >= 3:
+            units = [[name] for unit in units for name in unit]
+        owner = {name: index % world for index, unit in enumerate(units) for name in unit}
+        decoded = self._decode_units(
+            latents, [unit for index, unit in enumerate(units) if index % world == rank]
+        )
+        for unit in units:
+            for name in unit:
+                mine = owner[name] == rank
+                meta = [(tuple(decoded[name].shape), decoded[name].dtype) if mine else None]
+                dist.broadcast_object_list(meta, src=owner[name])
+                if not mine:
+                    decoded[name] = torch.empty(meta[0][0], dtype=meta[0][1], device=latents[name].device)
+                decoded[name] = decoded[name].contiguous()
+                dist.broadcast(decoded[name], src=owner[name])
+        return decoded
+
+    def _decode_units(
+        self, latents: dict[str, torch.Tensor], units: list[list[str]]
+    ) -> dict[str, torch.Tensor]:
+        decoded: dict[str, torch.Tensor] = {}
+        for unit in units:
+            video = self.decode_latents(torch.cat([latents[name] for name in unit]))
+            decoded.update(zip(unit, video.chunk(len(unit)), strict=True))
+        return decoded
+
+    def _context_parallel_group(self) -> tuple[int, int] | None:
+        """(rank, world size) when the transformer is split across processes (`enable_context_parallel`: one job
+        over the whole process group), else None."""
+        if getattr(self.transformer, "_parallel_config", None) is None:
+            return None
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return None
+        return dist.get_rank(), dist.get_world_size()
+
+    def _from_rank0(self, compute: Callable[[], torch.Tensor], device: torch.device) -> torch.Tensor:
+        """`compute()` on this process, or under context parallelism on rank 0 only, broadcast to the others (the
+        text encode and VAE encodes of a job are the same on every rank: one does them)."""
+        group = self._context_parallel_group()
+        if group is None:
+            return compute()
+        import torch.distributed as dist
+
+        rank, _world = group
+        tensor = compute().contiguous() if rank == 0 else None
+        meta = [(tuple(tensor.shape), tensor.dtype) if tensor is not None else None]
+        dist.broadcast_object_list(meta, src=0)
+        if tensor is None:
+            tensor = torch.empty(meta[0][0], dtype=meta[0][1], device=device)
+        dist.broadcast(tensor, src=0)
+        return tensor
+
     def _wan_latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (1, self.vae.config.z_dim, 1, 1, 1)
         mean = torch.tensor(self.vae.config.latents_mean, device=like.device, dtype=torch.float32).view(shape)
         std = torch.tensor(self.vae.config.latents_std, device=like.device, dtype=torch.float32).view(shape)
         return mean, std
 
-    def decode_preview(self, composite_x0: torch.Tensor, frame: int | None = None) -> np.ndarray:
+    def decode_preview(
+        self, composite_x0: torch.Tensor, frame: int | None = None, method: str = "auto"
+    ) -> np.ndarray:
         """The predicted clean composite of a step (`callback_kwargs["composite_x0"]`) as (F, H, W, 3) in [0, 1].
 
-        `frame`: decode only the latent frame that holds video frame `frame` and return that one frame (1, H, W, 3)
+        `frame`: preview only the latent frame that holds video frame `frame` and return that one frame (1, H, W, 3)
         (a preview shows one frame: decoding the whole clip at Wan size on every preview would cost a full VAE
-        decode). With a temporally compressing codec it is that latent frame decoded on its own, an
-        approximation that is fine for a preview.
+        decode). With a temporally compressing codec it is that latent frame on its own, an approximation that is
+        fine for a preview.
+
+        `method`: "vae" decodes with the codec; "linear" projects the latent frame to RGB with
+        `preview_projection` (no VAE: a few kernels, at the latent grid's resolution drawn at the frame's size);
+        "auto" (default) is "linear" for one frame of the Wan VAE, "vae" otherwise (the space-to-depth codec's
+        decode is itself a free rearrangement, and a whole-clip preview is asked for its exactness).
         """
         if self._trim is None:
             raise RuntimeError("decode_preview is for use inside a sampling call's step callback")
+        if method not in ("auto", "vae", "linear"):
+            raise ValueError(f"method={method!r}; expected 'auto', 'vae' or 'linear'")
         frames, height, width = self._trim
+        if frame is not None and not 0 <= frame < frames:
+            raise ValueError(f"frame={frame}; expected 0..{frames - 1}")
+        if method == "auto":
+            method = "linear" if frame is not None and not isinstance(self.vae, SpaceToDepthCodec) else "vae"
         if frame is None:
+            if method == "linear":
+                raise ValueError("method='linear' previews one frame: pass frame=")
             video = self.decode_latents(composite_x0)[:, :, :frames, :height, :width]
-        else:
-            if not 0 <= frame < frames:
-                raise ValueError(f"frame={frame}; expected 0..{frames - 1}")
-            t = self.temporal_compression
-            # Wan's causal VAE keeps the first frame alone in latent 0, then t frames per latent.
-            latent = frame if t == 1 else (0 if frame == 0 else (frame - 1) // t + 1)
+            return _to_frames_last((video + 1) / 2)[0].clamp(0, 1).float().cpu().numpy()
+        t = self.temporal_compression
+        # Wan's causal VAE keeps the first frame alone in latent 0, then t frames per latent.
+        latent = frame if t == 1 else (0 if frame == 0 else (frame - 1) // t + 1)
+        if method == "vae":
             video = self.decode_latents(composite_x0[:, :, latent : latent + 1])[:, :, :1, :height, :width]
-        return _to_frames_last((video + 1) / 2)[0].clamp(0, 1).float().cpu().numpy()
+            return _to_frames_last((video + 1) / 2)[0].clamp(0, 1).float().cpu().numpy()
+        weight, bias = self.preview_projection()
+        values = composite_x0[0, :, latent].float()  # C, h, w
+        rgb = torch.einsum("oc,chw->ohw", weight.to(values.device), values) + bias.to(values.device).view(
+            3, 1, 1
+        )
+        s = self.spatial_compression
+        rgb = rgb.repeat_interleave(s, dim=1).repeat_interleave(s, dim=2)[:, :height, :width]
+        return ((rgb.permute(1, 2, 0) + 1) / 2).clamp(0, 1)[None].cpu().numpy()
+
+    def preview_projection(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(weight (3, C), bias (3,))`: the least-squares linear map from a normalised latent pixel to the codec
+        input colour ([-1, 1]) it came from, fitted once per codec (and its weights) by encoding a static test card
+        of 64 random colour patches (2x2 latent pixels each) and reading which latents each colour gave."""
+        codec = self.vae
+        key = (id(codec), _weights_version(codec))
+        cached = self.__dict__.get("_preview_projection")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        s, t = self.spatial_compression, self.temporal_compression
+        patch = 2 * s
+        generator = torch.Generator().manual_seed(0)
+        colours = torch.rand(3, 8, 8, generator=generator) * 2 - 1
+        card = colours.repeat_interleave(patch, dim=1).repeat_interleave(patch, dim=2)  # 3, 8·patch, 8·patch
+        # 1 + t frames: two latent frames of a causal video codec (the first frame alone, then t), one otherwise.
+        frames = t + 1 if t > 1 else 1
+        video = card[None, :, None].expand(1, 3, frames, -1, -1).to(self._execution_device)
+        with torch.no_grad():
+            latents = self.encode_video(video)
+        # Every latent pixel of every latent frame sees one patch colour (the card is static).
+        target = card[:, ::s, ::s]  # 3, h, w
+        samples = latents[0].float().cpu().permute(1, 2, 3, 0).reshape(-1, latents.shape[1])  # f·h·w, C
+        target = target[None].expand(latents.shape[2], -1, -1, -1).permute(0, 2, 3, 1).reshape(-1, 3)
+        design = torch.cat([samples, torch.ones(len(samples), 1)], dim=1).double()
+        # SVD-based (gelsd): the card makes some latent channels collinear, where the default driver goes wrong.
+        solution = torch.linalg.lstsq(design, target.double(), driver="gelsd").solution.float()  # C + 1, 3
+        projection = (solution[:-1].T.contiguous(), solution[-1].contiguous())
+        self.__dict__["_preview_projection"] = (key, projection)
+        return projection
 
     # ------------------------------------------------------------------------------------------------------------
     # Inputs
@@ -477,6 +672,7 @@ class VeraPipeline(DiffusionPipeline):
         return_dict: bool = True,
         window_frames: int | None = None,
         window_overlap: int | None = None,
+        layers: Sequence[str] = LAYERS,
     ) -> "VeraPipelineOutput | tuple[Any, Any, Any]":
         """Generate the edit layer, its alpha matte and the composite for `video` as `prompt` asks.
 
@@ -501,6 +697,9 @@ class VeraPipeline(DiffusionPipeline):
                 and the overlaps are blended with linear ramps before the scheduler steps the whole clip, so the
                 windows agree where they meet instead of being stitched afterwards.
             window_overlap: frames shared by neighbouring windows (default: a quarter of `window_frames`, at least 1).
+            layers: the layers to decode (default all three); the others come back as None. Each decode is a full
+                VAE pass over the clip: a caller that does not read the model's composite saves one of three by
+                leaving it out. The edit and the alpha are decoded together in one batched codec call.
         """
         if num_inference_steps is None:
             num_inference_steps = self.config.default_steps
@@ -523,6 +722,8 @@ class VeraPipeline(DiffusionPipeline):
         )
         if output_type not in ("np", "pt"):
             raise ValueError(f"output_type={output_type!r}; expected 'np' or 'pt'")
+        if isinstance(layers, str) or not layers or any(layer not in LAYERS for layer in layers):
+            raise ValueError(f"layers={layers!r}; expected a non-empty sequence of names from {LAYERS}")
         self._interrupt = False
         device = self._execution_device
         dtype = self.transformer.dtype
@@ -531,16 +732,18 @@ class VeraPipeline(DiffusionPipeline):
         self._trim = (frames, height, width)
         do_cfg = guidance_scale > 1.0
 
-        # 1. Text: conditional and (for guidance) unconditional states, batched as [cond, uncond]
-        text = self.encode_prompt(prompt, device, dtype)
-        if do_cfg:
-            text = torch.cat([text, self.encode_prompt(negative_prompt or "", device, dtype)])
+        # 1. Text: conditional and (for guidance) unconditional states, batched as [cond, uncond] in one encoder
+        # call, and kept for the next call with the same prompts
+        # (under context parallelism rank 0 encodes and the other ranks receive the result)
+        text = self._from_rank0(
+            lambda: self.text_states(prompt, negative_prompt, do_cfg, device, dtype), device
+        )
 
-        # 2. Source and mask videos, encoded once
-        source_latents = self.encode_video(self._prepare_video(video, padded, device))
+        # 2. Source and mask videos, encoded once (and kept for the next take of the same plate)
+        source_latents = self._from_rank0(lambda: self._encoded_video(video, padded, device), device)
         mask_latents = None
         if mask is not None:
-            mask_latents = self.encode_video(self._prepare_video(mask, padded, device))
+            mask_latents = self._from_rank0(lambda: self._encoded_video(mask, padded, device), device)
 
         # 3. Noise for the three layers, stacked on the channel axis so one scheduler steps them together
         channels = self.transformer.config.in_channels
@@ -555,6 +758,7 @@ class VeraPipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         # Steps are indexed from 0 on every call (sigmas[i] below relies on it).
         self.scheduler.set_begin_index(0)
+        sigmas_on_device(self.scheduler, device)
         timesteps = self.scheduler.timesteps
         batch = 2 if do_cfg else 1
         source_in = source_latents.to(dtype).expand(batch, -1, -1, -1, -1)
@@ -566,7 +770,7 @@ class VeraPipeline(DiffusionPipeline):
                 if self._interrupt:
                     raise VeraInterrupted(i, len(timesteps))
                 model_input = latents.to(dtype).expand(batch, -1, -1, -1, -1)
-                sigma = self.scheduler.sigmas[i].to(device=device, dtype=torch.float32)
+                sigma = self.scheduler.sigmas[i].to(dtype=torch.float32)
                 velocity = torch.zeros_like(latents)
                 for index, ((start, stop, _), weight) in enumerate(zip(windows, window_weights, strict=True)):
                     if index and self._interrupt:
@@ -607,20 +811,41 @@ class VeraPipeline(DiffusionPipeline):
                     latents = callback_outputs.get("latents", latents)
                 progress_bar.update()
 
-        # 5. Decode the three layers and trim the padding away
-        edit_latents, alpha_latents, composite_latents = latents.chunk(3, dim=1)
-        edit = self.decode_latents(edit_latents)
-        alpha = self.decode_latents(alpha_latents).mean(dim=1, keepdim=True)
-        composite = self.decode_latents(composite_latents)
-        layers = []
-        for layer in (edit, alpha, composite):
+        # 5. Decode the layers asked for and trim the padding away
+        decoded = self._decode_layers(dict(zip(LAYERS, latents.chunk(3, dim=1), strict=True)), layers)
+        outputs: dict[str, Any] = dict.fromkeys(LAYERS)
+        for name, layer in decoded.items():
+            if name == "alpha":
+                layer = layer.mean(dim=1, keepdim=True)
             layer = _to_frames_last((layer[:, :, :frames, :height, :width] + 1) / 2)[0].clamp(0, 1)
-            layers.append(layer.cpu().numpy() if output_type == "np" else layer.cpu())
-        edit_out, alpha_out, composite_out = layers
-        alpha_out = alpha_out[..., 0]
+            outputs[name] = layer.cpu().numpy() if output_type == "np" else layer.cpu()
+        edit_out, alpha_out, composite_out = (outputs[name] for name in LAYERS)
+        if alpha_out is not None:
+            alpha_out = alpha_out[..., 0]
         if not return_dict:
             return (edit_out, alpha_out, composite_out)
         return VeraPipelineOutput(edit=edit_out, alpha=alpha_out, composite=composite_out)
+
+
+def _weights_version(module: Any) -> int | None:
+    """The sum of a module's parameters' version counters (in-place updates bump them: an optimiser step, a
+    `load_state_dict`), or None where they are not tracked (weights made under `torch.inference_mode`)."""
+    try:
+        return sum(parameter._version for parameter in module.parameters())
+    except RuntimeError:
+        return None
+
+
+def sigmas_on_device(scheduler: Any, device: torch.device) -> None:
+    """Move a flow-matching scheduler's sigmas onto the sampling device once, after `set_timesteps`.
+
+    diffusers keeps them on the CPU ("to avoid too much CPU/GPU communication"), but UniPC then copies single
+    sigmas to the device about 7 times a step (`self.sigmas[i].to(device)` in its predictor and corrector) and the
+    pipeline once more: small copies that each wait on the host. On the device those `.to` calls are no-ops. The
+    schedule's arithmetic then runs on the device, which on a GPU can differ from the CPU's in the last bit of a
+    sigma-derived coefficient (on a CPU nothing changes).
+    """
+    scheduler.sigmas = scheduler.sigmas.to(device)
 
 
 def _to_frames_last(video: torch.Tensor) -> torch.Tensor:

@@ -80,7 +80,7 @@ class PipelineRunner:
         memory: MemoryOptions | None = None,
         loras: dict[str, str] | None = None,
         attention_backend: str | None = None,
-        compile_blocks: bool = False,
+        compile_blocks: bool | None = None,
     ) -> None:
         import torch
 
@@ -121,6 +121,7 @@ class PipelineRunner:
     def load(self) -> None:
         """Load the pipeline onto the device (called once on the worker thread)."""
 
+        from vera_engine.acceleration.compile import compiled_blocks
         from vera_engine.pipelines.model_store import load_pipeline
 
         self.hash = weights_hash(self.weights, self.model_dir)
@@ -148,7 +149,7 @@ class PipelineRunner:
             self.name,
             self.device,
             self.pipe.transformer.attention_backend,
-            "yes" if self.compile_blocks else "no",
+            "yes" if compiled_blocks(self.pipe.transformer) else "no",
         )
         self._models = None
 

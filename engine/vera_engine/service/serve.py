@@ -60,11 +60,14 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     perf.add_argument(
         "--attention-backend",
         metavar="NAME",
-        help="diffusers attention backend for the joint attention: native (default), _native_cudnn, flash, "
-        "_flash_3, sage (8-bit, approximate), ...",
+        help="diffusers attention backend for the joint attention: native, _native_cudnn, flash, _flash_3, sage "
+        "(8-bit, approximate), ... (default: the one picked for the device, docs/GPU.md)",
     )
     perf.add_argument(
-        "--compile", action="store_true", help="torch.compile the repeated MoT block (the first job compiles)"
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the repeated MoT block (the first job compiles; default: on for CUDA without offloading)",
     )
     perf.add_argument(
         "--text-encoder-offload",
@@ -84,8 +87,9 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     perf.add_argument(
         "--offload-stream",
-        action="store_true",
-        help="with --group-offload 1 on CUDA: prefetch the next block on a side stream",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with --group-offload 1: prefetch the next block on a side stream (default: on for CUDA)",
     )
     perf.add_argument(
         "--model-cpu-offload", action="store_true", help="whole components visit the device one at a time"

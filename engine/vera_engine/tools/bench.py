@@ -5,6 +5,7 @@ element-wise work are left out, as is usual for utilisation figures), so "achiev
 whatever the backend. For reference the same count is made for one Wan transformer of the same size.
 """
 
+import contextlib
 import json
 import resource
 import statistics
@@ -98,7 +99,12 @@ class BenchResult:
     cfg_mode: str
     compiled: bool
     context_parallel: str
+    # A step is `forwards_per_step` forwards of batch `forward_batch` (CFG batched: 1 forward of batch 2).
     tflop_per_step: float
+    # One forward of batch 1 (one pass over the three streams): what "per forward" means.
+    tflop_per_forward: float
+    forwards_per_step: int
+    forward_batch: int
     attention_share: float
     seconds_per_step: float
     achieved_tflops: float
@@ -112,6 +118,46 @@ class BenchResult:
     # parallelism "achieved" is per process and "peak memory" is this process's.
     rank: int = 0
     world_size: int = 1
+    # CUDA only (None elsewhere): what the caching allocator reserved at its peak (what the device really had to
+    # hold, fragmentation included) and the device's free / total memory after the run (`cudaMemGetInfo`: other
+    # processes and the CUDA context included).
+    peak_reserved_gib: float | None = None
+    device_free_gib: float | None = None
+    device_total_gib: float | None = None
+    # How a job at these frames is sampled: one pass, or temporal windows of the checkpoint's native frames (the
+    # pipeline's default `window_frames`); this bench always times one pass over all `frames`.
+    job_path: str = ""
+
+
+def _cuda_memory(device: torch.device) -> dict[str, float | None]:
+    if device.type != "cuda":
+        return {"peak_reserved_gib": None, "device_free_gib": None, "device_total_gib": None}
+    free, total = torch.cuda.mem_get_info(device)
+    return {
+        "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30,
+        "device_free_gib": free / 2**30,
+        "device_total_gib": total / 2**30,
+    }
+
+
+def job_path(frames: int, native_frames: int, temporal: int) -> str:
+    """How `VeraPipeline` samples a clip of `frames` with its default windows (`native_frames`, a quarter overlap)."""
+    from types import SimpleNamespace
+
+    from vera_engine.pipelines.pipeline_vera import VeraPipeline
+
+    latent_frames = (frames - 1) // temporal + 1 if temporal > 1 else frames
+    overlap = max(1, native_frames // 4) if native_frames > 1 else 0
+    windows = VeraPipeline.temporal_windows(
+        SimpleNamespace(temporal_compression=temporal), latent_frames, native_frames, overlap
+    )
+    if len(windows) == 1:
+        return f"jobs sample {frames} frames in one pass (what this bench times)"
+    return (
+        f"jobs sample {frames} frames as {len(windows)} windows of {native_frames} frames ({overlap} overlapping) "
+        f"per step, {len(windows)} forwards of {native_frames} frames; this bench times one {frames}-frame pass "
+        f"(--frames {native_frames} times one window)"
+    )
 
 
 def _peak_memory_gib(device: torch.device) -> float:
@@ -131,7 +177,7 @@ def bench_step(
     dtype: str = "float32",
     cfg: bool = True,
     cfg_sequential: bool = False,
-    attention_backend: str | None = None,
+    attention_backend: str | None = "auto",
     compile_blocks: bool = False,
     context_parallel: str | None = None,
     reference_wan: bool = False,
@@ -184,16 +230,21 @@ def bench_step(
     forward_batch = 1 if cfg_sequential else batch
 
     torch.manual_seed(seed)
-    if reference_wan:
-        from diffusers import WanTransformer3DModel
+    # On a GPU the random weights are made there: initialising billions of parameters on the CPU takes minutes.
+    with torch.device(torch_device) if torch_device.type == "cuda" else contextlib.nullcontext():
+        if reference_wan:
+            from diffusers import WanTransformer3DModel
 
-        model = WanTransformer3DModel(**{k: v for k, v in tconf.items()})
-        streams = 1
-    else:
-        model = build_random_transformer(preset, seed=seed)
-        streams = 3
+            model = WanTransformer3DModel(**{k: v for k, v in tconf.items()})
+            streams = 1
+        else:
+            model = build_random_transformer(preset, seed=seed)
+            streams = 3
     model = cast_keeping_fp32_modules(model.to(torch_device), torch_dtype).eval()
-    if attention_backend:
+    from vera_engine.acceleration.backends import resolve_attention_backend
+
+    attention_backend, _why = resolve_attention_backend(attention_backend, torch_device, torch_dtype)
+    if attention_backend != "native":
         model.set_attention_backend(attention_backend)
     if context_parallel:
         if reference_wan:
@@ -252,6 +303,7 @@ def bench_step(
             times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
     flops = step_flops(tconf, tokens, text_len, batch, streams)
+    per_forward = step_flops(tconf, tokens, text_len, 1, streams)
     world_size = 1
     if context_parallel:
         world_size = torch.distributed.get_world_size()
@@ -273,6 +325,9 @@ def bench_step(
         compiled=compile_blocks,
         context_parallel=context_parallel or "off",
         tflop_per_step=flops.total / 1e12,
+        tflop_per_forward=per_forward.total / 1e12,
+        forwards_per_step=batch // forward_batch,
+        forward_batch=forward_batch,
         attention_share=flops.attention_core / flops.total,
         seconds_per_step=seconds,
         # Per process: under context parallelism each GPU does 1/world_size of the step's work.
@@ -283,6 +338,8 @@ def bench_step(
         seconds_per_clip=steps * seconds,
         rank=rank,
         world_size=world_size,
+        **_cuda_memory(torch_device),
+        job_path=job_path(frames, preset.native_frames, temporal),
     )
 
 
@@ -299,17 +356,29 @@ def print_result(result: BenchResult, as_json: bool = False) -> None:
         ("batch (CFG)", f"{result.batch}, CFG {result.cfg_mode}"),
         ("compiled / context parallel", f"{result.compiled} / {result.context_parallel}"),
         (
-            "FLOPs per step",
-            f"{result.tflop_per_step:.4g} TFLOP ({result.attention_share:.0%} attention core)",
+            f"TFLOP per step (CFG batch {result.batch})",
+            f"{result.tflop_per_step:.4g} ({result.attention_share:.0%} attention core; "
+            f"{result.forwards_per_step} forward(s) of batch {result.forward_batch})",
         ),
+        ("TFLOP per forward (batch 1)", f"{result.tflop_per_forward:.4g}"),
+        ("job path", result.job_path),
         ("seconds per step", f"{result.seconds_per_step:.4g} (first step {result.first_step_seconds:.4g})"),
         (f"seconds for {result.steps} steps", f"{result.seconds_per_clip:.4g}"),
         (
             "achieved",
             f"{result.achieved_tflops:.4g} TFLOP/s" + (" per process" if result.world_size > 1 else ""),
         ),
-        ("peak memory", f"{result.peak_memory_gib:.3g} GiB"),
+        (
+            "peak memory",
+            f"{result.peak_memory_gib:.3g} GiB "
+            + ("allocated" if result.peak_reserved_gib is not None else "(process peak RSS)"),
+        ),
     ]
+    if result.peak_reserved_gib is not None:
+        rows.append(("peak reserved", f"{result.peak_reserved_gib:.3g} GiB"))
+        rows.append(
+            ("device free / total", f"{result.device_free_gib:.3g} / {result.device_total_gib:.3g} GiB")
+        )
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}", file=sys.stdout)

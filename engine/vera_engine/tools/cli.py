@@ -72,7 +72,9 @@ def _add_bench_step(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--attention-backend",
-        help="diffusers attention backend (native, _native_cudnn, flash, _flash_3, sage)",
+        default="auto",
+        help="diffusers attention backend (native, _native_cudnn, flash, _flash_3, sage), or auto (default): "
+        "the one the engine picks for the device (docs/GPU.md)",
     )
     parser.add_argument(
         "--compile", action="store_true", help="torch.compile the repeated MoT block (first step compiles)"

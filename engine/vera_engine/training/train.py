@@ -21,6 +21,7 @@ import os
 import random
 import shutil
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
@@ -131,7 +132,9 @@ class TrainConfig:
     )
     ema_decay: float = _setting(0.999, help="decay of the weights' moving average (the saved model)")
     gradient_checkpointing: bool = _setting(
-        False, help="recompute each block's activations in the backward pass"
+        False,
+        help="recompute each block's activations in the backward pass (always on for transformers of a billion "
+        "parameters or more: Vera-1.3B's activations at 49 frames are ~220 GB without it)",
     )
     fsdp: bool = _setting(
         False,
@@ -360,14 +363,37 @@ class _Distributed:
             torch.distributed.destroy_process_group()
 
 
-def shard_transformer(model: torch.nn.Module) -> None:
+CHECKPOINTING_PARAMETERS = 10**9
+"""Transformers this large train with gradient checkpointing whatever `gradient_checkpointing` says (the real
+presets: Vera-1.3B has 4.26 B parameters)."""
+
+
+def needs_checkpointing(model: torch.nn.Module, requested: bool) -> bool:
+    """Gradient checkpointing on when asked, and always for a transformer of `CHECKPOINTING_PARAMETERS` or more."""
+    return requested or sum(p.numel() for p in model.parameters()) >= CHECKPOINTING_PARAMETERS
+
+
+def fsdp_mixed_precision(use_bf16: bool) -> Any:
+    """FSDP2's `MixedPrecisionPolicy` for a bf16 run: weights all-gathered in bf16 (not fp32, then cast again by
+    autocast into a per-rank cache of bf16 copies), gradients reduced in fp32; None for an fp32 run."""
+    if not use_bf16:
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def shard_transformer(model: torch.nn.Module, mp_policy: Any = None) -> None:
     """FSDP2 (`fully_shard`) over the default device mesh: each MoT block is one unit, the embeddings and output
-    heads another. Parameter names are unchanged, so branch groups and checkpoints read them as usual."""
+    heads another. Parameter names are unchanged, so branch groups and checkpoints read them as usual.
+    `fully_shard` moves each process's shard to the mesh's device: called on a CPU model, no process ever holds
+    the whole model on its GPU."""
     from torch.distributed.fsdp import fully_shard
 
+    kwargs = {} if mp_policy is None else {"mp_policy": mp_policy}
     for block in model.blocks:
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
 
 
 def _is_sharded(value: Any) -> bool:
@@ -426,21 +452,28 @@ def clip_gradients(parameters: list[torch.nn.Parameter], max_norm: float) -> flo
     Sharded gradients contribute their local shards' squares, summed across processes in one all-reduce.
     """
     grads = [p.grad for p in parameters if p.grad is not None]
-    sharded = [grad.to_local() for grad in grads if _is_sharded(grad)]
-    replicated = [grad for grad in grads if not _is_sharded(grad)]
+    sharded = [grad.to_local().detach() for grad in grads if _is_sharded(grad)]
+    replicated = [grad.detach() for grad in grads if not _is_sharded(grad)]
     device = grads[0].device if grads else torch.device("cpu")
-    sharded_squares = torch.zeros((), dtype=torch.float64, device=device)
-    for grad in sharded:
-        sharded_squares += grad.detach().double().pow(2).sum()
+    # One fused norm per group (`_foreach_norm`) and one host read at the end, not a loop of per-gradient kernels
+    # each followed by a device-to-host copy.
+    sharded_squares = _sum_of_squares(sharded, device)
     if sharded:
         torch.distributed.all_reduce(sharded_squares)
-    replicated_squares = sum(float(grad.detach().double().pow(2).sum()) for grad in replicated)
-    total = (float(sharded_squares) + replicated_squares) ** 0.5
+    total = float((sharded_squares + _sum_of_squares(replicated, device)).sqrt())
     coefficient = max_norm / (total + 1e-6)
     if coefficient < 1.0:
-        for grad in grads:
-            grad.mul_(coefficient)
+        local = [grad.to_local() if _is_sharded(grad) else grad for grad in grads]
+        torch._foreach_mul_(local, coefficient)
     return total
+
+
+def _sum_of_squares(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Sum of the squares of all elements of `tensors`, in float64, on `device`."""
+    if not tensors:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    norms = torch._foreach_norm(tensors, 2, dtype=torch.float64)
+    return torch.stack(norms).to(device).pow(2).sum()
 
 
 def with_frame_position_embedding(model: VeraTransformer3DModel) -> VeraTransformer3DModel:
@@ -510,18 +543,55 @@ def _load_or_build_pipeline(config: TrainConfig, vocabulary: Callable[[], list[s
 
 
 class PromptCache:
-    """Text-encoder states per instruction: the encoder is frozen (as in the paper), so each is computed once."""
+    """Text-encoder states per instruction: the encoder is frozen (as in the paper), so each is computed once.
 
-    def __init__(self, pipe: Any, device: torch.device, dtype: torch.dtype) -> None:
+    Bounded (`max_entries`, least recently used dropped first) and kept in host memory in `storage_dtype`
+    (bfloat16 for a bf16 run: the text projection consumes them in bf16 under autocast anyway; at umT5 size a state
+    is 512 x 4096 values), moved to `device` per batch. A frozen encoder that does not live on `device` (a bf16 run
+    keeps it in host memory: umT5-XXL is 11.4 GB) is moved there to encode a batch's new instructions and back.
+    """
+
+    def __init__(
+        self,
+        pipe: Any,
+        device: torch.device,
+        dtype: torch.dtype,
+        max_entries: int = 1024,
+        storage_dtype: torch.dtype | None = None,
+    ) -> None:
+        if max_entries < 1:
+            raise ValueError(f"max_entries={max_entries}; expected 1 or more cached instructions")
         self.pipe, self.device, self.dtype = pipe, device, dtype
-        self._states: dict[str, torch.Tensor] = {}
+        self.max_entries = max_entries
+        self.storage_dtype = storage_dtype or dtype
+        self._states: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._states)
 
     def __call__(self, prompts: list[str]) -> torch.Tensor:
-        for prompt in prompts:
-            if prompt not in self._states:
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._states))
+        if missing:
+            encoder = self.pipe.text_encoder
+            home = encoder.device
+            visiting = home != self.device
+            if visiting:
+                encoder.to(self.device)
+            try:
                 with torch.no_grad():
-                    self._states[prompt] = self.pipe.encode_prompt(prompt, self.device, self.dtype)[0]
-        return torch.stack([self._states[prompt] for prompt in prompts])
+                    for prompt in missing:
+                        states = self.pipe.encode_prompt(prompt, self.device, self.dtype)[0]
+                        self._states[prompt] = states.to(device="cpu", dtype=self.storage_dtype)
+            finally:
+                if visiting:
+                    encoder.to(home)
+        batch = []
+        for prompt in prompts:
+            self._states.move_to_end(prompt)
+            batch.append(self._states[prompt])
+        while len(self._states) > self.max_entries:
+            self._states.popitem(last=False)
+        return torch.stack(batch).to(device=self.device, dtype=self.dtype, non_blocking=True)
 
 
 def shifted_sigmas(u: torch.Tensor, shift: float) -> torch.Tensor:
@@ -902,7 +972,9 @@ def _prepare_model(pipe: Any, config: TrainConfig, dist: "_Distributed") -> _Run
     """Put the model on its device (sharded under FSDP, wrapped by DDP), and make its EMA and optimiser."""
     from diffusers.training_utils import EMAModel
 
-    pipe.to(dist.device)
+    use_bf16 = config.mixed_precision == "bf16" or (
+        config.mixed_precision == "auto" and dist.device.type == "cuda"
+    )
     model: VeraTransformer3DModel = pipe.transformer
     model.train()
     if config.lora:  # only the adapters train (training/lora.py)
@@ -912,15 +984,36 @@ def _prepare_model(pipe: Any, config: TrainConfig, dist: "_Distributed") -> _Run
     train_text = config.text_encoder_lr_scale > 0
     if pipe.text_encoder is not None:  # None: a --cache run, which does not load it
         pipe.text_encoder.requires_grad_(train_text).train(train_text)
-    if config.gradient_checkpointing:
+    if needs_checkpointing(model, config.gradient_checkpointing):
         model.enable_gradient_checkpointing()
     if config.fsdp:
-        shard_transformer(model)  # before the optimiser and EMA are made: they hold the sharded parameters
+        # Sharded before anything moves (fully_shard puts each process's shard on its device): no process holds
+        # the whole fp32 transformer on its GPU. Before the optimiser and EMA: they hold the sharded parameters.
+        shard_transformer(model, fsdp_mixed_precision(use_bf16 and dist.device.type == "cuda"))
+    else:
+        model.to(dist.device)
+    # (A run from a latent/text cache loads neither codec nor encoder: they may be None.)
+    if pipe.vae is not None:
+        pipe.vae.to(dist.device)
+    if pipe.text_encoder is None:
+        pass
+    elif train_text or not (use_bf16 and dist.device.type == "cuda"):
+        pipe.text_encoder.to(dist.device)
+    else:
+        # A frozen encoder in a bf16 GPU run: bf16 (umT5-XXL 11.4 GB, not 22.8 GB) and in host memory, visiting
+        # the GPU only to encode new instructions (`PromptCache`), whose states are kept.
+        pipe.text_encoder.to(dtype=torch.bfloat16)
 
     text_parameters = list(pipe.text_encoder.parameters()) if train_text else []
     trainable = [p for p in model.parameters() if p.requires_grad] + text_parameters
     ema = EMAModel(
-        trainable, decay=config.ema_decay, model_cls=VeraTransformer3DModel, model_config=model.config
+        trainable,
+        decay=config.ema_decay,
+        model_cls=VeraTransformer3DModel,
+        model_config=model.config,
+        # One fused kernel per update on a GPU instead of one per parameter (the CPU keeps the per-parameter
+        # arithmetic, which rounds the same as before).
+        foreach=dist.device.type == "cuda",
     )
     groups = branch_parameter_groups(model, config.learning_rate, config.branch_lr_scales)
     if train_text:
@@ -946,8 +1039,7 @@ def _prepare_model(pipe: Any, config: TrainConfig, dist: "_Distributed") -> _Run
         ema=ema,
         optimizer=torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-8),
         generator=torch.Generator().manual_seed(config.seed * 1009 + dist.rank),
-        use_bf16=config.mixed_precision == "bf16"
-        or (config.mixed_precision == "auto" and dist.device.type == "cuda"),
+        use_bf16=use_bf16,
     )
 
 
@@ -1131,7 +1223,10 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     # data, in the same order and with the same augmentations, as a run that was never stopped.
     out = Path(config.out)
     log_path = out / "training" / "log.jsonl"
-    prompts = PromptCache(pipe, dist.device, run.model.dtype)
+    # Kept in bf16 for a bf16 run (the text projection reads them in bf16 under autocast: nothing is lost).
+    prompts = PromptCache(
+        pipe, dist.device, run.model.dtype, storage_dtype=torch.bfloat16 if run.use_bf16 else None
+    )
     pending_log: list[dict[str, Any]] = []
     bar = tqdm(
         total=config.steps, initial=run.start_step, disable=not (progress and dist.is_main), desc="train"
