@@ -271,6 +271,7 @@ class JobRunner(Protocol):
 def free_memory() -> None:
     """Give a finished or cancelled job's memory back (host and, if torch uses one, the GPU)."""
     gc.collect()
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    # torch only if it is loaded, and fully: another thread may be importing it now (no `cuda` yet).
+    cuda = getattr(sys.modules.get("torch"), "cuda", None)
+    if cuda is not None and hasattr(cuda, "is_available") and cuda.is_available():
+        cuda.empty_cache()
