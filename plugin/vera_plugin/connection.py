@@ -32,6 +32,7 @@ __all__ = [
     "ENVIRONMENT",
     "ConnectionSettings",
     "connection_settings",
+    "engine_address",
     "explain_failure",
 ]
 
@@ -118,6 +119,12 @@ def _flag(name: str, value: str) -> bool:
     raise ValueError(f"${name}={value!r}; expected 1 or 0 (also true/false, yes/no, on/off)")
 
 
+def engine_address(address: str | None = None, env: Mapping[str, str] | None = None) -> str:
+    """The engine address: ``address`` if given (not blank), else ``$VERA_ENGINE``, else the default."""
+    env = os.environ if env is None else env
+    return (address or "").strip() or env.get(ENVIRONMENT["address"], "").strip() or DEFAULT_ADDRESS
+
+
 def connection_settings(
     address: str | None = None,
     *,
@@ -138,7 +145,7 @@ def connection_settings(
         return value or None
 
     return ConnectionSettings(
-        address=pick("address", address) or DEFAULT_ADDRESS,
+        address=engine_address(address, env),
         token_file=pick("token_file", token_file),
         ca_cert=pick("ca_cert", ca_cert),
         tls=bool(tls) if tls is not None else _flag("VERA_TLS", env.get("VERA_TLS", "")),
