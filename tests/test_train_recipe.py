@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -78,13 +80,23 @@ def test_init_default_is_the_shipped_model_with_its_recipe(captured_config, tmp_
     assert "is not a Vera pipeline folder" in capsys.readouterr().err
 
 
-def test_init_default_trains(small_dataset: Path, tmp_path: Path) -> None:
+def test_init_default_trains_and_its_weights_are_readable_by_others(
+    small_dataset: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "run"
     args = ["train", "--data", str(small_dataset), "--out", str(out), "--init", "default", "--steps", "1"]
-    assert main([*args, "--batch-size", "1", "--save-every", "1", "--no-progress"]) == 0
+    umask = os.umask(0o022)
+    try:
+        assert main([*args, "--batch-size", "1", "--save-every", "1", "--no-progress"]) == 0
+    finally:
+        os.umask(umask)
     saved = json.loads((out / "training" / "config.json").read_text())
     assert saved["init"] == str(SHIPPED_MODEL_DIR) and saved["learning_rate"] == 5e-4
     assert saved["text_encoder_lr_scale"] == 1.0
+    # safetensors writes owner-only files; a trained model is shared like any file (umask 022: mode 644).
+    modes = {str(p.relative_to(out)): stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*") if p.is_file()}
+    assert "transformer/diffusion_pytorch_model.safetensors" in modes
+    assert set(modes.values()) == {0o644}, modes
 
 
 def test_eval_shows_a_progress_bar(small_dataset: Path, tmp_path: Path, capsys) -> None:
