@@ -1,12 +1,27 @@
 """Shared fixtures: tiny, seeded model configurations that run on a CPU in milliseconds."""
 
 import os
+import tempfile
 
 import pytest
 
 # The host side and the engine never reach a model hub; make any accidental attempt fail fast.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _temporary_files_in_pytests_folder(tmp_path_factory: pytest.TempPathFactory):
+    """What the code under test writes to the temp folder (an unsaved Nuke script's result cache, a self-test's
+    scratch media, a subprocess's files) goes under pytest's own base folder, which pytest prunes (it keeps the
+    newest three runs), instead of being left in /tmp by every run of the suite."""
+    folder = tmp_path_factory.mktemp("tmp")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("TMPDIR", str(folder))
+    patch.setattr(tempfile, "tempdir", str(folder))
+    yield folder
+    patch.undo()
+
 
 TINY_WAN_CONFIG = dict(
     patch_size=(1, 2, 2),
