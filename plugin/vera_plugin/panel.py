@@ -45,7 +45,7 @@ from vera_plugin.schema_ui import (
 )
 from vera_proto.vera.v1 import engine_pb2 as pb
 
-__all__ = ["VeraPanel", "main"]
+__all__ = ["VeraPanel", "build_parser", "main"]
 
 _INT32 = 2**31 - 1
 _PREVIEW_SIZE = 256
@@ -568,8 +568,8 @@ class VeraPanel(QtWidgets.QWidget):
         super().closeEvent(event)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``vera panel``: the panel as a standalone window; returns the exit code."""
+def build_parser() -> argparse.ArgumentParser:
+    """The ``vera panel`` argument parser."""
     parser = argparse.ArgumentParser(prog="vera panel", description="The Vera Edit panel, standalone.")
     parser.add_argument(
         "--engine",
@@ -584,7 +584,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--screenshot", metavar="PNG", help="connect, wait --wait seconds, save a screenshot, exit"
     )
     parser.add_argument("--wait", type=float, default=2.0, help="seconds before --screenshot (default: 2)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``vera panel``: the panel as a standalone window; returns the exit code."""
+    args = build_parser().parse_args(argv)
     app = QtWidgets.QApplication.instance() or QtWidgets.QApplication(sys.argv[:1])
     panel = VeraPanel(address=args.engine, cache=args.cache)
     panel.resize(760, 620)
