@@ -204,3 +204,12 @@ def test_quiet_edit_of_negative_frames(
     err = capsys.readouterr().err
     assert code == cli.EXIT_OK
     assert "uploading  2/2 files" in err and "\njob " in err
+
+
+def test_panel_without_pyside_says_how_to_install_it_from_the_checkout(monkeypatch, capsys) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "vera_plugin.panel", None)  # as if PySide6 were missing
+    assert cli.main(["panel"]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "pip install -e '.[ui]'" in err and "vera-edit[ui]" not in err

@@ -178,6 +178,8 @@ def _check_with_parser(parser: argparse.ArgumentParser, words: list[str], what: 
     try:
         parser.parse_args(words)
     except SystemExit as exc:
+        if exc.code in (0, None):  # --help, --version
+            return
         raise AssertionError(f"{what} {' '.join(words)!r}: the {parser.prog!r} parser refuses it") from exc
 
 
@@ -189,6 +191,8 @@ def _check_main(main: Any, words: list[str], what: str) -> None:
         except _Parsed:
             return
         except SystemExit as exc:
+            if exc.code in (0, None):  # --help
+                return
             raise AssertionError(f"{what} {' '.join(words)!r}: its parser refuses it") from exc
     raise AssertionError(
         f"{what}: main() returned without parsing arguments; the docs check cannot follow it"
@@ -324,6 +328,63 @@ def test_shell_snippet_commands_resolve(snippet: Snippet) -> None:
             check_shell_command(words)
         except AssertionError as exc:
             raise AssertionError(f"{snippet.where}: {exc}") from None
+
+
+# Inline commands (`vera edit --takes N` in a sentence): not whole commands, so only their subcommand and flags
+# are resolved, and `pip install` as above.
+_INLINE = re.compile(r"`((?:vera|vera-engine|pip install|python -m vera_engine) [^`]*)`")
+
+
+def _options_of(parser: argparse.ArgumentParser, words: list[str]) -> tuple[str, set[str]]:
+    """The (sub)command `words` name and every option string it takes."""
+    name = parser.prog
+    while True:
+        sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if sub is None or not words or words[0] not in sub.choices:
+            break
+        parser, words, name = sub.choices[words[0]], words[1:], f"{name} {words[0]}"
+    return name, {option for action in parser._actions for option in action.option_strings}
+
+
+def check_inline_command(text: str) -> None:
+    words = _without_optional_brackets(shlex.split(re.sub(r"<([A-Za-z][\w .-]*)>", r"\1", text)))
+    if words[:1] == ["pip"]:
+        _pip(words[1:])
+        return
+    if words[:2] == ["python", "-m"]:
+        words = ["vera-engine", *words[3:]]
+    if words[:2] == ["vera", "panel"]:
+        pytest.importorskip("PySide6")
+        from vera_plugin.panel import build_parser as parser_of
+
+        name, options = "vera panel", {o for a in parser_of()._actions for o in a.option_strings}
+    else:
+        if words[0] == "vera":
+            from vera_plugin.cli import build_parser
+        else:
+            from vera_engine.tools.cli import build_parser
+        name, options = _options_of(build_parser(), words[1:])
+    flags = [part for w in words[1:] if w.startswith("--") for part in w.split("/")]  # `--window/--overlap`
+    unknown = [f for f in flags if f.split("=")[0] not in options]
+    assert not unknown, f"`{text}`: {name} has no option {unknown}"
+
+
+INLINE = [
+    (doc, line_number, match.group(1))
+    for doc in DOCS
+    for line_number, line in enumerate(doc.read_text(encoding="utf-8").splitlines(), 1)
+    for match in _INLINE.finditer(line)
+]
+
+
+@pytest.mark.parametrize(
+    ("doc", "line", "text"), INLINE, ids=[f"{d.relative_to(REPO)}:{n}" for d, n, _ in INLINE]
+)
+def test_inline_commands_resolve(doc: Path, line: int, text: str) -> None:
+    try:
+        check_inline_command(text)
+    except (AssertionError, ValueError) as exc:
+        raise AssertionError(f"{doc.relative_to(REPO)}:{line}: {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -464,6 +525,15 @@ def test_the_checker_catches_drift() -> None:
     ):
         for words in shell_commands(good):
             check_shell_command(words)
+    for bad_inline in (
+        "vera edit --takes N --no-such",
+        "pip install 'vera-edit[cluster]'",
+        "vera-engine train --lrate 1",
+    ):
+        with pytest.raises(AssertionError):
+            check_inline_command(bad_inline)
+    check_inline_command("vera edit --takes N")
+    check_inline_command("vera-engine train --init OLD --fresh-text-encoder --preset vera-tiny ...")
     for bad_python in (
         "from vera_plugin import NoSuchThing",
         "from vera_plugin.client import EngineClient\nwith EngineClient('x') as e:\n    e.submit_file('p', [1])",
