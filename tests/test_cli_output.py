@@ -92,7 +92,7 @@ def test_worker_lines_read_plainly() -> None:
         "ray:1: starting (no node or device reported yet)"
     )
     busy = _worker("local:0", "render-01", "cuda", 1, 2, pb.WORKER_STATE_BUSY, "NVIDIA H100", job="j1")
-    assert cli.worker_line(busy) == "local:0 on render-01: NVIDIA H100, vera-tiny, busy j1"
+    assert cli.worker_line(busy) == "local:0 on render-01: NVIDIA H100 x1, vera-tiny, busy j1"
     busy.devices = 4
     assert cli.worker_line(busy) == "local:0 on render-01: NVIDIA H100 x4, vera-tiny, busy j1"
 

@@ -274,7 +274,7 @@ def worker_line(worker: pb.WorkerInfo) -> str:
     state = pb.WorkerState.Name(worker.state).removeprefix("WORKER_STATE_").lower()
     if not worker.node and not worker.device.name:
         return f"{worker.name}: {state} (no node or device reported yet)"
-    devices = f" x{worker.devices}" if worker.devices > 1 else ""
+    devices = f" x{worker.devices}" if worker.devices else ""
     where = f" on {worker.node}" if worker.node else ""
     parts = [f"{worker.device.name or 'device not reported'}{devices}"]
     if worker.model:
