@@ -43,6 +43,7 @@ from vera_plugin.client import (
     state_name,
 )
 from vera_plugin.connection import DEFAULT_ADDRESS, ConnectionSettings, connection_settings
+from vera_plugin.generate import status_text
 from vera_proto.vera.v1 import engine_pb2 as pb
 
 EXIT_OK = 0
@@ -152,13 +153,15 @@ class Progress:
         """Show one JobStatus."""
         if self.quiet:
             return
-        parts = [f"{_bar(status.progress)} {status.progress * 100:5.1f}%", state_name(status.state)]
-        if status.state == pb.JOB_STATE_QUEUED:
-            parts.append(f"position {status.queue_position + 1} in queue")
-        elif status.stage_detail:
-            parts.append(status.stage_detail)
-        if status.total_steps:
-            parts.append(f"step {status.step}/{status.total_steps}")
+        # The hosts' one status sentence (vera_plugin.generate.status_text) after the state, without the engine's
+        # ETA: that counts sampling steps only, so the bar shows its own (see _eta).
+        without_eta = pb.JobStatus()
+        without_eta.CopyFrom(status)
+        without_eta.ClearField("eta_seconds")
+        state, detail = state_name(status.state), status_text(without_eta)
+        parts = [f"{_bar(status.progress)} {status.progress * 100:5.1f}%", state] + (
+            [detail] if detail != state else []
+        )
         eta = self._eta(status)
         if eta is not None:
             parts.append(f"ETA {eta:.0f}s")
