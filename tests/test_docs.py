@@ -340,8 +340,14 @@ def _options_of(parser: argparse.ArgumentParser, words: list[str]) -> tuple[str,
     name = parser.prog
     while True:
         sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
-        if sub is None or not words or words[0] not in sub.choices:
+        if sub is None:
             break
+        if not words or words[0] not in sub.choices:
+            # Prose naming a flag without its subcommand (`vera --tls`): any subcommand's options count.
+            options = {o for action in parser._actions for o in action.option_strings}
+            for choice in sub.choices.values():
+                options |= _options_of(choice, [])[1]
+            return name, options
         parser, words, name = sub.choices[words[0]], words[1:], f"{name} {words[0]}"
     return name, {option for action in parser._actions for option in action.option_strings}
 
@@ -533,6 +539,7 @@ def test_the_checker_catches_drift() -> None:
         with pytest.raises(AssertionError):
             check_inline_command(bad_inline)
     check_inline_command("vera edit --takes N")
+    check_inline_command("vera --tls")  # prose: a flag of the vera commands
     check_inline_command("vera-engine train --init OLD --fresh-text-encoder --preset vera-tiny ...")
     for bad_python in (
         "from vera_plugin import NoSuchThing",
