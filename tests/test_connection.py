@@ -215,14 +215,23 @@ def test_the_panel_connects_with_the_same_settings(qtbot, engines, monkeypatch: 
     widget = VeraPanel(poll_ms=100000)
     try:
         assert widget.address == engines["tls"]
-        qtbot.waitUntil(lambda: bool(widget.fields), timeout=10000)
+
+        # The panel's own timer delivers its threads' results; pumped here too, so that this test does not depend
+        # on what earlier tests left of the QApplication's event loop (`vera panel --screenshot` quits it).
+        def delivered(done) -> bool:
+            widget._deliver()
+            return done()
+
+        qtbot.waitUntil(lambda: delivered(lambda: bool(widget.fields)), timeout=10000)
         assert widget.engine_status.text().startswith("● ready")
         monkeypatch.delenv("VERA_CA_CERT")
         with widget._client_lock:  # as after a restart without the setting
             widget._engine_client.close()
             widget._engine_client = None
         widget.connect_engine()
-        qtbot.waitUntil(lambda: "probably expects TLS" in widget.message.text(), timeout=10000)
+        qtbot.waitUntil(
+            lambda: delivered(lambda: "probably expects TLS" in widget.message.text()), timeout=10000
+        )
     finally:
         widget.close()
         widget.wait_idle()
