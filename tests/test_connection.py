@@ -222,7 +222,7 @@ def test_the_panel_connects_with_the_same_settings(qtbot, engines, monkeypatch: 
             widget._deliver()
             return done()
 
-        qtbot.waitUntil(lambda: delivered(lambda: bool(widget.fields)), timeout=10000)
+        qtbot.waitUntil(lambda: delivered(lambda: bool(widget.fields)), timeout=30000)
         assert widget.engine_status.text().startswith("● ready")
         monkeypatch.delenv("VERA_CA_CERT")
         with widget._client_lock:  # as after a restart without the setting
