@@ -230,7 +230,7 @@ def test_the_panel_connects_with_the_same_settings(qtbot, engines, monkeypatch: 
             widget._engine_client = None
         widget.connect_engine()
         qtbot.waitUntil(
-            lambda: delivered(lambda: "probably expects TLS" in widget.message.text()), timeout=10000
+            lambda: delivered(lambda: "probably expects TLS" in widget.message.text()), timeout=30000
         )
     finally:
         widget.close()
