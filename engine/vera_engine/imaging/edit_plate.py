@@ -30,18 +30,10 @@ import numpy as np
 
 from vera_engine import __version__
 from vera_engine.imaging.colour import ColourConverter
-from vera_engine.imaging.composite import fill_unmatted, layers_like_model, recover_preserved, snap_matte
-from vera_engine.imaging.exr import Window, frame_path, write_layered_exr
+from vera_engine.imaging.composite import fill_unmatted, recover_preserved
+from vera_engine.imaging.exr import Window, frame_path, write_exr, write_layered_exr
 from vera_engine.imaging.preview import contact_sheet, preview_frames, write_contact_sheet, write_preview_mp4
-from vera_engine.imaging.resize import (
-    FitMapping,
-    fit_frames,
-    fit_mapping,
-    guided_coefficients,
-    guided_matte,
-    resample,
-    resample_at,
-)
+from vera_engine.imaging.resize import FitMapping, fit_frames, fit_mapping, guided_coefficients
 
 __all__ = [
     "FrameLayers",
@@ -69,11 +61,14 @@ class PlateFrames(Protocol):
 @dataclass
 class FrameLayers:
     """One frame's layers at plate resolution in the working space: ``composite`` (H, W, 4), ``edit`` (H, W, 4)
-    premultiplied, ``matte`` (H, W)."""
+    premultiplied, ``matte`` (H, W); :func:`finish_frame` makes them as views of one packed ``channels`` array."""
 
     composite: np.ndarray
     edit: np.ndarray
     matte: np.ndarray
+    channels: np.ndarray | None = (
+        None  # (H, W, 9) float32 holding all three in EXR channel order, when packed
+    )
 
 
 @dataclass
@@ -269,6 +264,37 @@ def sample_plate(
 
 
 BAND_ROWS = 256  # rows of a frame made at once: a 4K frame's temporaries stay at a tenth of the frame
+LAYER_CHANNELS = ("R", "G", "B", "A", "edit.R", "edit.G", "edit.B", "edit.A", "matte.A")  # ARCHITECTURE.md
+HALF_MAX = 65504.0  # the largest finite half float
+
+
+def default_device() -> str:
+    """Where the layers are made: the GPU when there is one, else the CPU (torch's threads)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _convert(processor: Any, pixels: Any) -> Any:
+    """OpenColorIO ``processor`` on (N, 3) float32 tensor ``pixels`` (a new tensor, on the same device): the CPU
+    processor on the whole buffer, chunked over every core."""
+    import torch
+
+    from vera_engine.imaging.colour import apply_in_place
+
+    host = pixels.detach().to("cpu", torch.float32).contiguous().clone()
+    apply_in_place(processor, host.numpy())
+    return host.to(pixels.device)
+
+
+def _finite(pixels: Any) -> Any:
+    import torch
+
+    return (
+        pixels
+        if bool(torch.isfinite(pixels).all())
+        else torch.nan_to_num(pixels, nan=0.0, posinf=0.0, neginf=0.0)
+    )
 
 
 def finish_frame(
@@ -282,30 +308,36 @@ def finish_frame(
     guided_radius: int = 2,
     guided_eps: float = 1e-3,
     recover: bool = False,
+    device: str | None = None,
 ) -> FrameLayers:
     """Frame ``index``'s layers at plate resolution from the model's layers and the plate frame itself.
 
-    Made a band of rows at a time (the temporaries of a band, not of the frame, are what memory holds), and within
-    a band only where the matte is: the guide is read where the matte is in transition, the edit colour and the
-    compositing where it is above zero. Elsewhere the composite is a copy of the plate's pixels (bit for bit) and
-    the edit layer and matte are zero.
+    Tensor work on ``device`` (default :func:`default_device`), a band of rows at a time, and within a band only
+    where the matte is: the layers at model resolution are upsampled as banded matrix products (the guided
+    filter's matte and coefficients in one triangle-filtered product, the edit colour in one Lanczos product),
+    the plate's pixels under the matte are gathered into one buffer, converted by OpenColorIO's CPU processors on
+    every core, and solved as :func:`~vera_engine.imaging.composite.layers_like_model` does, then scattered into
+    the frame's nine channels. Elsewhere the composite is a copy of the plate's pixels (bit for bit) and the edit
+    layer and matte are zero.
     """
+    import torch
+
+    from vera_engine.imaging.resize import resample_tensor
+
+    target_device = torch.device(device or default_device())
     mapping = model.mapping
-    size = mapping.source_size
+    height, width = size = mapping.source_size
     top, left = mapping.offset
     crop = (slice(top, top + mapping.scaled_size[0]), slice(left, left + mapping.scaled_size[1]))
-    rgb = frame[..., :3]
-
-    def model_rgb_at(ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
-        return _model_rgb(rgb[ys, xs], colour)
-
     low_alpha, low_edit = model.alpha[index][crop], model.edit[index][crop]
-    coefficients = (
-        guided_coefficients(model.guides[index], low_alpha, guided_radius, guided_eps)
-        if matte_filter == "guided"
-        else None
-    )
-    delta_low = None
+    # Every triangle-filtered layer in one product: the matte, then the guided filter's coefficients A and b.
+    triangle_layers = [low_alpha[..., None]]
+    if matte_filter == "guided":
+        coefficient_a, coefficient_b = guided_coefficients(
+            model.guides[index], low_alpha, guided_radius, guided_eps
+        )
+        triangle_layers += [coefficient_a, coefficient_b[..., None]]
+    lanczos_layers = [low_edit]
     if recover:
         preserved_low = recover_preserved(
             model.composite[index : index + 1],
@@ -314,35 +346,109 @@ def finish_frame(
             model.video[index : index + 1],
         )[0]
         # A working-space correction of the plate under the matte: exactly 0 wherever Eq. 3 did not apply.
-        delta_low = (colour.from_model(preserved_low) - colour.from_model(model.video[index]))[crop]
+        lanczos_layers.append(
+            (colour.from_model(preserved_low) - colour.from_model(model.video[index]))[crop]
+        )
 
-    height, width = size
-    composite = np.empty((height, width, 4), np.float32)
-    composite[..., : frame.shape[-1]] = frame
-    if frame.shape[-1] == 3:
-        composite[..., 3] = 1.0  # a plate without alpha is opaque
-    edit = np.zeros((height, width, 4), np.float32)
-    matte = np.zeros((height, width), np.float32)
+    def on_device(layers: list[np.ndarray]) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(np.concatenate(layers, axis=-1), np.float32)).to(
+            target_device
+        )
+
+    low_triangle, low_lanczos = on_device(triangle_layers), on_device(lanczos_layers)
+    plate = torch.from_numpy(frame).to(target_device)
+    plate_channels = frame.shape[-1]
+    channels = torch.empty((height, width, 9), dtype=torch.float32, device=target_device)
+    channels[..., :plate_channels] = plate
+    if plate_channels == 3:
+        channels[..., 3] = 1.0  # a plate without alpha is opaque
+    channels[..., 4:] = 0.0
+    threshold = float(matte_threshold)
     for start in range(0, height, BAND_ROWS):
         rows = slice(start, min(height, start + BAND_ROWS))
-        if coefficients is not None:
-            alpha = guided_matte(
-                low_alpha, model.guides[index], size, model_rgb_at, rows=rows, coefficients=coefficients
-            )
-        else:
-            alpha = np.clip(resample(low_alpha, size, "triangle", rows=rows), 0.0, 1.0)
-        alpha = snap_matte(alpha, matte_threshold)
-        ys, xs = np.nonzero(alpha > 0)
-        if not len(ys):
-            continue
-        alpha = alpha[ys, xs]
-        ys += start
-        edit_model = np.clip(resample_at(low_edit, size, ys, xs, "lanczos3"), 0.0, 1.0)
-        under = None if delta_low is None else rgb[ys, xs] + resample_at(delta_low, size, ys, xs, "lanczos3")
-        edit[ys, xs], matte[ys, xs], composite[ys, xs] = layers_like_model(
-            frame[ys, xs], None, edit_model, alpha, colour, under=under
+        upsampled = resample_tensor(low_triangle, size, "triangle", rows=rows).reshape(
+            low_triangle.shape[-1], -1
         )
-    return FrameLayers(composite=composite, edit=edit, matte=matte)
+        covered = torch.nonzero(upsampled[0] > 0).squeeze(1)
+        if not len(covered):
+            continue
+        plate_band = plate[rows].reshape(-1, plate_channels)
+        rgb = plate_band[:, :3].index_select(0, covered)
+        # One conversion serves the guide (the plate as the model sees it, clamped) and the layer solve.
+        unclamped = _convert(colour.to_model_processor, _finite(rgb))
+        model_plate = unclamped.clamp(0.0, 1.0)
+        alpha = upsampled[0].index_select(0, covered)
+        if matte_filter == "guided":
+            # The guided filter redraws only the bilinear matte's transition zone (0 < a < 1).
+            coefficients = upsampled[1:].index_select(1, covered)
+            refined = (coefficients[:3].t() * model_plate).sum(dim=1) + coefficients[3]
+            alpha = torch.where(alpha < 1.0, refined, alpha)
+        alpha = alpha.clamp(0.0, 1.0)
+        alpha = torch.where(alpha <= threshold, torch.zeros_like(alpha), alpha)
+        alpha = torch.where(alpha >= 1.0 - threshold, torch.ones_like(alpha), alpha)
+        touched = alpha > 0
+        if not bool(touched.any()):
+            continue
+        if not bool(touched.all()):
+            covered, alpha, rgb = covered[touched], alpha[touched], rgb[touched]
+            unclamped, model_plate = unclamped[touched], model_plate[touched]
+        lanczos = resample_tensor(low_lanczos, size, "lanczos3", rows=rows).reshape(low_lanczos.shape[-1], -1)
+        lanczos = lanczos.index_select(1, covered).t()
+        edit_model = lanczos[:, :3].clamp(0.0, 1.0)
+        base = rgb
+        if recover:
+            base = rgb + lanczos[:, 3:]
+            unclamped = _convert(colour.to_model_processor, _finite(base))
+            model_plate = unclamped.clamp(0.0, 1.0)
+        plate_alpha = plate_band[:, 3].index_select(0, covered) if plate_channels == 4 else None
+        channels[rows].reshape(-1, 9).index_copy_(
+            0, covered, _solve_layers(base, unclamped, model_plate, edit_model, alpha, plate_alpha, colour)
+        )
+    packed = channels.cpu().numpy()
+    return FrameLayers(
+        composite=packed[..., :4], edit=packed[..., 4:8], matte=packed[..., 8], channels=packed
+    )
+
+
+def _solve_layers(base, unclamped, model_plate, edit_model, alpha, plate_alpha, colour: ColourConverter):
+    """:func:`~vera_engine.imaging.composite.layers_like_model` on gathered pixels (N, ...) as tensors: the nine
+    output channels (N, 9) of pixels whose matte is above 0. Same operations in the same order, so the same floats.
+    """
+    import torch
+
+    # Where the model's clamp changed the plate (highlights, out-of-gamut or non-finite values).
+    clamped = ~torch.isfinite(base).all(dim=1) | ((unclamped < 0.0) | (unclamped > 1.0)).any(dim=1)
+    a = alpha[:, None]
+    uncovered = 1.0 - a
+    model_over = model_plate * uncovered
+    model_over += edit_model * a
+    target = _convert(colour.from_model_processor, model_over)
+    del model_over
+    if bool(clamped.any()):
+        beyond = _finite(base[clamped]) - _convert(
+            colour.from_model_processor, model_plate[clamped].contiguous()
+        )
+        target[clamped] += uncovered[clamped] * beyond
+    positive = base > 1e-6
+    ratio = torch.where(positive, target / base, torch.full_like(target, float("inf"))).amin(dim=1)
+    matte = torch.maximum(alpha, 1.0 - ratio).clamp(0.0, 1.0)
+    m = matte[:, None]
+    premult = target - (1.0 - m) * base
+    premult = torch.where(torch.isfinite(premult), torch.where(premult < 0.0, 0.0, premult), 0.0)
+    composite_alpha = torch.ones_like(m) if plate_alpha is None else plate_alpha[:, None]
+    return torch.cat([base * (1.0 - m) + premult, composite_alpha * (1.0 - m) + m, premult, m, m], dim=1)
+
+
+def half_channels(channels: np.ndarray) -> np.ndarray:
+    """(H, W, C) float32 -> float16 as the EXR writer stores it (finite values beyond the half range held at
+    +-65504, infinities and NaNs kept), converted on torch's threads."""
+    import torch
+
+    values = torch.from_numpy(np.ascontiguousarray(channels, np.float32))
+    low, high = torch.aminmax(values)
+    if not (float(low) >= -HALF_MAX and float(high) <= HALF_MAX):  # overflow, or a NaN somewhere
+        values = torch.where(torch.isfinite(values), values.clamp(-HALF_MAX, HALF_MAX), values)
+    return values.half().numpy()
 
 
 def finish_frames(
@@ -352,50 +458,80 @@ def finish_frames(
     sink: Callable[[int, FrameLayers], None],
     *,
     workers: int | None = None,
+    prefetch: int = 1,
     cancelled: Callable[[], bool] | None = None,
     **options: Any,
 ) -> None:
     """Make every frame's layers (:func:`finish_frame`) and hand each to ``sink(index, layers)`` as soon as it
-    exists, ``workers`` frames at a time (the sink runs on the worker thread). At most ``workers`` frames are in
-    memory at once. ``cancelled()`` is checked before each frame; options go to :func:`finish_frame`.
+    exists, as a pipeline: the next ``prefetch`` frames are read (OpenImageIO's threads) while one is made (the
+    engine's device), and ``workers`` sinks (the engine's EXR writer) run on their own threads meanwhile. Memory
+    holds at most ``prefetch + 1`` plate frames and ``workers + 1`` finished frames. ``cancelled()`` is checked
+    before each frame; a failed read, frame or sink stops the rest (nothing more is read or written) and the first
+    failure in frame order is raised. Options go to :func:`finish_frame`.
     """
     frames = len(plate)
     if frames != len(model.alpha):
         raise ValueError(f"plate has {frames} frames but the model made {len(model.alpha)}")
     workers = workers or default_workers()
-    slots = threading.Semaphore(workers)
     stop = threading.Event()
+    writing = threading.Semaphore(workers)
 
-    def one(index: int) -> None:
+    def read(index: int) -> np.ndarray:
+        if stop.is_set():
+            raise _Stopped
+        frame = _plate_frame(plate, index)
+        if frame.shape[:2] != model.mapping.source_size:
+            raise ValueError(
+                f"plate frame {index} is {frame.shape[1]}x{frame.shape[0]}; expected "
+                f"{model.mapping.source_size[1]}x{model.mapping.source_size[0]} like the first frame"
+            )
+        return frame
+
+    failed = threading.Event()
+
+    def write(index: int, layers: FrameLayers) -> None:
         try:
-            if stop.is_set() or (cancelled is not None and cancelled()):
-                stop.set()
-                return
-            frame = _plate_frame(plate, index)
-            if frame.shape[:2] != model.mapping.source_size:
-                raise ValueError(
-                    f"plate frame {index} is {frame.shape[1]}x{frame.shape[0]}; expected "
-                    f"{model.mapping.source_size[1]}x{model.mapping.source_size[0]} like the first frame"
-                )
-            layers = finish_frame(model, index, frame, colour, **options)
-            del frame
-            sink(index, layers)
+            if not failed.is_set():
+                sink(index, layers)
+        except BaseException:
+            failed.set()
+            stop.set()
+            raise
         finally:
-            slots.release()
+            writing.release()
 
-    pending: list[Future] = []
-    with ThreadPoolExecutor(workers, thread_name_prefix="vera-finish") as pool:
-        for index in range(frames):
-            slots.acquire()  # back-pressure: no frame is read before a slot is free
-            if stop.is_set():
-                slots.release()
-                break
-            future = pool.submit(one, index)
-            # A failed frame stops the rest: nothing more is read or written after an error.
-            future.add_done_callback(lambda f: stop.set() if f.exception() is not None else None)
-            pending.append(future)
-    for future in pending:
+    written: list[Future] = []
+    with (
+        ThreadPoolExecutor(1, thread_name_prefix="vera-read") as readers,
+        ThreadPoolExecutor(workers, thread_name_prefix="vera-write") as writers,
+    ):
+        reads: dict[int, Future] = {}
+        try:
+            for index in range(frames):
+                for ahead in range(index, min(frames, index + 1 + max(0, prefetch))):
+                    if ahead not in reads:
+                        reads[ahead] = readers.submit(read, ahead)
+                if stop.is_set() or (cancelled is not None and cancelled()):
+                    break
+                try:
+                    frame = reads.pop(index).result()
+                except _Stopped:
+                    break  # a sink failed meanwhile: its error is raised below
+                layers = finish_frame(model, index, frame, colour, **options)
+                del frame
+                writing.acquire()  # back-pressure: at most `workers` frames wait for their sink
+                written.append(writers.submit(write, index, layers))
+                del layers
+        finally:
+            stop.set()  # reads still queued are skipped; sinks already handed a frame finish it
+            for future in reads.values():
+                future.cancel()
+    for future in written:
         future.result()  # the first failure, in frame order
+
+
+class _Stopped(Exception):
+    """A read skipped because the stage stopped (cancelled or failed)."""
 
 
 def edit_plate(
@@ -549,13 +685,12 @@ class ResultWriter:
         self._lock = threading.Lock()
 
     def __call__(self, index: int, layers: FrameLayers) -> None:
-        path = write_layered_exr(
-            frame_path(self.pattern, self.frame_numbers[index]),
-            layers.composite,
-            layers.edit,
-            layers.matte,
-            **self.options,
-        )
+        path = frame_path(self.pattern, self.frame_numbers[index])
+        if layers.channels is not None and self.options["pixel_type"] in ("half", "float16"):
+            # Packed by finish_frame: converted to half on torch's threads, written as is.
+            path = write_exr(path, half_channels(layers.channels), LAYER_CHANNELS, **self.options)
+        else:
+            path = write_layered_exr(path, layers.composite, layers.edit, layers.matte, **self.options)
         with self._lock:
             self._written[index] = path
             count = len(self._written)
