@@ -336,13 +336,23 @@ def _hard_plate(height, width, channels, seed):
 
 
 @pytest.mark.parametrize(
-    ("channels", "matte_filter", "recover"),
-    [(4, "guided", False), (3, "guided", False), (4, "bilinear", False), (4, "guided", True)],
+    ("channels", "matte_filter", "recover", "hard"),
+    [
+        (4, "guided", False, True),
+        (4, "guided", False, False),
+        (3, "guided", False, True),
+        (4, "bilinear", False, True),
+        (4, "guided", True, True),
+    ],
 )
-def test_tensor_layers_equal_the_numpy_path_to_half_rounding(conv, channels, matte_filter, recover):
+def test_tensor_layers_equal_the_numpy_path_to_half_rounding(conv, channels, matte_filter, recover, hard):
     from vera_engine.imaging.edit_plate import finish_frame, sample_plate
 
-    plate = _hard_plate(300, 520, channels, seed=7)
+    plate = (
+        _hard_plate(300, 520, channels, seed=7)
+        if hard
+        else _plate(frames=1, height=300, width=520, channels=channels, seed=7)
+    )
     model = sample_plate(SoftPipeline(), plate, prompt="p", colour=conv, steps=1)
     composite, edit, matte = _reference_finish_frame(
         model, 0, plate[0], conv, matte_filter=matte_filter, recover=recover

@@ -275,26 +275,40 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _convert(processor: Any, pixels: Any) -> Any:
-    """OpenColorIO ``processor`` on (N, 3) float32 tensor ``pixels`` (a new tensor, on the same device): the CPU
-    processor on the whole buffer, chunked over every core."""
+def _convert(processor: Any, pixels: Any, *, in_place: bool = False) -> Any:
+    """OpenColorIO ``processor`` on (N, 3) float32 tensor ``pixels``, on the same device: the CPU processor on the
+    whole buffer, chunked over every core. ``in_place``: ``pixels`` (a contiguous CPU temporary) is overwritten."""
     import torch
 
     from vera_engine.imaging.colour import apply_in_place
 
-    host = pixels.detach().to("cpu", torch.float32).contiguous().clone()
+    on_host = pixels.device.type == "cpu" and pixels.dtype == torch.float32 and pixels.is_contiguous()
+    host = pixels if in_place and on_host else pixels.detach().to("cpu", torch.float32).contiguous().clone()
     apply_in_place(processor, host.numpy())
-    return host.to(pixels.device)
+    return host if host.device == pixels.device else host.to(pixels.device)
 
 
 def _finite(pixels: Any) -> Any:
     import torch
 
-    return (
-        pixels
-        if bool(torch.isfinite(pixels).all())
-        else torch.nan_to_num(pixels, nan=0.0, posinf=0.0, neginf=0.0)
-    )
+    if bool(torch.isfinite(pixels).all()):
+        return pixels
+    return torch.nan_to_num(pixels, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _as_stored(values: Any, half: bool) -> Any:
+    """``values`` as the EXR stores them: float32, or half with finite values beyond its range held at +-65504
+    (as :func:`~vera_engine.imaging.exr.write_exr` does) and infinities and NaNs kept."""
+    import torch
+
+    if not half:
+        return values
+    stored = values.half()
+    low, high = torch.aminmax(values)  # one pass; a NaN anywhere makes both NaN and takes the careful path
+    if not (float(low) >= -HALF_MAX and float(high) <= HALF_MAX):
+        overflow = torch.isfinite(values) & (values.abs() > HALF_MAX)
+        stored[overflow] = (torch.sign(values[overflow]) * HALF_MAX).half()
+    return stored
 
 
 def finish_frame(
@@ -309,6 +323,7 @@ def finish_frame(
     guided_eps: float = 1e-3,
     recover: bool = False,
     device: str | None = None,
+    half: bool = False,
 ) -> FrameLayers:
     """Frame ``index``'s layers at plate resolution from the model's layers and the plate frame itself.
 
@@ -318,7 +333,8 @@ def finish_frame(
     the plate's pixels under the matte are gathered into one buffer, converted by OpenColorIO's CPU processors on
     every core, and solved as :func:`~vera_engine.imaging.composite.layers_like_model` does, then scattered into
     the frame's nine channels. Elsewhere the composite is a copy of the plate's pixels (bit for bit) and the edit
-    layer and matte are zero.
+    layer and matte are zero. ``half``: the layers come as the half floats a half EXR stores (values beyond half's
+    range held at +-65504), ready to write.
     """
     import torch
 
@@ -351,19 +367,23 @@ def finish_frame(
         )
 
     def on_device(layers: list[np.ndarray]) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(np.concatenate(layers, axis=-1), np.float32)).to(
-            target_device
-        )
+        stacked = np.ascontiguousarray(np.concatenate(layers, axis=-1), np.float32)
+        return torch.from_numpy(stacked).to(target_device)
 
     low_triangle, low_lanczos = on_device(triangle_layers), on_device(lanczos_layers)
     plate = torch.from_numpy(frame).to(target_device)
     plate_channels = frame.shape[-1]
-    channels = torch.empty((height, width, 9), dtype=torch.float32, device=target_device)
-    channels[..., :plate_channels] = plate
+    channels = torch.zeros(
+        (height, width, 9), dtype=torch.float16 if half else torch.float32, device=target_device
+    )
+    channels[..., :plate_channels] = _as_stored(plate, half)
     if plate_channels == 3:
         channels[..., 3] = 1.0  # a plate without alpha is opaque
-    channels[..., 4:] = 0.0
     threshold = float(matte_threshold)
+    # Checked once for the frame: a finite plate (the usual case) needs no per-pixel repair below.
+    plate_finite = bool(
+        torch.isfinite(plate.sum())
+    )  # a sum: one fast pass (a huge sum only takes the slow path)
     for start in range(0, height, BAND_ROWS):
         rows = slice(start, min(height, start + BAND_ROWS))
         upsampled = resample_tensor(low_triangle, size, "triangle", rows=rows).reshape(
@@ -375,7 +395,8 @@ def finish_frame(
         plate_band = plate[rows].reshape(-1, plate_channels)
         rgb = plate_band[:, :3].index_select(0, covered)
         # One conversion serves the guide (the plate as the model sees it, clamped) and the layer solve.
-        unclamped = _convert(colour.to_model_processor, _finite(rgb))
+        finite_rgb = rgb if plate_finite else _finite(rgb)
+        unclamped = _convert(colour.to_model_processor, finite_rgb, in_place=finite_rgb is not rgb)
         model_plate = unclamped.clamp(0.0, 1.0)
         alpha = upsampled[0].index_select(0, covered)
         if matte_filter == "guided":
@@ -383,9 +404,9 @@ def finish_frame(
             coefficients = upsampled[1:].index_select(1, covered)
             refined = (coefficients[:3].t() * model_plate).sum(dim=1) + coefficients[3]
             alpha = torch.where(alpha < 1.0, refined, alpha)
-        alpha = alpha.clamp(0.0, 1.0)
-        alpha = torch.where(alpha <= threshold, torch.zeros_like(alpha), alpha)
-        alpha = torch.where(alpha >= 1.0 - threshold, torch.ones_like(alpha), alpha)
+        alpha.clamp_(0.0, 1.0)
+        alpha.masked_fill_(alpha <= threshold, 0.0)
+        alpha.masked_fill_(alpha >= 1.0 - threshold, 1.0)
         touched = alpha > 0
         if not bool(touched.any()):
             continue
@@ -395,60 +416,74 @@ def finish_frame(
         lanczos = resample_tensor(low_lanczos, size, "lanczos3", rows=rows).reshape(low_lanczos.shape[-1], -1)
         lanczos = lanczos.index_select(1, covered).t()
         edit_model = lanczos[:, :3].clamp(0.0, 1.0)
-        base = rgb
+        base, base_finite = rgb, plate_finite
         if recover:
             base = rgb + lanczos[:, 3:]
-            unclamped = _convert(colour.to_model_processor, _finite(base))
+            base_finite = bool(torch.isfinite(base).all())
+            unclamped = _convert(colour.to_model_processor, base if base_finite else _finite(base))
             model_plate = unclamped.clamp(0.0, 1.0)
         plate_alpha = plate_band[:, 3].index_select(0, covered) if plate_channels == 4 else None
-        channels[rows].reshape(-1, 9).index_copy_(
-            0, covered, _solve_layers(base, unclamped, model_plate, edit_model, alpha, plate_alpha, colour)
+        solved = _solve_layers(
+            base, base_finite, unclamped, model_plate, edit_model, alpha, plate_alpha, colour
         )
+        channels[rows].reshape(-1, 9).index_copy_(0, covered, _as_stored(solved, half))
     packed = channels.cpu().numpy()
     return FrameLayers(
         composite=packed[..., :4], edit=packed[..., 4:8], matte=packed[..., 8], channels=packed
     )
 
 
-def _solve_layers(base, unclamped, model_plate, edit_model, alpha, plate_alpha, colour: ColourConverter):
+def _solve_layers(
+    base, base_finite: bool, unclamped, model_plate, edit_model, alpha, plate_alpha, colour: ColourConverter
+):
     """:func:`~vera_engine.imaging.composite.layers_like_model` on gathered pixels (N, ...) as tensors: the nine
-    output channels (N, 9) of pixels whose matte is above 0. Same operations in the same order, so the same floats.
-    """
+    output channels (N, 9) of pixels whose matte is above 0 (the same operations in the same order, in place where
+    a temporary allows). ``base_finite``: ``base`` is known to hold finite values only."""
     import torch
 
     # Where the model's clamp changed the plate (highlights, out-of-gamut or non-finite values).
-    clamped = ~torch.isfinite(base).all(dim=1) | ((unclamped < 0.0) | (unclamped > 1.0)).any(dim=1)
+    clamped = ((unclamped < 0.0) | (unclamped > 1.0)).any(dim=1)
+    if not base_finite:
+        clamped |= ~torch.isfinite(base).all(dim=1)
     a = alpha[:, None]
     uncovered = 1.0 - a
     model_over = model_plate * uncovered
     model_over += edit_model * a
-    target = _convert(colour.from_model_processor, model_over)
-    del model_over
+    target = _convert(colour.from_model_processor, model_over, in_place=True)
     if bool(clamped.any()):
-        beyond = _finite(base[clamped]) - _convert(
-            colour.from_model_processor, model_plate[clamped].contiguous()
-        )
+        beyond = _finite(base[clamped]) - _convert(colour.from_model_processor, model_plate[clamped])
         target[clamped] += uncovered[clamped] * beyond
-    positive = base > 1e-6
-    ratio = torch.where(positive, target / base, torch.full_like(target, float("inf"))).amin(dim=1)
-    matte = torch.maximum(alpha, 1.0 - ratio).clamp(0.0, 1.0)
-    m = matte[:, None]
-    premult = target - (1.0 - m) * base
-    premult = torch.where(torch.isfinite(premult), torch.where(premult < 0.0, 0.0, premult), 0.0)
-    composite_alpha = torch.ones_like(m) if plate_alpha is None else plate_alpha[:, None]
-    return torch.cat([base * (1.0 - m) + premult, composite_alpha * (1.0 - m) + m, premult, m, m], dim=1)
+    out = torch.empty((len(base), 9), dtype=torch.float32, device=base.device)
+    ratio = torch.div(target, base, out=out[:, :3])  # out[:, :3] as scratch: overwritten below
+    ratio.masked_fill_(~(base > 1e-6), float("inf"))  # NaN plate values too, as np.divide(where=) leaves
+    matte = torch.maximum(alpha, 1.0 - ratio.amin(dim=1)).clamp_(0.0, 1.0)
+    out[:, 7] = matte
+    out[:, 8] = matte
+    m = out[:, 7:8]
+    uncovered = 1.0 - m
+    premult = out[:, 4:7]
+    torch.mul(uncovered, base, out=premult)
+    torch.sub(target, premult, out=premult)
+    premult.clamp_(min=0.0)  # NaN stays NaN here, and becomes 0 below
+    if not base_finite:  # a finite plate under a target in OpenColorIO's range gives a finite edit
+        premult.masked_fill_(~torch.isfinite(premult), 0.0)
+    torch.mul(base, uncovered, out=out[:, :3])
+    out[:, :3] += premult
+    if plate_alpha is None:
+        out[:, 3] = 1.0 - m[:, 0] + m[:, 0]
+    else:
+        out[:, 3] = plate_alpha * uncovered[:, 0] + m[:, 0]
+    return out
 
 
 def half_channels(channels: np.ndarray) -> np.ndarray:
-    """(H, W, C) float32 -> float16 as the EXR writer stores it (finite values beyond the half range held at
-    +-65504, infinities and NaNs kept), converted on torch's threads."""
+    """(H, W, C) layers as a half EXR stores them (finite values beyond half's range held at +-65504, infinities
+    and NaNs kept), converted on torch's threads; half input comes back as is."""
     import torch
 
-    values = torch.from_numpy(np.ascontiguousarray(channels, np.float32))
-    low, high = torch.aminmax(values)
-    if not (float(low) >= -HALF_MAX and float(high) <= HALF_MAX):  # overflow, or a NaN somewhere
-        values = torch.where(torch.isfinite(values), values.clamp(-HALF_MAX, HALF_MAX), values)
-    return values.half().numpy()
+    if channels.dtype == np.float16:
+        return channels
+    return _as_stored(torch.from_numpy(np.ascontiguousarray(channels, np.float32)), True).numpy()
 
 
 def finish_frames(
@@ -459,6 +494,7 @@ def finish_frames(
     *,
     workers: int | None = None,
     prefetch: int = 1,
+    compute_threads: int | None = None,
     cancelled: Callable[[], bool] | None = None,
     **options: Any,
 ) -> None:
@@ -467,8 +503,16 @@ def finish_frames(
     engine's device), and ``workers`` sinks (the engine's EXR writer) run on their own threads meanwhile. Memory
     holds at most ``prefetch + 1`` plate frames and ``workers + 1`` finished frames. ``cancelled()`` is checked
     before each frame; a failed read, frame or sink stops the rest (nothing more is read or written) and the first
-    failure in frame order is raised. Options go to :func:`finish_frame`.
+    failure in frame order is raised. Options go to :func:`finish_frame`; a sink with ``stores_half`` true (the
+    :class:`ResultWriter` of a half EXR) gets its layers as half floats.
+
+    The layers are made on a thread of their own whose torch operations use ``compute_threads`` threads (default:
+    every core but one, which the reads and writes keep busy; the engine's own thread count is left as it is).
     """
+    import torch
+
+    options.setdefault("half", bool(getattr(sink, "stores_half", False)))
+    compute_threads = compute_threads or max(1, (os.cpu_count() or 1) - 1)
     frames = len(plate)
     if frames != len(model.alpha):
         raise ValueError(f"plate has {frames} frames but the model made {len(model.alpha)}")
@@ -503,6 +547,13 @@ def finish_frames(
     written: list[Future] = []
     with (
         ThreadPoolExecutor(1, thread_name_prefix="vera-read") as readers,
+        # torch's thread count is per thread: set on this one, it leaves the caller's (the sampler's) alone.
+        ThreadPoolExecutor(
+            1,
+            thread_name_prefix="vera-layers",
+            initializer=torch.set_num_threads,
+            initargs=(compute_threads,),
+        ) as maker,
         ThreadPoolExecutor(workers, thread_name_prefix="vera-write") as writers,
     ):
         reads: dict[int, Future] = {}
@@ -517,7 +568,7 @@ def finish_frames(
                     frame = reads.pop(index).result()
                 except _Stopped:
                     break  # a sink failed meanwhile: its error is raised below
-                layers = finish_frame(model, index, frame, colour, **options)
+                layers = maker.submit(finish_frame, model, index, frame, colour, **options).result()
                 del frame
                 writing.acquire()  # back-pressure: at most `workers` frames wait for their sink
                 written.append(writers.submit(write, index, layers))
@@ -681,13 +732,15 @@ class ResultWriter:
             display_window=display_window,
         )
         self.on_written = on_written
+        # finish_frames reads this: frames for this sink are made as half floats, ready to write.
+        self.stores_half = pixel_type in ("half", "float16")
         self._written: dict[int, Path] = {}
         self._lock = threading.Lock()
 
     def __call__(self, index: int, layers: FrameLayers) -> None:
         path = frame_path(self.pattern, self.frame_numbers[index])
-        if layers.channels is not None and self.options["pixel_type"] in ("half", "float16"):
-            # Packed by finish_frame: converted to half on torch's threads, written as is.
+        if layers.channels is not None and self.stores_half:
+            # Packed by finish_frame (already half when finish_frames saw this writer): written as is.
             path = write_exr(path, half_channels(layers.channels), LAYER_CHANNELS, **self.options)
         else:
             path = write_layered_exr(path, layers.composite, layers.edit, layers.matte, **self.options)
