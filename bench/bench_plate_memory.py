@@ -16,6 +16,12 @@ Writes a half-float RGBA plate (default 100 frames of 4096x2160), starts a real 
     python bench/bench_plate_memory.py --frames 100 --width 4096 --height 2160
     python bench/bench_plate_memory.py --frames 1 --width 8192 --height 4320
     python bench/bench_plate_memory.py --profile --width 4096 --height 2160   # one frame's parts, timed
+    python bench/bench_plate_memory.py --in-process --frames 8 --repeats 2   # the stage alone, no engine
+
+``--in-process`` runs the stage itself (``finish_frames`` into the engine's ``ResultWriter``) in this process on
+the shipped model's layers, without the gRPC upload and download, so a short run fits a shared machine; each
+repeat times the stage, then the layered I/O with no compute and the plain copy, and reports its own ratios and
+the stage's peak resident memory above the process's resident memory before it.
 
 Figures with the command and the machine go in docs/BENCHMARKS.md.
 """
@@ -143,6 +149,61 @@ def profile_one_frame(width: int, height: int, work: Path) -> dict[str, float]:
     return {key: round(value, 3) for key, value in parts.items()}
 
 
+class PlateReader:
+    """The bench plate read frame by frame on demand, as the engine's spool does (a ``PlateFrames``)."""
+
+    def __init__(self, pattern: str, frames: int) -> None:
+        self.pattern, self.frames = pattern, frames
+
+    def __len__(self) -> int:
+        return self.frames
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        from vera_engine.imaging.exr import read_exr
+
+        return read_exr(self.pattern.replace("####", str(FIRST + index)))[0]
+
+
+def in_process(pattern: str, frames: int, repeats: int, work: Path) -> dict[str, object]:
+    """The post-model stage alone (see the module doc), ``repeats`` times, each against the I/O in the same run."""
+    from vera_engine.imaging.colour import ColourConverter
+    from vera_engine.imaging.edit_plate import ResultWriter, finish_frames, sample_plate
+    from vera_engine.pipelines.model_store import load_pipeline
+
+    colour = ColourConverter("ACEScg")
+    plate = PlateReader(pattern, frames)
+    model = sample_plate(load_pipeline("default"), plate, prompt="add a red ball", colour=colour, steps=4)
+    runs = []
+    for _ in range(repeats):
+        shutil.rmtree(work / "out", ignore_errors=True)
+        Path("/proc/self/clear_refs").write_text("5")  # the kernel's peak (VmHWM) restarts from now
+        before = _status(os.getpid())["VmRSS"]
+        started = time.perf_counter()
+        writer = ResultWriter(work / "out", [FIRST + i for i in range(frames)])
+        finish_frames(model, plate, colour, writer)
+        stage = time.perf_counter() - started
+        peak = _status(os.getpid())["VmHWM"] - before
+        layered = layered_read_write(pattern, frames, writer.paths, work / "layered")
+        shutil.rmtree(work / "layered")
+        plain = plain_read_write(pattern, frames, work / "plain")
+        shutil.rmtree(work / "plain")
+        matte = oiio.ImageBuf(str(writer.paths[0]))
+        names = list(matte.spec().channelnames)
+        covers = float((matte.get_pixels(oiio.FLOAT)[..., names.index("matte.A")] > 0).mean())
+        runs.append(
+            {
+                "post_model_frames_per_s": round(frames / stage, 3),
+                "layered_io_no_compute_frames_per_s": round(frames / layered, 3),
+                "post_model_vs_layered_io": round(layered / stage, 2),
+                "plain_oiio_read_write_frames_per_s": round(frames / plain, 3),
+                "post_model_vs_plain": round(plain / stage, 2),
+                "stage_peak_rss_above_start_gb": round(peak / 1e9, 2),
+                "matte_covers": round(covers, 2),
+            }
+        )
+    return {"runs": runs}
+
+
 def _status(pid: int) -> dict[str, int]:
     fields = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -165,6 +226,10 @@ def main() -> None:
     parser.add_argument(
         "--profile", action="store_true", help="time one frame's parts in this process instead"
     )
+    parser.add_argument(
+        "--in-process", action="store_true", help="time the stage alone in this process instead"
+    )
+    parser.add_argument("--repeats", type=int, default=2, help="--in-process: runs, each with its own ratios")
     args = parser.parse_args()
 
     work = args.work or Path(tempfile.mkdtemp(prefix="vera-bench-memory-"))
@@ -185,6 +250,12 @@ def main() -> None:
         print(
             f"plate: {args.frames} frames of {args.width}x{args.height} half RGBA ({time.perf_counter() - started:.0f} s)"
         )
+        if args.in_process:
+            machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+            report = in_process(pattern, args.frames, args.repeats, work)
+            print(json.dumps({"frames": args.frames, "size": f"{args.width}x{args.height}", **report,
+                              "machine": machine, "load_average": os.getloadavg()}, indent=2))  # fmt: skip
+            return
         plain_seconds = plain_read_write(pattern, args.frames, work / "plain")
         shutil.rmtree(work / "plain")
 

@@ -18,6 +18,7 @@ contact sheet and MP4.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -373,46 +374,48 @@ def finish_frame(
     low_triangle, low_lanczos = on_device(triangle_layers), on_device(lanczos_layers)
     plate = torch.from_numpy(frame).to(target_device)
     plate_channels = frame.shape[-1]
+    # One pass over the plate tells both whether it is finite (the usual case needs no per-pixel repair below)
+    # and whether it fits half's range (the usual case converts as it is copied into the output).
+    low, high = (float(v) for v in torch.aminmax(plate))
+    plate_finite = math.isfinite(low) and math.isfinite(high)
     channels = torch.zeros(
         (height, width, 9), dtype=torch.float16 if half else torch.float32, device=target_device
     )
-    channels[..., :plate_channels] = _as_stored(plate, half)
+    if half and not (plate_finite and low >= -HALF_MAX and high <= HALF_MAX):
+        channels[..., :plate_channels] = _as_stored(plate, half)
+    else:
+        channels[..., :plate_channels] = plate
     if plate_channels == 3:
         channels[..., 3] = 1.0  # a plate without alpha is opaque
     threshold = float(matte_threshold)
-    # Checked once for the frame: a finite plate (the usual case) needs no per-pixel repair below.
-    plate_finite = bool(
-        torch.isfinite(plate.sum())
-    )  # a sum: one fast pass (a huge sum only takes the slow path)
     for start in range(0, height, BAND_ROWS):
         rows = slice(start, min(height, start + BAND_ROWS))
-        upsampled = resample_tensor(low_triangle, size, "triangle", rows=rows).reshape(
-            low_triangle.shape[-1], -1
-        )
+        upsampled = resample_tensor(low_triangle, size, "triangle", rows=rows)
+        upsampled = upsampled.reshape(low_triangle.shape[-1], -1)  # (channels, band pixels)
         covered = torch.nonzero(upsampled[0] > 0).squeeze(1)
         if not len(covered):
             continue
-        plate_band = plate[rows].reshape(-1, plate_channels)
-        rgb = plate_band[:, :3].index_select(0, covered)
+        plate_pixels = plate[rows].reshape(-1, plate_channels).index_select(0, covered)
+        rgb = plate_pixels[:, :3]
         # One conversion serves the guide (the plate as the model sees it, clamped) and the layer solve.
-        finite_rgb = rgb if plate_finite else _finite(rgb)
-        unclamped = _convert(colour.to_model_processor, finite_rgb, in_place=finite_rgb is not rgb)
+        # A copy (converted in place): ``rgb`` itself is the plate's pixels, needed as they are.
+        model_input = rgb.clone(memory_format=torch.contiguous_format)
+        if not plate_finite:
+            torch.nan_to_num_(model_input, nan=0.0, posinf=0.0, neginf=0.0)  # for the model only
+        unclamped = _convert(colour.to_model_processor, model_input, in_place=True)
         model_plate = unclamped.clamp(0.0, 1.0)
-        alpha = upsampled[0].index_select(0, covered)
+        upsampled = upsampled.index_select(1, covered).t()  # (N, channels)
+        alpha = upsampled[:, 0].clone()
         if matte_filter == "guided":
             # The guided filter redraws only the bilinear matte's transition zone (0 < a < 1).
-            coefficients = upsampled[1:].index_select(1, covered)
-            refined = (coefficients[:3].t() * model_plate).sum(dim=1) + coefficients[3]
+            refined = (upsampled[:, 1:4] * model_plate).sum(dim=1) + upsampled[:, 4]
             alpha = torch.where(alpha < 1.0, refined, alpha)
         alpha.clamp_(0.0, 1.0)
         alpha.masked_fill_(alpha <= threshold, 0.0)
         alpha.masked_fill_(alpha >= 1.0 - threshold, 1.0)
-        touched = alpha > 0
-        if not bool(touched.any()):
+        untouched = alpha == 0
+        if bool(untouched.all()):
             continue
-        if not bool(touched.all()):
-            covered, alpha, rgb = covered[touched], alpha[touched], rgb[touched]
-            unclamped, model_plate = unclamped[touched], model_plate[touched]
         lanczos = resample_tensor(low_lanczos, size, "lanczos3", rows=rows).reshape(low_lanczos.shape[-1], -1)
         lanczos = lanczos.index_select(1, covered).t()
         edit_model = lanczos[:, :3].clamp(0.0, 1.0)
@@ -422,10 +425,19 @@ def finish_frame(
             base_finite = bool(torch.isfinite(base).all())
             unclamped = _convert(colour.to_model_processor, base if base_finite else _finite(base))
             model_plate = unclamped.clamp(0.0, 1.0)
-        plate_alpha = plate_band[:, 3].index_select(0, covered) if plate_channels == 4 else None
+        plate_alpha = plate_pixels[:, 3] if plate_channels == 4 else None
         solved = _solve_layers(
             base, base_finite, unclamped, model_plate, edit_model, alpha, plate_alpha, colour
         )
+        if bool(untouched.any()):
+            # Pixels the snap emptied are solved too (no gathering), then given back the plate's own values, bit
+            # for bit, and no edit: what they would be had they never been covered.
+            solved[:, :plate_channels] = torch.where(
+                untouched[:, None], plate_pixels, solved[:, :plate_channels]
+            )
+            if plate_channels == 3:
+                solved[:, 3].masked_fill_(untouched, 1.0)
+            solved[:, 4:].masked_fill_(untouched[:, None], 0.0)
         channels[rows].reshape(-1, 9).index_copy_(0, covered, _as_stored(solved, half))
     packed = channels.cpu().numpy()
     return FrameLayers(
@@ -441,8 +453,11 @@ def _solve_layers(
     a temporary allows). ``base_finite``: ``base`` is known to hold finite values only."""
     import torch
 
-    # Where the model's clamp changed the plate (highlights, out-of-gamut or non-finite values).
-    clamped = ((unclamped < 0.0) | (unclamped > 1.0)).any(dim=1)
+    # Where the model's clamp changed the plate (highlights, out-of-gamut or non-finite values); usually nowhere.
+    if bool((model_plate != unclamped).any()):
+        clamped = (model_plate != unclamped).any(dim=1)
+    else:
+        clamped = torch.zeros(len(base), dtype=torch.bool, device=base.device)
     if not base_finite:
         clamped |= ~torch.isfinite(base).all(dim=1)
     a = alpha[:, None]

@@ -186,8 +186,10 @@ def resample_tensor(
 
     The same weights as :func:`resample`, applied as banded matrix products: each band of output rows and each
     block of ``block`` output columns multiplies only the input pixels its filter reaches (a 6-tap Lanczos from a
-    model-size layer to 4K is a few multiply-adds per output value, not one per input pixel). Equal to
-    :func:`resample` up to float32 summation order.
+    model-size layer to 4K is a few multiply-adds per output value, not one per input pixel). Rows first, then
+    columns, as :func:`resample` does, so the sums round alike: where a matte is exactly 1 there, it is here too
+    (the guided filter redraws only where the bilinear matte is strictly between 0 and 1, so a value of 1 rounded
+    to 0.99999994 would be redrawn). Equal to :func:`resample` up to float32 summation order.
     """
     if x.ndim != 3:
         raise ValueError(f"x has shape {tuple(x.shape)}; expected (H, W, C)")
