@@ -44,6 +44,8 @@ import numpy as np
 import OpenImageIO as oiio
 
 FIRST = 1001
+# The layered EXR's channels (ARCHITECTURE.md), spelled here so the bench also runs against an engine before them.
+LAYER_CHANNELS = ("R", "G", "B", "A", "edit.R", "edit.G", "edit.B", "edit.A", "matte.A")
 
 
 def write_plate(folder: Path, frames: int, width: int, height: int) -> str:
@@ -87,7 +89,6 @@ def layered_read_write(pattern: str, frames: int, outputs: list[Path], out: Path
     while one is written, as the stage overlaps them."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from vera_engine.imaging.edit_plate import LAYER_CHANNELS
     from vera_engine.imaging.exr import write_exr
 
     out.mkdir(parents=True, exist_ok=True)
