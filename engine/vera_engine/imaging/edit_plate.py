@@ -4,11 +4,12 @@
    checkpoint's resolution (frames in parallel), then samples. Only this model-size clip is held whole.
 2. :func:`finish_frames` reads each plate frame again and makes its layers at plate resolution: the matte
    upsampled edge-aware (guided by the full-resolution plate), the edit colour brought back to the working space,
-   and the composite over the *original* plate pixels, which stay bit-exact wherever the matte is 0. Each frame's
-   layers go to a sink (the engine writes them as an EXR at once) on a thread pool: OpenImageIO, OpenColorIO and
-   numpy release the GIL.
+   and the composite over the *original* plate pixels, which stay bit-exact wherever the matte is 0. The layers are
+   torch tensor work on the engine's device (:func:`finish_frame`) with OpenColorIO's CPU processors on whole
+   buffers; frames go through a bounded pipeline: the next frame is read while one is made, and each frame's
+   layers go to a sink (the engine writes them as an EXR at once) on writer threads meanwhile.
 
-The delivered layers composite like the model (:func:`layers_like_model`): a compositor's linear
+The delivered layers composite like the model (:func:`~vera_engine.imaging.composite.layers_like_model`): a compositor's linear
 ``plate·(1−a) + edit_premult`` gives the model's own composite, which it learned in its sRGB-encoded space.
 
 :func:`edit_plate` runs both for an in-memory plate and returns every layer (:class:`LayeredResult`);
@@ -110,7 +111,7 @@ class LayeredResult:
 
 
 def default_workers() -> int:
-    """Frames finished at once: every core, at most 4 (each 4K frame in flight holds about a gigabyte)."""
+    """Sample reads in parallel, and finished frames written at once: every core, at most 4."""
     return max(1, min(4, os.cpu_count() or 1))
 
 
