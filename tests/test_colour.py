@@ -148,3 +148,20 @@ def test_display_view_options():
     np.testing.assert_allclose(un_tone_mapped.to_model(grey), _srgb_encode(0.18), atol=1e-3)
     with pytest.raises(ValueError, match="model colour space 'Video'"):
         ColourConverter("ACEScg", model_space="Video")
+
+
+def test_the_engine_offers_display_referred_video_spaces_for_rendered_clips():
+    # Resolve renders a clip in the project's output space (Rec.709 Gamma 2.4 in a default SDR project): the engine
+    # publishes the config's sdr-video spaces after the scene-linear ones, so the Resolve window can declare the
+    # rendered clip as what it is (issue 25 item 3), and a plate in such a space goes to the model and back exactly.
+    from vera_engine.imaging.colour import DEFAULT_WORKING_SPACE, ColourConverter
+    from vera_engine.service.runner import plate_colour_spaces
+
+    spaces = plate_colour_spaces()
+    assert spaces[0] == DEFAULT_WORKING_SPACE
+    assert "Gamma 2.4 Rec.709 - Texture" in spaces and "Linear Rec.709 (sRGB)" in spaces
+    assert spaces.index("Gamma 2.4 Rec.709 - Texture") > spaces.index("Linear Rec.709 (sRGB)")
+    video = ColourConverter("Gamma 2.4 Rec.709 - Texture")
+    ramp = np.linspace(0.0, 1.0, 33, dtype=np.float32)
+    rgb = np.stack([ramp, ramp[::-1], np.full_like(ramp, 0.25)], axis=-1)[None]
+    np.testing.assert_allclose(video.from_model(video.to_model(rgb)), rgb, atol=2e-4)

@@ -46,13 +46,17 @@ def weights_hash(files: list[Path], root: Path) -> str:
     return digest.hexdigest()
 
 
-def scene_linear_spaces() -> list[str]:
-    """Scene-linear colour spaces of the OCIO config, the default working space first."""
+def plate_colour_spaces() -> list[str]:
+    """The colour spaces a plate may be in: the OCIO config's scene-linear spaces (the default working space first),
+    then its display-referred video spaces ("sdr-video": what Resolve renders a clip in, Rec.709 Gamma 2.4 in a
+    default SDR project), so a host can declare a rendered clip as what it is and get results in the same space."""
     from vera_engine.imaging.colour import DEFAULT_WORKING_SPACE, load_config
 
     config = load_config()
-    names = [cs.getName() for cs in config.getColorSpaces() if cs.getEncoding() == "scene-linear"]
-    return [DEFAULT_WORKING_SPACE] + [n for n in names if n != DEFAULT_WORKING_SPACE]
+    spaces = list(config.getColorSpaces())
+    linear = [cs.getName() for cs in spaces if cs.getEncoding() == "scene-linear"]
+    video = [cs.getName() for cs in spaces if cs.getEncoding() == "sdr-video"]
+    return [DEFAULT_WORKING_SPACE] + [n for n in linear if n != DEFAULT_WORKING_SPACE] + video
 
 
 def _cpu_name() -> str:
@@ -173,7 +177,7 @@ class PipelineRunner:
                 vocabulary=vocabulary(self.model_dir),
                 loras=tuple(self.loras),
             )
-            self._models = [model_info(defaults, scene_linear_spaces(), COLOUR_COMPRESSIONS)]
+            self._models = [model_info(defaults, plate_colour_spaces(), COLOUR_COMPRESSIONS)]
         return [pb.ModelInfo.FromString(m.SerializeToString()) for m in self._models]
 
     def device_info(self) -> pb.DeviceInfo:

@@ -137,7 +137,7 @@ def options_schema(
                       choices=list(model.step_caches), help="Skip transformer work on steps that barely change: faster, "
                       "slightly different from exact sampling. none = exact."),
         pb.OptionSpec(name="colorspace", label="Plate colour space", type=choice, default=_value(colorspaces[0]),
-                      choices=list(colorspaces), help="The scene-linear colour space the plate is in (OCIO name)."),
+                      choices=list(colorspaces), help="The colour space the plate is in (OCIO name): scene-linear, or display-referred video (a clip Resolve rendered); the results come back in it."),
         pb.OptionSpec(name="hdr", label="Keep HDR highlights", type=pb.OPTION_TYPE_BOOL, default=_value(False),
                       help="Roll highlights through the ACES SDR view transform and back instead of clamping them."),
         pb.OptionSpec(name="bit_depth", label="Output bit depth", type=choice, default=_value("half"),
