@@ -153,3 +153,21 @@ def test_generate_fetches_only_the_vera_results_the_job_lists(tmp_path: Path) ->
     for bad in (["vera_edit.1001.exr", ".bashrc"], ["../vera_edit.1001.exr"], []):
         with pytest.raises(GenerateError, match="Not fetched"):
             result_names("j", pb.JobStatus(output_files=bad))
+
+
+def test_schema_option_names_never_become_callback_knobs(host: ModuleType) -> None:
+    # Issue 28 item 13: an engine's schema names knobs; a name Nuke runs as code (a callback) or that is not an
+    # identifier gets a prefix, so a lying engine cannot plant code in a callback knob.
+    _knob_name = host._knob_name
+    for name in (
+        "knobChanged",
+        "onCreate",
+        "onDestroy",
+        "updateUI",
+        "autolabel",
+        "beforeRender",
+        "afterFrameRender",
+    ):
+        assert _knob_name(name) == f"opt_{name}"
+    assert _knob_name("[python -exec {x}]") == "opt__python__exec__x__"
+    assert _knob_name("steps") == "steps"

@@ -110,7 +110,15 @@ _RESERVED = {
     "selected", "hide_input", "icon", "postage_stamp", "xpos", "ypos", "engine", "connect", "engine_status",
     "model", "frame_range", "range_first", "range_last", "output", "take", "generate", "cancel", "bake",
     "status", "job_id", "prompt_words", "working_space", "vera_models",
+    # Knobs Nuke runs as Python or TCL (callbacks and the label's TCL): an engine's schema must never name one.
+    "updateUI", "autolabel", "beforeRender", "afterRender", "beforeFrameRender", "afterFrameRender",
+    "afterBackgroundRender", "afterBackgroundFrameRender", "filenameFilter", "validateFilename", "autoSaveFilter",
+    "onScriptLoad", "onScriptSave", "onScriptClose", "onUserCreate", "indicators", "gl_color", "dope_sheet",
+    "bookmark", "cached", "lifetimeStart", "lifetimeEnd", "useLifetime", "lock_connections", "mapsize", "window",
+    "panel", "User",
 }  # fmt: skip
+# A knob name Nuke accepts: an identifier. Anything else an engine sends is made one.
+_KNOB_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 # Python run by the node itself (saved in the script); guarded so a script opens even without vera_plugin, or
 # with a grpcio/protobuf too old for the generated code (protobuf's VersionError, grpcio's RuntimeError: not
 # ImportErrors), as menu.py's import is.
@@ -120,6 +128,8 @@ _RELATIVE_ROOT = "[file dirname [value root.name]]"
 
 
 def _knob_name(option: str) -> str:
+    if not _KNOB_NAME.match(option):
+        return "opt_" + re.sub(r"[^A-Za-z0-9_]", "_", option)
     return f"opt_{option}" if option in _RESERVED else option
 
 
