@@ -234,6 +234,9 @@ def test_job_options_validate_and_name_the_field() -> None:
         "takes": 1,
         "window_frames": 4,
         "window_overlap": 1,
+        # float32 on the wire: the proto's 0.05 and 0.95
+        "clip_black": pytest.approx(0.05),
+        "clip_white": pytest.approx(0.95),
     }
     assert schema_ui.job_options(fields, {"prompt": "x"}, "ACEScg")[1]["seed"] is None  # engine draws it
     cases = [
