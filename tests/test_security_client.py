@@ -115,20 +115,15 @@ def test_a_job_id_from_the_engine_that_is_not_32_hex_digits_is_refused(
             client.status(GOOD_ID)
 
 
-def test_a_malformed_id_from_the_caller_is_not_found_without_asking(
-    lying_engine: tuple[LyingEngine, str],
-) -> None:
+def test_a_status_about_a_malformed_id_is_refused(lying_engine: tuple[LyingEngine, str]) -> None:
     fake, address = lying_engine
-    with EngineClient(address, timeout=10) as client:
-        for call in (
-            lambda: client.status("../x"),
-            lambda: client.cancel(GOOD_ID + "\n"),
-            lambda: client.fetch(TCL, "/nonexistent"),
-        ):
-            with pytest.raises(EngineError) as err:
-                call()
-            assert err.value.code == "NOT_FOUND" and "32 lower-case hexadecimal" in str(err.value)
-    assert fake.requests == []
+    for bad_id in ("../x", GOOD_ID + "\n", TCL):
+        fake.status_id = bad_id
+        with EngineClient(address, timeout=10) as client:
+            for call in (client.status, client.cancel):
+                with pytest.raises(EngineError, match="not 32 lower-case hexadecimal") as err:
+                    call(bad_id)
+                assert err.value.code == "INTERNAL"
     assert client_module.check_job_id(GOOD_ID) == GOOD_ID
 
 
