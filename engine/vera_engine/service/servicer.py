@@ -25,7 +25,7 @@ from typing import Any, NoReturn
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from vera_engine.service import auth, reflection
+from vera_engine.service import auth, reflection, rpc_guard
 from vera_engine.service import store as job_store
 from vera_engine.service.engine import CHUNK_BYTES, MAX_MESSAGE_BYTES, SERVICE_NAME, Engine
 from vera_engine.service.limits import MAX_PAGE_SIZE, PAGE_BYTES, cap_message, quote
@@ -140,6 +140,7 @@ class EngineServicer(pb_grpc.EngineServicer):
         engine = self.engine
         upload: Upload | None = None
         committed = False
+        request_iterator = rpc_guard.idle_timeout(request_iterator, context)  # an idle upload holds no thread
         try:
             first = next(request_iterator, None)
             if first is None or not first.HasField("header"):
@@ -351,7 +352,8 @@ def create_server(
     """
     from concurrent import futures
 
-    interceptors = [auth.TokenInterceptor(tokens)] if tokens else []
+    interceptors: list[grpc.ServerInterceptor] = [auth.TokenInterceptor(tokens)] if tokens else []
+    interceptors.append(rpc_guard.StreamCaps())  # no client takes every thread with idle streams
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="vera-rpc"),
         interceptors=interceptors,
@@ -363,6 +365,7 @@ def create_server(
             # grpcio sets SO_REUSEPORT by default: a second engine on the same port would bind too, and clients
             # would be split at random between the two. One engine per port.
             ("grpc.so_reuseport", 0),
+            *rpc_guard.SERVER_OPTIONS,  # keepalive and maximum connection age
         ],
     )
     pb_grpc.add_EngineServicer_to_server(EngineServicer(engine), server)

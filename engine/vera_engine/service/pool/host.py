@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vera_engine.service import safe_files
 from vera_engine.service import store as job_store
 from vera_engine.service.spool import MANIFEST, InputError, SpooledInputs
 from vera_engine.service.worker import Events, JobCancelled, JobContext, JobRunner, LiveState, free_memory
@@ -106,10 +107,10 @@ def pack_inputs(inputs_dir: Path) -> dict[str, bytes]:
         for frame, entry in manifest[layer].items():
             if entry["encoding"] == "path":
                 name = f"{layer}.{frame}.by-path.exr"
-                try:
-                    files[name] = Path(entry["path"]).read_bytes()
-                except OSError as exc:
-                    raise InputError(f"{layer}[{frame}]", f"cannot be read any more: {exc}") from None
+                try:  # opened as Submit checked it: no link followed, same file (safe_files)
+                    files[name] = safe_files.read_recorded(entry)
+                except (safe_files.UnsafeFile, OSError) as exc:
+                    raise InputError(f"{layer} frame {frame}.path", f"{entry['path']} {exc}") from None
                 manifest[layer][frame] = {**entry, "encoding": "exr", "file": name}
             else:
                 files[entry["file"]] = (inputs_dir / entry["file"]).read_bytes()

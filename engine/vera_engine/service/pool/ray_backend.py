@@ -18,7 +18,9 @@ the placement code they run is the one that places GPU workers.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import os
 import socket
 import threading
 from collections.abc import Callable
@@ -72,6 +74,64 @@ class RayWorkerHost(WorkerHost):
         return self.load()
 
 
+MIN_RAY_VERSION = (2, 52)  # the first Ray with token authentication (RAY_AUTH_MODE=token)
+
+
+def check_ray_version(version: str) -> None:
+    """Refuse a Ray older than token authentication: its clusters run any code anyone who reaches them sends."""
+    parts = []
+    for piece in version.split(".")[:2]:
+        digits = "".join(c for c in piece if c.isdigit())
+        parts.append(int(digits or 0))
+    if tuple(parts) < MIN_RAY_VERSION:
+        want = ".".join(str(p) for p in MIN_RAY_VERSION)
+        raise ClusterError(
+            f"Ray {version} has no token authentication (Ray {want} added it): anyone who reaches its ports can run "
+            f"code on every node; install ray>={want} (pip install 'vera-edit[cluster]') and start the cluster with "
+            "RAY_AUTH_MODE=token (docs/SECURITY.md)"
+        )
+
+
+def is_this_machine(host: str) -> bool:
+    """True when ``host`` names this machine: a loopback address, or one of its own (bindable) addresses."""
+    host = host.strip("[]")
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return True
+    except ValueError:
+        if host == "localhost":
+            return True
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError:
+        return False
+    for family, _type, _proto, _name, sockaddr in infos:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((sockaddr[0], 0))  # only an address of one of this machine's interfaces binds
+                return True
+            except OSError:
+                continue
+    return False
+
+
+def check_remote(address: str, allow_remote: bool) -> None:
+    """Refuse a cluster on another machine unless the operator says it is secured (``--allow-remote-ray``).
+
+    A Ray cluster runs whatever code its clients send: one reachable from other machines without Ray's token
+    authentication is remote code execution for anyone on the network.
+    """
+    if address == "auto" or allow_remote:
+        return
+    host = address.removeprefix("ray://").rpartition(":")[0]
+    if host and not is_this_machine(host):
+        raise ClusterError(
+            f"--cluster {address} is on another machine: a Ray cluster runs any code its clients send, so make sure "
+            "it requires Ray's token authentication (RAY_AUTH_MODE=token on every node and here, Ray >= 2.52), uses "
+            "TLS on a shared network and has its ports firewalled (docs/SECURITY.md), then pass --allow-remote-ray"
+        )
+
+
 def check_address(address: str, timeout: float = 5.0) -> None:
     """Refuse at once an address where nothing listens (ray.init would retry it for minutes)."""
     if address == "auto":
@@ -98,7 +158,14 @@ def connect(address: str, timeout: float = CONNECT_SECONDS) -> bool:
 
     if ray.is_initialized():
         return False
+    check_ray_version(ray.__version__)
     check_address(address)
+    if address != "auto" and os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        log.warning(
+            "connecting to the Ray cluster at %s without RAY_AUTH_MODE=token: unless the cluster requires tokens, "
+            "anyone who reaches its ports can run code on its nodes (docs/SECURITY.md)",
+            address,
+        )
     outcome: list[BaseException | None] = []
 
     def init() -> None:
@@ -291,9 +358,11 @@ class RayBackend:
         context_parallel: str = "ulysses",
         shared_spool: bool = False,
         preview_interval: float = 1.0,
+        allow_remote: bool = False,
     ) -> None:
         if gpus_per_job < 1:
             raise ValueError(f"--gpus-per-job {gpus_per_job}: expected 1 or more devices per job")
+        check_remote(address, allow_remote)
         self.address = address
         self.runner = runner
         self.resource = resource
