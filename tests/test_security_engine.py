@@ -14,6 +14,7 @@ from tests.service_helpers import P, raw_chunks, uniform_frame, wait_for
 from vera_engine.service import auth, rpc_guard
 from vera_engine.service.pool import ray_backend
 from vera_engine.service.serve import serve_main
+from vera_plugin.client import EngineError
 from vera_proto.vera.v1 import engine_pb2 as pb
 from vera_proto.vera.v1 import engine_pb2_grpc as pb_grpc
 
@@ -168,3 +169,52 @@ def test_server_options_keepalive_and_connection_age() -> None:
     assert options["grpc.max_connection_age_ms"] == 24 * 3600 * 1000
     assert rpc_guard.client_of("ipv4:10.0.0.5:41234") == "ipv4:10.0.0.5"
     assert rpc_guard.client_of("ipv6:[::1]:5000") == "ipv6:[::1]"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Results: only Vera's names, only inside the job's output folder (item 12); the rendezvous opens no port
+
+
+def test_worker_reported_result_names_must_be_vera_results() -> None:
+    from vera_engine.service import safe_files
+
+    assert safe_files.check_result_names(["vera_edit.1001.exr", "vera_edit_take2.-5.exr"])
+    for bad in (
+        "../../etc/passwd",
+        "vera_edit.1001.exr\n",
+        "/abs/vera_edit.1.exr",
+        "sub/vera_edit.1.exr",
+        ".bashrc",
+    ):
+        with pytest.raises(ValueError, match="not a Vera result name"):
+            safe_files.check_result_names(["vera_edit.1.exr", bad])
+
+
+def test_fetch_never_follows_a_link_out_of_the_output_folder(make_harness, tmp_path: Path) -> None:
+    h = make_harness()
+    job = h.client.submit(pb.JobHeader(prompt="x", frames=[1]), raw_chunks(P, 1, uniform_frame())).job_id
+    final = h.client.wait(job)
+    assert final.state == pb.JOB_STATE_SUCCEEDED
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"the engine user's private key")
+    result = h.spool / "jobs" / job / "out" / final.output_files[0]
+    result.unlink()
+    result.symlink_to(secret)
+    with pytest.raises(EngineError):
+        h.client.fetch(job, tmp_path / "fetched")
+    assert not any(
+        p.is_file() and p.read_bytes() == secret.read_bytes() for p in (tmp_path / "fetched").rglob("*")
+    )
+
+
+def test_the_rendezvous_of_a_group_is_a_private_file_store() -> None:
+    import stat as stat_module
+    from urllib.parse import urlparse
+
+    from vera_engine.service import safe_files
+
+    init = safe_files.rendezvous_file()
+    assert init.startswith("file://")
+    folder = Path(urlparse(init).path).parent
+    assert stat_module.S_IMODE(folder.stat().st_mode) == 0o700
+    folder.rmdir()

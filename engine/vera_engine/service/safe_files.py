@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
+import tempfile
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 __all__ = [
     "DECODE",
@@ -302,3 +304,49 @@ def private_dir(path: Path) -> Path:
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(path, 0o700)
     return path
+
+
+def rendezvous_file() -> str:
+    """Where the ranks of a job over several devices of one machine meet: a ``file://`` store in a new folder
+    only the engine's user can enter (0700).
+
+    torch's TCP store listens on every interface whatever address it is given; a file store opens no port at
+    all. Every group is on one machine (local workers, or a Ray placement group packed on one node).
+    """
+    folder = tempfile.mkdtemp(prefix="vera-rendezvous-")  # created 0700
+    return Path(folder, "store").as_uri()
+
+
+RESULT_NAME = re.compile(r"vera_edit(?:_take[1-9][0-9]*)?\.-?[0-9]+\.exr")
+"""The names of a job's result files (runner.result_stem + frame number), and nothing else."""
+
+
+def check_result_names(names: Iterable[str]) -> list[str]:
+    """``names`` if each is a Vera result file name; ValueError naming the first that is not.
+
+    A worker (a Ray actor on another node) reports the names of the results it wrote; the front door stores and
+    serves them, so a name like ``../../etc/passwd`` must never get that far.
+    """
+    names = list(names)
+    for name in names:
+        if not isinstance(name, str) or not RESULT_NAME.fullmatch(name):
+            raise ValueError(
+                f"a worker reported the result {str(name)[:80]!r}, which is not a Vera result name "
+                "(vera_edit[_take<k>].<frame>.exr); the job's results are not trusted"
+            )
+    return names
+
+
+def open_result(out_dir: Path, name: str) -> BinaryIO:
+    """One result of a job, opened for reading: only a Vera result name, only inside ``out_dir``, no link followed."""
+    check_result_names([name])
+    path = out_dir / name
+    if path.parent != out_dir:  # cannot happen for a result name; kept as the invariant Fetch relies on
+        raise ValueError(f"result {name!r} is not inside the job's output folder")
+    fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _NONBLOCK | _CLOEXEC)
+    try:
+        _require_regular(os.fstat(fd))
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")

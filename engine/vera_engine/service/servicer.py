@@ -14,6 +14,7 @@ import errno
 import functools
 import inspect
 import logging
+import os
 import re
 import time
 import traceback
@@ -25,7 +26,7 @@ from typing import Any, NoReturn
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from vera_engine.service import auth, reflection, rpc_guard
+from vera_engine.service import auth, reflection, rpc_guard, safe_files
 from vera_engine.service import store as job_store
 from vera_engine.service.engine import CHUNK_BYTES, MAX_MESSAGE_BYTES, SERVICE_NAME, Engine
 from vera_engine.service.limits import MAX_PAGE_SIZE, PAGE_BYTES, cap_message, quote
@@ -244,15 +245,14 @@ class EngineServicer(pb_grpc.EngineServicer):
             )
         out_dir = engine.spool.output_dir(record.id)
         for index, name in enumerate(names):
-            path = out_dir / name
-            try:
-                handle = open(path, "rb")  # noqa: SIM115 - closed below; the generator may be abandoned
+            try:  # a result name only, inside out_dir, no link followed (safe_files); closed below
+                handle = safe_files.open_result(out_dir, name)
             except FileNotFoundError:
                 raise RpcFailure(
                     grpc.StatusCode.NOT_FOUND, f"result {name} of job {record.id} was removed"
                 ) from None
             with handle:
-                size = path.stat().st_size
+                size = os.fstat(handle.fileno()).st_size
                 offset = 0
                 while True:
                     data = handle.read(CHUNK_BYTES)

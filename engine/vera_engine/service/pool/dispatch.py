@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+from vera_engine.service import safe_files
 from vera_engine.service import store as job_store
 from vera_engine.service.pool.host import JobOutcome, JobTicket, WorkerReport, apply_snapshot, pack_inputs
 from vera_engine.service.spool import InputError, Spool
@@ -388,6 +389,7 @@ class Pool:
             inputs = None if shared else pack_inputs(self.spool.inputs_dir(record.id))
             handle.want_previews(record.id, previews[0])
             outcome = handle.run(ticket, inputs, on_update)
+            safe_files.check_result_names([*outcome.outputs, *(outcome.files or ())])  # a worker may lie
             if outcome.files is not None:
                 _write_results(out_dir, outcome.files)
         except WorkerLost as exc:

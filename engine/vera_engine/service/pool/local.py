@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
+from vera_engine.service import safe_files
 from vera_engine.service.pool.dispatch import WorkerHandle, WorkerLost
 from vera_engine.service.pool.host import (
     GroupSpec,
@@ -28,7 +29,6 @@ from vera_engine.service.pool.host import (
     RunnerSpec,
     WorkerHost,
     WorkerReport,
-    free_port,
 )
 
 POLL_SECONDS = 0.5  # how long one long-poll of a job's progress waits inside the worker process
@@ -215,7 +215,7 @@ class LocalWorker(WorkerHandle):
         """Start the process(es) and wait for every rank to load."""
         runner, kind, preview_interval, threads = self._args
         context = multiprocessing.get_context("spawn")
-        init = f"tcp://127.0.0.1:{free_port()}"
+        init = safe_files.rendezvous_file()  # no TCP store: it would listen on every interface
         world = len(self.device_names)
         for rank, device in enumerate(self.device_names):
             group = GroupSpec(rank, world, init, kind) if world > 1 else None

@@ -26,6 +26,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from vera_engine.service import safe_files
 from vera_engine.service.pool.dispatch import WorkerHandle, WorkerLost
 from vera_engine.service.pool.host import (
     GroupSpec,
@@ -34,7 +35,6 @@ from vera_engine.service.pool.host import (
     RunnerSpec,
     WorkerHost,
     WorkerReport,
-    free_port,
 )
 from vera_engine.service.spool import InputError
 
@@ -62,11 +62,10 @@ class RayWorkerHost(WorkerHost):
         )
 
     def rendezvous(self) -> str:
-        """Where rank 0 of a group listens: this node's address and a free port."""
-        import ray
-
-        address = ray.util.get_node_ip_address()
-        return f"tcp://{address}:{free_port(address)}"
+        """Where the ranks of a group meet: a file store on this node, readable by the engine's user only."""
+        # The group is packed on this node (STRICT_PACK): a file store, and no TCP store listening on every
+        # interface of the node.
+        return safe_files.rendezvous_file()
 
     def load_in_group(self, group: GroupSpec | None) -> WorkerReport:
         """Load as one rank of ``group`` (or alone)."""
