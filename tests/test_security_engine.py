@@ -218,3 +218,46 @@ def test_the_rendezvous_of_a_group_is_a_private_file_store() -> None:
     folder = Path(urlparse(init).path).parent
     assert stat_module.S_IMODE(folder.stat().st_mode) == 0o700
     folder.rmdir()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Ray without --shared-spool: one frame in memory at a time (item 11)
+
+
+def _committed_raw_job(tmp_path: Path, frames: int, side: int) -> Path:
+    import numpy as np
+
+    from vera_engine.service.spool import Spool
+
+    spool = Spool(tmp_path / "spool")
+    upload = spool.new_upload(pb.JobHeader(prompt="x", frames=list(range(1, frames + 1))), [])
+    for frame in range(1, frames + 1):
+        for request in raw_chunks(P, frame, np.full((side, side, 4), 0.5, np.float32), chunk=1 << 20):
+            upload.add_chunk(request.chunk)
+    upload.finish()
+    upload.commit(spool.inputs_dir("job"))
+    return spool.inputs_dir("job")
+
+
+def test_pack_inputs_reads_each_frame_only_when_asked_for(tmp_path: Path) -> None:
+    import tracemalloc
+
+    from vera_engine.service.pool.host import pack_inputs
+
+    inputs = _committed_raw_job(tmp_path, frames=12, side=256)  # 1 MiB a frame
+    frame_bytes = 256 * 256 * 4 * 4
+    tracemalloc.start()
+    try:
+        files = pack_inputs(inputs)
+        sizes = {name: len(files[name]) for name in files}  # as the Ray backend walks it: put, then drop
+        _current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert sum(sizes.values()) > 12 * frame_bytes
+    assert peak < 3 * frame_bytes, f"{peak} bytes at the peak: more than one frame held at a time"
+    # Lazy: a frame removed after packing is missed when it is read, not before.
+    files = pack_inputs(inputs)
+    (inputs / "plate.2.raw").unlink()
+    assert len(files["plate.1.raw"]) == frame_bytes
+    with pytest.raises(FileNotFoundError):
+        files["plate.2.raw"]

@@ -16,6 +16,7 @@ step.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import logging
@@ -25,13 +26,14 @@ import socket
 import tempfile
 import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vera_engine.service import safe_files
 from vera_engine.service import store as job_store
+from vera_engine.service.pool.streamed import LazyFiles
 from vera_engine.service.spool import MANIFEST, InputError, SpooledInputs
 from vera_engine.service.worker import Events, JobCancelled, JobContext, JobRunner, LiveState, free_memory
 from vera_proto.vera.v1 import engine_pb2 as pb
@@ -81,7 +83,7 @@ class JobOutcome:
     state: int  # job_store.SUCCEEDED, FAILED or CANCELLED
     error: str = ""
     outputs: list[str] = field(default_factory=list)  # result file names, sorted
-    files: dict[str, bytes] | None = None  # the results' bytes when the spool is not shared
+    files: Mapping[str, bytes] | None = None  # the results' bytes when the spool is not shared
     progress: tuple[int, int, float] = (0, 0, 0.0)  # (step, total steps, fraction) where the job stopped
 
 
@@ -95,30 +97,36 @@ class WorkerReport:
     models: list[bytes]  # pb.ModelInfo of each model the runner serves (first: the default)
 
 
-def pack_inputs(inputs_dir: Path) -> dict[str, bytes]:
-    """A committed job's inputs as bytes, for a worker that does not see the spool.
+def pack_inputs(inputs_dir: Path) -> LazyFiles:
+    """A committed job's inputs as bytes, for a worker that does not see the spool: read one file at a time, as
+    each is asked for (:class:`LazyFiles`), never the whole job at once.
 
     Frames that were sent by path are read here, on the front door, which is where they were checked: the worker
     gets their bytes as if they had been sent as EXR files.
     """
     manifest = json.loads((inputs_dir / MANIFEST).read_text())
-    files: dict[str, bytes] = {}
+    files: dict[str, Callable[[], bytes]] = {}
     for layer in ("plate", "mask"):
         for frame, entry in manifest[layer].items():
             if entry["encoding"] == "path":
                 name = f"{layer}.{frame}.by-path.exr"
-                try:  # opened as Submit checked it: no link followed, same file (safe_files)
-                    files[name] = safe_files.read_recorded(entry)
-                except (safe_files.UnsafeFile, OSError) as exc:
-                    raise InputError(f"{layer} frame {frame}.path", f"{entry['path']} {exc}") from None
+                files[name] = functools.partial(_read_by_path, layer, frame, entry)
                 manifest[layer][frame] = {**entry, "encoding": "exr", "file": name}
             else:
-                files[entry["file"]] = (inputs_dir / entry["file"]).read_bytes()
-    files[MANIFEST] = json.dumps(manifest).encode()
-    return files
+                files[entry["file"]] = (inputs_dir / entry["file"]).read_bytes
+    encoded = json.dumps(manifest).encode()
+    files[MANIFEST] = lambda: encoded
+    return LazyFiles(files)
 
 
-def unpack_inputs(files: dict[str, bytes], directory: Path) -> Path:
+def _read_by_path(layer: str, frame: str, entry: dict[str, Any]) -> bytes:
+    try:  # opened as Submit checked it: no link followed, same file (safe_files)
+        return safe_files.read_recorded(entry)
+    except (safe_files.UnsafeFile, OSError) as exc:
+        raise InputError(f"{layer} frame {frame}.path", f"{entry['path']} {exc}") from None
+
+
+def unpack_inputs(files: Mapping[str, bytes], directory: Path) -> Path:
     """Write :func:`pack_inputs`' files into ``directory`` (created); returns it."""
     directory.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():

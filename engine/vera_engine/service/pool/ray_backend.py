@@ -6,8 +6,9 @@ GPU. The front door asks for as many workers as the live nodes have room for (ev
 join are used and workers lost with a node are replaced), and learns from Ray when an actor or its node died
 (``RayActorError``): the job then goes back to the queue (`dispatch.Pool`).
 
-Inputs go to the workers and results come back through Ray's object store (``ray.put`` / the actor's return
-value), unless ``--shared-spool`` says the workers see the front door's spool path. Actors belong to the front
+Inputs go to the workers and results come back through Ray's object store, one object per file, put and fetched
+one file at a time (neither the front door nor a worker holds a whole job in memory), unless ``--shared-spool``
+says the workers see the front door's spool path. Actors belong to the front
 door's Ray job: a front door that dies takes its actors with it, and a restarted one starts new ones and reruns
 what was queued or running.
 
@@ -18,15 +19,21 @@ the placement code they run is the one that places GPU workers.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import ipaddress
 import logging
 import os
+import shutil
 import socket
+import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from vera_engine.service import safe_files
+from vera_engine.service import store as job_store
 from vera_engine.service.pool.dispatch import WorkerHandle, WorkerLost
 from vera_engine.service.pool.host import (
     GroupSpec,
@@ -35,7 +42,9 @@ from vera_engine.service.pool.host import (
     RunnerSpec,
     WorkerHost,
     WorkerReport,
+    unpack_inputs,
 )
+from vera_engine.service.pool.streamed import LazyFiles
 from vera_engine.service.spool import InputError
 
 log = logging.getLogger("vera_engine.service")
@@ -71,6 +80,31 @@ class RayWorkerHost(WorkerHost):
         """Load as one rank of ``group`` (or alone)."""
         self.group = group
         return self.load()
+
+    def run(self, ticket: JobTicket, inputs: Mapping[str, Any] | None = None) -> JobOutcome:
+        """Run a job whose inputs come through the object store one frame at a time (``inputs``: file name ->
+        ObjectRef), and hand its results back the same way (``JobOutcome.files``: name -> ObjectRef).
+
+        The frames are written to a scratch folder on this node as each is fetched, and the results put in the
+        object store as each is read: the actor never holds more than one file of the job.
+        """
+        if inputs is None or ticket.inputs_dir is not None:
+            return super().run(ticket, inputs)  # type: ignore[arg-type]
+        import ray
+
+        scratch = Path(tempfile.mkdtemp(prefix=f"vera-{ticket.job_id}-"))  # 0700
+        try:
+            inputs_dir = unpack_inputs(_fetched(inputs), scratch / "inputs")
+            out_dir = scratch / "out"
+            out_dir.mkdir()
+            here = dataclasses.replace(ticket, inputs_dir=str(inputs_dir), output_dir=str(out_dir))
+            outcome = super().run(here, None)
+            if self.lead and outcome.state == job_store.SUCCEEDED:
+                safe_files.check_result_names(outcome.outputs)
+                outcome.files = {name: ray.put((out_dir / name).read_bytes()) for name in outcome.outputs}
+            return outcome
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 MIN_RAY_VERSION = (2, 52)  # the first Ray with token authentication (RAY_AUTH_MODE=token)
@@ -185,6 +219,13 @@ def connect(address: str, timeout: float = CONNECT_SECONDS) -> bool:
     return True
 
 
+def _fetched(refs: Mapping[str, Any]) -> LazyFiles:
+    """File name -> ObjectRef as file name -> bytes, each ``ray.get`` when indexed (one file in memory at a time)."""
+    import ray
+
+    return LazyFiles({name: functools.partial(ray.get, ref) for name, ref in refs.items()})
+
+
 def _alive_nodes() -> list[dict[str, Any]]:
     import ray
 
@@ -282,20 +323,27 @@ class RayWorker(WorkerHandle):
         return reports[0]
 
     def run(
-        self, ticket: JobTicket, inputs: dict[str, bytes] | None, on_update: Callable[[dict[str, Any]], None]
+        self,
+        ticket: JobTicket,
+        inputs: Mapping[str, bytes] | None,
+        on_update: Callable[[dict[str, Any]], None],
     ) -> JobOutcome:
         """Run the job on every rank, following rank 0's progress; the outcome is rank 0's."""
         import ray
 
         try:
-            # The frames go into the object store once; every rank of a group reads the same object.
-            inputs_ref = ray.put(inputs) if inputs is not None else None
-            refs = [actor.run.remote(ticket, inputs_ref) for actor in self._actors]
+            # Each frame goes into the object store once, read and put one at a time (``inputs`` reads a frame
+            # when indexed); every rank of a group fetches the same objects, one at a time too.
+            frame_refs = {name: ray.put(inputs[name]) for name in inputs} if inputs is not None else None
+            refs = [actor.run.remote(ticket, frame_refs) for actor in self._actors]
             seen = -1
             while True:
                 done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
                 if len(done) == len(refs):
-                    return ray.get(refs)[0]
+                    outcome: JobOutcome = ray.get(refs)[0]
+                    if outcome.files is not None:  # ObjectRefs: fetched one at a time as they are written
+                        outcome.files = _fetched(outcome.files)
+                    return outcome
                 seen, snapshot = ray.get(self._actors[0].poll.remote(ticket.job_id, seen, POLL_SECONDS))
                 if snapshot is not None:
                     on_update(snapshot)
