@@ -261,3 +261,26 @@ def test_pack_inputs_reads_each_frame_only_when_asked_for(tmp_path: Path) -> Non
     assert len(files["plate.1.raw"]) == frame_bytes
     with pytest.raises(FileNotFoundError):
         files["plate.2.raw"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Job errors carry no server paths (item 13)
+
+
+def test_a_failed_jobs_error_names_the_exception_but_not_the_engines_paths(make_harness) -> None:
+    from vera_engine.service.limits import job_error
+    from vera_engine.service.testing import PassThroughRunner
+
+    class LeakyRunner(PassThroughRunner):
+        def run(self, ctx):  # type: ignore[no-untyped-def]
+            missing = Path(ctx.output_dir) / "model" / "weights.safetensors"
+            raise FileNotFoundError(2, "No such file or directory", str(missing))
+
+    h = make_harness(LeakyRunner())
+    job = h.client.submit(pb.JobHeader(prompt="x", frames=[1]), raw_chunks(P, 1, uniform_frame())).job_id
+    final = h.client.wait(job)
+    assert final.state == pb.JOB_STATE_FAILED
+    assert final.error == "FileNotFoundError: [Errno 2] No such file or directory: '<path>'"
+    assert str(h.spool) not in final.error
+    assert job_error(RuntimeError("told to fail on prompt 'x'")) == "RuntimeError: told to fail on prompt 'x'"
+    assert job_error(OSError(r"cannot open C:\models\w.bin: bad")) == "OSError: cannot open <path>: bad"

@@ -25,6 +25,7 @@ from typing import Protocol
 import numpy as np
 
 from vera_engine.service import store as job_store
+from vera_engine.service.limits import job_error
 from vera_engine.service.spool import InputError, Spool, SpooledInputs
 from vera_proto.vera.v1 import engine_pb2 as pb
 
@@ -329,7 +330,7 @@ class Worker:
         try:
             self.runner.load()
         except Exception as exc:
-            self.load_error = f"the model failed to load: {type(exc).__name__}: {exc}"
+            self.load_error = f"the model failed to load: {job_error(exc)}"
             log.error("%s\n%s", self.load_error, traceback.format_exc())
         else:
             if self.on_loaded is not None:
@@ -384,7 +385,7 @@ class Worker:
         except InputError as exc:
             error = str(exc)
         except Exception as exc:
-            error = f"{type(exc).__name__}: {exc}"
+            error = job_error(exc)  # no server paths to clients
             log.error("job %s failed:\n%s", record.id, traceback.format_exc())
         finally:
             with self._lock:

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 from vera_engine.service import safe_files
 from vera_engine.service import store as job_store
+from vera_engine.service.limits import job_error
 from vera_engine.service.pool.host import JobOutcome, JobTicket, WorkerReport, apply_snapshot, pack_inputs
 from vera_engine.service.spool import InputError, Spool
 from vera_engine.service.worker import Events, JobRunner, LiveState, free_memory
@@ -293,7 +294,7 @@ class Pool:
         try:
             handle.report = handle.load()
         except Exception as exc:
-            error = f"worker {handle.name} failed to load the model: {type(exc).__name__}: {exc}"
+            error = f"worker {handle.name} failed to load the model: {job_error(exc)}"
             log.error("%s\n%s", error, traceback.format_exc())
             self._lose(handle, error)
             with self._lock:
@@ -401,7 +402,7 @@ class Pool:
             log.error("job %s failed on %s:\n%s", record.id, handle.name, traceback.format_exc())
             outcome = JobOutcome(
                 job_store.FAILED,
-                error=f"{type(exc).__name__}: {exc}",
+                error=job_error(exc),  # no server paths to clients
                 progress=live.stopped_at(),
             )
         self._release(handle, record.id)

@@ -33,6 +33,7 @@ from typing import Any
 
 from vera_engine.service import safe_files
 from vera_engine.service import store as job_store
+from vera_engine.service.limits import job_error
 from vera_engine.service.pool.streamed import LazyFiles
 from vera_engine.service.spool import MANIFEST, InputError, SpooledInputs
 from vera_engine.service.worker import Events, JobCancelled, JobContext, JobRunner, LiveState, free_memory
@@ -309,7 +310,7 @@ class WorkerHost:
             return JobOutcome(job_store.FAILED, error=str(exc))
         except Exception as exc:
             log.error("job %s failed:\n%s", ticket.job_id, traceback.format_exc())
-            return JobOutcome(job_store.FAILED, error=f"{type(exc).__name__}: {exc}")
+            return JobOutcome(job_store.FAILED, error=job_error(exc))  # no server paths to clients
         finally:
             with self._lock:
                 self._cancel.pop(ticket.job_id, None)
