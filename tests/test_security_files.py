@@ -76,7 +76,7 @@ def _readers(inputs: Path) -> dict[str, object]:
     return {
         "plate_frame": lambda: spooled.plate_frame(1),
         "windows": spooled.windows,
-        "pack_inputs": lambda: pack_inputs(inputs),
+        "pack_inputs": lambda: list(pack_inputs(inputs).values()),  # read as the Ray backend does
     }
 
 
@@ -135,7 +135,7 @@ from vera_engine.service.pool.host import pack_inputs
 inputs, how = Path(sys.argv[1]), sys.argv[2]
 spooled = SpooledInputs(inputs)
 read = {"plate_frame": lambda: spooled.plate_frame(1), "windows": spooled.windows,
-        "pack_inputs": lambda: pack_inputs(inputs)}[how]
+        "pack_inputs": lambda: list(pack_inputs(inputs).values())}[how]
 try:
     read()
     print("READ")
