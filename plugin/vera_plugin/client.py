@@ -214,6 +214,11 @@ class EngineClient:
     ``token`` / ``token_file``: bearer token for engines started with ``--token-file``. ``tls=True`` (implied
     by ``ca_cert``) uses TLS, verifying the engine against ``ca_cert`` (PEM) or the system roots.
     ``timeout`` bounds the unary calls (GetInfo, Cancel, ListJobs), not uploads, watches or downloads.
+
+    A token is never sent in plain text to another machine: without TLS, a token and a non-loopback address are
+    refused (ValueError) unless ``allow_plaintext_token=True`` (a network trusted as a whole). Whatever the engine
+    answers is checked before a host sees it: job ids (:func:`check_job_id`), result names, what Fetch writes
+    (docs/SECURITY.md).
     """
 
     def __init__(
