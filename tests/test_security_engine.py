@@ -207,6 +207,27 @@ def test_fetch_never_follows_a_link_out_of_the_output_folder(make_harness, tmp_p
     )
 
 
+def test_an_embedded_engine_never_hands_out_a_result_replaced_by_a_link(tmp_path: Path) -> None:
+    # The lifecycle moved Fetch's checks into Engine.fetch_paths (the API a program embeds): the paths it returns
+    # are the job's own result files, never a link out of the output folder.
+    from vera_engine.service.engine import Engine
+    from vera_engine.service.errors import ResultRemoved
+    from vera_engine.service.testing import PassThroughRunner
+
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"the engine user's private key")
+    chunk = raw_chunks(P, 1, uniform_frame())[0].chunk
+    with Engine(tmp_path / "spool", PassThroughRunner()) as engine:
+        job = engine.submit(pb.JobHeader(prompt="x", frames=[1]), [chunk]).job_id
+        final = next(s for s in engine.watch(job) if s.state == pb.JOB_STATE_SUCCEEDED)
+        (result,) = engine.fetch_paths(job)
+        assert result.name == final.output_files[0] and result.is_file()
+        result.unlink()
+        result.symlink_to(secret)
+        with pytest.raises(ResultRemoved, match="not a regular file"):
+            engine.fetch_paths(job)
+
+
 def test_the_rendezvous_of_a_group_is_a_private_file_store() -> None:
     import stat as stat_module
     from urllib.parse import urlparse
