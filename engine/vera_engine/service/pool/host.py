@@ -323,11 +323,14 @@ class WorkerHost:
             self._live = live
         scratch: list[Path] = []
 
-        def work() -> JobOutcome:
+        def stop_if_cancelled() -> None:
             if cancel.is_set() and self._control_group is None:
                 # (The ranks of a group agree on a cancel at the runner's first check instead: one rank that did
                 # not start would leave the others waiting in a collective.)
                 raise JobCancelled(ticket.job_id)
+
+        def work() -> JobOutcome:
+            stop_if_cancelled()
             if ticket.inputs_dir is not None and ticket.output_dir is not None:
                 inputs_dir, out_dir = Path(ticket.inputs_dir), Path(ticket.output_dir)
                 if not self.lead:
@@ -339,7 +342,10 @@ class WorkerHost:
                 if inputs is None:
                     raise ValueError(f"job {ticket.job_id}: no shared spool and no inputs sent")
                 scratch.append(Path(tempfile.mkdtemp(prefix=f"vera-{ticket.job_id}-")))
+                # Streamed inputs are read here, one file at a time (pack_inputs): a cancel during the read
+                # stops the job before the runner starts it.
                 inputs_dir = unpack_inputs(inputs, scratch[0] / "inputs")
+                stop_if_cancelled()
                 out_dir = scratch[0] / "out"
                 out_dir.mkdir()
             args = (
