@@ -6,11 +6,22 @@ Writes a half-float RGBA plate (default 100 frames of 4096x2160), starts a real 
 - the engine's peak resident memory above its idle resident memory (kernel's VmHWM minus VmRSS once the model is
   loaded), i.e. what editing the plate cost in RAM;
 - the post-model stage (from the job's WRITING stage to its end: read each plate frame again, upsample the matte
-  and edit, composite, write the layered EXR) in frames per second, against a plain OpenImageIO read + write of the
-  same frames (same compression) measured in the same run.
+  and edit, composite, write the layered EXR) in frames per second, against, measured in the same run:
+  - the same I/O with no compute (the target's reference): reading the same plate frames and writing the same
+    nine-channel layered EXRs the engine wrote (same half pixels, same compression), the next frame read while one
+    is written, as the stage does;
+  - a plain OpenImageIO copy of the plate (four channels in, four out), so the cost of the layered output itself
+    stays visible.
 
     python bench/bench_plate_memory.py --frames 100 --width 4096 --height 2160
     python bench/bench_plate_memory.py --frames 1 --width 8192 --height 4320
+    python bench/bench_plate_memory.py --profile --width 4096 --height 2160   # one frame's parts, timed
+    python bench/bench_plate_memory.py --in-process --frames 8 --repeats 2   # the stage alone, no engine
+
+``--in-process`` runs the stage itself (``finish_frames`` into the engine's ``ResultWriter``) in this process on
+the shipped model's layers, without the gRPC upload and download, so a short run fits a shared machine; each
+repeat times the stage, then the layered I/O with no compute and the plain copy, and reports its own ratios and
+the stage's peak resident memory above the process's resident memory before it.
 
 Figures with the command and the machine go in docs/BENCHMARKS.md.
 """
@@ -33,6 +44,8 @@ import numpy as np
 import OpenImageIO as oiio
 
 FIRST = 1001
+# The layered EXR's channels (ARCHITECTURE.md), spelled here so the bench also runs against an engine before them.
+LAYER_CHANNELS = ("R", "G", "B", "A", "edit.R", "edit.G", "edit.B", "edit.A", "matte.A")
 
 
 def write_plate(folder: Path, frames: int, width: int, height: int) -> str:
@@ -69,6 +82,129 @@ def plain_read_write(pattern: str, frames: int, out: Path) -> float:
     return time.perf_counter() - started
 
 
+def layered_read_write(pattern: str, frames: int, outputs: list[Path], out: Path, cached: int = 8) -> float:
+    """Seconds to read every plate frame and write a nine-channel layered EXR per frame with no compute: the I/O
+    the post-model stage cannot avoid. The layers written are the engine's own (the first ``cached`` output frames,
+    loaded beforehand and reused in turn, so loading them is not timed); the next plate frame is read on a thread
+    while one is written, as the stage overlaps them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vera_engine.imaging.exr import write_exr
+
+    out.mkdir(parents=True, exist_ok=True)
+    layers = []
+    for path in outputs[:cached]:
+        buf = oiio.ImageBuf(str(path))
+        buf.read(force=True)
+        names = list(buf.spec().channelnames)
+        pixels = buf.get_pixels(oiio.HALF)
+        layers.append(np.ascontiguousarray(pixels[..., [names.index(c) for c in LAYER_CHANNELS]]))
+
+    def read(i: int) -> np.ndarray:
+        buf = oiio.ImageBuf(pattern.replace("####", str(FIRST + i)))
+        buf.read(force=True)
+        return buf.get_pixels(oiio.FLOAT)
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(1) as reader:
+        pending = reader.submit(read, 0)
+        for i in range(frames):
+            frame = pending.result()
+            if i + 1 < frames:
+                pending = reader.submit(read, i + 1)
+            del frame
+            write_exr(
+                out / f"layers.{FIRST + i}.exr", layers[i % len(layers)], LAYER_CHANNELS, compression="zip"
+            )
+    return time.perf_counter() - started
+
+
+def profile_one_frame(width: int, height: int, work: Path) -> dict[str, float]:
+    """One frame of the bench plate through the stage's parts in this process, each timed (the second run of
+    each, after a warm-up): reading the frame, making its layers, writing the layered EXR."""
+    from vera_engine.imaging.colour import ColourConverter
+    from vera_engine.imaging.edit_plate import ResultWriter, finish_frame, sample_plate
+    from vera_engine.imaging.exr import read_exr
+    from vera_engine.pipelines.model_store import load_pipeline
+
+    pattern = write_plate(work / "plate", 1, width, height)
+    path = pattern.replace("####", str(FIRST))
+    colour = ColourConverter("ACEScg")
+    frame = read_exr(path)[0]
+    model = sample_plate(
+        load_pipeline("default"), frame[None], prompt="add a red ball", colour=colour, steps=4
+    )
+    writer = ResultWriter(work / "out", [FIRST])
+    parts: dict[str, float] = {}
+    for _ in range(2):
+        started = time.perf_counter()
+        frame = read_exr(path)[0]
+        parts["read_s"] = time.perf_counter() - started
+        started = time.perf_counter()
+        layers = finish_frame(model, 0, frame, colour)
+        parts["make_layers_s"] = time.perf_counter() - started
+        started = time.perf_counter()
+        writer(0, layers)
+        parts["write_layered_s"] = time.perf_counter() - started
+    parts["matte_covers"] = float((layers.matte > 0).mean())
+    return {key: round(value, 3) for key, value in parts.items()}
+
+
+class PlateReader:
+    """The bench plate read frame by frame on demand, as the engine's spool does (a ``PlateFrames``)."""
+
+    def __init__(self, pattern: str, frames: int) -> None:
+        self.pattern, self.frames = pattern, frames
+
+    def __len__(self) -> int:
+        return self.frames
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        from vera_engine.imaging.exr import read_exr
+
+        return read_exr(self.pattern.replace("####", str(FIRST + index)))[0]
+
+
+def in_process(pattern: str, frames: int, repeats: int, work: Path) -> dict[str, object]:
+    """The post-model stage alone (see the module doc), ``repeats`` times, each against the I/O in the same run."""
+    from vera_engine.imaging.colour import ColourConverter
+    from vera_engine.imaging.edit_plate import ResultWriter, finish_frames, sample_plate
+    from vera_engine.pipelines.model_store import load_pipeline
+
+    colour = ColourConverter("ACEScg")
+    plate = PlateReader(pattern, frames)
+    model = sample_plate(load_pipeline("default"), plate, prompt="add a red ball", colour=colour, steps=4)
+    runs = []
+    for _ in range(repeats):
+        shutil.rmtree(work / "out", ignore_errors=True)
+        Path("/proc/self/clear_refs").write_text("5")  # the kernel's peak (VmHWM) restarts from now
+        before = _status(os.getpid())["VmRSS"]
+        started = time.perf_counter()
+        writer = ResultWriter(work / "out", [FIRST + i for i in range(frames)])
+        finish_frames(model, plate, colour, writer)
+        stage = time.perf_counter() - started
+        peak = _status(os.getpid())["VmHWM"] - before
+        layered = layered_read_write(pattern, frames, writer.paths, work / "layered")
+        shutil.rmtree(work / "layered")
+        plain = plain_read_write(pattern, frames, work / "plain")
+        shutil.rmtree(work / "plain")
+        matte = oiio.ImageBuf(str(writer.paths[0]))
+        names = list(matte.spec().channelnames)
+        covers = float((matte.get_pixels(oiio.FLOAT)[..., names.index("matte.A")] > 0).mean())
+        runs.append(
+            {
+                "post_model_frames_per_s": round(frames / stage, 3),
+                "layered_io_no_compute_frames_per_s": round(frames / layered, 3),
+                "post_model_vs_layered_io": round(layered / stage, 2),
+                "plain_oiio_read_write_frames_per_s": round(frames / plain, 3),
+                "post_model_vs_plain": round(plain / stage, 2),
+                "stage_peak_rss_above_start_gb": round(peak / 1e9, 2),
+                "matte_covers": round(covers, 2),
+            }
+        )
+    return {"runs": runs}
+
+
 def _status(pid: int) -> dict[str, int]:
     fields = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -88,16 +224,39 @@ def main() -> None:
     )
     parser.add_argument("--work", type=Path, help="scratch folder (default: a temporary one, removed after)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    parser.add_argument(
+        "--profile", action="store_true", help="time one frame's parts in this process instead"
+    )
+    parser.add_argument(
+        "--in-process", action="store_true", help="time the stage alone in this process instead"
+    )
+    parser.add_argument("--repeats", type=int, default=2, help="--in-process: runs, each with its own ratios")
     args = parser.parse_args()
 
     work = args.work or Path(tempfile.mkdtemp(prefix="vera-bench-memory-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
+        if args.profile:
+            print(
+                json.dumps(
+                    {
+                        "size": f"{args.width}x{args.height}",
+                        **profile_one_frame(args.width, args.height, work),
+                    }
+                )
+            )
+            return
         started = time.perf_counter()
         pattern = write_plate(work / "plate", args.frames, args.width, args.height)
         print(
             f"plate: {args.frames} frames of {args.width}x{args.height} half RGBA ({time.perf_counter() - started:.0f} s)"
         )
+        if args.in_process:
+            machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+            report = in_process(pattern, args.frames, args.repeats, work)
+            print(json.dumps({"frames": args.frames, "size": f"{args.width}x{args.height}", **report,
+                              "machine": machine, "load_average": os.getloadavg()}, indent=2))  # fmt: skip
+            return
         plain_seconds = plain_read_write(pattern, args.frames, work / "plain")
         shutil.rmtree(work / "plain")
 
@@ -154,12 +313,17 @@ def main() -> None:
             engine.terminate()
             engine.wait(30)
         post_seconds = stages["STAGE_DONE"] - stages["STAGE_WRITING"]
+        outputs = sorted((work / "out").rglob("vera_edit.*.exr"))
+        layered_seconds = layered_read_write(pattern, args.frames, outputs, work / "layered")
+        shutil.rmtree(work / "layered")
         result = {
             "frames": args.frames,
             "size": f"{args.width}x{args.height}",
             "engine_idle_rss_gb": round(idle / 1e9, 2),
             "engine_peak_above_idle_gb": round((peak - idle) / 1e9, 2),
             "post_model_frames_per_s": round(args.frames / post_seconds, 3),
+            "layered_io_no_compute_frames_per_s": round(args.frames / layered_seconds, 3),
+            "post_model_vs_layered_io": round(layered_seconds / post_seconds, 2),
             "plain_oiio_read_write_frames_per_s": round(args.frames / plain_seconds, 3),
             "post_model_vs_plain": round(plain_seconds / post_seconds, 2),
             "vera_edit_seconds": round(edit_seconds, 1),

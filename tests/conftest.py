@@ -1,6 +1,7 @@
 """Shared fixtures: tiny, seeded model configurations that run on a CPU in milliseconds."""
 
 import os
+import tempfile
 
 import pytest
 
@@ -23,6 +24,19 @@ def pytest_configure(config: pytest.Config) -> None:
     torch = sys.modules.get("torch")
     if torch is not None:
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _temporary_files_in_pytests_folder(tmp_path_factory: pytest.TempPathFactory):
+    """What the code under test writes to the temp folder (an unsaved Nuke script's result cache, a self-test's
+    scratch media, a subprocess's files) goes under pytest's own base folder, which pytest prunes (it keeps the
+    newest three runs), instead of being left in /tmp by every run of the suite."""
+    folder = tmp_path_factory.mktemp("tmp")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("TMPDIR", str(folder))
+    patch.setattr(tempfile, "tempdir", str(folder))
+    yield folder
+    patch.undo()
 
 
 TINY_WAN_CONFIG = dict(

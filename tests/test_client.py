@@ -45,6 +45,10 @@ def test_frame_path_patterns() -> None:
     assert frame_path("/s/plate.%d.exr", 12) == "/s/plate.12.exr"
     assert frame_path("/s/plate.@@@.exr", 5) == "/s/plate.005.exr"
     assert frame_path("/s/v#/plate.##.exr", 5) == "/s/v#/plate.05.exr"  # only the file name carries the token
+    # Negative frames as printf's %04d writes them (Nuke, oiiotool): the sign counts in the width.
+    assert frame_path("/s/plate.%04d.exr", -2) == "/s/plate.-002.exr" == "/s/plate.%04d.exr" % -2  # noqa: UP031
+    assert frame_path("/s/plate.####.exr", -2) == "/s/plate.-002.exr"
+    assert frame_path("/s/plate.####.exr", -12345) == "/s/plate.-12345.exr"
     with pytest.raises(ValueError, match="exactly one frame token"):
         frame_path("/s/plate.exr", 1)
     with pytest.raises(ValueError, match="exactly one frame token"):

@@ -366,7 +366,7 @@ def test_results_named_by_frame_with_negative_numbers_and_stages_as_enum(
     job = h.client.submit(_header({"frames": [-3, 7, 12345]}), requests).job_id
     statuses: list[pb.JobStatus] = []
     final = h.client.wait(job, callback=statuses.append)
-    assert list(final.output_files) == ["vera_edit.-0003.exr", "vera_edit.0007.exr", "vera_edit.12345.exr"]
+    assert list(final.output_files) == ["vera_edit.-003.exr", "vera_edit.0007.exr", "vera_edit.12345.exr"]
     assert [f.name for f in h.client.fetch(job, tmp_path / "out")] == list(final.output_files)
     stages = [s.stage for s in statuses]
     assert pb.STAGE_UNSPECIFIED not in stages and stages[-1] == pb.STAGE_DONE

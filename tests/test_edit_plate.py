@@ -230,3 +230,216 @@ def test_write_result_sequence_and_previews(conv, tmp_path):
     png, movie = write_result_previews(result, plate, tmp_path / "prev", colour=conv, panel_height=20)
     assert png.name == "vera_edit_contact.png" and png.stat().st_size > 0
     assert movie.name == "vera_edit_preview.mp4" and movie.stat().st_size > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The post-model stage as tensor work (issue 26): the same layers as the numpy path it replaced.
+
+
+class SoftPipeline:
+    """A scripted stand-in whose matte is soft everywhere it is not 0 (a wide radial ramp, a flat 0.4 shadow and
+    an opaque core) and whose edit colour varies, so every branch of the layer solve runs."""
+
+    native_size = (32, 32)
+
+    def __call__(self, video, *, prompt, mask=None, **kwargs):
+        frames, height, width, _ = video.shape
+        yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+        radius = np.hypot((yy - height / 2) / height, (xx - width / 3) / width)
+        alpha = np.clip(1.6 - 4.0 * radius, 0.0, 1.0)
+        alpha[(yy > height * 0.7) & (xx > width * 0.6)] = 0.4
+        alpha = np.broadcast_to(alpha, (frames, height, width)).astype(np.float32)
+        edit = np.stack([xx / width, yy / height, 0.5 + 0.4 * np.sin(xx / 3)], -1).astype(np.float32)
+        edit = np.broadcast_to(edit, video.shape).astype(np.float32)
+
+        class Out:
+            pass
+
+        out = Out()
+        out.edit, out.alpha = edit, alpha
+        out.composite = video * (1 - alpha[..., None]) + edit * alpha[..., None]
+        return out
+
+
+def _reference_finish_frame(model, index, frame, colour, *, matte_filter="guided", recover=False):
+    """The numpy path this stage ran before issue 26, step for step (guided_matte, resample_at,
+    layers_like_model on the matte's pixels, 256-row bands): the reference the tensor path is held to."""
+    from vera_engine.imaging.composite import layers_like_model, snap_matte
+    from vera_engine.imaging.resize import guided_coefficients, guided_matte, resample, resample_at
+
+    mapping = model.mapping
+    size = mapping.source_size
+    top, left = mapping.offset
+    crop = (slice(top, top + mapping.scaled_size[0]), slice(left, left + mapping.scaled_size[1]))
+    rgb = frame[..., :3]
+
+    def model_rgb_at(ys, xs):
+        return colour.to_model(np.nan_to_num(rgb[ys, xs], nan=0.0, posinf=0.0, neginf=0.0))
+
+    low_alpha, low_edit = model.alpha[index][crop], model.edit[index][crop]
+    coefficients = (
+        guided_coefficients(model.guides[index], low_alpha, 2, 1e-3) if matte_filter == "guided" else None
+    )
+    delta_low = None
+    if recover:
+        from vera_engine.imaging.composite import recover_preserved
+
+        preserved_low = recover_preserved(
+            model.composite[index : index + 1],
+            model.raw_edit[index : index + 1],
+            model.alpha[index : index + 1],
+            model.video[index : index + 1],
+        )[0]
+        delta_low = (colour.from_model(preserved_low) - colour.from_model(model.video[index]))[crop]
+    height, width = size
+    composite = np.empty((height, width, 4), np.float32)
+    composite[..., : frame.shape[-1]] = frame
+    if frame.shape[-1] == 3:
+        composite[..., 3] = 1.0
+    edit = np.zeros((height, width, 4), np.float32)
+    matte = np.zeros((height, width), np.float32)
+    for start in range(0, height, 256):
+        rows = slice(start, min(height, start + 256))
+        if coefficients is not None:
+            alpha = guided_matte(
+                low_alpha, model.guides[index], size, model_rgb_at, rows=rows, coefficients=coefficients
+            )
+        else:
+            alpha = np.clip(resample(low_alpha, size, "triangle", rows=rows), 0.0, 1.0)
+        alpha = snap_matte(alpha, 1.0 / 512.0)
+        ys, xs = np.nonzero(alpha > 0)
+        if not len(ys):
+            continue
+        alpha = alpha[ys, xs]
+        ys += start
+        edit_model = np.clip(resample_at(low_edit, size, ys, xs, "lanczos3"), 0.0, 1.0)
+        under = None if delta_low is None else rgb[ys, xs] + resample_at(delta_low, size, ys, xs, "lanczos3")
+        edit[ys, xs], matte[ys, xs], composite[ys, xs] = layers_like_model(
+            frame[ys, xs], None, edit_model, alpha, colour, under=under
+        )
+    return composite, edit, matte
+
+
+def _half_steps(a, b):
+    """How many half floats apart ``a`` and ``b`` are once stored as half (same sign assumed)."""
+    ha, hb = (np.asarray(x, np.float32).astype(np.float16).view(np.int16).astype(np.int32) for x in (a, b))
+    return np.abs(ha - hb)
+
+
+def _hard_plate(height, width, channels, seed):
+    """Scene-linear values above 1 and below 0, and non-finite pixels both where the matte will be and not."""
+    plate = _plate(frames=1, height=height, width=width, channels=channels, seed=seed)
+    plate[0, 3, 3, :3] = [np.nan, np.inf, -np.inf]  # the matte's corner: 0 there
+    plate[0, height // 2, width // 3, :3] = [np.nan, 2.0, np.inf]  # under the opaque core
+    plate[0, 5:9, 5:9, 0] = 70000.0  # beyond half's range
+    return plate
+
+
+@pytest.mark.parametrize(
+    ("channels", "matte_filter", "recover", "hard"),
+    [
+        (4, "guided", False, True),
+        (4, "guided", False, False),
+        (3, "guided", False, True),
+        (4, "bilinear", False, True),
+        (4, "guided", True, True),
+    ],
+)
+def test_tensor_layers_equal_the_numpy_path_to_half_rounding(conv, channels, matte_filter, recover, hard):
+    from vera_engine.imaging.edit_plate import finish_frame, sample_plate
+
+    plate = (
+        _hard_plate(300, 520, channels, seed=7)
+        if hard
+        else _plate(frames=1, height=300, width=520, channels=channels, seed=7)
+    )
+    model = sample_plate(SoftPipeline(), plate, prompt="p", colour=conv, steps=1)
+    composite, edit, matte = _reference_finish_frame(
+        model, 0, plate[0], conv, matte_filter=matte_filter, recover=recover
+    )
+    layers = finish_frame(model, 0, plate[0], conv, matte_filter=matte_filter, recover=recover)
+    assert (matte > 0).mean() > 0.3 and ((matte > 0) & (matte < 1)).mean() > 0.2  # mostly soft, big
+    # The snap at 1/512 decides the same pixels; where the matte is 0 the plate's bits come back.
+    np.testing.assert_array_equal(layers.matte == 0, matte == 0)
+    untouched = layers.matte == 0
+    np.testing.assert_array_equal(
+        layers.composite[..., :channels][untouched].view(np.uint32), plate[0][untouched].view(np.uint32)
+    )
+    np.testing.assert_array_equal(layers.edit[untouched], 0.0)
+    # Elsewhere, stored as half: the matte and composite at most one half step apart, or within 2e-6 (values
+    # near 0, where half steps are finer than float32's rounding of the unit-scale values they come from).
+    with np.errstate(invalid="ignore", over="ignore"):
+        for new, old in ((layers.composite, composite), (layers.matte, matte)):
+            finite = np.isfinite(old)
+            np.testing.assert_array_equal(np.isfinite(new), finite)
+            close = (_half_steps(new, old) <= 1) | (np.abs(new - old) <= 2e-6)
+            assert close[finite].all(), np.abs(new - old)[finite & ~close].max()
+        # The premultiplied edit is T - (1 - matte) * plate: a matte within its half step moves it by that much
+        # times the plate's value (2.7 over a dark raised matte here), plus float32 rounding.
+        under = np.nan_to_num(np.abs(plate[0][..., :3]), nan=0.0, posinf=0.0)
+        allowed = np.abs(layers.matte - matte)[..., None] * under + 2e-6
+        change = np.abs(layers.edit[..., :3] - edit[..., :3])
+        close = (_half_steps(layers.edit[..., :3], edit[..., :3]) <= 1) | (change <= allowed)
+        assert close.all(), (change - allowed)[~close].max()
+        np.testing.assert_array_equal(layers.edit[..., 3], layers.matte)
+
+
+def test_packed_layers_are_written_as_the_layered_exr_writer_would(conv, tmp_path):
+    from vera_engine.imaging.edit_plate import ResultWriter, finish_frame, sample_plate
+    from vera_engine.imaging.exr import read_layers, write_layered_exr
+
+    plate = _hard_plate(64, 96, 4, seed=8)
+    model = sample_plate(SoftPipeline(), plate, prompt="p", colour=conv, steps=1)
+    layers = finish_frame(model, 0, plate[0], conv)
+    assert layers.channels is not None and layers.channels.shape == (64, 96, 9)
+    ResultWriter(tmp_path, [7])(0, layers)
+    write_layered_exr(tmp_path / "ref.exr", layers.composite, layers.edit, layers.matte)
+    packed, reference = read_layers(tmp_path / "vera_edit.0007.exr"), read_layers(tmp_path / "ref.exr")
+    for name in ("composite", "edit", "matte"):
+        np.testing.assert_array_equal(packed[name].view(np.uint32), reference[name].view(np.uint32))
+    assert packed["composite"][5, 5, 0] == 65504.0 and np.isnan(packed["composite"][3, 3, 0])
+
+
+def test_frames_are_read_while_the_previous_frame_is_written(conv):
+    """The stage is a pipeline: frame 1 is read while frame 0's sink (the EXR writer) still runs."""
+    import threading
+
+    from vera_engine.imaging.edit_plate import finish_frames, sample_plate
+
+    plate = _plate(frames=3, height=40, width=48, channels=4, seed=5)
+    model = sample_plate(SoftPipeline(), plate, prompt="p", colour=conv, steps=1)
+    read = [threading.Event() for _ in range(3)]
+
+    class Frames:
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, index):
+            read[index].set()
+            return plate[index]
+
+    overlapped = []
+
+    def sink(index, layers):
+        if index == 0:
+            overlapped.append(read[1].wait(10))
+
+    finish_frames(model, Frames(), conv, sink, workers=1)
+    assert overlapped == [True]
+
+
+def test_a_failing_sink_stops_the_stage_and_its_error_is_raised(conv):
+    from vera_engine.imaging.edit_plate import finish_frames, sample_plate
+
+    plate = _plate(frames=8, height=24, width=32, channels=4, seed=6)
+    model = sample_plate(SoftPipeline(), plate, prompt="p", colour=conv, steps=1)
+    sunk = []
+
+    def sink(index, layers):
+        sunk.append(index)
+        if index == 1:
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        finish_frames(model, plate, conv, sink, workers=1)
+    assert sunk[:2] == [0, 1] and len(sunk) < 8

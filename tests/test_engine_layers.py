@@ -164,7 +164,8 @@ def test_a_soft_shadow_and_a_feathered_edge_composite_like_the_model(engine, tmp
         # A linear Merge (over) of the delivered edit on the plate gives the delivered composite.
         over = rgb * (1 - matte[..., None]) + edit[..., :3]
         np.testing.assert_allclose(over[soft], composite[..., :3][soft], rtol=1e-5, atol=1e-6)
-        assert (edit >= 0).all() and (matte >= alpha).all()
+        # The engine resamples as banded tensor products: its matte may differ from the numpy path by float rounding.
+        assert (edit >= 0).all() and (matte >= alpha - 1e-6).all(), (alpha - matte).max()
         # Bit-exact where the matte is 0 (float output of a float plate).
         untouched = matte == 0
         np.testing.assert_array_equal(composite[..., :3][untouched], rgb[untouched])

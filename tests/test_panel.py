@@ -140,6 +140,39 @@ def test_submit_progress_preview_cancel_and_open(
     ]
 
 
+def test_a_new_job_is_selected_in_view_with_its_preview_and_counts(
+    qtbot, make_panel, gated: InProcessEngine, tmp_path: Path
+) -> None:
+    # Twelve finished jobs fill more than the list's visible rows.
+    plate = write_plate(tmp_path / "plate")
+    gated.runner.gate.set()
+    with EngineClient(gated.address) as client:
+        old = [client.submit_files(plate, [1001], prompt=f"old {i}") for i in range(12)]
+        for job in old:
+            assert client.wait(job).state == pb.JOB_STATE_SUCCEEDED
+    gated.runner.gate.clear()  # the next job stops after its first step, with a preview to show
+    widget = make_panel(gated.address)
+    widget.resize(760, 520)
+    qtbot.waitUntil(lambda: len(widget.jobs) == 12, timeout=10000)
+    assert "0 queued, 0 running" in widget.engine_status.text()
+    widget.plate_edit.setText(plate)
+    widget.frames_edit.setText("1001-1003")
+    widget.editor("prompt").setPlainText("add a red ball")
+    widget.submit()
+    qtbot.waitUntil(lambda: len(widget.jobs) == 13, timeout=10000)
+    new = next(job for job in widget.jobs if job not in old)
+    # Selected, scrolled into view, its preview shown and the engine line's counts refreshed.
+    qtbot.waitUntil(lambda: widget.selected_job() == new, timeout=10000)
+    item = widget._items[new]
+    assert widget.job_list.viewport().rect().contains(widget.job_list.visualItemRect(item).center())
+    qtbot.waitUntil(
+        lambda: widget.preview.pixmap() is not None and not widget.preview.pixmap().isNull(), timeout=10000
+    )
+    assert widget.preview_caption.text() == "frame 1001, step 1"
+    qtbot.waitUntil(lambda: "0 queued, 1 running" in widget.engine_status.text(), timeout=10000)
+    assert widget.message.text() == f"submitted job {new}"
+
+
 def test_engine_down_shows_unreachable(make_panel) -> None:
     widget = make_panel("127.0.0.1:1")
     assert widget.engine_status.text().startswith(

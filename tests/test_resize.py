@@ -138,3 +138,25 @@ def test_guided_upsample_with_padding_and_errors():
 
 def test_mapping_scale_property():
     assert FitMapping((100, 200), (50, 100), (64, 112), (7, 6)).scale == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("filter", ["lanczos3", "triangle"])
+@pytest.mark.parametrize(("source", "size"), [((17, 32), (2160 // 8, 4096 // 8)), ((60, 90), (45, 70))])
+def test_resample_tensor_equals_resample_band_by_band(filter, source, size):
+    import torch
+
+    from vera_engine.imaging.resize import resample, resample_tensor
+
+    x = np.random.default_rng(3).uniform(-0.2, 1.2, (*source, 5)).astype(np.float32)
+    for rows in (slice(0, size[0]), slice(0, size[0] // 3), slice(size[0] // 3, size[0])):
+        expected = resample(x, size, filter, rows=rows)
+        got = resample_tensor(torch.from_numpy(x), size, filter, rows=rows).permute(1, 2, 0).numpy()
+        np.testing.assert_allclose(got, expected, atol=1e-6)
+    if filter == "triangle" and size[0] > source[0]:
+        # The matte's upsampling: where numpy's product is exactly 1, so is this one (rows first, two taps an
+        # axis), which matters because the guided filter redraws only where the bilinear matte is below 1.
+        matte = np.clip(np.random.default_rng(4).uniform(-1.0, 2.0, (*source, 1)), 0.0, 1.0).astype(
+            np.float32
+        )
+        got = resample_tensor(torch.from_numpy(matte), size, filter)[0].numpy()
+        np.testing.assert_array_equal(got == 1.0, resample(matte, size, filter)[..., 0] == 1.0)

@@ -1,8 +1,10 @@
 """``vera``: the command line for TDs and farm scripts (needs only grpcio and protobuf).
 
 Commands: ``vera info``, ``vera edit``, ``vera jobs``, ``vera cancel JOB``, ``vera fetch JOB --out DIR``.
-The engine address comes from ``--engine HOST:PORT``, else ``$VERA_ENGINE``, else 127.0.0.1:50051; a token
-from ``--token-file`` or ``$VERA_TOKEN_FILE``.
+Connection settings (the same for the Qt panel, the Nuke node and the Resolve window, see
+:mod:`vera_plugin.connection`): ``--engine HOST:PORT`` or ``$VERA_ENGINE`` (default 127.0.0.1:50051);
+``--token-file`` or ``$VERA_TOKEN_FILE``; ``--ca-cert`` or ``$VERA_CA_CERT`` (TLS); ``--tls`` or ``$VERA_TLS=1``
+(TLS with the system's roots); ``--server-name`` or ``$VERA_SERVER_NAME``.
 
 Exit codes (stable, for scripts):
   0  success (``vera cancel``: the job stopped, cancelled)
@@ -27,13 +29,12 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 from google.protobuf import json_format
 
 from vera_plugin.client import (
-    DEFAULT_ADDRESS,
     FINAL_STATES,
     EngineClient,
     EngineError,
@@ -41,6 +42,7 @@ from vera_plugin.client import (
     sequence_files,
     state_name,
 )
+from vera_plugin.connection import DEFAULT_ADDRESS, ConnectionSettings, connection_settings
 from vera_plugin.generate import GenerateCancelled, GenerateError, follow_job, status_text
 from vera_proto.vera.v1 import engine_pb2 as pb
 
@@ -78,15 +80,19 @@ def exit_code_for(error: EngineError) -> int:
     return _CODE_EXITS.get(error.code, EXIT_JOB_FAILED)
 
 
-def _connect(args: argparse.Namespace) -> EngineClient:
-    return EngineClient(
+def _settings(args: argparse.Namespace) -> ConnectionSettings:
+    """The connection settings: the flags given, else the environment (one rule for every client)."""
+    return connection_settings(
         args.engine,
         token_file=args.token_file,
         ca_cert=args.ca_cert,
-        tls=args.tls,
+        tls=True if args.tls else None,
         server_name=args.server_name,
-        timeout=args.timeout,
     )
+
+
+def _connect(args: argparse.Namespace) -> EngineClient:
+    return _settings(args).connect(timeout=args.timeout)
 
 
 def _json(message: Any) -> dict[str, Any]:
@@ -109,34 +115,89 @@ class _NoSink:
 _NO_SINK = _NoSink()
 
 
-class Progress:
-    """A one-line progress bar on a terminal; one line per change of stage otherwise (logs stay readable)."""
+def _bar(fraction: float, width: int = 30) -> str:
+    filled = round(min(max(fraction, 0.0), 1.0) * width)
+    return "[" + "#" * filled + "-" * (width - filled) + "]"
 
-    def __init__(self, stream: TextIO, quiet: bool = False) -> None:
+
+def _size(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} GiB"
+
+
+class Progress:
+    """A one-line progress bar on a terminal; one line per change of stage otherwise (logs stay readable).
+
+    ``clock``: seconds, monotonic (tests pass their own). The engine's ETA counts sampling steps; through the
+    writing stage (big plates are written at a frame or less a second) the ETA comes from how fast the job's
+    progress has moved since writing began.
+    """
+
+    def __init__(
+        self, stream: TextIO, quiet: bool = False, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.stream = stream
         self.quiet = quiet
         self.tty = stream.isatty()
+        self.clock = clock
         self._last_line = ""
         self._last_key: tuple[Any, ...] = ()
+        self._stage_start: tuple[int, float, float] | None = None  # (stage, time, progress) when it began
+
+    def _eta(self, status: pb.JobStatus) -> float | None:
+        if status.state != pb.JOB_STATE_RUNNING:
+            return None
+        now = self.clock()
+        if self._stage_start is None or self._stage_start[0] != status.stage:
+            self._stage_start = (status.stage, now, status.progress)
+        if status.stage == pb.STAGE_SAMPLING:
+            return status.eta_seconds if status.HasField("eta_seconds") else None
+        _stage, since, progress_then = self._stage_start
+        moved, elapsed = status.progress - progress_then, now - since
+        if moved <= 0 or elapsed <= 0:
+            return None  # not measured yet: no ETA rather than a wrong one
+        return (1.0 - status.progress) * elapsed / moved
 
     def update(self, status: pb.JobStatus) -> None:
         """Show one JobStatus."""
         if self.quiet:
             return
-        width = 30
-        filled = round(status.progress * width)
-        bar = "#" * filled + "-" * (width - filled)
-        # The hosts' one status sentence (vera_plugin.generate.status_text), after the state.
-        state, detail = state_name(status.state), status_text(status)
-        parts = [f"[{bar}] {status.progress * 100:5.1f}%", state] + ([detail] if detail != state else [])
-        line = "  ".join(parts)
+        # The hosts' one status sentence (vera_plugin.generate.status_text) after the state, without the engine's
+        # ETA: that counts sampling steps only, so the bar shows its own (see _eta).
+        without_eta = pb.JobStatus()
+        without_eta.CopyFrom(status)
+        without_eta.ClearField("eta_seconds")
+        state, detail = state_name(status.state), status_text(without_eta)
+        parts = [f"{_bar(status.progress)} {status.progress * 100:5.1f}%", state] + (
+            [detail] if detail != state else []
+        )
+        eta = self._eta(status)
+        if eta is not None:
+            parts.append(f"ETA {eta:.0f}s")
+        self._show(
+            "  ".join(parts), (status.state, status.stage_detail.split(":")[0], int(status.progress * 10))
+        )
+
+    def upload(self, frames_sent: int, frames_total: int, bytes_sent: int, bytes_total: int) -> None:
+        """Show how much of the upload has gone (``EngineClient.submit_files``'s ``progress``)."""
+        if self.quiet:
+            return
+        fraction = bytes_sent / bytes_total if bytes_total else frames_sent / max(frames_total, 1)
+        line = f"{_bar(fraction)} {fraction * 100:5.1f}%  uploading  {frames_sent}/{frames_total} files"
+        if bytes_total:
+            line += f", {_size(bytes_sent)} of {_size(bytes_total)}"
+        self._show(line, ("upload", int(fraction * 10)))
+
+    def _show(self, line: str, key: tuple[Any, ...]) -> None:
         if self.tty:
             self.stream.write("\r" + line.ljust(len(self._last_line)))
             self.stream.flush()
             self._last_line = line
         else:
             # Without a terminal: a line per state/stage change and per 10 % of progress.
-            key = (status.state, status.stage_detail, int(status.progress * 10))
             if key != self._last_key:
                 self._last_key = key
                 print(line, file=self.stream, flush=True)
@@ -146,6 +207,7 @@ class Progress:
         if self.tty and self._last_line and not self.quiet:
             self.stream.write("\n")
             self.stream.flush()
+        self._last_line = ""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -154,6 +216,7 @@ class Progress:
 
 def cmd_info(args: argparse.Namespace) -> int:
     """Print the engine's version, device, queue and models with their options."""
+    settings = _settings(args)
     with _connect(args) as client:
         info = client.info()
     if args.json:
@@ -161,10 +224,12 @@ def cmd_info(args: argparse.Namespace) -> int:
         return EXIT_OK
     gib = 1024**3
     dev = info.device
-    print(f"engine   {args.engine}  version {info.engine_version}")
+    free, total = (
+        pool_memory(info.workers) if info.workers else (dev.memory_free_bytes, dev.memory_total_bytes)
+    )
+    print(f"engine   {settings.describe()}  version {info.engine_version}")
     print(
-        f"device   {dev.name} ({dev.kind}), {dev.memory_free_bytes / gib:.1f} of "
-        f"{dev.memory_total_bytes / gib:.1f} GiB free"
+        f"device   {dev.name} ({dev.kind or 'no device yet'}), {free / gib:.1f} of {total / gib:.1f} GiB free"
     )
     print(f"queue    {info.queue_length} waiting of {info.queue_capacity}, {info.running} running")
     print(f"model    {'loaded' if info.model_loaded else 'loading'}")
@@ -177,18 +242,16 @@ def cmd_info(args: argparse.Namespace) -> int:
     )
     # One worker for a single-device engine; a pool's every worker, where it is, what it runs.
     for worker in info.workers:
-        state = pb.WorkerState.Name(worker.state).removeprefix("WORKER_STATE_").lower()
-        job = f" {worker.job_id}" if worker.job_id else ""
-        print(
-            f"worker   {worker.name} on {worker.node}: {worker.device.name} x{worker.devices}, {worker.model}, "
-            f"{state}{job}"
-        )
+        print(f"worker   {worker_line(worker)}")
     for model in info.models:
         default = " (default)" if model.is_default else ""
         print(
             f"  {model.name}{default}: native {model.native_width}x{model.native_height}, "
             f"{model.frame_window} frames, tasks {', '.join(model.tasks)}"
         )
+        if model.vocabulary:
+            # A word-level model reads only these words; any other is read as unknown (the edit still runs).
+            print(f"    words it reads ({len(model.vocabulary)}): {' '.join(model.vocabulary)}")
         for opt in model.options:
             value = opt.default.WhichOneof("value")
             default_text = f" = {getattr(opt.default, value)!r}" if value else ""
@@ -200,6 +263,39 @@ def cmd_info(args: argparse.Namespace) -> int:
             kind = pb.OptionType.Name(opt.type).removeprefix("OPTION_TYPE_").lower()
             print(f"    {opt.name} ({kind}){default_text}{limits}: {opt.help}")
     return EXIT_OK
+
+
+def pool_memory(workers: Sequence[pb.WorkerInfo]) -> tuple[int, int]:
+    """(free, total) bytes of a pool's devices, each counted once: CPU workers on one node share its memory
+    (each reports the whole machine's), while each GPU worker holds a GPU of its own. Workers still starting
+    (no device reported yet) and lost ones count nothing."""
+    seen: set[tuple[str, str]] = set()
+    free = total = 0
+    for worker in workers:
+        device = worker.device
+        if worker.state == pb.WORKER_STATE_LOST or not device.memory_total_bytes:
+            continue
+        if device.kind == "cpu":
+            if (worker.node, "cpu") in seen:
+                continue
+            seen.add((worker.node, "cpu"))
+        free += device.memory_free_bytes
+        total += device.memory_total_bytes
+    return free, total
+
+
+def worker_line(worker: pb.WorkerInfo) -> str:
+    """One worker as `vera info` shows it; a worker still loading has no node or device to show yet."""
+    state = pb.WorkerState.Name(worker.state).removeprefix("WORKER_STATE_").lower()
+    if not worker.node and not worker.device.name:
+        return f"{worker.name}: {state} (no node or device reported yet)"
+    devices = f" x{worker.devices}" if worker.devices else ""
+    where = f" on {worker.node}" if worker.node else ""
+    parts = [f"{worker.device.name or 'device not reported'}{devices}"]
+    if worker.model:
+        parts.append(worker.model)
+    parts.append(state + (f" {worker.job_id}" if worker.job_id else ""))
+    return f"{worker.name}{where}: {', '.join(parts)}"
 
 
 def _status_line(status: pb.JobStatus) -> str:
@@ -312,17 +408,27 @@ def cmd_edit(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"vera edit: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    address = _settings(args).address
     with _connect(args) as client:
         if not args.quiet:
-            print(f"uploading {len(frames)} frames to {args.engine} ...", file=sys.stderr, flush=True)
+            print(f"uploading {len(frames)} frames to {address} ...", file=sys.stderr, flush=True)
         try:
             job = client.submit_files(
-                plate, frames, prompt=args.prompt, mask=mask, send_paths=args.send_paths, **options
+                plate,
+                frames,
+                prompt=args.prompt,
+                mask=mask,
+                send_paths=args.send_paths,
+                progress=progress.upload,
+                **options,
             )
         except (FileNotFoundError, ValueError) as exc:
+            progress.done()
             print(f"vera edit: error: {exc}", file=sys.stderr)
             return EXIT_USAGE
-        print(f"job {job}", file=sys.stderr, flush=True)
+        progress.done()
+        if not args.quiet:
+            print(f"job {job}", file=sys.stderr, flush=True)
         if args.detach:
             print(job)
             return EXIT_OK
@@ -362,18 +468,28 @@ def build_parser() -> argparse.ArgumentParser:
     group = common.add_argument_group("engine connection")
     group.add_argument(
         "--engine",
-        default=os.environ.get("VERA_ENGINE", DEFAULT_ADDRESS),
         metavar="HOST:PORT",
-        help="engine address (default: $VERA_ENGINE or %(default)s)",
+        help=f"engine address (default: $VERA_ENGINE, else {DEFAULT_ADDRESS})",
     )
     group.add_argument(
         "--token-file",
-        default=os.environ.get("VERA_TOKEN_FILE"),
-        help="file holding the engine's bearer token",
+        metavar="FILE",
+        help="file holding the engine's bearer token (default: $VERA_TOKEN_FILE)",
     )
-    group.add_argument("--tls", action="store_true", help="connect with TLS (system roots unless --ca-cert)")
-    group.add_argument("--ca-cert", help="PEM certificate(s) to verify the engine with (implies --tls)")
-    group.add_argument("--server-name", help="expected TLS server name, if not the address's host")
+    group.add_argument(
+        "--tls",
+        action="store_true",
+        help="connect with TLS, verifying the engine against the system's roots unless --ca-cert ($VERA_TLS=1)",
+    )
+    group.add_argument(
+        "--ca-cert",
+        metavar="PEM",
+        help="the engine's certificate, or its CA, to verify it with; turns TLS on (default: $VERA_CA_CERT)",
+    )
+    group.add_argument(
+        "--server-name",
+        help="the name the engine's TLS certificate holds, if not the address's host (default: $VERA_SERVER_NAME)",
+    )
     group.add_argument(
         "--timeout", type=float, default=30.0, help="seconds for short calls (default: %(default)s)"
     )
@@ -385,6 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit codes" + (__doc__ or "Exit codes").split("Exit codes", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"vera {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     info = sub.add_parser("info", parents=[common], help="engine, device, queue, models and their options")
@@ -394,9 +511,19 @@ def build_parser() -> argparse.ArgumentParser:
     edit = sub.add_parser("edit", parents=[common], help="edit a plate and fetch the layered result")
     edit.add_argument("--plate", required=True, help="EXR sequence, e.g. /shots/sh010/plate.####.exr")
     edit.add_argument(
-        "--frames", required=True, metavar="A-B", help="frame range, e.g. 1001-1100 (or 1,3,5-9)"
+        "--frames",
+        required=True,
+        metavar="A-B",
+        help="frame range, e.g. 1001-1100, 1,3,5-9 or -2-1 (frames -2 to 1)",
     )
-    edit.add_argument("--mask", help="optional mask sequence (single channel or A), same frames")
+    edit.add_argument(
+        "--mask",
+        metavar="SEQUENCE",
+        help="optional mask sequence, same frames (one channel, or its A channel): white (1) is the region the edit "
+        "may change, black (0) is kept. object_addition: where the object (and its shadow) may go; "
+        "background_change: the background to replace, i.e. everything but the subject (a roto of the subject "
+        "goes in inverted)",
+    )
     edit.add_argument("--prompt", required=True, help="the edit, e.g. 'add a sea turtle swimming left'")
     edit.add_argument("--negative-prompt", help="what the result should not contain")
     edit.add_argument(
@@ -490,10 +617,47 @@ def cmd_panel(argv: Sequence[str]) -> int:
         from vera_plugin.panel import main as panel_main
     except ImportError as exc:
         print(
-            f"vera panel: error: {exc}; install the 'ui' extra (pip install 'vera-edit[ui]')", file=sys.stderr
+            f"vera panel: error: {exc}; install PySide6 (from a checkout: pip install -e '.[ui]'; "
+            "or pip install PySide6-Essentials)",
+            file=sys.stderr,
         )
         return EXIT_USAGE
     return panel_main(list(argv))
+
+
+def _version() -> str:
+    """The installed vera-edit's version, else (run from a checkout) the engine package's."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("vera-edit")
+    except metadata.PackageNotFoundError:
+        try:
+            from vera_engine import __version__
+        except ImportError:
+            return "unknown (not installed)"
+        return str(__version__)
+
+
+def _attach_negative_values(argv: list[str], options: Sequence[str] = ("--frames",)) -> list[str]:
+    """``--frames -2-1`` -> ``--frames=-2-1``: argparse takes a value starting with ``-`` that is not a plain
+    negative number for an option, so a frame range from a negative frame needs the ``=`` form; this adds it."""
+    out: list[str] = []
+    index = 0
+    while index < len(argv):
+        arg = argv[index]
+        if (
+            arg in options
+            and index + 1 < len(argv)
+            and argv[index + 1][:1] == "-"
+            and argv[index + 1][1:2].isdigit()
+        ):
+            out.append(f"{arg}={argv[index + 1]}")
+            index += 2
+            continue
+        out.append(arg)
+        index += 1
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -503,7 +667,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The panel parses its own options (--engine, --cache, --screenshot, ...).
         return cmd_panel(argv[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_attach_negative_values(argv))
     try:
         return args.func(args)
     except BrokenPipeError:

@@ -24,6 +24,7 @@ from typing import Any
 import grpc
 
 from vera_plugin.cache import take_and_frame
+from vera_plugin.connection import DEFAULT_ADDRESS, explain_failure
 from vera_proto.vera.v1 import engine_pb2 as pb
 from vera_proto.vera.v1 import engine_pb2_grpc as pb_grpc
 
@@ -40,7 +41,6 @@ __all__ = [
     "state_name",
 ]
 
-DEFAULT_ADDRESS = "127.0.0.1:50051"
 CHUNK_BYTES = 3 * 1024 * 1024  # under gRPC's default 4 MiB limit, so any client can receive Fetch chunks
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 FINAL_STATES = frozenset({pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED})
@@ -127,7 +127,8 @@ def frame_path(pattern: str, frame: int) -> str:
         )
     token = hits[0]
     pad = int(token.group(1) or 1) if token.group(0).startswith("%") else len(token.group(0))
-    number = f"-{abs(frame):0{pad}d}" if frame < 0 else f"{frame:0{pad}d}"
+    # printf's %0Nd, as Nuke, oiiotool and Resolve write sequences: the sign counts in the width (-2 -> -002).
+    number = f"{frame:0{pad}d}"
     return os.path.join(head, name[: token.start()] + number + name[token.end() :])
 
 
@@ -253,6 +254,8 @@ class EngineClient:
             raise ValueError(f"chunk_bytes={chunk_bytes}; expected 1..{MAX_MESSAGE_BYTES // 2}")
         self.address = address
         self.timeout = timeout
+        self.uses_tls = tls or ca_cert is not None
+        self.server_name = server_name
         self.chunk_bytes = chunk_bytes
         self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
         options: list[tuple[str, Any]] = [
@@ -288,12 +291,16 @@ class EngineClient:
         code = exc.code() if hasattr(exc, "code") else None
         details = (exc.details() if hasattr(exc, "details") else str(exc)) or ""
         name = code.name if code is not None else "UNKNOWN"
-        if name == "UNAVAILABLE":
-            # gRPC's own text ("failed to connect to all addresses; last error: ...") says little to a person.
-            details = (
-                f"no Vera engine answers at {self.address} ({details}); start one there with `vera-engine serve`, "
-                "or check the address (--engine, $VERA_ENGINE) and whether the engine uses TLS"
-            )
+        # gRPC's own text ("failed to connect to all addresses; last error: ...") says little to a person: an
+        # untrusted certificate or a refused token is said as such, with gRPC's words kept after it.
+        details = explain_failure(
+            name,
+            details,
+            self.address,
+            tls=self.uses_tls,
+            token_sent=bool(self._metadata),
+            server_name=self.server_name,
+        )
         return EngineError(name, details, self.address)
 
     def _unary(self, method: Callable[..., Any], request: Any) -> Any:
@@ -456,6 +463,7 @@ class EngineClient:
         prompt: str,
         mask: str | Sequence[str | os.PathLike[str]] | None = None,
         send_paths: bool = False,
+        progress: Callable[[int, int, int, int], None] | None = None,
         **options: Any,
     ) -> str:
         """Submit an EXR sequence; returns the job id.
@@ -464,14 +472,19 @@ class EngineClient:
         ``send_paths=True`` sends absolute paths instead of bytes, for engines that share the storage (the
         paths must lie under the engine's allowed roots). ``options`` are JobHeader fields: task,
         negative_prompt, seed, steps, guidance, model, colorspace, bit_depth, compression, hdr, name.
+        ``progress(files_sent, files_total, bytes_sent, bytes_total)`` is called as each file has been handed
+        to gRPC (plate and mask files together; bytes are 0 with ``send_paths``).
         """
         frame_list = [int(f) for f in frames]
         plate_paths = sequence_files(plate, frame_list, "plate")
         mask_paths = sequence_files(mask, frame_list, "mask") if mask is not None else None
         header = self._header(prompt, frame_list, mask_paths is not None, options)
+        layers = [(pb.LAYER_PLATE, plate_paths)] + ([(pb.LAYER_MASK, mask_paths)] if mask_paths else [])
+        files_total = sum(len(paths) for _layer, paths in layers)
+        bytes_total = 0 if send_paths else sum(os.path.getsize(p) for _layer, paths in layers for p in paths)
 
         def frames_stream() -> Iterator[pb.SubmitRequest]:
-            layers = [(pb.LAYER_PLATE, plate_paths)] + ([(pb.LAYER_MASK, mask_paths)] if mask_paths else [])
+            files_sent = bytes_sent = 0
             for layer, paths in layers:
                 for frame, path in zip(frame_list, paths, strict=True):
                     if send_paths:
@@ -480,7 +493,12 @@ class EngineClient:
                         )
                         yield pb.SubmitRequest(chunk=chunk)
                     else:
-                        yield from self._file_chunks(layer, frame, path)
+                        for request in self._file_chunks(layer, frame, path):
+                            bytes_sent += len(request.chunk.data)
+                            yield request
+                    files_sent += 1
+                    if progress is not None:
+                        progress(files_sent, files_total, bytes_sent, bytes_total)
 
         return self.submit(header, frames_stream()).job_id
 

@@ -8,7 +8,6 @@ thread, then call :func:`run_generate` on a worker thread with a :class:`Progres
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from typing import Any, Protocol
 
 from vera_plugin.cache import CachedResult, find_takes, job_dir, take_and_frame
 from vera_plugin.client import EngineClient, EngineError, state_name
+from vera_plugin.connection import connection_settings
 from vera_proto.vera.v1 import engine_pb2 as pb
 
 __all__ = [
@@ -54,19 +54,9 @@ class ProgressSink(Protocol):
 
 
 def client_options_from_env(env: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """``EngineClient`` keyword arguments from the environment, the same for every host (Nuke node, Qt panel,
-    Resolve window): ``$VERA_TOKEN_FILE`` (engines started with a token, as for the ``vera`` CLI),
-    ``$VERA_CA_CERT`` (TLS, verifying the engine against that PEM) and ``$VERA_SERVER_NAME`` (the name the
-    engine's certificate was issued for, when the address is an IP or another name)."""
-    env = os.environ if env is None else env
-    options: dict[str, Any] = {}
-    if env.get("VERA_TOKEN_FILE"):
-        options["token_file"] = env["VERA_TOKEN_FILE"]
-    if env.get("VERA_CA_CERT"):
-        options["ca_cert"] = env["VERA_CA_CERT"]
-    if env.get("VERA_SERVER_NAME"):
-        options["server_name"] = env["VERA_SERVER_NAME"]
-    return options
+    """``EngineClient`` keyword arguments from the environment, read as every Vera client reads them
+    (:mod:`vera_plugin.connection`): ``$VERA_TOKEN_FILE``, ``$VERA_CA_CERT``, ``$VERA_TLS``, ``$VERA_SERVER_NAME``."""
+    return connection_settings(env=env).client_options()
 
 
 @dataclass

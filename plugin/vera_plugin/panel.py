@@ -26,7 +26,6 @@ from PySide6 import QtCore, QtGui, QtWidgets
 
 from vera_plugin.cache import cache_root, job_dir
 from vera_plugin.client import (
-    DEFAULT_ADDRESS,
     FINAL_STATES,
     EngineClient,
     EngineError,
@@ -34,13 +33,8 @@ from vera_plugin.client import (
     parse_frames,
     state_name,
 )
-from vera_plugin.generate import (
-    GenerateError,
-    client_options_from_env,
-    describe_engine_error,
-    follow_job,
-    status_text,
-)
+from vera_plugin.connection import connection_settings, engine_address
+from vera_plugin.generate import GenerateError, describe_engine_error, follow_job, status_text
 from vera_plugin.schema_ui import (
     AUTO_COLORSPACE,
     Field,
@@ -52,7 +46,7 @@ from vera_plugin.schema_ui import (
 )
 from vera_proto.vera.v1 import engine_pb2 as pb
 
-__all__ = ["MAX_PREVIEW_SIDE", "VeraPanel", "main", "preview_problem"]
+__all__ = ["MAX_PREVIEW_SIDE", "VeraPanel", "build_parser", "main", "preview_problem"]
 
 _INT32 = 2**31 - 1
 _PREVIEW_SIZE = 256
@@ -127,12 +121,14 @@ class VeraPanel(QtWidgets.QWidget):
             "error": self._on_error,
             "message": self._show_message,
             "fetched": self._on_fetched,
+            "submitted": self._on_submitted,
+            "counts": self._on_counts,
         }
         self._pump = QtCore.QTimer(self)
         self._pump.setInterval(30)
         self._pump.timeout.connect(self._deliver)
         self._pump.start()
-        self._build(address or os.environ.get("VERA_ENGINE", DEFAULT_ADDRESS))
+        self._build(engine_address(address))
         self._timer = QtCore.QTimer(self)
         self._timer.setInterval(poll_ms)
         self._timer.timeout.connect(self.refresh_jobs)
@@ -340,7 +336,8 @@ class VeraPanel(QtWidgets.QWidget):
             if self._engine_client is None or self._engine_client.address != address:
                 if self._engine_client is not None:
                     self._engine_client.close()
-                self._engine_client = EngineClient(address, timeout=10, **client_options_from_env())
+                # The typed address, and the token and TLS settings every Vera client shares (vera_plugin.connection).
+                self._engine_client = connection_settings(address).connect(timeout=10)
             return self._engine_client
 
     def _background(
@@ -406,14 +403,21 @@ class VeraPanel(QtWidgets.QWidget):
             return
         self.model_combo.setCurrentText(model.name)
         self._build_options(fields_for_model(model))
+        self._on_counts(info)
+        self._timer.start()
+        self.refresh_jobs()
+
+    def _on_counts(self, info: pb.EngineInfo) -> None:
+        """The engine line: state, version, device and the queue's counts (refreshed with the job list)."""
+        if self.info is not None and info is not self.info:
+            self.info.queue_length, self.info.running = info.queue_length, info.running
+            self.info.model_loaded = info.model_loaded
         state = "ready" if info.model_loaded else "loading its model"
         self.engine_status.setText(
             f"● {state}: v{info.engine_version} on {info.device.name} ({info.device.kind}), "
             f"{info.queue_length} queued, {info.running} running"
         )
         self.engine_status.setStyleSheet("color: #3a3;")
-        self._timer.start()
-        self.refresh_jobs()
 
     def _model_changed(self, name: str) -> None:
         if self.info is not None and name:
@@ -437,9 +441,11 @@ class VeraPanel(QtWidgets.QWidget):
             return
         self._refreshing.set()
 
-        self._background(
-            lambda client: self._emit("jobs", client.list_jobs(limit=50)), done=self._refreshing.clear
-        )
+        def work(client: EngineClient) -> None:
+            self._emit("jobs", client.list_jobs(limit=50))
+            self._emit("counts", client.info())  # the "N queued, M running" line follows the list
+
+        self._background(work, done=self._refreshing.clear)
 
     def _on_jobs(self, jobs: Sequence[pb.JobStatus]) -> None:
         for status in jobs:
@@ -460,7 +466,8 @@ class VeraPanel(QtWidgets.QWidget):
         item = self._items.get(status.job_id)
         if item is None:
             item = QtWidgets.QTreeWidgetItem([status.job_id, "", "", "", ""])
-            self.job_list.addTopLevelItem(item)
+            # Newest first (the engine lists in submission order): a new job appears at the top, in view.
+            self.job_list.insertTopLevelItem(0, item)
             bar = QtWidgets.QProgressBar()
             bar.setRange(0, 100)
             self.job_list.setItemWidget(item, 2, bar)
@@ -501,8 +508,18 @@ class VeraPanel(QtWidgets.QWidget):
         return items[0].text(0) if items else ""
 
     def select_job(self, job_id: str) -> None:
-        """Select a job in the list (and watch it with previews)."""
-        self.job_list.setCurrentItem(self._items[job_id])
+        """Select a job in the list, scrolled into view (and watch it with previews)."""
+        item = self._items[job_id]
+        self.job_list.setCurrentItem(item)
+        self.job_list.scrollToItem(item)
+
+    def _on_submitted(self, status: pb.JobStatus) -> None:
+        # The job just started with Generate: in the list, selected and in view, its previews shown as they
+        # come, and the engine line's counts refreshed at once.
+        self._on_status(status)
+        self.select_job(status.job_id)
+        self._show_message(f"submitted job {status.job_id}")
+        self.refresh_jobs()
 
     def _selection_changed(self) -> None:
         job = self.selected_job()
@@ -540,8 +557,7 @@ class VeraPanel(QtWidgets.QWidget):
 
         def work(client: EngineClient) -> None:
             job = client.submit_files(plate, frames, prompt=prompt, mask=mask, **options)
-            self._emit("message", f"submitted job {job}")
-            self._emit("jobs", [client.status(job)])
+            self._emit("submitted", client.status(job))
 
         self._show_message(f"uploading {len(frames)} frames ...")
         self._background(work)
@@ -586,11 +602,14 @@ class VeraPanel(QtWidgets.QWidget):
         super().closeEvent(event)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``vera panel``: the panel as a standalone window; returns the exit code."""
+def build_parser() -> argparse.ArgumentParser:
+    """The ``vera panel`` argument parser."""
     parser = argparse.ArgumentParser(prog="vera panel", description="The Vera Edit panel, standalone.")
     parser.add_argument(
-        "--engine", default=os.environ.get("VERA_ENGINE", DEFAULT_ADDRESS), metavar="HOST:PORT"
+        "--engine",
+        metavar="HOST:PORT",
+        help="engine address (default: $VERA_ENGINE, else 127.0.0.1:50051); the token and TLS settings come from "
+        "$VERA_TOKEN_FILE, $VERA_CA_CERT, $VERA_TLS and $VERA_SERVER_NAME, as for the vera CLI",
     )
     parser.add_argument(
         "--cache", help="folder for fetched results (default: $VERA_CACHE or the temp folder)"
@@ -599,7 +618,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--screenshot", metavar="PNG", help="connect, wait --wait seconds, save a screenshot, exit"
     )
     parser.add_argument("--wait", type=float, default=2.0, help="seconds before --screenshot (default: 2)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``vera panel``: the panel as a standalone window; returns the exit code."""
+    args = build_parser().parse_args(argv)
     app = QtWidgets.QApplication.instance() or QtWidgets.QApplication(sys.argv[:1])
     panel = VeraPanel(address=args.engine, cache=args.cache)
     panel.resize(760, 620)

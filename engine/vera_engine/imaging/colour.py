@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import os
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
 import numpy as np
@@ -21,6 +22,7 @@ __all__ = [
     "DEFAULT_WORKING_SPACE",
     "MODEL_SPACE",
     "ColourConverter",
+    "apply_in_place",
     "chromaticities",
     "load_config",
 ]
@@ -95,15 +97,32 @@ def chromaticities(space: str, config: ocio.Config | None = None) -> tuple[float
     return _CHROMATICITIES.get(_resolve(config, space, "colour space"))
 
 
+CHUNK_PIXELS = (
+    1 << 18
+)  # pixels per OpenColorIO call: its temporaries stay small, and chunks spread over threads
+
+
+@lru_cache(maxsize=1)
+def _pool() -> ThreadPoolExecutor:
+    # OpenColorIO's applyRGB releases the GIL: chunks of one buffer run on every core at once.
+    return ThreadPoolExecutor(max(1, os.cpu_count() or 1), thread_name_prefix="vera-ocio")
+
+
+def apply_in_place(processor: ocio.CPUProcessor, rgb: np.ndarray) -> np.ndarray:
+    """Apply ``processor`` to contiguous float32 (..., 3) ``rgb`` in place, in chunks on every core; returns it."""
+    if rgb.dtype != np.float32 or not rgb.flags.c_contiguous or rgb.shape[-1] != 3:
+        raise ValueError(f"pixels are {rgb.dtype} {rgb.shape}; expected contiguous float32 (..., 3)")
+    flat = rgb.reshape(-1, 3)
+    starts = range(0, flat.shape[0], CHUNK_PIXELS)
+    if len(starts) <= 1:
+        processor.applyRGB(flat)
+    else:
+        list(_pool().map(lambda start: processor.applyRGB(flat[start : start + CHUNK_PIXELS]), starts))
+    return rgb
+
+
 def _apply(processor: ocio.CPUProcessor, rgb: np.ndarray) -> np.ndarray:
-    out = np.ascontiguousarray(rgb, np.float32).copy()
-    flat = out.reshape(-1, 3)
-    # Chunks keep OCIO's temporary buffers small on 4K sequences.
-    step = 1 << 20
-    for start in range(0, flat.shape[0], step):
-        chunk = flat[start : start + step]
-        processor.applyRGB(chunk)
-    return out
+    return apply_in_place(processor, np.array(rgb, np.float32, order="C", copy=True))
 
 
 def _split_alpha(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -165,6 +184,16 @@ class ColourConverter:
         else:
             self._to_model = self._processor(self.working_space, self.model_space)
             self._from_model = self._processor(self.model_space, self.working_space)
+
+    @property
+    def to_model_processor(self) -> ocio.CPUProcessor:
+        """OpenColorIO's CPU processor of working space -> model space (unclamped), for :func:`apply_in_place`."""
+        return self._to_model
+
+    @property
+    def from_model_processor(self) -> ocio.CPUProcessor:
+        """OpenColorIO's CPU processor of model space -> working space, for :func:`apply_in_place`."""
+        return self._from_model
 
     def _processor(self, src: str, dst: str) -> ocio.CPUProcessor:
         return self.config.getProcessor(src, dst).getDefaultCPUProcessor()

@@ -51,7 +51,7 @@ def snap_matte(alpha: np.ndarray, threshold: float = 1.0 / 512.0) -> np.ndarray:
 # The engine's default clip black / clip white (JobHeader.clip_black / clip_white). A model's matte carries a faint
 # residue where it meant "nothing here" (the first vera-tiny left it exactly 0 on 63 % of the pixels outside an added
 # object); a keyer's clip black at 0.05 snaps that residue to 0 so the plate is kept bit for bit there, and clip white
-# at 0.95 makes the near-opaque core opaque. docs/TINY_MODEL.md gives the measurement.
+# at 0.95 makes the near-opaque core opaque. docs/BENCHMARKS.md gives the measurement (bench/bench_matte_clip.py).
 DEFAULT_CLIP_BLACK = 0.05
 DEFAULT_CLIP_WHITE = 0.95
 

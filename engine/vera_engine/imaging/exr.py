@@ -116,7 +116,8 @@ def _frame_token(pattern: str) -> tuple[int, int, int]:
 def frame_path(pattern: str, frame: int) -> str:
     """The file name of ``frame`` in a sequence ``pattern`` (``####``/``@@@@`` = 4 digits, ``%04d``)."""
     start, end, pad = _frame_token(pattern)
-    number = f"-{abs(frame):0{pad}d}" if frame < 0 else f"{frame:0{pad}d}"
+    # printf's %0Nd, as Nuke, oiiotool and Resolve write sequences: the sign counts in the width (-2 -> -002).
+    number = f"{frame:0{pad}d}"
     return pattern[:start] + number + pattern[end:]
 
 

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import OpenImageIO as oiio
+import torch
 
 __all__ = [
     "FitMapping",
@@ -22,6 +23,7 @@ __all__ = [
     "fit_frames",
     "fit_mapping",
     "guided_upsample",
+    "resample_tensor",
     "resize_frames",
     "unfit_frames",
     "upsample_bilinear",
@@ -153,6 +155,60 @@ def resample(
     # einsum picks one large BLAS product and a cheap layout, not out_h small products.
     out = np.einsum("hjc,wj->hwc", tall, cols, optimize=True)
     return out.reshape(out_h, out_w, *x.shape[2:])
+
+
+@functools.lru_cache(maxsize=16)
+def _transposed_weights(n_out: int, n_in: int, filter: str) -> np.ndarray:
+    return np.ascontiguousarray(resample_weights(n_out, n_in, filter).T)
+
+
+@functools.lru_cache(maxsize=64)
+def _column_blocks(n_out: int, n_in: int, filter: str, block: int) -> tuple[tuple[int, int, int, int], ...]:
+    """Blocks ``(out_start, out_stop, in_start, in_stop)`` of ``block`` output pixels and the input pixels their
+    weights reach: the resampling matrix is banded, so each block is a small dense product."""
+    weights = resample_weights(n_out, n_in, filter)
+    blocks = []
+    for start in range(0, n_out, block):
+        stop = min(n_out, start + block)
+        reached = np.flatnonzero(weights[start:stop].any(axis=0))
+        blocks.append((start, stop, int(reached[0]), int(reached[-1]) + 1))
+    return tuple(blocks)
+
+
+def resample_tensor(
+    x: torch.Tensor,
+    size: tuple[int, int],
+    filter: str = "lanczos3",
+    rows: slice | None = None,
+    block: int = 256,
+) -> torch.Tensor:
+    """:func:`resample` on a torch tensor (H, W, C) -> channel-planar (C, rows, W), on the tensor's device.
+
+    The same weights as :func:`resample`, applied as banded matrix products: each band of output rows and each
+    block of ``block`` output columns multiplies only the input pixels its filter reaches (a 6-tap Lanczos from a
+    model-size layer to 4K is a few multiply-adds per output value, not one per input pixel). Rows first, then
+    columns, as :func:`resample` does, so the sums round alike: where a matte is exactly 1 there, it is here too
+    (the guided filter redraws only where the bilinear matte is strictly between 0 and 1, so a value of 1 rounded
+    to 0.99999994 would be redrawn). Equal to :func:`resample` up to float32 summation order.
+    """
+    if x.ndim != 3:
+        raise ValueError(f"x has shape {tuple(x.shape)}; expected (H, W, C)")
+    in_h, in_w, channels = x.shape
+    out_h, out_w = int(size[0]), int(size[1])
+    rows = rows or slice(0, out_h)
+    row_weights = resample_weights(out_h, in_h, filter)[rows]
+    reached = np.flatnonzero(row_weights.any(axis=0))
+    top, bottom = int(reached[0]), int(reached[-1]) + 1
+    band = torch.from_numpy(np.ascontiguousarray(row_weights[:, top:bottom])).to(x.device)
+    # Rows first (few input rows per band), then the columns block by block, channels leading so each block's
+    # product writes a contiguous (C * rows, block) slab.
+    tall = (band @ x[top:bottom].reshape(bottom - top, in_w * channels)).reshape(-1, in_w, channels)
+    tall = tall.permute(2, 0, 1).reshape(channels * tall.shape[0], in_w)
+    columns = torch.from_numpy(_transposed_weights(out_w, in_w, filter)).to(x.device)
+    out = torch.empty((tall.shape[0], out_w), dtype=x.dtype, device=x.device)
+    for start, stop, first, last in _column_blocks(out_w, in_w, filter, block):
+        out[:, start:stop] = tall[:, first:last] @ columns[first:last, start:stop]
+    return out.reshape(channels, -1, out_w)
 
 
 def resample_at(

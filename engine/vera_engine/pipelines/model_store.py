@@ -55,6 +55,20 @@ def check_safetensors_only(folder: Path) -> list[Path]:
     return weights
 
 
+def make_files_shareable(folder: "str | os.PathLike[str]") -> None:
+    """Give every file under `folder` the mode the user's umask gives a new file (0o644 under umask 022).
+
+    safetensors writes its files through a private temporary file (mode 0o600) and keeps that mode, so weights
+    saved with `save_pretrained` would be readable by their owner only: an engine running as another user, or a
+    colleague, could not load them.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o666 & ~umask)
+
+
 def max_window_frames(model_dir: Path) -> int:
     """The longest sampling window (frames) a pipeline folder's transformer positions reach, read from its configs
     (no weights loaded); `VeraPipeline.position_limits` computes the same from a loaded pipeline."""

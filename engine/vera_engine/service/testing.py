@@ -108,7 +108,7 @@ class PassThroughRunner:
                 edit[..., :3] = (take - 1) / 8
                 paths.append(
                     write_layered_exr(
-                        frame_path(str(ctx.output_dir / f"{prefix}.####.exr"), frame),  # vera_edit.-0003.exr
+                        frame_path(str(ctx.output_dir / f"{prefix}.####.exr"), frame),  # vera_edit.-003.exr
                         rgba + edit,
                         edit,
                         np.zeros_like(rgba[..., 0]),

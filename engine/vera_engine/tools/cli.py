@@ -129,7 +129,12 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
         "train",
         help="train Vera on a layered dataset (flow matching on all three layers)",
         description="Vera's recipe: flow matching on edit, alpha and composite with equal weights, per-branch "
-        "learning rates, mask dropout per task, warm-up, EMA. Run under torchrun for DDP on several GPUs.",
+        "learning rates, mask dropout per task, warm-up, EMA. Run under torchrun for DDP on several GPUs. "
+        "Settings not given come from the preset trained (--preset, or the one whose shape the --init model has): "
+        "vera-tiny's own recipe (lr 5e-4, every branch at 1x, the text encoder trained, noise shift 3, "
+        "foreground weight 4, batch 8, ...) for a model trained from scratch; the defaults shown below (the "
+        "paper's: lr 1e-5, text encoder frozen) otherwise, which suit a start from a pretrained Wan. "
+        "--init default is the shipped model.",
     )
     add_config_arguments(parser, TrainConfig)
     parser.add_argument("--resume", action="store_true", help="continue the run saved in --out")
@@ -146,7 +151,10 @@ def _run_train(args: argparse.Namespace) -> int:
             "--init and --preset start from different weights; give one, or add --fresh-text-encoder to keep "
             "--init's transformer with a new text encoder of --preset's kind"
         )
-    config = config_from_arguments(TrainConfig, args)
+    defaults = _preset_training_defaults(args)
+    config = config_from_arguments(
+        TrainConfig, args, **{name: value for name, value in defaults.items() if not given(args, name)}
+    )
     summary = train(config, resume=args.resume, progress=args.progress)
     if summary.get("rank", 0) == 0:
         print(
@@ -154,6 +162,32 @@ def _run_train(args: argparse.Namespace) -> int:
             f"loss {summary['last'].get('loss', float('nan')):.4f}; pipeline in {summary['out']}"
         )
     return 0
+
+
+def _preset_training_defaults(args: argparse.Namespace) -> dict:
+    """The training settings of the preset this run trains (`VeraPreset.training`): `--preset` when given, else the
+    preset whose shape the --init model (or, resuming, the run itself) has; `--init default` means the shipped
+    model. Flags given on the command line win over them."""
+    import json
+    from pathlib import Path
+
+    from vera_engine.pipelines.model_store import resolve_model_dir
+    from vera_engine.pipelines.presets import get_preset, preset_of_transformer
+
+    if args.init is not None:
+        args.init = str(resolve_model_dir(args.init))  # `default`, as everywhere else; a folder is checked
+    if args.preset is not None:
+        return dict(get_preset(args.preset).training)
+    start = args.init or (args.out if args.resume else None)
+    if start is None:
+        from vera_engine.training.train import TrainConfig
+
+        return dict(get_preset(TrainConfig.preset).training)
+    config_path = Path(start) / "transformer" / "config.json"
+    if not config_path.is_file():
+        return {}
+    preset = preset_of_transformer(json.loads(config_path.read_text()))
+    return dict(preset.training) if preset is not None else {}
 
 
 def _add_eval(subparsers: argparse._SubParsersAction) -> None:
@@ -194,6 +228,7 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
     released.add_argument("--skip-bad", action="store_true", help="leave out (and count) bad records")
     parser.add_argument("--report", help="also write the full report (per-clip results) as JSON here")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     parser.set_defaults(handler=_run_eval)
 
 
@@ -218,6 +253,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         seed=args.seed,
         clip_black=DEFAULT_CLIP_BLACK if args.clip_black is None else args.clip_black,
         clip_white=DEFAULT_CLIP_WHITE if args.clip_white is None else args.clip_white,
+        progress=args.progress,
     )
     if args.report:
         write_report(report, args.report)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from vera_engine.models.transformer_vera import VeraTransformer3DModel
+from vera_engine.pipelines.model_store import make_files_shareable
 
 CARRIED_COMPONENTS = ("vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -74,5 +75,6 @@ def convert_wan(
         "max_sequence_length": max_sequence_length,
     }
     (staging / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    make_files_shareable(staging)  # safetensors leaves its files owner-only
     staging.rename(out_dir)
     return out_dir

@@ -22,13 +22,14 @@ import numpy as np
 FIRST_FRAME = 1001
 # The sample shots: the synthetic generator's scenes (docs/DATASET.md) for these seeds, with their instructions in
 # words the shipped model knows. Two object-addition shots share one plate and ask for opposite motions (the second
-# shot's instruction is the first's with left and right swapped), so the demo shows the words steering the edit; the
-# third replaces a background. Seeds picked among 0-23 where the shipped model makes the edits asked for (it does not
-# on every scene: its model card gives the rates); a new checkpoint may need new picks, and tests/test_demo.py says
-# so when it does. (name, task, seed, mirrored instruction)
+# shot's instruction is the first's with left and right swapped), meant to show the words steering the edit; the
+# third replaces a background. Seeds picked among 0-39 where the shipped model makes the edits asked for (it does not
+# on every scene: its model card gives the rates; the object-addition seed is one whose object moves sideways, so the
+# mirrored words ask for the opposite motion); a new checkpoint may need new picks, and tests/test_demo.py says so
+# when it does. (name, task, seed, mirrored instruction)
 DEMO_SCENES: tuple[tuple[str, str, int, bool], ...] = (
-    ("object-addition", "object_addition", 6, False),
-    ("object-addition-mirrored", "object_addition", 6, True),
+    ("object-addition", "object_addition", 17, False),
+    ("object-addition-mirrored", "object_addition", 17, True),
     ("background-change", "background_change", 7, False),
 )
 

@@ -103,21 +103,28 @@ def evaluate_pipeline(
     seed: int = 0,
     clip_black: float = DEFAULT_CLIP_BLACK,
     clip_white: float = DEFAULT_CLIP_WHITE,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Score `pipe` on every clip of `split`; returns per-clip results, per-task summary and target checks.
 
     `steps` / `guidance` None: the checkpoint's defaults. `clip_black` / `clip_white`: the matte clip (the engine's
-    defaults, what `vera edit` gives; 0 and 1 score the model's raw matte).
+    defaults, what `vera edit` gives; 0 and 1 score the model's raw matte). `progress`: a progress bar over the clips
+    on stderr (as `train` has), counting each clip once (object addition runs twice: without and with its mask).
     """
-    from vera_engine.training.data.dataset import iter_clips
+    from tqdm.auto import tqdm
+
+    from vera_engine.training.data.dataset import iter_clips, read_index
     from vera_engine.training.metrics import evaluate_clip, summarize
 
     steps = steps if steps is not None else int(pipe.config.get("default_steps", 20))
     guidance = guidance if guidance is not None else float(pipe.config.get("default_guidance", 1.0))
     started = time.perf_counter()
     results = []
-    for clip in iter_clips(data, split):
-        clip_options = {"clip_black": clip_black, "clip_white": clip_white}
+    count = len(read_index(data).get("splits", {}).get(split, []))  # a missing split: iter_clips names it
+    clip_options = {"clip_black": clip_black, "clip_white": clip_white}
+    for clip in tqdm(
+        iter_clips(data, split), total=count, desc=f"eval {split}", unit="clip", disable=not progress
+    ):
         prediction = predict_clip(pipe, clip, steps=steps, guidance=guidance, seed=seed, **clip_options)
         results.append(evaluate_clip(clip, prediction))
         if clip.task == "object_addition" and clip.mask is not None:

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from vera_engine.models.transformer_vera import BRANCHES, VeraTransformer3DModel
+from vera_engine.pipelines.model_store import make_files_shareable
 from vera_engine.pipelines.pipeline_vera import codec_input
 from vera_engine.training.recipe import DEFAULT_BRANCH_LR_SCALES, DEFAULT_MASK_DROPOUT
 
@@ -883,6 +884,7 @@ def _save_checkpoint(
     old_log = out / "training" / "log.jsonl"
     if old_log.exists():
         shutil.copy2(old_log, training / "log.jsonl")
+    make_files_shareable(staging)  # weights readable like any file the user writes, not owner-only
     # Keep whatever else the user put in the folder (model card, figures); replace what training owns.
     if out.exists():
         for extra in out.iterdir():
