@@ -118,8 +118,8 @@ def check_ray_version(version: str) -> None:
         want = ".".join(str(p) for p in MIN_RAY_VERSION)
         raise ClusterError(
             f"Ray {version} has no token authentication (Ray {want} added it): anyone who reaches its ports can run "
-            f"code on every node; install ray>={want} (pip install 'vera-edit[cluster]') and start the cluster with "
-            "RAY_AUTH_MODE=token (docs/SECURITY.md)"
+            f"code on every node; install ray>={want} (pip install -e '.[cluster]' in the checkout) and start the "
+            "cluster with RAY_AUTH_MODE=token (docs/SECURITY.md)"
         )
 
 
