@@ -6,6 +6,7 @@ model is not the point and the shipped checkpoint where it is (context paralleli
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import sqlite3
@@ -330,6 +331,39 @@ def test_a_cancel_while_the_front_door_packs_the_inputs_is_not_lost(make_harness
         return real_pack(inputs_dir)
 
     monkeypatch.setattr(dispatch, "pack_inputs", slow_pack)
+    runner = PassThroughRunner()
+    h = _in_process_pool(make_harness, runner, shares_spool=False, cancel_wait_seconds=0)
+    job = _one_frame_job(h.client)
+    assert gate.entered.wait(20)
+    asked = h.client.cancel(job)
+    assert asked.state == pb.JOB_STATE_RUNNING and asked.cancel_requested
+    gate.release.set()
+    final = h.client.wait(job)
+    assert final.state == pb.JOB_STATE_CANCELLED, final
+    assert job not in runner.started and final.output_files == []
+
+
+def test_a_cancel_while_a_streamed_frame_is_read_is_not_lost(make_harness, monkeypatch) -> None:
+    # Without a shared spool the inputs are streamed (issue 28 item 11): pack_inputs only names the files and each
+    # is read as the worker side walks them, after the job was handed over. A Cancel during that read must stop
+    # the job before the runner starts it.
+    from vera_engine.service.pool import dispatch
+    from vera_engine.service.pool.streamed import LazyFiles
+
+    gate = _Gate()
+    real_pack = dispatch.pack_inputs
+
+    def pack_with_a_slow_read(inputs_dir: Path) -> LazyFiles:
+        files = real_pack(inputs_dir)
+
+        def load(name: str) -> bytes:
+            if name != "manifest.json":
+                gate.hold()
+            return files[name]
+
+        return LazyFiles({name: functools.partial(load, name) for name in files})
+
+    monkeypatch.setattr(dispatch, "pack_inputs", pack_with_a_slow_read)
     runner = PassThroughRunner()
     h = _in_process_pool(make_harness, runner, shares_spool=False, cancel_wait_seconds=0)
     job = _one_frame_job(h.client)

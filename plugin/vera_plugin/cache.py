@@ -2,15 +2,16 @@
 
 Layout: ``<cache root>/<job id>/vera_edit.<frame>.exr`` for take 1 and ``vera_edit_take<k>.<frame>.exr`` for take
 ``k > 1`` (the engine's names, ``JobStatus.output_files`` in ``engine.proto``). The cache root is ``$VERA_CACHE``
-when set, else a ``vera_cache/<script name>`` folder beside the saved script, else (unsaved script) the system
-temp folder.
+when set, else a ``vera_cache/<script name>`` folder beside the saved script, else (unsaved script) the user's
+own cache folder (``$XDG_CACHE_HOME`` or ``~/.cache`` on Linux, ``~/Library/Caches`` on macOS, ``%LOCALAPPDATA%``
+on Windows): never the shared temp folder, where another user could plant a link or read the results.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import tempfile
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +29,8 @@ __all__ = [
 ]
 
 RESULT_PREFIX = "vera_edit"
-_RESULT = re.compile(rf"^{RESULT_PREFIX}(?:_take(\d+))?\.(-?\d+)\.exr$")
-_JOB_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
+_RESULT = re.compile(rf"{RESULT_PREFIX}(?:_take(\d+))?\.(-?\d+)\.exr")
+_JOB_ID = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 def safe_name(text: str) -> str:
@@ -45,7 +46,17 @@ def cache_root(script_path: str = "", env: Mapping[str, str] | None = None) -> P
     if script_path:
         script = Path(script_path)
         return script.parent / "vera_cache" / safe_name(script.stem)
-    return Path(tempfile.gettempdir()) / "vera_cache" / "untitled"
+    return user_cache_dir(env) / "vera_cache" / "untitled"
+
+
+def user_cache_dir(env: Mapping[str, str] | None = None) -> Path:
+    """This user's own cache folder (the platform's convention), which other users cannot write to."""
+    env = os.environ if env is None else env
+    if sys.platform == "win32":
+        return Path(env.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches"
+    return Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache")
 
 
 def result_prefix(take: int = 1) -> str:
@@ -57,13 +68,13 @@ def result_prefix(take: int = 1) -> str:
 
 def take_and_frame(name: str) -> tuple[int, int] | None:
     """``(take, frame)`` of a result file name (``vera_edit_take2.1001.exr`` -> ``(2, 1001)``), else ``None``."""
-    match = _RESULT.match(name)
+    match = _RESULT.fullmatch(name)
     return (int(match.group(1) or 1), int(match.group(2))) if match else None
 
 
 def job_dir(root: str | os.PathLike[str], job_id: str) -> Path:
     """The folder of one job's results under ``root``."""
-    if not _JOB_ID.match(job_id) or job_id in (".", ".."):
+    if not _JOB_ID.fullmatch(job_id) or job_id in (".", ".."):
         raise ValueError(f"job id {job_id!r} is not a plain name; expected letters, digits, '-', '_' or '.'")
     return Path(root) / job_id
 
@@ -104,7 +115,7 @@ def find_takes(root: str | os.PathLike[str], job_id: str) -> dict[int, CachedRes
     frames: dict[int, list[int]] = {}
     padding: dict[int, int] = {}
     for entry in folder.iterdir():
-        match = _RESULT.match(entry.name)
+        match = _RESULT.fullmatch(entry.name)
         if match and entry.is_file():
             take = int(match.group(1) or 1)
             frames.setdefault(take, []).append(int(match.group(2)))

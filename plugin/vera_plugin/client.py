@@ -12,6 +12,7 @@ Needs only grpcio and protobuf; numpy is imported only by :meth:`EngineClient.su
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import re
@@ -22,6 +23,7 @@ from typing import Any
 
 import grpc
 
+from vera_plugin.cache import take_and_frame
 from vera_plugin.connection import DEFAULT_ADDRESS, explain_failure
 from vera_proto.vera.v1 import engine_pb2 as pb
 from vera_proto.vera.v1 import engine_pb2_grpc as pb_grpc
@@ -31,6 +33,7 @@ __all__ = [
     "FINAL_STATES",
     "EngineClient",
     "EngineError",
+    "check_job_id",
     "format_frames",
     "frame_path",
     "parse_frames",
@@ -41,6 +44,10 @@ __all__ = [
 CHUNK_BYTES = 3 * 1024 * 1024  # under gRPC's default 4 MiB limit, so any client can receive Fetch chunks
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 FINAL_STATES = frozenset({pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED})
+
+# What a Vera engine's job ids look like (uuid4().hex, servicer.py). Ids become folder names, Nuke knob values and
+# Resolve bin names on the host: anything else an engine answers is refused here, the one place every host passes.
+JOB_ID = re.compile(r"[0-9a-f]{32}")
 
 # JobHeader fields a caller may pass as options (the contract's own list, so a new field needs no change here).
 _HEADER_FIELDS = {field.name for field in pb.JobHeader.DESCRIPTOR.fields} - {"prompt", "frames", "has_mask"}
@@ -55,6 +62,47 @@ class EngineError(Exception):
         self.code = code
         self.details = details
         self.address = address
+
+
+def check_job_id(job_id: object) -> str:
+    """``job_id`` if it is a Vera job id (32 lower-case hexadecimal characters), else :class:`EngineError`.
+
+    For ids the engine sends: one that fails this check is an engine that lies (INTERNAL). Ids a caller passes
+    go to the engine as they are (it answers NOT_FOUND); what comes back about them is checked.
+    """
+    if isinstance(job_id, str) and JOB_ID.fullmatch(job_id):
+        return job_id
+    raise EngineError(
+        "INTERNAL",
+        f"the engine answered the job id {repr(job_id)[:80]}, which is not 32 lower-case hexadecimal characters; "
+        "refusing it (a Vera engine never sends such an id: check what listens at this address)",
+    )
+
+
+def _is_loopback_address(address: str) -> bool:
+    """True when a gRPC target names this machine: 127.0.0.0/8, ::1, localhost or a unix socket."""
+    import ipaddress
+
+    target = address
+    for scheme in ("unix:", "unix-abstract:"):
+        if target.startswith(scheme):
+            return True
+    for prefix in ("dns:///", "dns:", "ipv4:", "ipv6:"):
+        if target.startswith(prefix):
+            target = target[len(prefix) :]
+            break
+    if target.startswith("["):  # [::1]:50051
+        host = target[1 : target.find("]")] if "]" in target else target
+    elif target.count(":") == 1:
+        host = target.rsplit(":", 1)[0]
+    else:
+        host = target  # a bare host, or a bare IPv6 address
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def state_name(state: int) -> str:
@@ -167,6 +215,11 @@ class EngineClient:
     ``token`` / ``token_file``: bearer token for engines started with ``--token-file``. ``tls=True`` (implied
     by ``ca_cert``) uses TLS, verifying the engine against ``ca_cert`` (PEM) or the system roots.
     ``timeout`` bounds the unary calls (GetInfo, Cancel, ListJobs), not uploads, watches or downloads.
+
+    A token is never sent in plain text to another machine: without TLS, a token and a non-loopback address are
+    refused (ValueError) unless ``allow_plaintext_token=True`` (a network trusted as a whole). Whatever the engine
+    answers is checked before a host sees it: job ids (:func:`check_job_id`), result names, what Fetch writes
+    (docs/SECURITY.md).
     """
 
     def __init__(
@@ -180,6 +233,7 @@ class EngineClient:
         server_name: str | None = None,
         timeout: float | None = 30.0,
         chunk_bytes: int = CHUNK_BYTES,
+        allow_plaintext_token: bool = False,
     ) -> None:
         if token is None and token_file is not None:
             lines = [ln.strip() for ln in Path(token_file).read_text().splitlines()]
@@ -187,6 +241,15 @@ class EngineClient:
             if not tokens:
                 raise ValueError(f"token file {token_file}: contains no token")
             token = tokens[0]
+        secure = tls or ca_cert is not None
+        if token and not secure and not allow_plaintext_token and not _is_loopback_address(address):
+            # A bearer token in plain text can be read by anyone on the path and replayed against the engine.
+            raise ValueError(
+                f"refusing to send the token to {address} without TLS (anyone on the network could read it); "
+                "connect with TLS (tls=True or ca_cert=..., `vera --tls` or `--ca-cert`, $VERA_CA_CERT), or "
+                "reach the engine through 127.0.0.1 (an SSH tunnel), or pass allow_plaintext_token=True where "
+                "the network itself is trusted"
+            )
         if not 0 < chunk_bytes <= MAX_MESSAGE_BYTES // 2:
             raise ValueError(f"chunk_bytes={chunk_bytes}; expected 1..{MAX_MESSAGE_BYTES // 2}")
         self.address = address
@@ -203,7 +266,7 @@ class EngineClient:
             ("grpc.min_reconnect_backoff_ms", 500),
             ("grpc.max_reconnect_backoff_ms", 5000),
         ]
-        if tls or ca_cert is not None:
+        if secure:
             roots = Path(ca_cert).read_bytes() if ca_cert is not None else None
             if server_name:
                 options.append(("grpc.ssl_target_name_override", server_name))
@@ -290,10 +353,32 @@ class EngineClient:
         jobs: list[pb.JobStatus] = []
         while True:
             reply = self._unary(self._stub.ListJobs, request)
-            jobs.extend(reply.jobs)
+            jobs.extend(self._checked(status) for status in reply.jobs)
             if not reply.next_page_token:
                 return jobs
             request.page_token = reply.next_page_token
+
+    def _checked(self, status: pb.JobStatus, job_id: str | None = None) -> pb.JobStatus:
+        """``status`` once its job id and result names are what a Vera engine sends (EngineError otherwise).
+
+        ``job_id``: the job asked about, which the status must be about.
+        """
+        check_job_id(status.job_id)
+        if job_id is not None and status.job_id != job_id:
+            raise EngineError(
+                "INTERNAL",
+                f"asked about job {job_id}, the engine answered about {status.job_id}",
+                self.address,
+            )
+        bad = [name for name in status.output_files if take_and_frame(name) is None]
+        if bad:
+            raise EngineError(
+                "INTERNAL",
+                f"job {status.job_id}: the engine lists the result {bad[0][:80]!r}, which is not a Vera result name "
+                "(vera_edit[_take<k>].<frame>.exr); refusing it",
+                self.address,
+            )
+        return status
 
     def status(self, job_id: str) -> pb.JobStatus:
         """The current status of one job."""
@@ -308,7 +393,7 @@ class EngineClient:
         status is returned (for a UI whose cancel may cross the job's end).
         """
         try:
-            return self._unary(self._stub.Cancel, pb.CancelRequest(job_id=job_id))
+            return self._checked(self._unary(self._stub.Cancel, pb.CancelRequest(job_id=job_id)), job_id)
         except EngineError as exc:
             if ended_ok and exc.code == "FAILED_PRECONDITION":
                 return self.status(job_id)
@@ -364,9 +449,11 @@ class EngineClient:
             yield from requests
 
         try:
-            return self._stub.Submit(stream(), metadata=self._metadata)
+            reply = self._stub.Submit(stream(), metadata=self._metadata)
         except grpc.RpcError as exc:
             raise self._error(exc) from None
+        check_job_id(reply.job_id)
+        return reply
 
     def submit_files(
         self,
@@ -470,9 +557,10 @@ class EngineClient:
     def watch(self, job_id: str, *, previews: bool = False) -> Iterator[pb.JobStatus]:
         """Iterate over the job's status updates until it reaches a final state."""
         try:
-            yield from self._stub.Watch(
+            for status in self._stub.Watch(
                 pb.WatchRequest(job_id=job_id, previews=previews), metadata=self._metadata
-            )
+            ):
+                yield self._checked(status, job_id)
         except grpc.RpcError as exc:
             raise self._error(exc) from None
 
@@ -526,34 +614,49 @@ class EngineClient:
         """Download a finished job's results into ``out_dir`` (created); returns the files written.
 
         Each file appears atomically (written as ``.part``, then renamed). ``progress(index, count, name)`` is
-        called as each file completes.
+        called as each file completes. Only the files the job's status lists are accepted, and only under Vera's
+        result names (``vera_edit[_take<k>].<frame>.exr``): an engine cannot write anywhere else in ``out_dir``,
+        let alone outside it.
         """
+        for name in files:
+            if take_and_frame(name) is None:
+                raise ValueError(
+                    f"files: {name[:80]!r} is not a Vera result name (vera_edit[_take<k>].<frame>.exr)"
+                )
+        listed = set(self.status(job_id).output_files)
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         written: list[Path] = []
-        handle = None
+        handle: int | None = None
         part: Path | None = None
         current = ""
+        size = 0
         try:
             for chunk in self._stub.Fetch(
                 pb.FetchRequest(job_id=job_id, files=files), metadata=self._metadata
             ):
-                if chunk.file_name != current:
+                if chunk.file_name != current or handle is None:
                     current = chunk.file_name
-                    if os.path.basename(current) != current or current in ("", ".", ".."):
+                    if current not in listed or take_and_frame(current) is None:
                         raise EngineError(
-                            "INTERNAL", f"engine sent an unsafe file name {current!r}", self.address
+                            "INTERNAL",
+                            f"the engine sent the file {current[:80]!r}, which is not one of job {job_id}'s "
+                            "results as its status lists them; refusing it",
+                            self.address,
                         )
                     part = out / (current + ".part")
-                    handle = open(part, "wb")  # noqa: SIM115 - closed when the file is complete
-                assert handle is not None and part is not None
-                if chunk.offset != handle.tell():
+                    handle, size = _create_part(part), 0
+                assert part is not None
+                if chunk.offset != size:
+                    raise EngineError("DATA_LOSS", f"{current}: chunk at {chunk.offset}, expected {size}")
+                if size + len(chunk.data) > chunk.file_size:
                     raise EngineError(
-                        "DATA_LOSS", f"{current}: chunk at {chunk.offset}, expected {handle.tell()}"
+                        "DATA_LOSS", f"{current}: more data than its declared size {chunk.file_size}"
                     )
-                handle.write(chunk.data)
-                if handle.tell() == chunk.file_size:
-                    handle.close()
+                os.write(handle, chunk.data)
+                size += len(chunk.data)
+                if size == chunk.file_size:
+                    os.close(handle)
                     handle = None
                     final = out / current
                     os.replace(part, final)
@@ -564,7 +667,19 @@ class EngineClient:
             raise self._error(exc) from None
         finally:
             if handle is not None:
-                handle.close()
-                if part is not None and part.exists():
-                    part.unlink()
+                os.close(handle)
+                if part is not None:
+                    part.unlink(missing_ok=True)
         return written
+
+
+def _create_part(part: Path) -> int:
+    """A new, empty ``.part`` file for writing, never through a link someone left in its place.
+
+    A stale ``.part`` (an interrupted fetch) is removed first; ``unlink`` removes a symlink itself, not its
+    target, and ``O_EXCL | O_NOFOLLOW`` refuse a name that reappears in between.
+    """
+    with contextlib.suppress(FileNotFoundError):
+        part.unlink()
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+    return os.open(part, flags, 0o666)

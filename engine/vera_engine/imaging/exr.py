@@ -28,6 +28,7 @@ __all__ = [
     "Plate",
     "PlateError",
     "Window",
+    "check_header",
     "find_frames",
     "frame_path",
     "read_exr",
@@ -139,6 +140,37 @@ def _spec_windows(spec: oiio.ImageSpec) -> tuple[Window, Window]:
     data = Window(spec.x, spec.y, spec.width, spec.height)
     display = Window(spec.full_x, spec.full_y, spec.full_width, spec.full_height)
     return data, display
+
+
+MAX_CHANNELS = 64  # channels in one EXR part Vera reads: RGBA plus a generous set of AOVs
+
+
+def check_header(
+    spec: oiio.ImageSpec, *, min_side: int = 1, max_side: int, max_channels: int = MAX_CHANNELS
+) -> None:
+    """Refuse, before any pixel is decoded, an image whose header declares more than Vera would ever read.
+
+    A few-megabyte EXR may declare 16384x16384 RGBA (a decompression bomb, gigabytes once decoded) or a
+    million channels; the size checks that follow a decode come too late for those. Raises PlateError.
+    """
+    if getattr(spec, "deep", False):
+        raise PlateError("is a deep image; frames must be flat (non-deep) OpenEXR images")
+    width, height, channels = int(spec.width), int(spec.height), int(spec.nchannels)
+    if not (min_side <= width <= max_side and min_side <= height <= max_side):
+        raise PlateError(
+            f"declares a data window of {width}x{height} pixels; width and height must be {min_side}..{max_side}"
+        )
+    if not 1 <= channels <= max_channels:
+        raise PlateError(f"declares {channels} channels; at most {max_channels} are read")
+    if int(spec.depth) > 1:
+        raise PlateError(f"is a volume image (depth {spec.depth}); frames must be 2-D")
+
+
+def read_channel_count(spec: oiio.ImageSpec, path: str | os.PathLike[str] = "") -> int:
+    """How many channels :func:`read_exr` decodes from an image with this header (RGB(A) if they sit together,
+    else every channel, from which RGB(A) are then picked)."""
+    idx = _rgba_indices(spec.channelnames, os.fspath(path))
+    return len(idx) if idx == list(range(idx[0], idx[0] + len(idx))) else int(spec.nchannels)
 
 
 def _rgba_indices(names: Sequence[str], path: str) -> list[int]:

@@ -1,13 +1,17 @@
 """Who may talk to the engine: the bind policy, bearer tokens checked in an interceptor, TLS credentials.
 
 Loopback binds need nothing. Any other bind needs a token file and TLS, unless the operator passes
-``--insecure`` (an explicit, logged decision, e.g. behind a trusted VPN or a TLS-terminating proxy).
+``--insecure`` (an explicit, logged decision, e.g. behind a trusted VPN): then without tokens, since a token in
+plain text is readable by anyone on the network. Token files must be the engine user's alone (mode 0600) and
+hold tokens of at least :data:`MIN_TOKEN_CHARS` characters. docs/SECURITY.md has the whole trust model.
 """
 
 from __future__ import annotations
 
 import hmac
 import ipaddress
+import os
+import stat
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,7 +45,16 @@ def check_bind_policy(
     for flag, path in (("--token-file", token_file), ("--tls-cert", tls_cert), ("--tls-key", tls_key)):
         if path is not None and not Path(path).is_file():
             raise PolicyError(f"{flag} {path}: file not found")
-    if is_loopback(host) or insecure:
+    if is_loopback(host):
+        return
+    if insecure and token_file is not None and tls_cert is None:
+        # The tokens would cross the network in plain text, readable by anyone on the path and replayable.
+        raise PolicyError(
+            f"--host {host} with --insecure and --token-file would accept bearer tokens in plain text from "
+            "other machines, where anyone on the network can read and replay them; add --tls-cert/--tls-key, "
+            "or bind to 127.0.0.1 behind a TLS-terminating proxy or SSH tunnel"
+        )
+    if insecure:
         return
     missing = [f for f, v in (("--token-file", token_file), ("--tls-cert/--tls-key", tls_cert)) if v is None]
     if missing:
@@ -57,6 +70,33 @@ def read_tokens(path: Path) -> list[str]:
     tokens = [t for t in tokens if t and not t.startswith("#")]
     if not tokens:
         raise PolicyError(f"--token-file {path}: contains no token (one per line)")
+    return tokens
+
+
+MIN_TOKEN_CHARS = 32  # e.g. `python -c "import secrets; print(secrets.token_hex(32))"` (64 characters)
+
+
+def load_tokens(path: Path) -> list[str]:
+    """The engine's tokens from ``--token-file``, refused if others can read the file or a token is short.
+
+    A token file readable by the group or others gives the engine to every local user who can read it; a
+    short token can be guessed. Raises PolicyError saying what to change.
+    """
+    path = Path(path)
+    if os.name == "posix":
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            raise PolicyError(
+                f"--token-file {path}: readable or writable by others (mode {mode:04o}); "
+                f"make it the engine user's alone: chmod 600 {path}"
+            )
+    tokens = read_tokens(path)
+    short = [i for i, token in enumerate(tokens, start=1) if len(token) < MIN_TOKEN_CHARS]
+    if short:
+        raise PolicyError(
+            f"--token-file {path}: token {short[0]} is shorter than {MIN_TOKEN_CHARS} characters; use a long random "
+            'token, e.g. python -c "import secrets; print(secrets.token_hex(32))"'
+        )
     return tokens
 
 

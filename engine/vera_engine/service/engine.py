@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import stat
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from grpc_health.v1 import health, health_pb2
 
+from vera_engine.service import safe_files
 from vera_engine.service import store as job_store
 from vera_engine.service.errors import InputError, JobNotFound, QueueFull, ResultRemoved, WrongJobState
 from vera_engine.service.limits import limits_message, quote
@@ -289,7 +291,8 @@ class Engine:
         """The result files of a succeeded job (``files``: some of its ``output_files``; default all), in order.
 
         :class:`WrongJobState` for a job that did not succeed, ``InputError`` for names that are not its
-        results, :class:`ResultRemoved` for a result gone from the spool.
+        results, :class:`ResultRemoved` for a result gone from the spool (or replaced by a link or anything not a
+        regular file: the paths returned are the job's own files inside its output folder, docs/SECURITY.md).
         """
         record = self.record(job_id)
         if record.state != job_store.SUCCEEDED:
@@ -309,10 +312,16 @@ class Engine:
                 + (more if len(record.outputs) > SHOWN_FILES else ""),
             )
         out_dir = self.spool.output_dir(record.id)
-        paths = [out_dir / name for name in names]
+        paths = [out_dir / name for name in safe_files.check_result_names(names)]
         for path in paths:
-            if not path.is_file():
-                raise ResultRemoved(f"result {path.name} of job {record.id} was removed")
+            try:
+                info = path.lstat()  # the file itself: a result swapped for a link must not lead elsewhere
+            except FileNotFoundError:
+                raise ResultRemoved(f"result {path.name} of job {record.id} was removed") from None
+            if not stat.S_ISREG(info.st_mode):
+                raise ResultRemoved(
+                    f"result {path.name} of job {record.id} was replaced by something not a regular file"
+                )
         return paths
 
     # -- queries -------------------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ job before it uploads anything; the checks in `schema.py` and `spool.py` read th
 
 from __future__ import annotations
 
+import re
+
 from vera_proto.vera.v1 import engine_pb2 as pb
 
 MAX_FRAMES = 10000  # plate frames per job
@@ -49,6 +51,21 @@ def cap_message(message: str, limit: int = MAX_MESSAGE_BYTES) -> str:
     if len(data) <= limit:
         return message
     return data[: limit - 3].decode("utf-8", "ignore") + "..."
+
+
+# An absolute path inside an exception's text: POSIX (/srv/spool/jobs/...) or Windows (C:\\spool\\...).
+_SERVER_PATH = re.compile(r"""(?<![\w.~])(?:[A-Za-z]:[\\/]|/)[^\s'"`:,;()\[\]{}<>]*""")
+
+
+def job_error(exc: BaseException) -> str:
+    """What a client is told of an unexpected failure: the exception's type and text, with every absolute path
+    in it replaced by ``<path>``.
+
+    A job's error goes to every client (``JobStatus.error``); the engine's own paths (spool, model cache, home
+    folder) are the operator's business. The whole exception, paths and traceback, goes to the engine's log.
+    """
+    text = _SERVER_PATH.sub("<path>", str(exc)).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def limits_message() -> pb.Limits:

@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vera_engine.service import auth
+from vera_engine.service import auth, safe_files
 from vera_engine.service.engine import DEFAULT_QUEUE, DEFAULT_RETENTION_HOURS, Engine
 from vera_engine.service.errors import SpoolInUse
 from vera_engine.service.servicer import DEFAULT_PORT, create_server
@@ -128,6 +128,12 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
         "through Ray's object store",
     )
     pool.add_argument(
+        "--allow-remote-ray",
+        action="store_true",
+        help="with --cluster ray://HOST:PORT: connect to a Ray Client server on another machine (secure the cluster "
+        "first: RAY_AUTH_MODE=token, TLS, firewalled ports; docs/SECURITY.md)",
+    )
+    pool.add_argument(
         "--worker-resource",
         default="GPU",
         metavar="NAME",
@@ -142,6 +148,14 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="DIR",
         help="folder under which clients may send frames by path (repeatable; default: none)",
+    )
+    parser.add_argument(
+        "--decode-memory",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="memory all EXR decodes in flight may take together, uploads and jobs (default: 8 GiB, at most a "
+        "quarter of this machine's memory); a frame needing more is refused",
     )
     parser.add_argument(
         "--queue-size", type=int, default=DEFAULT_QUEUE, help="jobs that may wait (default: %(default)s)"
@@ -259,6 +273,7 @@ def pool_backend(args: argparse.Namespace) -> PoolBackend | None:
         context_parallel=args.context_parallel,
         shared_spool=args.shared_spool,
         preview_interval=args.preview_interval,
+        allow_remote=args.allow_remote_ray,
     )
 
 
@@ -271,10 +286,11 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     try:
         auth.check_bind_policy(args.host, args.token_file, args.tls_cert, args.tls_key, args.insecure)
-        tokens = auth.read_tokens(args.token_file) if args.token_file else []
+        tokens = auth.load_tokens(args.token_file) if args.token_file else []  # mode 0600, long tokens
         for root in args.allowed_roots:
             if not root.is_dir():
                 raise auth.PolicyError(f"--allow-root {root}: not a folder")
+        safe_files.DECODE.set_limit(safe_files.decode_budget_bytes(args.decode_memory))
         if args.queue_size < 1:
             raise auth.PolicyError(f"--queue-size {args.queue_size}: expected at least 1")
         from vera_engine.service.runner import PipelineRunner

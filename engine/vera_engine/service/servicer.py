@@ -13,6 +13,7 @@ import errno
 import functools
 import inspect
 import logging
+import os
 import re
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -22,7 +23,7 @@ from typing import Any, NoReturn
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from vera_engine.service import auth, reflection
+from vera_engine.service import auth, reflection, rpc_guard, safe_files
 from vera_engine.service.engine import CHUNK_BYTES, MAX_MESSAGE_BYTES, SERVICE_NAME, Engine
 from vera_engine.service.errors import InputError, ResultRemoved, ServiceError
 from vera_engine.service.limits import MAX_PAGE_SIZE, PAGE_BYTES, cap_message, quote
@@ -140,6 +141,7 @@ class EngineServicer(pb_grpc.EngineServicer):
         self, request_iterator: Iterator[pb.SubmitRequest], context: grpc.ServicerContext
     ) -> pb.SubmitResponse:
         """The header, then the frames' chunks, handed to :meth:`Engine.submit` as they arrive."""
+        request_iterator = rpc_guard.idle_timeout(request_iterator, context)  # an idle upload holds no thread
         first = next(request_iterator, None)
         if first is None or not first.HasField("header"):
             raise InputError("header", "the first message of a Submit stream must be the JobHeader")
@@ -156,12 +158,14 @@ class EngineServicer(pb_grpc.EngineServicer):
         """Stream the result files of a finished job, chunk by chunk."""
         paths = self.engine.fetch_paths(request.job_id, list(request.files))
         for index, path in enumerate(paths):
+            # A result name only, inside the job's output folder (fetch_paths' folder), no link followed
+            # (safe_files); closed below, as the generator may be abandoned.
             try:
-                handle = open(path, "rb")  # noqa: SIM115 - closed below; the generator may be abandoned
+                handle = safe_files.open_result(path.parent, path.name)
             except FileNotFoundError:
                 raise ResultRemoved(f"result {path.name} of job {request.job_id} was removed") from None
             with handle:
-                size = path.stat().st_size
+                size = os.fstat(handle.fileno()).st_size
                 offset = 0
                 while True:
                     data = handle.read(CHUNK_BYTES)
@@ -233,7 +237,8 @@ def create_server(
     """
     from concurrent import futures
 
-    interceptors = [auth.TokenInterceptor(tokens)] if tokens else []
+    interceptors: list[grpc.ServerInterceptor] = [auth.TokenInterceptor(tokens)] if tokens else []
+    interceptors.append(rpc_guard.StreamCaps())  # no client takes every thread with idle streams
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="vera-rpc"),
         interceptors=interceptors,
@@ -245,6 +250,7 @@ def create_server(
             # grpcio sets SO_REUSEPORT by default: a second engine on the same port would bind too, and clients
             # would be split at random between the two. One engine per port.
             ("grpc.so_reuseport", 0),
+            *rpc_guard.SERVER_OPTIONS,  # keepalive and maximum connection age
         ],
     )
     pb_grpc.add_EngineServicer_to_server(EngineServicer(engine), server)

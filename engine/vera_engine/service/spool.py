@@ -10,6 +10,11 @@ Layout under the spool root::
 Memory stays bounded whatever the plate size: chunks go straight to the frame's file; raw frames are
 validated chunk by chunk, EXR frames decoded (once, to validate them) a few at a time. Error messages name the
 frame ("plate frame 1004"), never the spool's own files.
+
+The spool is the engine user's alone: folders 0700, frame files and manifests 0600, whatever the umask (a plate
+is often confidential). Frames sent by path are opened through :mod:`~vera_engine.service.safe_files` at Submit
+and again when the job runs: no symlink followed, never a FIFO or device, and the same device and inode as
+Submit checked.
 """
 
 from __future__ import annotations
@@ -17,11 +22,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import stat
 import uuid
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from vera_engine.imaging.exr import Window
-from vera_engine.service import imageio
+from vera_engine.service import imageio, safe_files
 
 # Both moved to errors.py; importable from here still, for code written before.
 from vera_engine.service.errors import InputError
@@ -141,6 +146,22 @@ def check_pixels(field: str, pixels: np.ndarray, layer: int, max_abs: float | No
     return out[..., 0] if layer == pb.LAYER_MASK else out
 
 
+def _private_file(path: Path) -> Any:
+    """A new file for writing that only the engine's user can read (0600 whatever the umask)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+    return os.fdopen(os.open(path, flags, 0o600), "wb")
+
+
+def _decode_opened(
+    fd: int, layer: int, field: str, max_abs: float | None, sent_path: str | None = None
+) -> tuple[int, int, int]:
+    """:func:`_decode_and_check` of a frame opened by :func:`safe_files.open_regular`; closes ``fd``."""
+    try:
+        return _decode_and_check(Path(safe_files.fd_path(fd)), layer, field, max_abs, sent_path)
+    finally:
+        os.close(fd)
+
+
 def _decode_and_check(
     path: Path, layer: int, field: str, max_abs: float | None, sent_path: str | None = None
 ) -> tuple[int, int, int]:
@@ -180,6 +201,7 @@ class _Pending:
     field: str
     entry: dict[str, Any]
     shape: Future[tuple[int, int, int]]
+    fd: int | None = None  # a path frame's open file, closed by the decode (or by _shutdown if it never ran)
 
 
 class Upload:
@@ -206,7 +228,8 @@ class Upload:
         self._open: _OpenFrame | None = None
         self._pending: deque[_Pending] = deque()
         self._pool: ThreadPoolExecutor | None = None
-        directory.mkdir(parents=True)
+        directory.mkdir(mode=0o700, parents=True)
+        os.chmod(directory, 0o700)
 
     # -- streaming -----------------------------------------------------------------------------------------
 
@@ -280,7 +303,7 @@ class Upload:
             total=chunk.total_size,
             received=0,
             file=path,
-            handle=open(path, "wb"),  # noqa: SIM115 - closed when the frame completes or in discard()
+            handle=_private_file(path),  # closed when the frame completes or in discard()
             raw=raw,
             dtype=dtype,
         )
@@ -339,22 +362,25 @@ class Upload:
                 f"a frame sent by path carries no data ({len(chunk.data)} bytes came); send either the path or "
                 "the bytes (ENCODING_EXR / ENCODING_RAW)",
             )
-        # The resolved path is what is checked, recorded and read again when the job runs: a symlink changed
-        # later cannot redirect the job outside the allowed roots.
+        # The resolved path is what is checked, recorded and opened, here and when the job runs, one component
+        # at a time without following links (safe_files): a folder swapped for a symlink later cannot redirect
+        # the job outside the allowed roots, and a FIFO swapped in cannot block the decode.
         real = Path(os.path.realpath(text))
         if not is_under(real, self.allowed_roots):
             roots = ", ".join(str(r) for r in self.allowed_roots)
             raise InputError(where, f"{shown} is outside the allowed roots ({roots})")
         try:
-            info = real.stat()
+            fd = safe_files.open_regular(real)
         except FileNotFoundError:
             raise InputError(where, f"{shown} does not exist") from None
+        except safe_files.UnsafeFile as exc:
+            raise InputError(where, f"{shown} {exc}") from None
         except OSError as exc:
             raise InputError(where, f"{shown} cannot be read: {exc.strerror or type(exc).__name__}") from None
-        if not stat.S_ISREG(info.st_mode):
-            raise InputError(where, f"{shown} is not a file")
-        entry = {"encoding": "path", "path": str(real), "size": info.st_size, "mtime_ns": info.st_mtime_ns}
-        self._decode_later(chunk.layer, chunk.frame, field, real, entry, sent_path=shown)
+        # The identity of what was opened (not of a name looked at before): the job must find the same file.
+        identity = safe_files.FileIdentity.of(os.fstat(fd))
+        entry = {"encoding": "path", "path": str(real), **identity.as_entry()}
+        self._decode_later(chunk.layer, chunk.frame, field, real, entry, fd=fd, sent_path=shown)
 
     def _decode_later(
         self,
@@ -363,12 +389,16 @@ class Upload:
         field: str,
         path: Path,
         entry: dict[str, Any],
+        fd: int | None = None,
         sent_path: str | None = None,
     ) -> None:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.DECODE_THREADS, thread_name_prefix="vera-upload")
-        future = self._pool.submit(_decode_and_check, path, layer, field, self.max_abs, sent_path)
-        self._pending.append(_Pending(layer, frame, field, entry, future))
+        if fd is None:
+            future = self._pool.submit(_decode_and_check, path, layer, field, self.max_abs, sent_path)
+        else:
+            future = self._pool.submit(_decode_opened, fd, layer, field, self.max_abs, sent_path)
+        self._pending.append(_Pending(layer, frame, field, entry, future, fd))
         # Back-pressure: never more frames decoding or waiting than the pool can hold in memory at once.
         while len(self._pending) > 2 * self.DECODE_THREADS:
             self._collect_one()
@@ -450,15 +480,17 @@ class Upload:
             "mask": {str(k): v for k, v in self.done[pb.LAYER_MASK].items()},
         }
         tmp = self.dir / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(manifest, indent=1))
+        with _private_file(tmp) as handle:
+            handle.write(json.dumps(manifest, indent=1).encode())
         os.replace(tmp, self.dir / MANIFEST)
-        destination.parent.mkdir(parents=True, exist_ok=True)
+        destination.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.replace(self.dir, destination)
 
     def _shutdown(self) -> None:
         if self._pool is not None:
             for pending in self._pending:
-                pending.shape.cancel()
+                if pending.shape.cancel() and pending.fd is not None:
+                    os.close(pending.fd)  # never ran, so never closed its file
             self._pool.shutdown(wait=True)
             self._pool = None
         self._pending.clear()
@@ -470,6 +502,11 @@ class Upload:
             self._open = None
         self._shutdown()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _changed_path_frame(layer: int, frame: int, entry: dict[str, Any], exc: Exception) -> InputError:
+    """The error of a frame sent by path that is gone, replaced or changed since Submit: names the frame and path."""
+    return InputError(f"{_frame_field(layer, frame)}.path", f"{entry['path']} {exc}")
 
 
 class SpooledInputs:
@@ -491,22 +528,42 @@ class SpooledInputs:
             shape = (entry["height"], entry["width"], entry["channels"])
             pixels = np.fromfile(self.dir / entry["file"], dtype=np.dtype(entry["dtype"])).reshape(shape)
         else:
-            path = self.exr_path(layer, frame)
-            try:
-                reader = imageio.read_mask_exr if layer == pb.LAYER_MASK else imageio.read_plate_exr
-                pixels = reader(path)
-            except imageio.ImageReadError as exc:
-                raise InputError(field, f"changed since it was submitted: {exc}") from None
+            reader = imageio.read_mask_exr if layer == pb.LAYER_MASK else imageio.read_plate_exr
+            with self.exr_file(layer, frame) as path:
+                try:
+                    pixels = reader(path)
+                except imageio.ImageReadError as exc:
+                    raise InputError(field, f"changed since it was submitted: {exc}") from None
         return check_pixels(field, pixels, layer)
 
-    def exr_path(self, layer: int, frame: int) -> Path:
-        """Where an EXR frame's file is: in the spool, or where it was sent by path (checked unchanged first)."""
+    @contextmanager
+    def exr_file(self, layer: int, frame: int) -> Iterator[Path]:
+        """The one place an EXR frame's file is found: the spool's copy, or a frame sent by path opened safely
+        (no link followed, a regular file) and checked to be the file Submit checked
+        (:func:`safe_files.open_recorded`); yields a name to decode it from, valid inside the ``with`` block.
+
+        A frame sent by path that is gone, replaced or changed fails naming the frame (``plate frame 7.path``).
+        """
         entry = self.manifest[_LAYER_NAMES[layer]][str(frame)]
         if entry["encoding"] != "path":
-            return self.dir / entry["file"]
-        path = Path(entry["path"])
-        self._check_unchanged(_frame_field(layer, frame), path, entry)
-        return path
+            yield self.dir / entry["file"]
+            return
+        with ExitStack() as stack:
+            try:
+                fd = stack.enter_context(safe_files.open_recorded(entry))
+            except safe_files.UnsafeFile as exc:
+                raise _changed_path_frame(layer, frame, entry, exc) from None
+            yield Path(safe_files.fd_path(fd))
+
+    def exr_bytes(self, layer: int, frame: int) -> bytes:
+        """An EXR frame's bytes, found as :meth:`exr_file` finds it (for a worker that does not see the spool)."""
+        entry = self.manifest[_LAYER_NAMES[layer]][str(frame)]
+        if entry["encoding"] != "path":
+            return (self.dir / entry["file"]).read_bytes()
+        try:
+            return safe_files.read_recorded(entry)
+        except safe_files.UnsafeFile as exc:
+            raise _changed_path_frame(layer, frame, entry, exc) from None
 
     def windows(self) -> tuple[Window, Window] | None:
         """(data window, display window) of the first plate frame if it came as an EXR, else None.
@@ -517,23 +574,11 @@ class SpooledInputs:
         if self.manifest["plate"][str(first)]["encoding"] == "raw":
             return None
         field = _frame_field(pb.LAYER_PLATE, first)
-        try:
-            return imageio.read_windows(self.exr_path(pb.LAYER_PLATE, first))
-        except imageio.ImageReadError as exc:
-            raise InputError(field, f"changed since it was submitted: {exc}") from None
-
-    @staticmethod
-    def _check_unchanged(field: str, path: Path, entry: dict[str, Any]) -> None:
-        """Fail a frame sent by path whose file changed after Submit checked it (its pixels were never checked)."""
-        try:
-            info = path.stat()
-        except OSError as exc:
-            raise InputError(f"{field}.path", f"{path} cannot be read any more: {exc.strerror}") from None
-        if "size" in entry and (info.st_size, info.st_mtime_ns) != (entry["size"], entry["mtime_ns"]):
-            raise InputError(
-                f"{field}.path",
-                f"{path} changed after it was submitted (size or modification time); submit the job again",
-            )
+        with self.exr_file(pb.LAYER_PLATE, first) as path:
+            try:
+                return imageio.read_windows(path)
+            except imageio.ImageReadError as exc:
+                raise InputError(field, f"changed since it was submitted: {exc}") from None
 
     def plate_frame(self, frame: int) -> np.ndarray:
         """One plate frame, (H, W, 3 or 4) float32 scene-linear."""
@@ -584,8 +629,9 @@ class Spool:
         self.root = Path(root)
         self.incoming = self.root / "incoming"
         self.jobs = self.root / "jobs"
-        self.incoming.mkdir(parents=True, exist_ok=True)
-        self.jobs.mkdir(parents=True, exist_ok=True)
+        # The engine user's alone (plates are often confidential), whatever the umask.
+        for folder in (self.root, self.incoming, self.jobs):
+            safe_files.private_dir(folder)
         self._lock: Any = None
 
     def lock(self) -> None:

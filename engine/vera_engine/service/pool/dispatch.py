@@ -25,12 +25,14 @@ import threading
 import time
 import traceback
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+from vera_engine.service import safe_files
 from vera_engine.service import store as job_store
 from vera_engine.service.errors import JobCancelled, WorkerLost
+from vera_engine.service.limits import job_error
 from vera_engine.service.pool.host import (
     JobOutcome,
     JobTicket,
@@ -67,7 +69,7 @@ class WorkerHandle(ABC):
 
     @abstractmethod
     def run(
-        self, ticket: JobTicket, inputs: dict[str, bytes] | None, on_update: Callable[[LiveSnapshot], None]
+        self, ticket: JobTicket, inputs: Mapping[str, bytes] | None, on_update: Callable[[LiveSnapshot], None]
     ) -> JobOutcome:
         """Run a job on the worker, calling ``on_update`` with its live fields as they change; blocks until it
         ends. Raises :class:`WorkerLost` if the worker dies meanwhile."""
@@ -329,7 +331,7 @@ class Pool:
         try:
             handle.report = handle.load()
         except Exception as exc:
-            error = f"worker {handle.name} failed to load the model: {type(exc).__name__}: {exc}"
+            error = f"worker {handle.name} failed to load the model: {job_error(exc)}"
             log.error("%s\n%s", error, traceback.format_exc())
             self._lose(handle, error)
             with self._lock:
@@ -429,6 +431,7 @@ class Pool:
                 raise JobCancelled(record.id)
             handle.want_previews(record.id, previews[0])
             outcome = handle.run(ticket, inputs, on_update)
+            safe_files.check_result_names([*outcome.outputs, *(outcome.files or ())])  # a worker may lie
             if outcome.files is not None:
                 _write_results(out_dir, outcome.files)
             return outcome
@@ -495,7 +498,7 @@ class Pool:
         self._wake.set()
 
 
-def _write_results(out_dir: Path, files: dict[str, bytes]) -> None:
+def _write_results(out_dir: Path, files: Mapping[str, bytes]) -> None:
     """Results that came back as bytes, written into the spool; each appears atomically (write, then rename)."""
     for name, data in files.items():
         if Path(name).name != name:

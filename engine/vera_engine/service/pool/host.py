@@ -16,6 +16,7 @@ step.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import logging
@@ -25,13 +26,15 @@ import socket
 import tempfile
 import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
 
 from vera_engine.service import store as job_store
 from vera_engine.service.errors import InputError, JobCancelled, WorkerLost
+from vera_engine.service.limits import job_error
+from vera_engine.service.pool.streamed import LazyFiles
 from vera_engine.service.spool import MANIFEST, SpooledInputs
 from vera_engine.service.worker import CancelBook, Events, JobContext, JobRunner, LiveState, free_memory
 from vera_proto.vera.v1 import engine_pb2 as pb
@@ -96,7 +99,7 @@ class JobOutcome:
     state: int  # job_store.SUCCEEDED, FAILED or CANCELLED
     error: str = ""
     outputs: list[str] = field(default_factory=list)  # result file names, sorted
-    files: dict[str, bytes] | None = None  # the results' bytes when the spool is not shared
+    files: Mapping[str, bytes] | None = None  # the results' bytes when the spool is not shared
     progress: tuple[int, int, float] = (0, 0, 0.0)  # (step, total steps, fraction) where the job stopped
 
 
@@ -114,7 +117,8 @@ def job_outcome(job_id: str, body: Callable[[], JobOutcome], where: str = "") ->
     """Run ``body`` (a job's work) and map how it ended: the one place every worker's outcomes are decided.
 
     Cancelled (:class:`JobCancelled`) is CANCELLED; bad input (:class:`InputError`, e.g. a frame sent by path that
-    changed) is FAILED with its message; anything else is FAILED with the exception named, its traceback in the log.
+    changed) is FAILED with its message; anything else is FAILED with the exception named (its text without the
+    engine's own paths: :func:`~vera_engine.service.limits.job_error`), its traceback in the log.
     :class:`WorkerLost` passes through: the pool puts the job back in the queue instead.
     """
     try:
@@ -127,37 +131,35 @@ def job_outcome(job_id: str, body: Callable[[], JobOutcome], where: str = "") ->
         raise
     except Exception as exc:
         log.error("job %s failed%s:\n%s", job_id, f" on {where}" if where else "", traceback.format_exc())
-        return JobOutcome(job_store.FAILED, error=f"{type(exc).__name__}: {exc}")
+        return JobOutcome(job_store.FAILED, error=job_error(exc))  # no server paths to clients
 
 
-def pack_inputs(inputs_dir: Path) -> dict[str, bytes]:
-    """A committed job's inputs as bytes, for a worker that does not see the spool.
+def pack_inputs(inputs_dir: Path) -> LazyFiles:
+    """A committed job's inputs as bytes, for a worker that does not see the spool: read one file at a time, as
+    each is asked for (:class:`LazyFiles`), never the whole job at once.
 
     Frames that were sent by path are read here, on the front door, which is where they were checked: the worker
     gets their bytes as if they had been sent as EXR files.
     """
     spooled = SpooledInputs(inputs_dir)
     manifest = json.loads((inputs_dir / MANIFEST).read_text())
-    files: dict[str, bytes] = {}
+    files: dict[str, Callable[[], bytes]] = {}
     for layer, layer_number in (("plate", pb.LAYER_PLATE), ("mask", pb.LAYER_MASK)):
         for frame, entry in manifest[layer].items():
             if entry["encoding"] == "path":
                 name = f"{layer}.{frame}.by-path.exr"
-                path = spooled.exr_path(layer_number, int(frame))  # fails naming the frame if it changed
-                try:
-                    files[name] = path.read_bytes()
-                except OSError as exc:
-                    raise InputError(
-                        f"{layer} frame {frame}.path", f"{path} cannot be read any more: {exc.strerror}"
-                    ) from None
+                # Read when asked, as SpooledInputs finds it: opened as Submit checked it (no link followed, the
+                # same file), failing naming the frame if it changed.
+                files[name] = functools.partial(spooled.exr_bytes, layer_number, int(frame))
                 manifest[layer][frame] = {**entry, "encoding": "exr", "file": name}
             else:
-                files[entry["file"]] = (inputs_dir / entry["file"]).read_bytes()
-    files[MANIFEST] = json.dumps(manifest).encode()
-    return files
+                files[entry["file"]] = (inputs_dir / entry["file"]).read_bytes
+    encoded = json.dumps(manifest).encode()
+    files[MANIFEST] = lambda: encoded
+    return LazyFiles(files)
 
 
-def unpack_inputs(files: dict[str, bytes], directory: Path) -> Path:
+def unpack_inputs(files: Mapping[str, bytes], directory: Path) -> Path:
     """Write :func:`pack_inputs`' files into ``directory`` (created); returns it."""
     directory.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
@@ -283,7 +285,7 @@ class WorkerHost:
         self._control_group = torch.distributed.new_group(backend="gloo")
         enable_context_parallel(pipe.transformer, group.context_parallel)  # type: ignore[arg-type]
 
-    def run(self, ticket: JobTicket, inputs: dict[str, bytes] | None = None) -> JobOutcome:
+    def run(self, ticket: JobTicket, inputs: Mapping[str, bytes] | None = None) -> JobOutcome:
         """Run one job to its end; the outcome says how it ended (never raises for the job's own errors)."""
         if self.runner is None:
             raise RuntimeError("WorkerHost.run before load()")
@@ -310,7 +312,7 @@ class WorkerHost:
             timer.cancel()
             free_memory()
 
-    def _run(self, ticket: JobTicket, inputs: dict[str, bytes] | None, live: LiveState) -> JobOutcome:
+    def _run(self, ticket: JobTicket, inputs: Mapping[str, bytes] | None, live: LiveState) -> JobOutcome:
         assert self.runner is not None
         runner = self.runner
         header = pb.JobHeader.FromString(ticket.header)
@@ -321,11 +323,14 @@ class WorkerHost:
             self._live = live
         scratch: list[Path] = []
 
-        def work() -> JobOutcome:
+        def stop_if_cancelled() -> None:
             if cancel.is_set() and self._control_group is None:
                 # (The ranks of a group agree on a cancel at the runner's first check instead: one rank that did
                 # not start would leave the others waiting in a collective.)
                 raise JobCancelled(ticket.job_id)
+
+        def work() -> JobOutcome:
+            stop_if_cancelled()
             if ticket.inputs_dir is not None and ticket.output_dir is not None:
                 inputs_dir, out_dir = Path(ticket.inputs_dir), Path(ticket.output_dir)
                 if not self.lead:
@@ -337,7 +342,10 @@ class WorkerHost:
                 if inputs is None:
                     raise ValueError(f"job {ticket.job_id}: no shared spool and no inputs sent")
                 scratch.append(Path(tempfile.mkdtemp(prefix=f"vera-{ticket.job_id}-")))
+                # Streamed inputs are read here, one file at a time (pack_inputs): a cancel during the read
+                # stops the job before the runner starts it.
                 inputs_dir = unpack_inputs(inputs, scratch[0] / "inputs")
+                stop_if_cancelled()
                 out_dir = scratch[0] / "out"
                 out_dir.mkdir()
             args = (
@@ -412,7 +420,7 @@ class WorkerHost:
 def run_relaying(
     host: WorkerHost,
     ticket: JobTicket,
-    inputs: dict[str, bytes] | None,
+    inputs: Mapping[str, bytes] | None,
     on_update: Callable[[LiveSnapshot], None],
     poll_seconds: float = 0.5,
 ) -> JobOutcome:

@@ -12,7 +12,7 @@ door's half of that path then runs in milliseconds, without processes or Ray.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from vera_engine.service.pool.dispatch import WorkerHandle
 from vera_engine.service.pool.host import (
@@ -56,7 +56,7 @@ class InProcessWorker(WorkerHandle):
         return self.host.load()
 
     def run(
-        self, ticket: JobTicket, inputs: dict[str, bytes] | None, on_update: Callable[[LiveSnapshot], None]
+        self, ticket: JobTicket, inputs: Mapping[str, bytes] | None, on_update: Callable[[LiveSnapshot], None]
     ) -> JobOutcome:
         """Run the job in the calling thread; its live fields reach ``on_update`` from a relay thread."""
         return run_relaying(self.host, ticket, inputs, on_update)

@@ -16,10 +16,11 @@ import multiprocessing
 import os
 import queue
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
+from vera_engine.service import safe_files
 from vera_engine.service.errors import WorkerLost
 from vera_engine.service.pool.dispatch import WorkerHandle
 from vera_engine.service.pool.host import (
@@ -30,7 +31,6 @@ from vera_engine.service.pool.host import (
     RunnerSpec,
     WorkerHost,
     WorkerReport,
-    free_port,
     run_relaying,
 )
 
@@ -207,7 +207,7 @@ class LocalWorker(WorkerHandle):
         """Start the process(es) and wait for every rank to load."""
         runner, kind, preview_interval, threads = self._args
         context = multiprocessing.get_context("spawn")
-        init = f"tcp://127.0.0.1:{free_port()}"
+        init = safe_files.rendezvous_file()  # no TCP store: it would listen on every interface
         world = len(self.device_names)
         for rank, device in enumerate(self.device_names):
             group = GroupSpec(rank, world, init, kind) if world > 1 else None
@@ -225,7 +225,7 @@ class LocalWorker(WorkerHandle):
         return reports[0]
 
     def run(
-        self, ticket: JobTicket, inputs: dict[str, bytes] | None, on_update: Callable[[LiveSnapshot], None]
+        self, ticket: JobTicket, inputs: Mapping[str, bytes] | None, on_update: Callable[[LiveSnapshot], None]
     ) -> JobOutcome:
         """Send the job to every rank; follow rank 0's updates; the outcome is rank 0's."""
         for process in self._processes:

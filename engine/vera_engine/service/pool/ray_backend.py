@@ -6,8 +6,9 @@ GPU. The front door asks for as many workers as the live nodes have room for (ev
 join are used and workers lost with a node are replaced), and learns from Ray when an actor or its node died
 (``RayActorError``): the job then goes back to the queue (`dispatch.Pool`).
 
-Inputs go to the workers and results come back through Ray's object store (``ray.put`` / the actor's return
-value), unless ``--shared-spool`` says the workers see the front door's spool path. Actors belong to the front
+Inputs go to the workers and results come back through Ray's object store, one object per file, put and fetched
+one file at a time (neither the front door nor a worker holds a whole job in memory), unless ``--shared-spool``
+says the workers see the front door's spool path. Actors belong to the front
 door's Ray job: a front door that dies takes its actors with it, and a restarted one starts new ones and reruns
 what was queued or running.
 
@@ -19,12 +20,21 @@ the placement code they run is the one that places GPU workers.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import ipaddress
 import logging
+import os
+import shutil
 import socket
+import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
+from vera_engine.service import safe_files
+from vera_engine.service import store as job_store
 from vera_engine.service.errors import ClusterError, InputError, WorkerLost
 from vera_engine.service.pool.dispatch import WorkerHandle
 from vera_engine.service.pool.host import (
@@ -35,8 +45,9 @@ from vera_engine.service.pool.host import (
     RunnerSpec,
     WorkerHost,
     WorkerReport,
-    free_port,
+    unpack_inputs,
 )
+from vera_engine.service.pool.streamed import LazyFiles
 
 log = logging.getLogger("vera_engine.service")
 
@@ -58,16 +69,98 @@ class RayWorkerHost(WorkerHost):
         )
 
     def rendezvous(self) -> str:
-        """Where rank 0 of a group listens: this node's address and a free port."""
-        import ray
-
-        address = ray.util.get_node_ip_address()
-        return f"tcp://{address}:{free_port(address)}"
+        """Where the ranks of a group meet: a file store on this node, readable by the engine's user only."""
+        # The group is packed on this node (STRICT_PACK): a file store, and no TCP store listening on every
+        # interface of the node.
+        return safe_files.rendezvous_file()
 
     def load_in_group(self, group: GroupSpec | None) -> WorkerReport:
         """Load as one rank of ``group`` (or alone)."""
         self.group = group
         return self.load()
+
+    def run(self, ticket: JobTicket, inputs: Mapping[str, Any] | None = None) -> JobOutcome:
+        """Run a job whose inputs come through the object store one frame at a time (``inputs``: file name ->
+        ObjectRef), and hand its results back the same way (``JobOutcome.files``: name -> ObjectRef).
+
+        The frames are written to a scratch folder on this node as each is fetched, and the results put in the
+        object store as each is read: the actor never holds more than one file of the job.
+        """
+        if inputs is None or ticket.inputs_dir is not None:
+            return super().run(ticket, inputs)  # type: ignore[arg-type]
+        import ray
+
+        scratch = Path(tempfile.mkdtemp(prefix=f"vera-{ticket.job_id}-"))  # 0700
+        try:
+            inputs_dir = unpack_inputs(_fetched(inputs), scratch / "inputs")
+            out_dir = scratch / "out"
+            out_dir.mkdir()
+            here = dataclasses.replace(ticket, inputs_dir=str(inputs_dir), output_dir=str(out_dir))
+            outcome = super().run(here, None)
+            if self.lead and outcome.state == job_store.SUCCEEDED:
+                safe_files.check_result_names(outcome.outputs)
+                outcome.files = {name: ray.put((out_dir / name).read_bytes()) for name in outcome.outputs}
+            return outcome
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+MIN_RAY_VERSION = (2, 52)  # the first Ray with token authentication (RAY_AUTH_MODE=token)
+
+
+def check_ray_version(version: str) -> None:
+    """Refuse a Ray older than token authentication: its clusters run any code anyone who reaches them sends."""
+    parts = []
+    for piece in version.split(".")[:2]:
+        digits = "".join(c for c in piece if c.isdigit())
+        parts.append(int(digits or 0))
+    if tuple(parts) < MIN_RAY_VERSION:
+        want = ".".join(str(p) for p in MIN_RAY_VERSION)
+        raise ClusterError(
+            f"Ray {version} has no token authentication (Ray {want} added it): anyone who reaches its ports can run "
+            f"code on every node; install ray>={want} (pip install -e '.[cluster]' in the checkout) and start the "
+            "cluster with RAY_AUTH_MODE=token (docs/SECURITY.md)"
+        )
+
+
+def is_this_machine(host: str) -> bool:
+    """True when ``host`` names this machine: a loopback address, or one of its own (bindable) addresses."""
+    host = host.strip("[]")
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return True
+    except ValueError:
+        if host == "localhost":
+            return True
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError:
+        return False
+    for family, _type, _proto, _name, sockaddr in infos:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((sockaddr[0], 0))  # only an address of one of this machine's interfaces binds
+                return True
+            except OSError:
+                continue
+    return False
+
+
+def check_remote(address: str, allow_remote: bool) -> None:
+    """Refuse a cluster on another machine unless the operator says it is secured (``--allow-remote-ray``).
+
+    A Ray cluster runs whatever code its clients send: one reachable from other machines without Ray's token
+    authentication is remote code execution for anyone on the network.
+    """
+    if address == "auto" or allow_remote:
+        return
+    host = address.removeprefix("ray://").rpartition(":")[0]
+    if host and not is_this_machine(host):
+        raise ClusterError(
+            f"--cluster {address} is on another machine: a Ray cluster runs any code its clients send, so make sure "
+            "it requires Ray's token authentication (RAY_AUTH_MODE=token on every node and here, Ray >= 2.52), uses "
+            "TLS on a shared network and has its ports firewalled (docs/SECURITY.md), then pass --allow-remote-ray"
+        )
 
 
 def check_address(address: str, timeout: float = 5.0) -> None:
@@ -96,7 +189,14 @@ def connect(address: str, timeout: float = CONNECT_SECONDS) -> bool:
 
     if ray.is_initialized():
         return False
+    check_ray_version(ray.__version__)
     check_address(address)
+    if address != "auto" and os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        log.warning(
+            "connecting to the Ray cluster at %s without RAY_AUTH_MODE=token: unless the cluster requires tokens, "
+            "anyone who reaches its ports can run code on its nodes (docs/SECURITY.md)",
+            address,
+        )
     outcome: list[BaseException | None] = []
 
     def init() -> None:
@@ -115,6 +215,13 @@ def connect(address: str, timeout: float = CONNECT_SECONDS) -> bool:
     if error is not None:
         raise ClusterError(f"cannot connect to the Ray cluster at {address}: {type(error).__name__}: {error}")
     return True
+
+
+def _fetched(refs: Mapping[str, Any]) -> LazyFiles:
+    """File name -> ObjectRef as file name -> bytes, each ``ray.get`` when indexed (one file in memory at a time)."""
+    import ray
+
+    return LazyFiles({name: functools.partial(ray.get, ref) for name, ref in refs.items()})
 
 
 def _alive_nodes() -> list[dict[str, Any]]:
@@ -247,20 +354,27 @@ class RayWorker(WorkerHandle):
         return reports[0]
 
     def run(
-        self, ticket: JobTicket, inputs: dict[str, bytes] | None, on_update: Callable[[LiveSnapshot], None]
+        self,
+        ticket: JobTicket,
+        inputs: Mapping[str, bytes] | None,
+        on_update: Callable[[LiveSnapshot], None],
     ) -> JobOutcome:
         """Run the job on every rank, following rank 0's progress; the outcome is rank 0's."""
         import ray
 
         try:
-            # The frames go into the object store once; every rank of a group reads the same object.
-            inputs_ref = ray.put(inputs) if inputs is not None else None
-            refs = [actor.run.remote(ticket, inputs_ref) for actor in self._actors]
+            # Each frame goes into the object store once, read and put one at a time (``inputs`` reads a frame
+            # when indexed); every rank of a group fetches the same objects, one at a time too.
+            frame_refs = {name: ray.put(inputs[name]) for name in inputs} if inputs is not None else None
+            refs = [actor.run.remote(ticket, frame_refs) for actor in self._actors]
             seen = -1
             while True:
                 done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
                 if len(done) == len(refs):
-                    return ray.get(refs)[0]
+                    outcome: JobOutcome = ray.get(refs)[0]
+                    if outcome.files is not None:  # ObjectRefs: fetched one at a time as they are written
+                        outcome.files = _fetched(outcome.files)
+                    return outcome
                 seen, snapshot = ray.get(self._actors[0].poll.remote(ticket.job_id, seen, POLL_SECONDS))
                 if snapshot is not None:
                     on_update(snapshot)
@@ -322,9 +436,11 @@ class RayBackend:
         context_parallel: str = "ulysses",
         shared_spool: bool = False,
         preview_interval: float = 1.0,
+        allow_remote: bool = False,
     ) -> None:
         if gpus_per_job < 1:
             raise ValueError(f"--gpus-per-job {gpus_per_job}: expected 1 or more devices per job")
+        check_remote(address, allow_remote)
         self.address = address
         self.runner = runner
         self.resource = worker_resource(resource)
