@@ -104,7 +104,7 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     pool.add_argument(
         "--cluster",
         metavar="ADDRESS",
-        help="run jobs on Ray actors of a Ray cluster: auto, HEAD:6379 or ray://HEAD:10001 (needs vera-edit[cluster])",
+        help="run jobs on Ray actors of a Ray cluster: auto, HEAD:6379 or ray://HEAD:10001 (needs the cluster extra: pip install -e '.[cluster]' in the checkout)",
     )
     pool.add_argument(
         "--gpus-per-job",
@@ -262,7 +262,9 @@ def pool_backend(args: argparse.Namespace) -> PoolBackend | None:
     try:
         import ray  # noqa: F401
     except ImportError:
-        raise ValueError("--cluster needs Ray: pip install 'vera-edit[cluster]'") from None
+        raise ValueError(
+            "--cluster needs Ray: pip install -e '.[cluster]' in the Vera Edit checkout"
+        ) from None
     from vera_engine.service.pool.ray_backend import RayBackend
 
     return RayBackend(

@@ -9,7 +9,7 @@ device of a node (``--devices``) or a Ray cluster (``--cluster``); all run a job
 - `inprocess.py`: :class:`InProcessBackend`, the engine's own process as a pool of one worker.
 - `local.py`: :class:`LocalBackend`, one process per local device, no Ray.
 - `ray_backend.py`: :class:`RayBackend`, Ray actors with ``num_gpus=1`` or placement groups (imports Ray only when
-  used: ``pip install 'vera-edit[cluster]'``).
+  used: ``pip install -e '.[cluster]'`` from the checkout).
 """
 
 from vera_engine.service.errors import WorkerLost
