@@ -430,3 +430,42 @@ def test_worker_resources_are_asked_of_ray_as_ray_names_them() -> None:
     for name in ("", "memory", "object_store_memory", "node:10.0.0.1"):
         with pytest.raises(ClusterError, match="--worker-resource"):
             worker_resource(name)
+
+
+def test_pool_info_counts_a_nodes_memory_once_and_forgets_long_lost_workers(monkeypatch) -> None:
+    # Issue 29 item 10: two CPU workers on one 23.5 GiB machine read "33.1 of 47.1 GiB free", and a killed worker
+    # stayed listed as lost forever. GPU workers each have their own memory.
+    from types import SimpleNamespace
+
+    from vera_engine.service.pool import dispatch
+    from vera_engine.service.pool.host import WorkerReport
+
+    class Listed(dispatch.WorkerHandle):  # only what GetInfo reads of a worker
+        def __init__(self, name: str, node: str, kind: str, total: int, free: int) -> None:
+            super().__init__(name, 1)
+            device = pb.DeviceInfo(name=kind, kind=kind, memory_total_bytes=total, memory_free_bytes=free)
+            self.report = WorkerReport(node=node, host=node, device=device.SerializeToString(), models=[])
+
+        load = run = cancel = want_previews = lost_reason = close = None  # type: ignore[assignment]
+        shares_spool = True  # type: ignore[assignment]
+
+    gib = 2**30
+    pool = SimpleNamespace(
+        _lock=threading.Lock(),
+        _handles=[
+            Listed("local:0", "a", "cpu", 23 * gib, 16 * gib),
+            Listed("local:1", "a", "cpu", 23 * gib, 16 * gib),
+            Listed("ray:1", "b", "cuda", 80 * gib, 70 * gib),
+            Listed("ray:2", "b", "cuda", 80 * gib, 60 * gib),
+        ],
+        _lost=[],
+    )
+    info = dispatch.Pool.device_info(pool)
+    assert info.memory_total_bytes == (23 + 80 + 80) * gib and info.memory_free_bytes == (16 + 70 + 60) * gib
+    old, recent = Listed("ray:3", "b", "cuda", 1, 1), Listed("ray:4", "b", "cuda", 1, 1)
+    now = 1_000_000.0
+    monkeypatch.setattr(dispatch.time, "monotonic", lambda: now)
+    old.lost_at, recent.lost_at = now - dispatch.LOST_SHOWN_SECONDS - 1, now - 5
+    pool._lost = [old, recent]
+    names = [w.name for w in dispatch.Pool.workers(pool)]
+    assert "ray:4" in names and "ray:3" not in names

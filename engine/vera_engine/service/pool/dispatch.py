@@ -50,6 +50,7 @@ log = logging.getLogger("vera_engine.service")
 
 RECONCILE_SECONDS = 5.0  # how often the backend is asked for workers for new (or recovered) devices
 LOST_SHOWN = 16  # lost workers GetInfo keeps listing, newest first
+LOST_SHOWN_SECONDS = 600.0  # ... for this long after they were lost: a worker killed yesterday is not news
 
 
 class WorkerHandle(ABC):
@@ -61,6 +62,7 @@ class WorkerHandle(ABC):
         self.state = pb.WORKER_STATE_STARTING
         self.job_id = ""
         self.lost_cause = ""
+        self.lost_at = 0.0  # time.monotonic() when the pool lost it
         self.report: WorkerReport | None = None
 
     @abstractmethod
@@ -249,7 +251,9 @@ class Pool:
 
     def workers(self) -> list[pb.WorkerInfo]:
         """Every worker with its node, device, model, state and job; then the most recently lost ones."""
+        recent = time.monotonic() - LOST_SHOWN_SECONDS
         with self._lock:
+            self._lost = [h for h in self._lost if h.lost_at >= recent]
             handles = list(self._handles) + list(reversed(self._lost))
         return [h.info() for h in handles]
 
@@ -264,18 +268,24 @@ class Pool:
     def device_info(self) -> pb.DeviceInfo:
         """The pool's devices in one line (each worker's own is in GetInfo's workers)."""
         with self._lock:
-            devices = [
-                pb.DeviceInfo.FromString(h.report.device) for h in self._handles if h.report is not None
+            reports = [
+                (h.report.node, pb.DeviceInfo.FromString(h.report.device)) for h in self._handles if h.report
             ]
-        if not devices:
+        if not reports:
             return pb.DeviceInfo(name="pool: no worker loaded yet", kind="")
+        devices = [device for _, device in reports]
         names = sorted({d.name for d in devices})
         kinds = sorted({d.kind for d in devices})
+        # Memory counted once per device: CPU workers on one node share that node's memory (two local CPU workers
+        # reported 33.1 of 47.1 GiB free on a 23.5 GiB machine), GPU workers each have their own.
+        memory: dict[tuple[str, str], pb.DeviceInfo] = {}
+        for index, (node, device) in enumerate(reports):
+            memory.setdefault((node, "cpu") if device.kind == "cpu" else (node, str(index)), device)
         return pb.DeviceInfo(
             name=f"pool of {len(devices)} workers: {', '.join(names)}",
             kind=kinds[0] if len(kinds) == 1 else ",".join(kinds),
-            memory_total_bytes=sum(d.memory_total_bytes for d in devices),
-            memory_free_bytes=sum(d.memory_free_bytes for d in devices),
+            memory_total_bytes=sum(d.memory_total_bytes for d in memory.values()),
+            memory_free_bytes=sum(d.memory_free_bytes for d in memory.values()),
         )
 
     # -- dispatch ------------------------------------------------------------------------------------------
@@ -356,6 +366,7 @@ class Pool:
     def _lose(self, handle: WorkerHandle, cause: str) -> None:
         handle.state = pb.WORKER_STATE_LOST
         handle.lost_cause = cause
+        handle.lost_at = time.monotonic()
         handle.job_id = ""
         with self._lock:
             if handle in self._handles:
