@@ -1,6 +1,7 @@
 """Shared fixtures: tiny, seeded model configurations that run on a CPU in milliseconds."""
 
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -32,11 +33,16 @@ def _temporary_files_in_pytests_folder(tmp_path_factory: pytest.TempPathFactory)
     scratch media, a subprocess's files) goes under pytest's own base folder, which pytest prunes (it keeps the
     newest three runs), instead of being left in /tmp by every run of the suite."""
     folder = tmp_path_factory.mktemp("tmp")
+    # Ray puts AF_UNIX sockets under its temp folder, whose paths may not exceed 107 bytes: under pytest's folder
+    # (itself under .ci/test's scratch folder) they do. Ray gets a short folder of its own, removed at the end.
+    ray_folder = tempfile.mkdtemp(prefix="vr", dir="/tmp")
     patch = pytest.MonkeyPatch()
     patch.setenv("TMPDIR", str(folder))
+    patch.setenv("RAY_TMPDIR", ray_folder)
     patch.setattr(tempfile, "tempdir", str(folder))
     yield folder
     patch.undo()
+    shutil.rmtree(ray_folder, ignore_errors=True)
 
 
 TINY_WAN_CONFIG = dict(

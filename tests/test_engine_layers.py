@@ -128,7 +128,8 @@ def test_a_soft_shadow_and_a_feathered_edge_composite_like_the_model(engine, tmp
 
     _runner, address = engine
     pattern = _plate(tmp_path)
-    _final, paths = _run(address, pattern, bit_depth="float")
+    # The raw matte (no clip black / white): this checks how the layers composite, with the model's own 0.4 shadow.
+    _final, paths = _run(address, pattern, bit_depth="float", clip_black=0.0, clip_white=1.0)
     colour = ColourConverter("ACEScg")
     plate = exr.read_plate(pattern, FRAMES).pixels
     # The model's layers at plate resolution, as the engine upsamples them (matte guided by the plate).

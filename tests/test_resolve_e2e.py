@@ -52,7 +52,8 @@ def test_resolve_clip_round_trip_through_a_real_engine(engine_model: str, tmp_pa
 
     assert list(job.header.frames) == [1004, 1005, 1006, 1007, 1008]
     assert job.header.model == model.name and job.header.seed == 7
-    assert any(m.startswith("sampling step 2/2") for m in steps), steps
+    # Per-step progress reached the host (Watch coalesces changes: a 2-step job may end before step 2 is sent).
+    assert any(m.startswith("sampling step ") for m in steps), steps
     # In the Vera bin, on a new track above V1, at the clip's record frame, for its length.
     vera_bin = next(f for f in app.media_pool.root.subfolders if f.name == "Vera")
     assert vera_bin.GetClipList() == [placed.media_pool_item]

@@ -23,8 +23,8 @@ from typing import Any
 
 import grpc
 
+from vera_plugin.address import DEFAULT_ADDRESS, explain_failure
 from vera_plugin.cache import take_and_frame
-from vera_plugin.connection import DEFAULT_ADDRESS, explain_failure
 from vera_proto.vera.v1 import engine_pb2 as pb
 from vera_proto.vera.v1 import engine_pb2_grpc as pb_grpc
 

@@ -753,3 +753,13 @@ class VeraTransformer3DModel(ModelMixin, ConfigMixin, CacheMixin, AttentionMixin
             self.text_padding_mask(encoder_hidden_states),
         )
         return self._head(branch, tokens[:, 0], temb[0], grid)
+
+
+def with_frame_position_embedding(model: VeraTransformer3DModel) -> VeraTransformer3DModel:
+    """A copy of `model` with frame-position embeddings added (zero, so it computes exactly what `model` does)."""
+    # A keyword, not an edited config dict: diffusers resets the keys a loaded config.json lacked to their defaults.
+    new = VeraTransformer3DModel.from_config(model.config, frame_position_embedding=True)
+    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any("frame_position_embedding" not in key for key in missing):
+        raise ValueError(f"cannot add frame-position embeddings: missing {missing}, unexpected {unexpected}")
+    return new.to(device=model.device, dtype=model.dtype)

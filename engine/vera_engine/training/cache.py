@@ -321,7 +321,7 @@ def open_cache_for_training(config: Any, resume: bool) -> tuple[CachedLatentData
     check_cache_matches(index, config.cache, model_dir, frames=config.frames, size=config.size)
     pipe = VeraPipeline.from_pretrained(model_dir, **dict.fromkeys(UNLOADED_COMPONENTS))
     if config.frame_position_embedding and not pipe.transformer.config.frame_position_embedding:
-        from vera_engine.training.train import with_frame_position_embedding
+        from vera_engine.models.transformer_vera import with_frame_position_embedding
 
         pipe.register_modules(transformer=with_frame_position_embedding(pipe.transformer))
     channels = pipe.transformer.config.in_channels

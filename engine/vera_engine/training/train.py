@@ -31,7 +31,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vera_engine.models.transformer_vera import BRANCHES, VeraTransformer3DModel
+from vera_engine.models.transformer_vera import (
+    BRANCHES,
+    VeraTransformer3DModel,
+    with_frame_position_embedding,
+)
 from vera_engine.pipelines.model_store import make_files_shareable
 from vera_engine.pipelines.pipeline_vera import codec_input
 from vera_engine.training.recipe import DEFAULT_BRANCH_LR_SCALES, DEFAULT_MASK_DROPOUT
@@ -475,16 +479,6 @@ def _sum_of_squares(tensors: list[torch.Tensor], device: torch.device) -> torch.
         return torch.zeros((), dtype=torch.float64, device=device)
     norms = torch._foreach_norm(tensors, 2, dtype=torch.float64)
     return torch.stack(norms).to(device).pow(2).sum()
-
-
-def with_frame_position_embedding(model: VeraTransformer3DModel) -> VeraTransformer3DModel:
-    """A copy of `model` with frame-position embeddings added (zero, so it computes exactly what `model` does)."""
-    # A keyword, not an edited config dict: diffusers resets the keys a loaded config.json lacked to their defaults.
-    new = VeraTransformer3DModel.from_config(model.config, frame_position_embedding=True)
-    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
-    if unexpected or any("frame_position_embedding" not in key for key in missing):
-        raise ValueError(f"cannot add frame-position embeddings: missing {missing}, unexpected {unexpected}")
-    return new.to(device=model.device, dtype=model.dtype)
 
 
 def _load_or_build_pipeline(config: TrainConfig, vocabulary: Callable[[], list[str]], resume: bool):
