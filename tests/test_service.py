@@ -699,3 +699,30 @@ def test_closing_waits_for_the_running_step_then_requeues_the_job(tmp_path: Path
     store = JobStore(tmp_path / "spool" / "jobs.sqlite")
     assert store.get(job.job_id).state == pb.JOB_STATE_QUEUED  # resumes at the next start
     store.close()
+
+
+def test_previews_are_bounded_by_steps_as_well_as_by_time(tmp_path) -> None:
+    # Issue 27 item 5: a watched job decoded a preview whenever the 1 s interval had passed, i.e. at nearly every
+    # ~3 s GPU step. At most PREVIEWS_PER_JOB previews now, however fast the steps.
+    from vera_engine.service.worker import PREVIEWS_PER_JOB, Events, JobContext, LiveState
+
+    events = Events()
+    ctx = JobContext(
+        "a" * 32,
+        pb.JobHeader(),
+        None,
+        tmp_path,
+        LiveState("a" * 32),
+        events,
+        threading.Event(),
+        preview_interval=0.0,
+    )
+    events.set_previews_watched("a" * 32, True)
+    made = 0
+    for step in range(1, 51):
+        if ctx.wants_preview(step, 50):
+            ctx.preview(np.zeros((4, 4, 3), np.float32), frame=1, step=step, notify=False)
+            made += 1
+    assert made == PREVIEWS_PER_JOB
+    events.set_previews_watched("a" * 32, False)
+    assert not ctx.wants_preview(100, 50)  # nobody watches: none

@@ -246,7 +246,7 @@ class PipelineRunner:
                 if ctx.cancelled():
                     pipeline.interrupt = True  # the pipeline raises VeraInterrupted before the next step
                 # A preview costs a decode: only while someone watches, at a bounded rate, and only its frame.
-                if ctx.wants_preview() and "composite_x0" in kwargs:
+                if ctx.wants_preview(take * steps + index + 1, takes * steps) and "composite_x0" in kwargs:
                     middle = len(frames) // 2
                     image = pipeline.decode_preview(kwargs["composite_x0"], frame=middle)[0]
                     ctx.preview(image, frame=frames[middle], step=take * steps + index + 1, notify=False)

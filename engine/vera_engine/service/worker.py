@@ -29,6 +29,8 @@ from vera_engine.service.spool import SpooledInputs
 from vera_proto.vera.v1 import engine_pb2 as pb
 
 log = logging.getLogger("vera_engine.service")
+# At most this many previews over one job (each costs a decode of a latent frame), however fast its steps are.
+PREVIEWS_PER_JOB = 10
 
 
 class CancelBook:
@@ -189,6 +191,7 @@ class JobContext:
         self._cancel = cancel
         self._preview_interval = preview_interval
         self._last_preview = -1e9
+        self._last_preview_step = -(10**9)
 
     def cancelled(self) -> bool:
         """True once the job was cancelled (or the engine is shutting down); stop within one step."""
@@ -224,11 +227,15 @@ class JobContext:
         live.eta_seconds = (total_steps - step) * (sum(recent) / len(recent)) if recent else None
         self._events.bump()
 
-    def wants_preview(self) -> bool:
+    def wants_preview(self, step: int = 0, total_steps: int = 0) -> bool:
         """True when someone watches this job's previews and enough time passed since the last one (previews
-        cost a decode: they are made only for a watcher, at a bounded rate)."""
+        cost a decode: they are made only for a watcher, at a bounded rate). Given the job's ``step`` of
+        ``total_steps``, also at most :data:`PREVIEWS_PER_JOB` of them over the job: on a GPU a step takes a few
+        seconds, so the time bound alone would decode a preview at nearly every step."""
+        every = max(1, total_steps // PREVIEWS_PER_JOB) if total_steps else 1
         return (
             time.monotonic() - self._last_preview >= self._preview_interval
+            and step - self._last_preview_step >= every
             and self._events.previews_watched(self.job_id)
         )
 
@@ -240,6 +247,7 @@ class JobContext:
         ``notify=False`` lets the next :meth:`progress` call announce it (one Watch message instead of two).
         """
         self._last_preview = time.monotonic()
+        self._last_preview_step = step
         image = np.asarray(image, dtype=np.float32)
         stride = max(1, int(np.ceil(max(image.shape[:2]) / max_side)))
         small = image[::stride, ::stride, :3]
