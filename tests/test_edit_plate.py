@@ -443,3 +443,40 @@ def test_a_failing_sink_stops_the_stage_and_its_error_is_raised(conv):
     with pytest.raises(OSError, match="disk full"):
         finish_frames(model, plate, conv, sink, workers=1)
     assert sunk[:2] == [0, 1] and len(sunk) < 8
+
+
+def test_an_engine_job_samples_without_the_composite_decode(tiny_pipe, conv):
+    # Issue 27 item 4: the layers a job writes come from edit and alpha; the composite decode was never read.
+    from vera_engine.imaging.edit_plate import finish_frame, sample_plate
+
+    plate = np.random.default_rng(0).uniform(0.05, 0.6, (2, 24, 20, 3)).astype(np.float32)
+    decoded: list[int] = []
+    decode = tiny_pipe.decode_latents
+
+    def counting(latents):
+        decoded.append(latents.shape[0])
+        return decode(latents)
+
+    tiny_pipe.decode_latents = counting
+    try:
+        full = sample_plate(tiny_pipe, plate, prompt="add a ball", colour=conv, steps=2, guidance=1.0)
+        calls_full, decoded[:] = list(decoded), []
+        lean = sample_plate(
+            tiny_pipe,
+            plate,
+            prompt="add a ball",
+            colour=conv,
+            steps=2,
+            guidance=1.0,
+            layers=("edit", "alpha"),
+        )
+    finally:
+        del tiny_pipe.decode_latents
+    assert lean.composite is None and full.composite is not None
+    np.testing.assert_array_equal(lean.alpha, full.alpha)
+    np.testing.assert_allclose(
+        lean.edit, full.edit, atol=1e-5
+    )  # a batch of 2 decoded as the full call's first two
+    assert sum(decoded) < sum(calls_full)
+    with pytest.raises(ValueError, match="recover needs the model's composite"):
+        finish_frame(lean, 0, plate[0], conv, recover=True)

@@ -85,7 +85,7 @@ class ModelLayers:
 
     edit: np.ndarray
     alpha: np.ndarray
-    composite: np.ndarray
+    composite: np.ndarray | None  # None when sampled without it (layers=)
     raw_edit: np.ndarray
     video: np.ndarray
     guides: np.ndarray
@@ -105,7 +105,7 @@ class LayeredResult:
     composite: np.ndarray
     edit: np.ndarray
     matte: np.ndarray
-    model_composite: np.ndarray
+    model_composite: np.ndarray | None
     mapping: FitMapping
     metadata: dict[str, object] = field(default_factory=dict)
 
@@ -174,11 +174,14 @@ def sample_plate(
     window_overlap: int | None = None,
     pad_to_native: bool = False,
     workers: int | None = None,
+    layers: Sequence[str] = ("edit", "alpha", "composite"),
 ) -> ModelLayers:
     """Read ``plate`` into the model's space and size and sample ``pipe`` on it (steps 1-2 of the module doc).
 
     ``mask`` (frames of (H, W) in [0, 1] at plate resolution) is optional. ``callback`` is passed to the pipeline
     as ``callback_on_step_end``; ``window_frames`` / ``window_overlap`` as they are (None: the checkpoint's).
+    ``layers``: what the pipeline decodes; the model's composite is needed only by ``recover`` (Eq. 3) and for
+    diagnostics, so an engine job asks for edit and alpha alone (one decode fewer; issue 27).
     """
     import torch
 
@@ -233,6 +236,7 @@ def sample_plate(
         generator=torch.Generator().manual_seed(int(seed)),
         callback_on_step_end=callback,
         callback_on_step_end_tensor_inputs=tuple(callback_tensor_inputs),
+        layers=tuple(layers),
         **{
             key: value
             for key, value in (("window_frames", window_frames), ("window_overlap", window_overlap))
@@ -256,7 +260,7 @@ def sample_plate(
         # Clean edit colour where the matte is empty, so upsampling and premultiplication see no garbage.
         edit=fill_unmatted(raw_edit, alpha),
         alpha=alpha,
-        composite=np.asarray(out.composite, np.float32),
+        composite=np.asarray(out.composite, np.float32) if "composite" in layers else None,
         raw_edit=raw_edit,
         video=video,
         guides=guides,
@@ -357,6 +361,8 @@ def finish_frame(
         triangle_layers += [coefficient_a, coefficient_b[..., None]]
     lanczos_layers = [low_edit]
     if recover:
+        if model.composite is None:
+            raise ValueError("recover needs the model's composite: sample with layers including 'composite'")
         preserved_low = recover_preserved(
             model.composite[index : index + 1],
             model.raw_edit[index : index + 1],

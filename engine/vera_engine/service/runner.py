@@ -288,6 +288,8 @@ class PipelineRunner:
                         callback=on_step,
                         window_frames=header.window_frames if header.HasField("window_frames") else None,
                         window_overlap=header.window_overlap if header.HasField("window_overlap") else None,
+                        # The layers a job writes come from edit and alpha: the composite decode is skipped.
+                        layers=("edit", "alpha"),
                     )
             except VeraInterrupted:
                 raise JobCancelled(ctx.job_id) from None
