@@ -151,12 +151,14 @@ def test_an_idle_upload_is_cancelled(make_harness, monkeypatch: pytest.MonkeyPat
     finally:
         release.set()
         channel.close()
-    # An upload that keeps sending is not cut, however long it takes in all.
-    frames = list(range(1, 5))
+    # An upload that keeps sending is not cut, however long it takes in all: 2 s in all against a 1.5 s limit, each
+    # gap 0.25 s (a margin of over a second, so a loaded machine does not turn a gap into an idle upload).
+    monkeypatch.setattr(rpc_guard, "UPLOAD_IDLE_SECONDS", 1.5)
+    frames = list(range(1, 9))
 
     def slow():
         for f in frames:
-            time.sleep(0.3)  # 1.2 s in all, each gap under the idle limit
+            time.sleep(0.25)
             yield from raw_chunks(P, f, uniform_frame())
 
     job = h.client.submit(pb.JobHeader(prompt="x", frames=frames), slow()).job_id
