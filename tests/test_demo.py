@@ -77,6 +77,14 @@ def test_demo_runs_the_whole_product_and_shows_every_edit(demo):
     assert matte_iou(matte, truth.alpha) > 0.85
     assert background_matches(edit, matte, fields["new_background"]) == (True, True)
     assert (out / "contact_sheet.png").stat().st_size > 10_000
+    # Every shot is on the sheet: shots are separated by a 12-row dark grey band (rows within a shot by 4 rows).
+    from PIL import Image
+
+    sheet = np.asarray(Image.open(out / "contact_sheet.png").convert("RGB")).astype(int)
+    grey = np.all(sheet == sheet[:, :1], axis=(1, 2)) & (np.abs(sheet[:, 0, 0] - 26) <= 1)
+    edges = np.diff(np.concatenate([[0], grey.astype(int), [0]]))
+    runs = np.flatnonzero(edges == -1) - np.flatnonzero(edges == 1)
+    assert int(np.sum(runs >= 12)) == len(DEMO_SCENES) - 1, runs
 
 
 @pytest.mark.slow

@@ -231,7 +231,8 @@ def run_demo(
             contact_sheet(source, edit, matte, composite, colour=ColourConverter("ACEScg"), panel_height=192)
         )
     gap = np.full((12, sheets[0].shape[1], 3), 0.1, np.float32)
-    sheet_path = write_contact_sheet(out / "contact_sheet.png", np.concatenate([sheets[0], gap, sheets[1]]))
+    stacked = [part for sheet in sheets for part in (sheet, gap)][:-1]  # every shot, a gap between shots
+    sheet_path = write_contact_sheet(out / "contact_sheet.png", np.concatenate(stacked))
     print("5. done:")
     for plate in plates:
         print(
@@ -239,7 +240,7 @@ def run_demo(
         )
     print(f"   contact sheet  {sheet_path}")
     print(
-        "                  rows: first, middle, last frame of each shot (object addition, then background change)"
+        f"                  rows: first, middle, last frame of each shot ({', '.join(plate.name for plate in plates)})"
     )
     print("                  columns: source | edit over checkerboard | matte | composite")
     return {**{plate.name: out / plate.name / "results" for plate in plates}, "contact_sheet": sheet_path}
