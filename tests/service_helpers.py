@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +34,27 @@ class Harness:
         self.client.close()
         self.server.stop(0).wait()
         self.engine.stop()
+
+
+@contextlib.contextmanager
+def vera_edit_args(runner, tmp_path: Path, frames: str = "1-2") -> Iterator[list[str]]:
+    """A real engine over `runner` on a free loopback port, and the `vera edit` arguments every CLI round-trip test
+    shares (a two-frame plate, a fixed seed, two steps, float output, quiet); the engine stops afterwards."""
+    from tests.test_cli_vera import write_sequence
+
+    engine = Engine(tmp_path / "spool", runner)
+    server, port = create_server(engine, "127.0.0.1", 0)
+    engine.start()
+    server.start()
+    try:
+        plate = write_sequence(tmp_path / "plate", [1, 2])
+        yield [
+            "--engine", f"127.0.0.1:{port}", "--plate", plate, "--frames", frames, "--prompt", "add a ball",
+            "--seed", "3", "--steps", "2", "--bit-depth", "float", "--quiet",
+        ]  # fmt: skip
+    finally:
+        server.stop(0).wait()
+        engine.stop()
 
 
 def write_plate(

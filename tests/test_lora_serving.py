@@ -4,10 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.service_helpers import read_exr_all
-from tests.test_cli_vera import write_sequence
+from tests.service_helpers import read_exr_all, vera_edit_args
 from vera_engine.pipelines.presets import build_random_pipeline
-from vera_engine.service import Engine, create_server
 from vera_engine.service.runner import PipelineRunner
 from vera_engine.service.schema import ModelDefaults, model_info, resolve_header
 from vera_engine.service.spool import InputError
@@ -60,25 +58,9 @@ def test_the_schema_offers_served_adapters_and_checks_a_header():
 
 def test_vera_edit_lora_uses_the_served_adapter_and_none_is_the_base_model(models, tmp_path, capsys):
     base, adapter = models
-    engine = Engine(
-        tmp_path / "spool", PipelineRunner(str(base), device="cpu", loras={"tuned": str(adapter)})
-    )
-    server, port = create_server(engine, "127.0.0.1", 0)
-    engine.start()
-    server.start()
-    try:
-        plate = write_sequence(tmp_path / "plate", [1, 2])
-        common = [
-            "--engine",
-            f"127.0.0.1:{port}",
-            "--plate",
-            plate,
-            "--frames",
-            "1-2",
-            "--prompt",
-            "add a ball",
-        ]
-        common += ["--seed", "3", "--steps", "2", "--bit-depth", "float", "--quiet"]
+    with vera_edit_args(
+        PipelineRunner(str(base), device="cpu", loras={"tuned": str(adapter)}), tmp_path
+    ) as common:
         results = {}
         for label, extra in {
             "default": [],
@@ -91,9 +73,6 @@ def test_vera_edit_lora_uses_the_served_adapter_and_none_is_the_base_model(model
             results[label] = read_exr_all(out / "vera_edit.0001.exr")
         assert cli.main(["edit", *common, "--lora", "boats", "--out", str(tmp_path / "bad")]) != 0
         assert "header.lora" in capsys.readouterr().err
-    finally:
-        server.stop(0).wait()
-        engine.stop()
     pixels = {label: r[0] for label, r in results.items()}
     assert np.array_equal(pixels["none"], pixels["default"])  # no adapter: the base model, bit for bit
     assert np.abs(pixels["tuned"] - pixels["default"]).max() > 1e-3

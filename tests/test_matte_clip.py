@@ -4,10 +4,8 @@ applied to the model's matte before the layers are made, and recorded in the res
 import numpy as np
 import pytest
 
-from tests.service_helpers import read_exr_all
-from tests.test_cli_vera import write_sequence
+from tests.service_helpers import read_exr_all, vera_edit_args
 from vera_engine.pipelines.presets import build_random_pipeline
-from vera_engine.service import Engine, create_server
 from vera_engine.service.errors import InputError
 from vera_engine.service.runner import PipelineRunner
 from vera_engine.service.schema import ModelDefaults, model_info, resolve_header
@@ -57,23 +55,7 @@ def model_dir(tmp_path_factory):
 
 
 def test_vera_edit_clip_black_zeroes_the_faint_matte_and_keeps_the_plate_there(model_dir, tmp_path, capsys):
-    engine = Engine(tmp_path / "spool", PipelineRunner(str(model_dir), device="cpu"))
-    server, port = create_server(engine, "127.0.0.1", 0)
-    engine.start()
-    server.start()
-    try:
-        plate = write_sequence(tmp_path / "plate", [1, 2])
-        common = [
-            "--engine",
-            f"127.0.0.1:{port}",
-            "--plate",
-            plate,
-            "--frames",
-            "1-2",
-            "--prompt",
-            "add a ball",
-        ]
-        common += ["--seed", "3", "--steps", "2", "--bit-depth", "float", "--quiet"]
+    with vera_edit_args(PipelineRunner(str(model_dir), device="cpu"), tmp_path) as common:
         results = {}
         for label, extra in {
             "off": ["--clip-black", "0", "--clip-white", "1"],
@@ -84,9 +66,6 @@ def test_vera_edit_clip_black_zeroes_the_faint_matte_and_keeps_the_plate_there(m
             results[label] = read_exr_all(out / "vera_edit.0001.exr")
         assert cli.main(["edit", *common, "--clip-black", "0.9", "--out", str(tmp_path / "bad")]) != 0
         assert "header.clip_black" in capsys.readouterr().err
-    finally:
-        server.stop(0).wait()
-        engine.stop()
     channels = {label: dict(zip(r[1], np.moveaxis(r[0], -1, 0), strict=True)) for label, r in results.items()}
     matte_key = next(k for k in channels["off"] if k.lower().endswith("matte.a") or k.lower() == "matte.y")
     off, hard = channels["off"][matte_key], channels["hard"][matte_key]
