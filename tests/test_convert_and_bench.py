@@ -10,6 +10,7 @@ import torch
 from diffusers import WanPipeline
 
 from vera_engine import VeraPipeline
+from vera_engine.pipelines.model_store import max_window_frames
 from vera_engine.pipelines.presets import WAN_1_3B
 from vera_engine.tools.bench import bench_step, step_flops
 from vera_engine.tools.cli import main
@@ -63,6 +64,10 @@ def test_convert_wan_builds_a_vera_pipeline_folder(tiny_wan_folder, tmp_path):
     video = np.random.default_rng(0).random((5, 16, 16, 3), dtype=np.float32)
     result = pipe(video, "add a ball", num_inference_steps=2, generator=torch.Generator().manual_seed(0))
     assert result.edit.shape == (5, 16, 16, 3)
+    # The engine publishes the longest window from the folder's configs alone; the loaded pipeline checks jobs
+    # against its rotary reach: one rule (pipelines/windows.py), so the two agree for a causal Wan VAE too.
+    # rope_max_seq_len 32, patch_t 1, VAE temporal compression 4:
+    assert max_window_frames(out) == pipe.position_limits[0] == (32 * 1 - 1) * 4 + 1
 
 
 def test_convert_wan_errors_are_clear(tiny_wan_folder, tmp_path, capsys):

@@ -15,6 +15,7 @@ import pytest
 from vera_engine.imaging import exr
 from vera_engine.imaging.colour import ColourConverter
 from vera_engine.imaging.edit_plate import FrameLayers, finish_frames, sample_plate
+from vera_engine.pipelines.windows import default_window_overlap
 from vera_engine.service import Engine, create_server
 from vera_engine.service.runner import PipelineRunner
 from vera_plugin.client import EngineClient, state_name
@@ -204,11 +205,15 @@ def test_window_options_reach_the_pipeline_and_are_checked_at_submit(engine, tmp
     pattern = _plate(tmp_path, 32, 32)
     _run(address, pattern, window_frames=2, window_overlap=1)
     assert runner.pipe.calls[-1]["window_frames"] == 2 and runner.pipe.calls[-1]["window_overlap"] == 1
+    _run(address, pattern, window_frames=8)
+    assert runner.pipe.calls[-1]["window_overlap"] == default_window_overlap(8) == 2
     with EngineClient(address) as client:
         model = client.info().models[0]
         spec = {o.name: o for o in model.options}
         assert spec["window_frames"].default.int_value == model.frame_window
         assert model.max_window_frames == spec["window_frames"].max
+        # The engine's default overlap is the pipeline's own rule (pipelines/windows.py), for any window asked.
+        assert spec["window_overlap"].default.int_value == default_window_overlap(model.frame_window)
         from vera_plugin.client import EngineError
 
         with pytest.raises(EngineError, match="window_overlap") as error:

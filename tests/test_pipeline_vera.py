@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from vera_engine import VeraInterrupted, VeraPipeline, VeraTransformer3DModel
+from vera_engine.pipelines.model_store import max_window_frames
 from vera_engine.pipelines.pipeline_vera import make_scheduler
 from vera_engine.pipelines.presets import build_random_pipeline
 
@@ -420,8 +421,11 @@ def test_windows_are_counted_in_latent_frames_with_the_wan_vae_and_interrupt_bet
     assert len(lengths) == 5 and error.value.step == 1  # stopped before step 2's second window
 
 
-def test_sizes_and_windows_beyond_the_rotary_table_are_refused_naming_the_limit(tiny_pipe):
+def test_sizes_and_windows_beyond_the_rotary_table_are_refused_naming_the_limit(tiny_pipe, tmp_path):
     assert tiny_pipe.position_limits == (64, 256, 256)  # rope_max_seq_len 64 x patch (1, 2, 2) x codec 2
+    # What the engine publishes from a saved folder's configs (no weights loaded) is the same reach.
+    tiny_pipe.save_pretrained(tmp_path / "saved")
+    assert max_window_frames(tmp_path / "saved") == 64
     with pytest.raises(ValueError, match=r"272x272 pixels .* reach at most 256x256 \(rope_max_seq_len 64"):
         tiny_pipe(np.zeros((1, 272, 272, 3), np.float32), "add a ball", num_inference_steps=1)
     long_clip = np.zeros((70, 32, 32, 3), np.float32)

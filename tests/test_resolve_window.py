@@ -349,4 +349,7 @@ def test_the_menu_script_names_the_version_to_install(
     runpy.run_path(str(REPO / "resolve_scripts" / "Utility" / "Vera Edit.py"), init_globals={"resolve": None})
     out = capsys.readouterr().out
     assert out.startswith("Vera Edit: cannot load vera_plugin (VersionError: Detected incompatible Protobuf")
-    assert "protobuf 6.30.0 is too old: python3 -m pip install 'protobuf>=7.35.1,<8'" in out
+    assert (
+        "protobuf 6.30.0 is older than the protobuf 7.35.1 Vera Edit's generated code needs: "
+        "python3 -m pip install 'protobuf>=7.35.1,<8' for the Python" in out
+    )

@@ -7,7 +7,6 @@ are in ``vera_plugin.hosts.resolve.selftest``; this file goes beside "Vera Edit.
 """
 
 import os
-import re
 import sys
 
 for _path in reversed([p for p in os.environ.get("VERA_PLUGIN_PATH", "").split(os.pathsep) if p]):
@@ -16,20 +15,14 @@ for _path in reversed([p for p in os.environ.get("VERA_PLUGIN_PATH", "").split(o
 
 
 def _what_to_install(exc):
-    # As in "Vera Edit.py": protobuf's VersionError and grpcio's RuntimeError carry the versions.
-    text, version = str(exc), r"(\d+(?:\.\d+)*)"
-    grpc = re.search(rf"grpc package installed is at version {version}.*?grpcio>={version}", text, re.S)
-    if grpc:
-        return (
-            f"grpcio {grpc.group(1)} is too old: python3 -m pip install --upgrade 'grpcio>={grpc.group(2)}'"
-        )
-    proto = re.search(rf"gencode {version} runtime {version}", text)
-    if proto:
-        major = int(proto.group(1).split(".")[0])
-        return (f"protobuf {proto.group(2)} is too old: python3 -m pip install "
-                f"'protobuf>={proto.group(1)},<{major + 1}'")  # fmt: skip
-    return ("install grpcio and protobuf into the Python Resolve uses, and vera_plugin (pip install the "
-            "repository) or set VERA_PLUGIN_PATH; see the README")  # fmt: skip
+    # The advice is written once in vera_plugin.install_advice (it imports without grpcio and protobuf, whose
+    # version checks raise protobuf's VersionError or a RuntimeError naming the versions).
+    try:
+        from vera_plugin.install_advice import what_to_install
+    except ImportError:
+        return ("install vera_plugin into the Python Resolve uses (python3 -m pip install /path/to/vera-edit) "
+                "or set VERA_PLUGIN_PATH, and grpcio and protobuf; see the README, 'DaVinci Resolve'")  # fmt: skip
+    return what_to_install(exc, "resolve")
 
 
 try:

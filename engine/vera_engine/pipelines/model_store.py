@@ -8,7 +8,13 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+from vera_engine.pipelines.windows import position_reach
+
+if TYPE_CHECKING:
+    from vera_engine.acceleration.memory import MemoryOptions
+    from vera_engine.pipelines.pipeline_vera import VeraPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -73,11 +79,12 @@ def max_window_frames(model_dir: Path) -> int:
     """The longest sampling window (frames) a pipeline folder's transformer positions reach, read from its configs
     (no weights loaded); `VeraPipeline.position_limits` computes the same from a loaded pipeline."""
     transformer = json.loads((model_dir / "transformer" / "config.json").read_text())
-    positions = int(transformer.get("rope_max_seq_len", 1024))
-    p_t = int(transformer.get("patch_size", (1, 2, 2))[0])
     codec = json.loads((model_dir / "vae" / "config.json").read_text())
     t = 1 if codec.get("_class_name") == "SpaceToDepthCodec" else int(codec.get("scale_factor_temporal", 4))
-    return positions * p_t if t == 1 else (positions * p_t - 1) * t + 1
+    frames, _, _ = position_reach(
+        int(transformer.get("rope_max_seq_len", 1024)), transformer.get("patch_size", (1, 2, 2)), t, 1
+    )
+    return frames
 
 
 def vocabulary(model_dir: Path) -> list[str]:
@@ -99,10 +106,10 @@ def load_pipeline(
     device: str | None = None,
     precision: str = "auto",
     *,
-    memory: Any = None,
+    memory: "MemoryOptions | None" = None,
     attention_backend: str | None = "auto",
     compile_blocks: bool | None = None,
-) -> Any:
+) -> "VeraPipeline":
     """Load a `VeraPipeline` from `model` (see `resolve_model_dir`), refusing pickle weights.
 
     `precision`: "auto" runs the transformer and text encoder in bfloat16 on a GPU (norms and modulation stay
@@ -128,7 +135,7 @@ def load_pipeline(
         check_attention_backend(attention_backend)
     on_gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     half = precision == "bfloat16" or (precision == "auto" and on_gpu)
-    torch_dtype: Any = torch.float32
+    torch_dtype: torch.dtype | dict[str, torch.dtype] = torch.float32
     if half:
         torch_dtype = {
             "transformer": torch.bfloat16,

@@ -22,6 +22,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from vera_engine.models.space_to_depth_codec import SpaceToDepthCodec
 from vera_engine.models.transformer_vera import VeraTransformer3DModel
+from vera_engine.pipelines.windows import default_window_overlap, position_reach
 
 TEXT_CACHE_SIZE = 8
 """Prompt pairs whose text states `VeraPipeline.text_states` keeps (a few MB each at umT5 size)."""
@@ -236,11 +237,12 @@ class VeraPipeline(DiffusionPipeline):
     def position_limits(self) -> tuple[int, int, int]:
         """(frames, height, width): the most one sampling window may span, padded, set by how far the transformer's
         rotary table reaches (`rope_max_seq_len` token positions along each axis)."""
-        positions = self.transformer.config.rope_max_seq_len
-        p_t, p_h, p_w = self.transformer.config.patch_size
-        t, s = self.temporal_compression, self.spatial_compression
-        frames = positions * p_t if t == 1 else (positions * p_t - 1) * t + 1
-        return frames, positions * p_h * s, positions * p_w * s
+        return position_reach(
+            self.transformer.config.rope_max_seq_len,
+            self.transformer.config.patch_size,
+            self.temporal_compression,
+            self.spatial_compression,
+        )
 
     def _check_positions(self, frames: int, height: int, width: int, window_frames: int) -> None:
         """Refuse a window or frame size the rotary table does not cover, naming the limit (instead of a shape
@@ -707,8 +709,7 @@ class VeraPipeline(DiffusionPipeline):
             guidance_scale = self.config.default_guidance
         window_frames = self.native_frames if window_frames is None else window_frames
         if window_overlap is None and isinstance(window_frames, int):
-            # A quarter of the window, at least one frame: windows that share no frame would meet at a seam.
-            window_overlap = max(1, window_frames // 4) if window_frames > 1 else 0
+            window_overlap = default_window_overlap(window_frames)
         self.check_inputs(
             video,
             prompt,

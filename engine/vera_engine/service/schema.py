@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from vera_engine.imaging.composite import DEFAULT_CLIP_BLACK, DEFAULT_CLIP_WHITE
+from vera_engine.pipelines.windows import default_window_overlap
 from vera_engine.service.errors import InputError
 from vera_engine.service.limits import (
     MAX_CHOICE_CHARS,
@@ -73,8 +74,8 @@ class ModelDefaults:
 
     @property
     def window_overlap(self) -> int:
-        """The pipeline's default overlap: a quarter of the window, at least one frame."""
-        return max(1, self.frame_window // 4) if self.frame_window > 1 else 0
+        """The pipeline's default overlap for the model's own window (`pipelines.windows`)."""
+        return default_window_overlap(self.frame_window)
 
 
 def _value(v: int | float | str | bool) -> pb.OptionValue:
@@ -327,7 +328,7 @@ def _resolve_windows_and_takes(info: pb.ModelInfo, header: pb.JobHeader) -> None
             )
         _check_range(info, "window_overlap", header.window_overlap)
     elif header.HasField("window_frames"):
-        header.window_overlap = max(1, window // 4) if window > 1 else 0
+        header.window_overlap = default_window_overlap(window)
     else:
         header.window_overlap = overlap_spec.default.int_value
     header.window_frames = window

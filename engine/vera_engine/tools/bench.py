@@ -145,9 +145,10 @@ def job_path(frames: int, native_frames: int, temporal: int) -> str:
     from types import SimpleNamespace
 
     from vera_engine.pipelines.pipeline_vera import VeraPipeline
+    from vera_engine.pipelines.windows import default_window_overlap
 
     latent_frames = (frames - 1) // temporal + 1 if temporal > 1 else frames
-    overlap = max(1, native_frames // 4) if native_frames > 1 else 0
+    overlap = default_window_overlap(native_frames)
     windows = VeraPipeline.temporal_windows(
         SimpleNamespace(temporal_compression=temporal), latent_frames, native_frames, overlap
     )
