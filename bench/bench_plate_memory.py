@@ -123,8 +123,9 @@ def profile_one_frame(width: int, height: int, work: Path) -> dict[str, float]:
     """One frame of the bench plate through the stage's parts in this process, each timed (the second run of
     each, after a warm-up): reading the frame, making its layers, writing the layered EXR."""
     from vera_engine.imaging.colour import ColourConverter
-    from vera_engine.imaging.edit_plate import ResultWriter, finish_frame, sample_plate
     from vera_engine.imaging.exr import read_exr
+    from vera_engine.imaging.plate_layers import ResultWriter, finish_frame
+    from vera_engine.pipelines.edit_plate import sample_plate
     from vera_engine.pipelines.model_store import load_pipeline
 
     pattern = write_plate(work / "plate", 1, width, height)
@@ -168,7 +169,8 @@ class PlateReader:
 def in_process(pattern: str, frames: int, repeats: int, work: Path) -> dict[str, object]:
     """The post-model stage alone (see the module doc), ``repeats`` times, each against the I/O in the same run."""
     from vera_engine.imaging.colour import ColourConverter
-    from vera_engine.imaging.edit_plate import ResultWriter, finish_frames, sample_plate
+    from vera_engine.imaging.plate_layers import ResultWriter, finish_frames
+    from vera_engine.pipelines.edit_plate import sample_plate
     from vera_engine.pipelines.model_store import load_pipeline
 
     colour = ColourConverter("ACEScg")

@@ -8,13 +8,9 @@ import OpenEXR
 import pytest
 
 from vera_engine.imaging.colour import ColourConverter
-from vera_engine.imaging.edit_plate import (
-    LayeredResult,
-    edit_plate,
-    write_result_previews,
-    write_result_sequence,
-)
 from vera_engine.imaging.exr import Window
+from vera_engine.imaging.plate_layers import LayeredResult, write_result_previews, write_result_sequence
+from vera_engine.pipelines.edit_plate import edit_plate
 
 
 @pytest.fixture(scope="module")
@@ -346,7 +342,8 @@ def _hard_plate(height, width, channels, seed):
     ],
 )
 def test_tensor_layers_equal_the_numpy_path_to_half_rounding(conv, channels, matte_filter, recover, hard):
-    from vera_engine.imaging.edit_plate import finish_frame, sample_plate
+    from vera_engine.imaging.plate_layers import finish_frame
+    from vera_engine.pipelines.edit_plate import sample_plate
 
     plate = (
         _hard_plate(300, 520, channels, seed=7)
@@ -385,8 +382,9 @@ def test_tensor_layers_equal_the_numpy_path_to_half_rounding(conv, channels, mat
 
 
 def test_packed_layers_are_written_as_the_layered_exr_writer_would(conv, tmp_path):
-    from vera_engine.imaging.edit_plate import ResultWriter, finish_frame, sample_plate
     from vera_engine.imaging.exr import read_layers, write_layered_exr
+    from vera_engine.imaging.plate_layers import ResultWriter, finish_frame
+    from vera_engine.pipelines.edit_plate import sample_plate
 
     plate = _hard_plate(64, 96, 4, seed=8)
     model = sample_plate(SoftPipeline(), plate, prompt="p", colour=conv, steps=1)
@@ -404,7 +402,8 @@ def test_frames_are_read_while_the_previous_frame_is_written(conv):
     """The stage is a pipeline: frame 1 is read while frame 0's sink (the EXR writer) still runs."""
     import threading
 
-    from vera_engine.imaging.edit_plate import finish_frames, sample_plate
+    from vera_engine.imaging.plate_layers import finish_frames
+    from vera_engine.pipelines.edit_plate import sample_plate
 
     plate = _plate(frames=3, height=40, width=48, channels=4, seed=5)
     model = sample_plate(SoftPipeline(), plate, prompt="p", colour=conv, steps=1)
@@ -429,7 +428,8 @@ def test_frames_are_read_while_the_previous_frame_is_written(conv):
 
 
 def test_a_failing_sink_stops_the_stage_and_its_error_is_raised(conv):
-    from vera_engine.imaging.edit_plate import finish_frames, sample_plate
+    from vera_engine.imaging.plate_layers import finish_frames
+    from vera_engine.pipelines.edit_plate import sample_plate
 
     plate = _plate(frames=8, height=24, width=32, channels=4, seed=6)
     model = sample_plate(SoftPipeline(), plate, prompt="p", colour=conv, steps=1)
@@ -447,7 +447,8 @@ def test_a_failing_sink_stops_the_stage_and_its_error_is_raised(conv):
 
 def test_an_engine_job_samples_without_the_composite_decode(tiny_pipe, conv):
     # Issue 27 item 4: the layers a job writes come from edit and alpha; the composite decode was never read.
-    from vera_engine.imaging.edit_plate import finish_frame, sample_plate
+    from vera_engine.imaging.plate_layers import finish_frame
+    from vera_engine.pipelines.edit_plate import sample_plate
 
     plate = np.random.default_rng(0).uniform(0.05, 0.6, (2, 24, 20, 3)).astype(np.float32)
     decoded: list[int] = []

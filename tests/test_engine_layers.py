@@ -14,7 +14,8 @@ import pytest
 
 from vera_engine.imaging import exr
 from vera_engine.imaging.colour import ColourConverter
-from vera_engine.imaging.edit_plate import FrameLayers, finish_frames, sample_plate
+from vera_engine.imaging.plate_layers import FrameLayers, finish_frames
+from vera_engine.pipelines.edit_plate import sample_plate
 from vera_engine.pipelines.windows import default_window_overlap
 from vera_engine.service import Engine, create_server
 from vera_engine.service.runner import PipelineRunner

@@ -21,9 +21,9 @@ import OpenImageIO as oiio
 import pytest
 
 from vera_engine.imaging import exr
-from vera_engine.service import imageio, safe_files
+from vera_engine.service import safe_files
 from vera_engine.service.pool.host import pack_inputs
-from vera_engine.service.spool import InputError, Spool, SpooledInputs
+from vera_engine.service.spool import InputError, Spool, SpooledInputs, read_frame
 from vera_proto.vera.v1 import engine_pb2 as pb
 
 pytestmark = pytest.mark.timeout(120)
@@ -212,28 +212,28 @@ def no_decode(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Record (and refuse) any pixel decode, so a test shows the refusal came before it."""
     calls: list[str] = []
 
-    def read_exr(path: object) -> None:
-        calls.append(str(path))
+    def read_pixels(inp: object, path: str, *args: object) -> None:
+        calls.append(path)
         raise AssertionError("decoded")
 
-    monkeypatch.setattr(exr, "read_exr", read_exr)
+    monkeypatch.setattr(exr, "_read_pixels", read_pixels)  # the one place exr.py decodes pixels
     return calls
 
 
 def test_a_header_beyond_the_published_limits_is_refused_before_decoding(tmp_path: Path, no_decode) -> None:
     bomb = _bomb(tmp_path / "wide.exr", 16385, 16)
-    with pytest.raises(
-        imageio.ImageReadError, match=r"declares a data window of 16385x16 pixels.*16\.\.16384"
-    ):
-        imageio.read_plate_exr(bomb)
+    with pytest.raises(exr.PlateError, match=r"declares a data window of 16385x16 pixels.*16\.\.16384"):
+        read_frame(bomb, pb.LAYER_PLATE)
     many = tmp_path / "many.exr"
     spec = oiio.ImageSpec(16, 16, 65, "half")
     out = oiio.ImageOutput.create(str(many))
     out.open(str(many), spec)
     out.write_image(np.zeros((16, 16, 65), np.float16))
     out.close()
-    with pytest.raises(imageio.ImageReadError, match="declares 65 channels; at most 64"):
-        imageio.read_plate_exr(many)
+    with pytest.raises(exr.PlateError, match="declares 65 channels; at most 64"):
+        read_frame(many, pb.LAYER_PLATE)
+    with pytest.raises(exr.PlateError, match="declares 65 channels; at most 64"):
+        read_frame(many, pb.LAYER_MASK)
     assert no_decode == []
 
 
@@ -243,8 +243,8 @@ def test_a_bomb_within_the_limits_is_refused_when_over_the_decode_budget(
     monkeypatch.setattr(safe_files, "DECODE", safe_files.DecodeBudget(1024**3))
     bomb = _bomb(tmp_path / "bomb.exr", 16384, 16384)
     assert bomb.stat().st_size < 2 * 1024**2
-    with pytest.raises(imageio.ImageReadError, match=r"needs 8\.00 GiB of memory, more than .* 1\.00 GiB"):
-        imageio.read_plate_exr(bomb)
+    with pytest.raises(exr.PlateError, match=r"needs 8\.00 GiB of memory, more than .* 1\.00 GiB"):
+        read_frame(bomb, pb.LAYER_PLATE)
     spool = Spool(tmp_path / "spool")
     upload = spool.new_upload(pb.JobHeader(prompt="x", frames=[1]), [])
     data = bomb.read_bytes()
@@ -268,15 +268,15 @@ def test_concurrent_decodes_stay_within_the_budget(tmp_path: Path, monkeypatch: 
     budget = safe_files.DecodeBudget(2 * cost)  # room for two decodes at a time
     monkeypatch.setattr(safe_files, "DECODE", budget)
     in_flight: list[int] = []
-    real_read = exr.read_exr
+    real_read = exr._read_pixels
 
-    def slow_read(path: object) -> object:
-        in_flight.append(budget.in_use)
+    def slow_read(*args: object) -> object:
+        in_flight.append(budget.in_use)  # inside the decode's hold on the budget
         time.sleep(0.05)
-        return real_read(path)
+        return real_read(*args)
 
-    monkeypatch.setattr(exr, "read_exr", slow_read)
-    threads = [threading.Thread(target=imageio.read_plate_exr, args=(frame,)) for _ in range(6)]
+    monkeypatch.setattr(exr, "_read_pixels", slow_read)
+    threads = [threading.Thread(target=read_frame, args=(frame, pb.LAYER_PLATE)) for _ in range(6)]
     for t in threads:
         t.start()
     for t in threads:
@@ -333,3 +333,32 @@ def test_spool_folders_are_0700_and_frame_files_0600_whatever_the_umask(tmp_path
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
     for file in spool.inputs_dir("job").iterdir():
         assert stat.S_IMODE(file.stat().st_mode) == 0o600, file
+
+
+def test_a_frame_is_opened_once_to_check_and_decode_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One EXR reader (imaging/exr.py): the header check, the decode budget and the pixels share one open."""
+    frame = tmp_path / "f.exr"
+    _frame(frame, 0.5)
+    opened: list[str] = []
+    real_oiio = exr.oiio
+
+    class CountingImageInput:
+        @staticmethod
+        def open(path: str) -> object:
+            opened.append(path)
+            return real_oiio.ImageInput.open(path)
+
+    class CountingOiio:
+        ImageInput = CountingImageInput
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(real_oiio, name)
+
+    monkeypatch.setattr(exr, "oiio", CountingOiio())
+    mask = tmp_path / "m.exr"
+    exr.write_exr(mask, np.ones((SIZE[1], SIZE[0], 1), np.float32), ("A",), pixel_type="half")
+    assert read_frame(frame, pb.LAYER_PLATE).shape == (SIZE[1], SIZE[0], 3)
+    assert read_frame(mask, pb.LAYER_MASK).shape == (SIZE[1], SIZE[0], 1)
+    assert opened == [str(frame), str(mask)]

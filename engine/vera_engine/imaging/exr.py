@@ -13,8 +13,9 @@ import json
 import os
 import re
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -25,6 +26,7 @@ import OpenImageIO as oiio
 __all__ = [
     "COLOUR_COMPRESSIONS",
     "LOSSLESS_COMPRESSIONS",
+    "HeaderLimits",
     "Plate",
     "PlateError",
     "Window",
@@ -32,8 +34,10 @@ __all__ = [
     "find_frames",
     "frame_path",
     "read_exr",
+    "read_mask",
     "read_movie",
     "read_plate",
+    "read_windows",
     "write_exr",
     "write_layered_exr",
     "write_sequence",
@@ -166,13 +170,6 @@ def check_header(
         raise PlateError(f"is a volume image (depth {spec.depth}); frames must be 2-D")
 
 
-def read_channel_count(spec: oiio.ImageSpec, path: str | os.PathLike[str] = "") -> int:
-    """How many channels :func:`read_exr` decodes from an image with this header (RGB(A) if they sit together,
-    else every channel, from which RGB(A) are then picked)."""
-    idx = _rgba_indices(spec.channelnames, os.fspath(path))
-    return len(idx) if idx == list(range(idx[0], idx[0] + len(idx))) else int(spec.nchannels)
-
-
 def _rgba_indices(names: Sequence[str], path: str) -> list[int]:
     lookup = {n: i for i, n in enumerate(names)}
     if not all(c in lookup for c in ("R", "G", "B")):
@@ -197,35 +194,121 @@ def _to_display_window(pixels: np.ndarray, data: Window, display: Window) -> np.
     return out
 
 
-def read_exr(path: str | os.PathLike[str]) -> tuple[np.ndarray, tuple[str, ...], oiio.ImageSpec]:
-    """Read one EXR's RGB(A) data window as (H, W, C) float32, with its channel names and spec.
+class HeaderLimits(NamedTuple):
+    """What a reader refuses from the header alone, before any pixel is decoded (:func:`check_header`)."""
 
-    Any compression, scanline or tiled, half or float: OpenImageIO handles the storage.
-    """
-    path = os.fspath(path)
+    min_side: int
+    max_side: int
+    max_channels: int = MAX_CHANNELS
+
+
+Reserve = Callable[[int, int, int], AbstractContextManager[object]]
+"""Holds memory for a decode of (width, height, channels) to float32 for the length of a ``with`` block (the
+engine's process-wide decode budget, ``service/safe_files.DECODE``); raises to refuse it."""
+
+
+def _open(path: str, limits: HeaderLimits | None) -> oiio.ImageInput:
+    """An ImageInput on ``path`` (PlateError naming the path if it cannot be opened). With ``limits``: an
+    OpenEXR file only (OpenImageIO reads other formats too), its header checked against them."""
     if not os.path.exists(path):
         raise PlateError(f"{path}: file not found")
     inp = oiio.ImageInput.open(path)
     if inp is None:
         raise PlateError(f"{path}: not a readable image ({oiio.geterror()}); expected an OpenEXR file")
+    if limits is None:
+        return inp
+    try:
+        if inp.format_name() != "openexr":
+            raise PlateError(f"{path}: is a {inp.format_name()} image; frames must be OpenEXR files")
+        try:
+            check_header(
+                inp.spec(),
+                min_side=limits.min_side,
+                max_side=limits.max_side,
+                max_channels=limits.max_channels,
+            )
+        except PlateError as exc:
+            raise PlateError(f"{path}: {exc}") from None
+    except BaseException:
+        inp.close()
+        raise
+    return inp
+
+
+def _read_pixels(inp: oiio.ImageInput, path: str, first: int, end: int) -> np.ndarray:
+    """Channels ``first``..``end`` of the open image as (H, W, C) float32: the one place pixels are decoded."""
+    spec = inp.spec()
+    pixels = inp.read_image(0, 0, first, end, "float")
+    if pixels is None or inp.has_error:
+        raise PlateError(
+            f"{path}: could not read the pixels, the file is truncated or corrupt ({inp.geterror()}); "
+            "re-render or re-copy this frame"
+        )
+    return np.asarray(pixels, np.float32).reshape(spec.height, spec.width, end - first)
+
+
+def _decode(inp: oiio.ImageInput, path: str, first: int, end: int, reserve: Reserve | None) -> np.ndarray:
+    """:func:`_read_pixels` inside ``reserve``'s hold on decode memory (taken, or refused, before decoding)."""
+    spec = inp.spec()
+    with reserve(spec.width, spec.height, end - first) if reserve else nullcontext():
+        return _read_pixels(inp, path, first, end)
+
+
+def read_exr(
+    path: str | os.PathLike[str], *, limits: HeaderLimits | None = None, reserve: Reserve | None = None
+) -> tuple[np.ndarray, tuple[str, ...], oiio.ImageSpec]:
+    """Read one EXR's RGB(A) data window as (H, W, C) float32, with its channel names and spec.
+
+    Any compression, scanline or tiled, half or float: OpenImageIO handles the storage. The file is opened once.
+    ``limits``: refuse a non-OpenEXR file or a header beyond them before decoding (the engine's frames);
+    ``reserve``: hold decode memory while the pixels are read.
+    """
+    path = os.fspath(path)
+    inp = _open(path, limits)
     try:
         spec = inp.spec()
         idx = _rgba_indices(spec.channelnames, path)
         contiguous = idx == list(range(idx[0], idx[0] + len(idx)))
         if contiguous:
-            pixels = inp.read_image(0, 0, idx[0], idx[-1] + 1, "float")
+            pixels = _decode(inp, path, idx[0], idx[-1] + 1, reserve)
         else:
-            pixels = inp.read_image(0, 0, 0, spec.nchannels, "float")
-        if pixels is None or inp.has_error:
-            raise PlateError(
-                f"{path}: could not read the pixels, the file is truncated or corrupt ({inp.geterror()}); "
-                "re-render or re-copy this frame"
-            )
-        pixels = np.asarray(pixels, np.float32).reshape(spec.height, spec.width, -1)
-        if not contiguous:
-            pixels = pixels[..., idx]
+            pixels = _decode(inp, path, 0, spec.nchannels, reserve)[..., idx]
         channels = tuple(spec.channelnames[i] for i in idx)
         return np.ascontiguousarray(pixels), channels, spec
+    finally:
+        inp.close()
+
+
+def read_mask(
+    path: str | os.PathLike[str], *, limits: HeaderLimits | None = None, reserve: Reserve | None = None
+) -> np.ndarray:
+    """One mask frame as (H, W, 1) float32: the file's only channel, or its ``A`` channel (opened once)."""
+    path = os.fspath(path)
+    inp = _open(path, limits)
+    try:
+        names = list(inp.spec().channelnames)
+        if len(names) == 1:
+            index = 0
+        elif "A" in names:
+            index = names.index("A")
+        else:
+            shown = ", ".join(names[:8]) + (f" ... ({len(names)} channels)" if len(names) > 8 else "")
+            raise PlateError(
+                f"{path}: mask has channels {shown}; expected a single channel or an 'A' channel"
+            )
+        return _decode(inp, path, index, index + 1, reserve)
+    finally:
+        inp.close()
+
+
+def read_windows(
+    path: str | os.PathLike[str], *, limits: HeaderLimits | None = None
+) -> tuple[Window, Window]:
+    """(data window, display window) from an EXR's header (no pixels decoded)."""
+    path = os.fspath(path)
+    inp = _open(path, limits)
+    try:
+        return _spec_windows(inp.spec())
     finally:
         inp.close()
 

@@ -1,2 +1,3 @@
-"""Sampling: `VeraPipeline` (source + instruction -> edit layer, matte, composite), named model sizes (presets)
-and the model store (which folder a model name means, loaded once with its memory options)."""
+"""Sampling: `VeraPipeline` (source + instruction -> edit layer, matte, composite), plates sampled through it
+(`edit_plate`), named model sizes (presets), window rules (`windows`) and the model store (which folder a model name
+means, loaded once with its memory options)."""

@@ -6,7 +6,7 @@
   `worker.py` (what a job runs with: its context, live state, cancels, events), `runner.py` (what a job runs: the
   pipeline and the layers), `schema.py` (each model's options, and request validation against them), `limits.py`
   (every limit Submit enforces, as GetInfo publishes them), `auth.py` (TLS and tokens), `reflection.py` (gRPC
-  reflection v1 beside v1alpha), `imageio.py` (frames in), `testing.py` (runners and an engine process for tests).
+  reflection v1 beside v1alpha), `safe_files.py` (opening path frames safely, the decode budget, result names), `testing.py` (runners and an engine process for tests).
 - `pool/`: where jobs run, one lifecycle for all: one worker in the engine's process (the default), local worker
   processes per device (``--devices``) or Ray actors (``--cluster``), and jobs over several devices
   (``--gpus-per-job``).

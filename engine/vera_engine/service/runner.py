@@ -1,6 +1,7 @@
-"""The real job runner: a :class:`~vera_engine.VeraPipeline` driven through :mod:`vera_engine.imaging.edit_plate`.
+"""The real job runner: a :class:`~vera_engine.VeraPipeline` driven through :mod:`vera_engine.pipelines.edit_plate`
+and :mod:`vera_engine.imaging.plate_layers`.
 
-Reads the spooled plate, converts and fits it (layers.edit_plate), samples with per-step progress,
+Reads the spooled plate, converts and fits it (`sample_plate`), samples with per-step progress,
 rate-bounded previews and cancellation, and writes ``vera_edit.####.exr`` with the plate's frame numbers.
 """
 
@@ -211,8 +212,9 @@ class PipelineRunner:
         from vera_engine.acceleration.step_cache import step_cache
         from vera_engine.imaging.colour import ColourConverter
         from vera_engine.imaging.composite import clip_matte
-        from vera_engine.imaging.edit_plate import ResultWriter, finish_frames, sample_plate
+        from vera_engine.imaging.plate_layers import ResultWriter, finish_frames
         from vera_engine.models.word_tokenizer import unknown_words
+        from vera_engine.pipelines.edit_plate import sample_plate
         from vera_engine.pipelines.pipeline_vera import VeraInterrupted
         from vera_engine.training.lora import adapter_in_use
 

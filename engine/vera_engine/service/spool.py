@@ -26,15 +26,16 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from vera_engine.imaging import exr
 from vera_engine.imaging.exr import Window
-from vera_engine.service import imageio, safe_files
+from vera_engine.service import safe_files
 
 # Both moved to errors.py; importable from here still, for code written before.
 from vera_engine.service.errors import InputError
@@ -162,6 +163,38 @@ def _decode_opened(
         os.close(fd)
 
 
+FRAME_LIMITS = exr.HeaderLimits(MIN_SIDE, MAX_SIDE)
+"""What an engine refuses from a frame's header before decoding it (a small file may declare a huge image)."""
+
+
+def _reserve_decode(width: int, height: int, channels: int) -> AbstractContextManager[None]:
+    """The decode's share of the process's decode budget (``--decode-memory``), shared by uploads and jobs."""
+    try:
+        return safe_files.DECODE.reserve(safe_files.decode_cost(width, height, channels))
+    except safe_files.DecodeBudget.OverBudget as exc:
+        raise exr.PlateError(str(exc)) from None
+
+
+def _without_path(message: str, path: Path) -> str:
+    """``message`` without ``path``, on one line (OpenImageIO repeats its errors on several): callers name the
+    frame, and where the engine keeps a frame is its own business, not the client's."""
+    lines = message.replace(f"{path}: ", "").replace(str(path), "the file").splitlines()
+    return "; ".join(dict.fromkeys(line.strip() for line in lines if line.strip()))
+
+
+def read_frame(path: Path, layer: int) -> np.ndarray:
+    """One spooled or path frame through `imaging/exr.py`, opened once: OpenEXR only, its header within
+    :data:`FRAME_LIMITS`, its decode inside the process's budget. A plate frame is (H, W, 3 or 4), a mask frame
+    (H, W, 1), float32. Raises `exr.PlateError` with the path left out. ``path`` may be
+    :func:`safe_files.fd_path` of a file opened safely."""
+    try:
+        if layer == pb.LAYER_MASK:
+            return exr.read_mask(path, limits=FRAME_LIMITS, reserve=_reserve_decode)
+        return exr.read_exr(path, limits=FRAME_LIMITS, reserve=_reserve_decode)[0]
+    except exr.PlateError as exc:
+        raise exr.PlateError(_without_path(str(exc), path)) from None
+
+
 def _decode_and_check(
     path: Path, layer: int, field: str, max_abs: float | None, sent_path: str | None = None
 ) -> tuple[int, int, int]:
@@ -170,8 +203,8 @@ def _decode_and_check(
     ``sent_path``: the frame came by path (shown as the client sent it): a file that is no EXR is the path's fault.
     """
     try:
-        pixels = imageio.read_mask_exr(path) if layer == pb.LAYER_MASK else imageio.read_plate_exr(path)
-    except imageio.ImageReadError as exc:
+        pixels = read_frame(path, layer)
+    except exr.PlateError as exc:
         if sent_path is not None:
             raise InputError(f"{field}.path", f"{sent_path} is not a usable OpenEXR frame: {exc}") from None
         raise InputError(field, f"not a usable OpenEXR frame: {exc}") from None
@@ -528,11 +561,10 @@ class SpooledInputs:
             shape = (entry["height"], entry["width"], entry["channels"])
             pixels = np.fromfile(self.dir / entry["file"], dtype=np.dtype(entry["dtype"])).reshape(shape)
         else:
-            reader = imageio.read_mask_exr if layer == pb.LAYER_MASK else imageio.read_plate_exr
             with self.exr_file(layer, frame) as path:
                 try:
-                    pixels = reader(path)
-                except imageio.ImageReadError as exc:
+                    pixels = read_frame(path, layer)
+                except exr.PlateError as exc:
                     raise InputError(field, f"changed since it was submitted: {exc}") from None
         return check_pixels(field, pixels, layer)
 
@@ -576,9 +608,11 @@ class SpooledInputs:
         field = _frame_field(pb.LAYER_PLATE, first)
         with self.exr_file(pb.LAYER_PLATE, first) as path:
             try:
-                return imageio.read_windows(path)
-            except imageio.ImageReadError as exc:
-                raise InputError(field, f"changed since it was submitted: {exc}") from None
+                return exr.read_windows(path, limits=FRAME_LIMITS)
+            except exr.PlateError as exc:
+                raise InputError(
+                    field, f"changed since it was submitted: {_without_path(str(exc), path)}"
+                ) from None
 
     def plate_frame(self, frame: int) -> np.ndarray:
         """One plate frame, (H, W, 3 or 4) float32 scene-linear."""

@@ -84,7 +84,7 @@ def predict_clip(
         guidance_scale=guidance,
         generator=torch.Generator().manual_seed(seed),
     )
-    # The product's finishing steps (the runner's matte clip, then vera_engine.imaging.edit_plate), at native size:
+    # The product's finishing steps (the runner's matte clip, then vera_engine.imaging.plate_layers), at native size:
     # clip black / white, snap the matte's near-0/1 noise, clean the edit colour where the matte is empty,
     # premultiply, composite over the source.
     alpha = snap_matte(clip_matte(out.alpha, clip_black, clip_white))
