@@ -30,6 +30,7 @@ from vera_proto.vera.v1 import engine_pb2 as pb
 
 if TYPE_CHECKING:
     from vera_engine.acceleration.memory import MemoryOptions
+    from vera_engine.pipelines.pipeline_vera import VeraPipeline
 
 DEFAULT_STEPS = 30
 
@@ -108,7 +109,7 @@ class PipelineRunner:
         self.config: dict[str, Any] = json.loads((self.model_dir / "model_index.json").read_text())
         self.name = self.model_dir.resolve().name
         self.device = device
-        self.pipe: Any = None
+        self.pipe: VeraPipeline | None = None  # loaded by load(), in the worker that runs the jobs
         self.hash = ""
         self._models: list[pb.ModelInfo] | None = None
         # LoRA adapters (`serve --lora NAME=PATH`): checked against this model now, so a wrong one stops `serve`.
