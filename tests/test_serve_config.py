@@ -191,6 +191,12 @@ def test_run_serve_takes_a_config_and_refuses_before_binding(tmp_path: Path, cap
     args = _serve_parser().parse_args(["--spool", str(spool), "--port", "0", "--queue-size", "0"])
     assert run_serve(args) == 2
     assert "--queue-size 0: expected at least 1" in capsys.readouterr().err
+    # The repeated --lora values reach the runner's adapter check as a list.
+    args = _serve_parser().parse_args(
+        ["--spool", str(spool), "--port", "0", "--lora", "a=/x", "--lora", "a=/y"]
+    )
+    assert run_serve(args) == 2
+    assert "--lora a is given twice" in capsys.readouterr().err
     assert not spool.exists()
 
 
