@@ -553,26 +553,34 @@ def test_serve_parser_plugs_into_a_cli(tmp_path: Path) -> None:
     import argparse
 
     from vera_engine.service import add_serve_parser, run_serve
+    from vera_engine.service.serve import ServeConfig
+    from vera_engine.tools.config_cli import config_from_arguments
 
     parser = argparse.ArgumentParser(prog="vera-engine")
     add_serve_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(
         ["serve", "--spool", str(tmp_path), "--port", "0", "--allow-root", str(tmp_path)]
     )
-    assert args.handler is run_serve and args.host == "127.0.0.1" and args.model == "default"
-    assert args.allowed_roots == [tmp_path] and args.queue_size == 32 and not args.insecure
+    assert args.handler is run_serve
+    # The flags parse to ServeConfig (run_serve converts them the same way); what was not given is its default.
+    config = config_from_arguments(ServeConfig, args)
+    assert config.host == "127.0.0.1" and config.model == "default"
+    assert config.allowed_roots == [tmp_path] and config.queue_size == 32 and not config.insecure
 
 
 def test_serve_speed_and_memory_flags_are_checked(tmp_path: Path, capsys) -> None:
     import argparse
 
     from vera_engine.acceleration.memory import MemoryOptions
-    from vera_engine.service.serve import add_serve_parser, memory_options, run_serve
+    from vera_engine.service.serve import ServeConfig, add_serve_parser, memory_options, run_serve
+    from vera_engine.tools.config_cli import config_from_arguments
 
     parser = add_serve_parser(argparse.ArgumentParser().add_subparsers())
 
-    def parse(*flags: str) -> argparse.Namespace:
-        return parser.parse_args(["--spool", str(tmp_path / "spool"), *flags])
+    def parse(*flags: str) -> ServeConfig:
+        return config_from_arguments(
+            ServeConfig, parser.parse_args(["--spool", str(tmp_path / "spool"), *flags])
+        )
 
     assert memory_options(parse()) is None
     assert memory_options(parse("--group-offload", "2", "--text-encoder-offload", "cpu", "--vae-tiling")) == (

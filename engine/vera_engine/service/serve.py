@@ -8,8 +8,9 @@ import argparse
 import logging
 import signal
 import threading
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from vera_engine.service import auth, safe_files
 from vera_engine.service.engine import DEFAULT_QUEUE, DEFAULT_RETENTION_HOURS, Engine
@@ -35,203 +36,227 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     return parser
 
 
-def _serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model",
-        default="default",
-        metavar="DIR|default",
-        help="model folder, or 'default' (default: %(default)s)",
+_SPEED = "speed and memory (docs/BENCHMARKS.md has the figures)"
+_POOL = "several devices behind one engine (README: Scaling out)"
+
+
+def _setting(default: object = MISSING, *, factory: object = MISSING, **metadata: object) -> Any:
+    """A `ServeConfig` field: its default and, as metadata, its help and command-line form (tools/config_cli.py)."""
+    if factory is not MISSING:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+# RUF009 below: `_setting` returns a `dataclasses.field`; list defaults come from a factory, one list per config.
+@dataclass(kw_only=True)
+class ServeConfig:
+    """Everything `vera-engine serve` is started with; `run_serve(ServeConfig(spool=...))` starts the same engine
+    from Python.
+
+    The fields are also the command's flags (`--field-name` unless a `flag` says otherwise), with these defaults
+    and help texts; `group` puts a flag under a heading of `--help`. Paths may be given as text.
+    """
+
+    model: str = _setting("default", metavar="DIR|default", help="model folder, or 'default'")
+    host: str = _setting("127.0.0.1", help="address to bind")
+    port: int = _setting(DEFAULT_PORT, help="port, 0 = any free")
+    spool: Path = _setting(  # noqa: RUF009
+        metavar="DIR", help="folder for job inputs, results and state"
     )
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
-    parser.add_argument(
-        "--port", type=int, default=DEFAULT_PORT, help="port, 0 = any free (default: %(default)s)"
+    device: str | None = _setting(
+        None, show_default=False, help="torch device (default: cuda if available, else cpu)"
     )
-    parser.add_argument(
-        "--spool", type=Path, required=True, metavar="DIR", help="folder for job inputs, results and state"
-    )
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument(
-        "--lora",
-        action="append",
+    lora: list[str] = _setting(  # noqa: RUF009
+        factory=list,
+        show_default=False,
         metavar="NAME=PATH",
         help="serve a LoRA adapter of --model (from `vera-engine train --lora`) as job option lora=NAME; repeatable",
     )
-    perf = parser.add_argument_group("speed and memory (docs/BENCHMARKS.md has the figures)")
-    perf.add_argument(
-        "--attention-backend",
+    attention_backend: str | None = _setting(
+        None,
+        group=_SPEED,
+        show_default=False,
         metavar="NAME",
         help="diffusers attention backend for the joint attention: native, _native_cudnn, flash, _flash_3, sage "
         "(8-bit, approximate), ... (default: the one picked for the device, docs/GPU.md)",
     )
-    perf.add_argument(
-        "--compile",
-        action=argparse.BooleanOptionalAction,
-        default=None,
+    compile: bool | None = _setting(
+        None,
+        group=_SPEED,
         help="torch.compile the repeated MoT block (the first job compiles; default: on for CUDA without offloading)",
     )
-    perf.add_argument(
-        "--text-encoder-offload",
+    text_encoder_offload: str = _setting(
+        "none",
+        group=_SPEED,
         choices=("none", "cpu", "swap"),
-        default="none",
-        help="cpu: the text encoder stays on the CPU and encodes there; swap: it visits the GPU only to encode "
-        "(default: none)",
+        help="cpu: the text encoder stays on the CPU and encodes there; swap: it visits the GPU only to encode",
     )
-    perf.add_argument(
-        "--group-offload",
-        type=int,
+    group_offload: int | None = _setting(
+        None,
+        group=_SPEED,
+        show_default=False,
         metavar="BLOCKS",
         help="keep the transformer in CPU memory and bring BLOCKS MoT blocks at a time onto the device",
     )
-    perf.add_argument(
-        "--offload-to-disk", metavar="DIR", help="with --group-offload: page the blocks from files in DIR"
+    offload_to_disk: str | None = _setting(
+        None,
+        group=_SPEED,
+        show_default=False,
+        metavar="DIR",
+        help="with --group-offload: page the blocks from files in DIR",
     )
-    perf.add_argument(
-        "--offload-stream",
-        action=argparse.BooleanOptionalAction,
-        default=None,
+    offload_stream: bool | None = _setting(
+        None,
+        group=_SPEED,
         help="with --group-offload 1: prefetch the next block on a side stream (default: on for CUDA)",
     )
-    perf.add_argument(
-        "--model-cpu-offload", action="store_true", help="whole components visit the device one at a time"
+    model_cpu_offload: bool = _setting(
+        False, group=_SPEED, help="whole components visit the device one at a time"
     )
-    perf.add_argument("--vae-tiling", action="store_true", help="encode and decode the Wan VAE in tiles")
-    pool = parser.add_argument_group("several devices behind one engine (README: Scaling out)")
-    pool.add_argument(
-        "--devices",
+    vae_tiling: bool = _setting(False, group=_SPEED, help="encode and decode the Wan VAE in tiles")
+    devices: str | None = _setting(
+        None,
+        group=_POOL,
+        show_default=False,
         metavar="LIST",
         help="one worker process per device of this machine, e.g. cuda:0,cuda:1 (cpu may repeat: cpu,cpu)",
     )
-    pool.add_argument(
-        "--cluster",
+    cluster: str | None = _setting(
+        None,
+        group=_POOL,
+        show_default=False,
         metavar="ADDRESS",
-        help="run jobs on Ray actors of a Ray cluster: auto, HEAD:6379 or ray://HEAD:10001 (needs the cluster extra: pip install -e '.[cluster]' in the checkout)",
+        help="run jobs on Ray actors of a Ray cluster: auto, HEAD:6379 or ray://HEAD:10001 (needs the cluster "
+        "extra: pip install -e '.[cluster]' in the checkout)",
     )
-    pool.add_argument(
-        "--gpus-per-job",
-        type=int,
-        default=1,
+    gpus_per_job: int = _setting(
+        1,
+        group=_POOL,
         metavar="N",
-        help="devices per job, split by context parallelism (a Ray placement group on one node, or N of --devices) "
-        "(default: %(default)s)",
+        help="devices per job, split by context parallelism (a Ray placement group on one node, or N of --devices)",
     )
-    pool.add_argument(
-        "--context-parallel",
+    context_parallel: str = _setting(
+        "ulysses",
+        group=_POOL,
         choices=("ulysses", "ring"),
-        default="ulysses",
         help="how a job over several devices splits attention (ring needs an --attention-backend that returns the "
-        "log-sum-exp, e.g. _native_cudnn or flash) (default: %(default)s)",
+        "log-sum-exp, e.g. _native_cudnn or flash)",
     )
-    pool.add_argument(
-        "--shared-spool",
-        action="store_true",
+    shared_spool: bool = _setting(
+        False,
+        group=_POOL,
         help="with --cluster: the workers see --spool at the same path, so frames and results are not sent "
         "through Ray's object store",
     )
-    pool.add_argument(
-        "--allow-remote-ray",
-        action="store_true",
+    allow_remote_ray: bool = _setting(
+        False,
+        group=_POOL,
         help="with --cluster ray://HOST:PORT: connect to a Ray Client server on another machine (secure the cluster "
         "first: RAY_AUTH_MODE=token, TLS, firewalled ports; docs/SECURITY.md)",
     )
-    pool.add_argument(
-        "--worker-resource",
-        default="GPU",
+    worker_resource: str = _setting(
+        "GPU",
+        group=_POOL,
         metavar="NAME",
         help="with --cluster: the Ray resource one worker takes per device: GPU, CPU (one worker per CPU) or a "
-        "custom resource of the nodes; other than GPU, workers run on the CPU (default: %(default)s)",
+        "custom resource of the nodes; other than GPU, workers run on the CPU",
     )
-    parser.add_argument(
-        "--allow-root",
-        dest="allowed_roots",
-        action="append",
-        type=Path,
-        default=[],
+    allowed_roots: list[Path] = _setting(  # noqa: RUF009
+        factory=list,
+        flag="--allow-root",
+        show_default=False,
         metavar="DIR",
         help="folder under which clients may send frames by path (repeatable; default: none)",
     )
-    parser.add_argument(
-        "--decode-memory",
-        type=float,
-        default=None,
+    decode_memory: float | None = _setting(
+        None,
+        show_default=False,
         metavar="GIB",
         help="memory all EXR decodes in flight may take together, uploads and jobs (default: 8 GiB, at most a "
         "quarter of this machine's memory); a frame needing more is refused",
     )
-    parser.add_argument(
-        "--queue-size", type=int, default=DEFAULT_QUEUE, help="jobs that may wait (default: %(default)s)"
+    queue_size: int = _setting(DEFAULT_QUEUE, help="jobs that may wait")
+    retention_hours: float = _setting(DEFAULT_RETENTION_HOURS, help="keep finished jobs' results this long")
+    preview_interval: float = _setting(1.0, help="seconds between previews")
+    token_file: Path | None = _setting(  # noqa: RUF009
+        None, show_default=False, metavar="FILE", help="file with accepted bearer tokens, one per line"
     )
-    parser.add_argument(
-        "--retention-hours",
-        type=float,
-        default=DEFAULT_RETENTION_HOURS,
-        help="keep finished jobs' results this long (default: %(default)s)",
+    tls_cert: Path | None = _setting(  # noqa: RUF009
+        None, show_default=False, metavar="PEM", help="PEM certificate chain for TLS"
     )
-    parser.add_argument(
-        "--preview-interval", type=float, default=1.0, help="seconds between previews (default: %(default)s)"
+    tls_key: Path | None = _setting(  # noqa: RUF009
+        None, show_default=False, metavar="PEM", help="PEM private key for TLS"
     )
-    parser.add_argument(
-        "--token-file", type=Path, metavar="FILE", help="file with accepted bearer tokens, one per line"
-    )
-    parser.add_argument("--tls-cert", type=Path, metavar="PEM", help="PEM certificate chain for TLS")
-    parser.add_argument("--tls-key", type=Path, metavar="PEM", help="PEM private key for TLS")
-    parser.add_argument(
-        "--insecure",
-        action="store_true",
-        help="allow a non-loopback bind without token and TLS (not advised)",
-    )
-    parser.add_argument("--log-level", default="INFO", help="logging level (default: %(default)s)")
+    insecure: bool = _setting(False, help="allow a non-loopback bind without token and TLS (not advised)")
+    log_level: str = _setting("INFO", help="logging level")
+
+    def __post_init__(self) -> None:
+        # A TD writing ServeConfig(spool="/var/spool/vera") gets the Paths the flags would have made.
+        self.spool = Path(self.spool)
+        self.allowed_roots = [Path(root) for root in self.allowed_roots]
+        for name in ("token_file", "tls_cert", "tls_key"):
+            if getattr(self, name) is not None:
+                setattr(self, name, Path(getattr(self, name)))
 
 
-def memory_options(args: argparse.Namespace) -> MemoryOptions | None:
-    """The serve flags as `vera_engine.acceleration.memory.MemoryOptions`, or None when none is given (all on the device)."""
+def _serve_arguments(parser: argparse.ArgumentParser) -> None:
+    from vera_engine.tools.config_cli import add_config_arguments
+
+    add_config_arguments(parser, ServeConfig)
+
+
+def memory_options(config: ServeConfig) -> MemoryOptions | None:
+    """The speed and memory settings as `vera_engine.acceleration.memory.MemoryOptions`, or None when none is given (all on the device)."""
     from vera_engine.acceleration.memory import MemoryOptions
 
-    if args.group_offload is not None and args.group_offload < 1:
-        raise ValueError(f"--group-offload {args.group_offload}: expected 1 or more MoT blocks at a time")
-    if args.model_cpu_offload and (args.group_offload is not None or args.text_encoder_offload != "none"):
+    if config.group_offload is not None and config.group_offload < 1:
+        raise ValueError(f"--group-offload {config.group_offload}: expected 1 or more MoT blocks at a time")
+    if config.model_cpu_offload and (
+        config.group_offload is not None or config.text_encoder_offload != "none"
+    ):
         raise ValueError(
             "--model-cpu-offload moves whole components itself: drop --group-offload / --text-encoder-offload"
         )
-    if args.offload_to_disk and args.group_offload is None:
+    if config.offload_to_disk and config.group_offload is None:
         raise ValueError("--offload-to-disk needs --group-offload BLOCKS")
-    if args.offload_stream and args.group_offload is None:
+    if config.offload_stream and config.group_offload is None:
         raise ValueError("--offload-stream needs --group-offload 1")
     options = MemoryOptions(
-        text_encoder_offload=args.text_encoder_offload,
-        group_offload="block" if args.group_offload is not None else None,
-        num_blocks_per_group=args.group_offload if args.group_offload is not None else 1,
-        use_stream=args.offload_stream,
-        offload_to_disk=args.offload_to_disk,
-        model_cpu_offload=args.model_cpu_offload,
-        vae_tiling=args.vae_tiling,
+        text_encoder_offload=config.text_encoder_offload,
+        group_offload="block" if config.group_offload is not None else None,
+        num_blocks_per_group=config.group_offload if config.group_offload is not None else 1,
+        use_stream=config.offload_stream,
+        offload_to_disk=config.offload_to_disk,
+        model_cpu_offload=config.model_cpu_offload,
+        vae_tiling=config.vae_tiling,
     )
     return None if options == MemoryOptions() else options
 
 
-def pool_backend(args: argparse.Namespace) -> PoolBackend | None:
-    """The pool the flags ask for (`service.pool`), or None for one in-process worker on one device.
+def pool_backend(config: ServeConfig) -> PoolBackend | None:
+    """The pool the settings ask for (`service.pool`), or None for one in-process worker on one device.
 
     Raises ValueError naming the flag for combinations that cannot work, and the Ray backend's ClusterError for a
     cluster that does not answer or has no worker resources.
     """
-    if args.devices and args.cluster:
+    if config.devices and config.cluster:
         raise ValueError("--devices and --cluster: choose one (local processes, or Ray actors)")
-    if not (args.devices or args.cluster):
-        if args.gpus_per_job != 1:
-            raise ValueError(f"--gpus-per-job {args.gpus_per_job} needs --devices or --cluster")
-        if args.shared_spool:
+    if not (config.devices or config.cluster):
+        if config.gpus_per_job != 1:
+            raise ValueError(f"--gpus-per-job {config.gpus_per_job} needs --devices or --cluster")
+        if config.shared_spool:
             raise ValueError("--shared-spool needs --cluster")
         return None
-    if args.device is not None:
+    if config.device is not None:
         raise ValueError(
             "--device picks one device; with --devices or --cluster the pool's workers pick theirs"
         )
-    if args.shared_spool and not args.cluster:
+    if config.shared_spool and not config.cluster:
         raise ValueError("--shared-spool needs --cluster (local workers always use the spool directly)")
     if (
-        args.context_parallel == "ring"
-        and args.gpus_per_job > 1
-        and args.attention_backend in (None, "native")
+        config.context_parallel == "ring"
+        and config.gpus_per_job > 1
+        and config.attention_backend in (None, "native")
     ):
         raise ValueError(
             "--context-parallel ring merges partial attention by its log-sum-exp, which the native attention "
@@ -244,20 +269,20 @@ def pool_backend(args: argparse.Namespace) -> PoolBackend | None:
     runner = RunnerSpec(
         PipelineRunner,
         {
-            "model": args.model,
-            "memory": memory_options(args),
-            "attention_backend": args.attention_backend,
-            "compile_blocks": args.compile,
-            "loras": parse_lora_arguments(args.lora),
+            "model": config.model,
+            "memory": memory_options(config),
+            "attention_backend": config.attention_backend,
+            "compile_blocks": config.compile,
+            "loras": parse_lora_arguments(config.lora),
         },
     )
-    if args.devices:
+    if config.devices:
         return LocalBackend(
-            parse_devices(args.devices),
+            parse_devices(config.devices),
             runner,
-            gpus_per_job=args.gpus_per_job,
-            context_parallel=args.context_parallel,
-            preview_interval=args.preview_interval,
+            gpus_per_job=config.gpus_per_job,
+            context_parallel=config.context_parallel,
+            preview_interval=config.preview_interval,
         )
     try:
         import ray  # noqa: F401
@@ -268,57 +293,68 @@ def pool_backend(args: argparse.Namespace) -> PoolBackend | None:
     from vera_engine.service.pool.ray_backend import RayBackend
 
     return RayBackend(
-        args.cluster,
+        config.cluster,
         runner,
-        resource=args.worker_resource,
-        gpus_per_job=args.gpus_per_job,
-        context_parallel=args.context_parallel,
-        shared_spool=args.shared_spool,
-        preview_interval=args.preview_interval,
-        allow_remote=args.allow_remote_ray,
+        resource=config.worker_resource,
+        gpus_per_job=config.gpus_per_job,
+        context_parallel=config.context_parallel,
+        shared_spool=config.shared_spool,
+        preview_interval=config.preview_interval,
+        allow_remote=config.allow_remote_ray,
     )
 
 
-def run_serve(args: argparse.Namespace) -> int:
-    """Run the service until SIGINT/SIGTERM; returns the exit code (2 for bad options)."""
+def run_serve(config: ServeConfig | argparse.Namespace) -> int:
+    """Run the service until SIGINT/SIGTERM; returns the exit code (2 for bad options).
+
+    `config` is a `ServeConfig`, or the flags `add_serve_parser`'s parser read (the `vera-engine serve` handler).
+    Call it from the main thread: it installs the signal handlers that stop it.
+    """
     import sys
 
+    if isinstance(config, argparse.Namespace):
+        from vera_engine.tools.config_cli import config_from_arguments
+
+        config = config_from_arguments(ServeConfig, config)
+
     logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        auth.check_bind_policy(args.host, args.token_file, args.tls_cert, args.tls_key, args.insecure)
-        tokens = auth.load_tokens(args.token_file) if args.token_file else []  # mode 0600, long tokens
-        for root in args.allowed_roots:
+        auth.check_bind_policy(
+            config.host, config.token_file, config.tls_cert, config.tls_key, config.insecure
+        )
+        tokens = auth.load_tokens(config.token_file) if config.token_file else []  # mode 0600, long tokens
+        for root in config.allowed_roots:
             if not root.is_dir():
                 raise auth.PolicyError(f"--allow-root {root}: not a folder")
-        safe_files.DECODE.set_limit(safe_files.decode_budget_bytes(args.decode_memory))
-        if args.queue_size < 1:
-            raise auth.PolicyError(f"--queue-size {args.queue_size}: expected at least 1")
+        safe_files.DECODE.set_limit(safe_files.decode_budget_bytes(config.decode_memory))
+        if config.queue_size < 1:
+            raise auth.PolicyError(f"--queue-size {config.queue_size}: expected at least 1")
         from vera_engine.service.runner import PipelineRunner
 
         runner = PipelineRunner(
-            args.model,
-            device=args.device,
-            memory=memory_options(args),
-            attention_backend=args.attention_backend,
-            compile_blocks=args.compile,
-            loras=parse_lora_arguments(args.lora),
+            config.model,
+            device=config.device,
+            memory=memory_options(config),
+            attention_backend=config.attention_backend,
+            compile_blocks=config.compile,
+            loras=parse_lora_arguments(config.lora),
         )
-        pool = pool_backend(args)
+        pool = pool_backend(config)
     except (auth.PolicyError, ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"vera-engine serve: error: {exc}", file=sys.stderr)
         return 2
-    if args.insecure and not auth.is_loopback(args.host):
-        log.warning("--insecure: %s accepts unauthenticated plain-text connections", args.host)
+    if config.insecure and not auth.is_loopback(config.host):
+        log.warning("--insecure: %s accepts unauthenticated plain-text connections", config.host)
     try:
         engine = Engine(
-            args.spool,
+            config.spool,
             runner,
-            queue_capacity=args.queue_size,
-            allowed_roots=args.allowed_roots,
-            retention_seconds=args.retention_hours * 3600,
-            preview_interval=args.preview_interval,
+            queue_capacity=config.queue_size,
+            allowed_roots=config.allowed_roots,
+            retention_seconds=config.retention_hours * 3600,
+            preview_interval=config.preview_interval,
             pool=pool,
         )
     except SpoolInUse as exc:
@@ -326,9 +362,9 @@ def run_serve(args: argparse.Namespace) -> int:
         if pool is not None:
             pool.close()
         return 2
-    tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
+    tls = (config.tls_cert, config.tls_key) if config.tls_cert else None
     try:
-        server, port = create_server(engine, args.host, args.port, tokens=tokens, tls=tls)
+        server, port = create_server(engine, config.host, config.port, tokens=tokens, tls=tls)
     except OSError as exc:
         print(f"vera-engine serve: error: {exc}", file=sys.stderr)
         engine.close()  # frees the spool and the pool's backend (its cluster connection)
@@ -339,7 +375,7 @@ def run_serve(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: done.set())
         # A machine-readable line: tests and wrappers that pass --port 0 read the port from it.
-        print(f"vera-engine listening on {args.host}:{port}", flush=True)
+        print(f"vera-engine listening on {config.host}:{port}", flush=True)
         done.wait()
         log.info("shutting down")
         server.stop(grace=5.0).wait()
