@@ -14,7 +14,7 @@
 
 from vera_engine.service.engine import Engine
 from vera_engine.service.errors import JobCancelled
-from vera_engine.service.serve import add_serve_parser, run_serve, serve_main
+from vera_engine.service.serve import ServeConfig, add_serve_parser, run_serve, serve_main
 from vera_engine.service.servicer import EngineServicer, create_server
 from vera_engine.service.worker import JobContext, JobRunner
 
@@ -24,6 +24,7 @@ __all__ = [
     "JobCancelled",
     "JobContext",
     "JobRunner",
+    "ServeConfig",
     "add_serve_parser",
     "create_server",
     "run_serve",
