@@ -604,3 +604,41 @@ def test_foreground_weight_weighs_the_loss_where_the_edit_is(dataset_dir):
             / 3
         )
     assert abs(weighted - by_hand) < 1e-6 * max(1.0, by_hand) and abs(weighted - uniform) > 1e-4
+
+
+@pytest.mark.parametrize("codec", ["space_to_depth", "wan"])
+def test_encode_batch_makes_one_codec_call_equal_to_five(dataset_dir, codec):
+    """Issue 27 item 13: the five videos of a batch go through the codec in one call, with the latents of five."""
+    from vera_engine.pipelines.pipeline_vera import codec_input
+
+    from .conftest import make_tiny_wan_pipeline_parts
+
+    if codec == "wan":
+        parts = make_tiny_wan_pipeline_parts(seed=0)
+        parts["transformer"] = None
+        pipe = VeraPipeline(
+            **parts, native_height=32, native_width=32, native_frames=5, max_sequence_length=32
+        )
+        frames = 5  # the Wan VAE's causal frames: 4k + 1
+    else:
+        pipe, frames = build_random_pipeline("tiny", seed=0), 4
+    generate_dataset(dataset_dir / codec, {"train": 2}, frames=frames, height=32, width=32, seed=5)
+    dataset = LayeredVideoDataset(dataset_dir / codec, "train", random_crop=False, hflip=False)
+    batch = collate_layered([dataset[i] for i in range(2)])
+    calls: list[int] = []
+    encode = pipe.encode_video
+
+    def counted(video):
+        calls.append(video.shape[0])
+        return encode(video)
+
+    pipe.encode_video = counted
+    latents = encode_batch(pipe, batch, {}, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert calls == [10]  # one call: 5 videos x batch 2 (five calls of 2 before)
+    del pipe.encode_video
+    with torch.no_grad():
+        for name, key in zip(
+            ("edit", "alpha", "composite", "source", "mask"), ("edit", "alpha", "composite", "input", "mask")
+        ):
+            alone = pipe.encode_video(codec_input(batch[key]))
+            assert torch.equal(latents[name], alone), name
