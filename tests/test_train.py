@@ -638,7 +638,9 @@ def test_encode_batch_makes_one_codec_call_equal_to_five(dataset_dir, codec):
     del pipe.encode_video
     with torch.no_grad():
         for name, key in zip(
-            ("edit", "alpha", "composite", "source", "mask"), ("edit", "alpha", "composite", "input", "mask")
+            ("edit", "alpha", "composite", "source", "mask"),
+            ("edit", "alpha", "composite", "input", "mask"),
+            strict=True,
         ):
             alone = pipe.encode_video(codec_input(batch[key]))
             assert torch.equal(latents[name], alone), name
