@@ -275,7 +275,10 @@ def test_streamed_group_offload_records_streams(monkeypatch):
     # Placement of the other components is not under test (and there is no CUDA device here).
     monkeypatch.setattr(pipe.vae, "to", lambda *a, **k: pipe.vae)
     monkeypatch.setattr(pipe.text_encoder, "to", lambda *a, **k: pipe.text_encoder)
-    notes = apply_memory_options(pipe, MemoryOptions(group_offload="block"), "cuda")
+    # (The text encoder stays put: its CUDA default, a pinned swap, needs CUDA; tests/test_memory.py covers it.)
+    notes = apply_memory_options(
+        pipe, MemoryOptions(group_offload="block", text_encoder_offload="none"), "cuda"
+    )
     assert calls["use_stream"] is True and calls["record_stream"] is True
     assert any("(streamed)" in note for note in notes)
 

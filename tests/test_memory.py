@@ -223,6 +223,109 @@ def test_text_encoder_on_cpu_runs_there_and_the_states_reach_the_transformer(ref
     assert pipe._execution_device == torch.device("cpu")
 
 
+@pytest.mark.parametrize(
+    ("mode", "device", "placement"),
+    [
+        ("auto", "cuda", "swap"),  # the default on a GPU: off it between encodes
+        ("auto", "cuda:1", "swap"),
+        ("auto", "cpu", "none"),  # nothing to save where the offload target is the device
+        ("none", "cuda", "none"),  # the explicit way to keep it resident
+        ("cpu", "cuda", "cpu"),
+        ("swap", "cpu", "swap"),
+    ],
+)
+def test_text_encoder_placement_is_swap_by_default_on_cuda_only(mode, device, placement):
+    from vera_engine.acceleration.memory import text_encoder_placement
+
+    assert text_encoder_placement(mode, device) == placement
+
+
+def test_pipelines_loaded_for_cuda_get_the_default_options_and_swaps_pin_on_cuda():
+    from vera_engine.acceleration.memory import default_memory_options, pinned_swap
+
+    assert MemoryOptions().text_encoder_offload == "auto"
+    assert default_memory_options(None, "cuda") == MemoryOptions()
+    assert default_memory_options(None, "cuda:0") == MemoryOptions()
+    assert default_memory_options(None, "cpu") is None  # moved to the device whole, as before
+    resident = MemoryOptions(text_encoder_offload="none")
+    assert default_memory_options(resident, "cuda") is resident
+    assert pinned_swap("cuda") and pinned_swap(torch.device("cuda", 1))
+    assert not pinned_swap("cpu")
+    # model_cpu_offload manages the text encoder itself; the default placement does not conflict with it.
+    assert MemoryOptions(model_cpu_offload=True).text_encoder_offload == "auto"
+
+
+def _record_text_encoder_placement(pipe, monkeypatch) -> tuple[list, list]:
+    from vera_engine.acceleration import memory
+
+    moves: list = []
+    swaps: list = []
+    # There is no CUDA device here: the other components' placement is not under test.
+    monkeypatch.setattr(pipe.transformer, "to", lambda *a, **k: pipe.transformer)
+    monkeypatch.setattr(pipe.vae, "to", lambda *a, **k: pipe.vae)
+    monkeypatch.setattr(pipe.text_encoder, "to", lambda *a, **k: moves.append((a, k)) or pipe.text_encoder)
+    monkeypatch.setattr(memory, "_copy_stream", lambda device: ("stream", device))
+    monkeypatch.setattr(
+        memory,
+        "_swap_from_pinned_memory",
+        lambda encoder, device, stream: swaps.append((encoder, device, stream)),
+    )
+    return moves, swaps
+
+
+def test_default_options_keep_the_text_encoder_off_a_cuda_device(monkeypatch):
+    pipe = build_random_pipeline("tiny", seed=0)
+    moves, swaps = _record_text_encoder_placement(pipe, monkeypatch)
+    notes = apply_memory_options(pipe, MemoryOptions(), "cuda")
+    cuda = torch.device("cuda")
+    assert moves == []  # never moved onto the GPU whole
+    assert swaps == [(pipe.text_encoder, cuda, ("stream", cuda))]
+    assert any("pinned CPU memory" in note for note in notes)
+
+
+def test_text_encoder_offload_none_keeps_it_resident_on_cuda(monkeypatch):
+    pipe = build_random_pipeline("tiny", seed=0)
+    moves, swaps = _record_text_encoder_placement(pipe, monkeypatch)
+    assert apply_memory_options(pipe, MemoryOptions(text_encoder_offload="none"), "cuda") == []
+    assert moves == [((torch.device("cuda"),), {})] and swaps == []
+
+
+def test_pinned_swap_is_exact_and_copies_nothing_back(reference, monkeypatch):
+    """The CUDA swap path (diffusers' streamed `ModuleGroup`) run on the CPU: a CPU stream stands in for the CUDA
+    one and `pin_memory` (which needs CUDA) for a copy, so what is checked is the mechanism: every weight copied
+    to its pinned home once, encodes reading from it, and an offload that points the weights back at it."""
+    from vera_engine.acceleration import memory
+
+    pinned: list = []
+
+    def pin_memory(tensor, *args, **kwargs):
+        copy = tensor.clone()
+        pinned.append(copy.data_ptr())
+        return copy
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda tensor, *a, **k: tensor.data_ptr() in pinned)
+    monkeypatch.setattr(memory, "pinned_swap", lambda device: True)
+    monkeypatch.setattr(memory, "_copy_stream", lambda device: torch.cpu.Stream())
+    # CPU streams are ordered with the host already; torch's stand-in lacks the method diffusers calls.
+    monkeypatch.setattr(torch.cpu.Stream, "synchronize", lambda stream: None, raising=False)
+    pipe = _wan_vae_pipeline()
+    tensors = [*pipe.text_encoder.parameters(), *pipe.text_encoder.buffers()]
+    notes = apply_memory_options(pipe, MemoryOptions(text_encoder_offload="swap"), "cpu")
+    assert any("pinned CPU memory" in note for note in notes)
+    group = pipe.text_encoder._diffusers_hook.get_hook("group_offloading").group
+    assert group.stream is not None and group.non_blocking is False
+    homes = [t.data_ptr() for t in tensors]
+    # Each weight pinned once, and the weights live in those copies.
+    assert len(pinned) == len(tensors) and sorted(homes) == sorted(pinned)
+    with watch_onloads() as ledger:
+        out = _sample(pipe, _video())
+    _assert_same(out, reference)
+    assert [kind for kind, g in ledger.events if g is group] == ["onload", "offload"]
+    # Offloading pointed every weight back at its pinned copy: nothing copied back, nothing pinned again.
+    assert [t.data_ptr() for t in tensors] == homes and len(pinned) == len(tensors)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Model CPU offload
 

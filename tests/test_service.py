@@ -582,7 +582,8 @@ def test_serve_speed_and_memory_flags_are_checked(tmp_path: Path, capsys) -> Non
             ServeConfig, parser.parse_args(["--spool", str(tmp_path / "spool"), *flags])
         )
 
-    assert memory_options(parse()) is None
+    # The flag's default keeps the text encoder resident ("none"), which is not MemoryOptions()'s "auto".
+    assert memory_options(parse()) == MemoryOptions(text_encoder_offload="none")
     assert memory_options(parse("--group-offload", "2", "--text-encoder-offload", "cpu", "--vae-tiling")) == (
         MemoryOptions(
             text_encoder_offload="cpu", group_offload="block", num_blocks_per_group=2, vae_tiling=True

@@ -604,3 +604,121 @@ def test_foreground_weight_weighs_the_loss_where_the_edit_is(dataset_dir):
             / 3
         )
     assert abs(weighted - by_hand) < 1e-6 * max(1.0, by_hand) and abs(weighted - uniform) > 1e-4
+
+
+@pytest.mark.parametrize("codec", ["space_to_depth", "wan"])
+def test_encode_batch_makes_one_codec_call_equal_to_five(dataset_dir, codec):
+    """Issue 27 item 13: the five videos of a batch go through the codec in one call, with the latents of five."""
+    from vera_engine.pipelines.pipeline_vera import codec_input
+
+    from .conftest import make_tiny_wan_pipeline_parts
+
+    if codec == "wan":
+        parts = make_tiny_wan_pipeline_parts(seed=0)
+        parts["transformer"] = None
+        pipe = VeraPipeline(
+            **parts, native_height=32, native_width=32, native_frames=5, max_sequence_length=32
+        )
+        frames = 5  # the Wan VAE's causal frames: 4k + 1
+    else:
+        pipe, frames = build_random_pipeline("tiny", seed=0), 4
+    generate_dataset(dataset_dir / codec, {"train": 2}, frames=frames, height=32, width=32, seed=5)
+    dataset = LayeredVideoDataset(dataset_dir / codec, "train", random_crop=False, hflip=False)
+    batch = collate_layered([dataset[i] for i in range(2)])
+    calls: list[int] = []
+    encode = pipe.encode_video
+
+    def counted(video):
+        calls.append(video.shape[0])
+        return encode(video)
+
+    pipe.encode_video = counted
+    latents = encode_batch(pipe, batch, {}, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert calls == [10]  # one call: 5 videos x batch 2 (five calls of 2 before)
+    del pipe.encode_video
+    with torch.no_grad():
+        for name, key in zip(
+            ("edit", "alpha", "composite", "source", "mask"),
+            ("edit", "alpha", "composite", "input", "mask"),
+            strict=True,
+        ):
+            alone = pipe.encode_video(codec_input(batch[key]))
+            assert torch.equal(latents[name], alone), name
+
+
+def test_frozen_text_encoder_is_encoded_up_front_and_dropped(dataset_dir, tmp_path, monkeypatch):
+    """Issue 27 item 11: with a frozen encoder, the run encodes every instruction once and holds no encoder while
+    it trains; the losses, the weights and the saved folder are exactly those of a run that kept the encoder and
+    encoded lazily (same encoder calls, same autocast, zero padding trimmed and restored exactly)."""
+    from safetensors.torch import load_file
+
+    from vera_engine.training import train as train_module
+
+    encoder_during_steps: list = []
+    step = train_module._train_step
+
+    def recording_step(run, batch, index, prompts):
+        encoder_during_steps.append(run.pipe.text_encoder)
+        return step(run, batch, index, prompts)
+
+    monkeypatch.setattr(train_module, "_train_step", recording_step)
+    settings = dict(steps=3, save_every=3, text_dropout=0.5)
+    progress = False
+    train(_tiny_config(dataset_dir, tmp_path / "upfront", **settings), progress=progress)
+    assert len(encoder_during_steps) == 3 and all(e is None for e in encoder_during_steps)
+    assert not (tmp_path / ".upfront.text_encoder").exists()  # the saved encoder's staging folder is removed
+
+    encoder_during_steps.clear()
+    monkeypatch.setattr(train_module, "_drop_frozen_text_encoder", lambda run, prompts, instructions: None)
+    train(_tiny_config(dataset_dir, tmp_path / "lazy", **settings), progress=progress)
+    assert all(e is not None for e in encoder_during_steps)  # the old behaviour: the encoder held throughout
+
+    assert [row["loss"] for row in read_log(tmp_path / "upfront")] == [
+        row["loss"] for row in read_log(tmp_path / "lazy")
+    ]
+    for part in ("transformer/diffusion_pytorch_model", "text_encoder/model"):
+        upfront = load_file(str(tmp_path / "upfront" / f"{part}.safetensors"))
+        lazy = load_file(str(tmp_path / "lazy" / f"{part}.safetensors"))
+        assert upfront.keys() == lazy.keys() and all(torch.equal(upfront[k], lazy[k]) for k in upfront), part
+    index = json.loads((tmp_path / "upfront" / "model_index.json").read_text())
+    assert (
+        index["text_encoder"]
+        == json.loads((tmp_path / "lazy" / "model_index.json").read_text())["text_encoder"]
+    )
+    reloaded = VeraPipeline.from_pretrained(tmp_path / "upfront")
+    assert reloaded.text_encoder is not None
+
+
+def test_trained_text_encoder_is_kept(dataset_dir, tmp_path, monkeypatch):
+    from vera_engine.training import train as train_module
+
+    held: list = []
+    step = train_module._train_step
+    monkeypatch.setattr(
+        train_module,
+        "_train_step",
+        lambda run, batch, index, prompts: (
+            held.append(run.pipe.text_encoder) or step(run, batch, index, prompts)
+        ),
+    )
+    train(
+        _tiny_config(dataset_dir, tmp_path / "run", steps=1, save_every=1, text_encoder_lr_scale=1.0),
+        progress=False,
+    )
+    assert held and all(e is not None for e in held)
+
+
+def test_prompt_cache_table_refuses_instructions_it_was_not_filled_with():
+    from vera_engine.training.train import PromptCache
+
+    pipe = build_random_pipeline("tiny", seed=0)
+    cpu = torch.device("cpu")
+    cache = PromptCache(pipe, cpu, torch.float32, max_entries=1)
+    cache.fill(["add a red ball", "add a blue ball", ""])
+    assert len(cache) == 3  # a table: the bound does not evict what fill encoded
+    with torch.no_grad():
+        expected = torch.cat([pipe.encode_prompt(p, cpu, torch.float32) for p in ("add a blue ball", "")])
+    assert torch.equal(cache(["add a blue ball", ""]), expected)
+    assert len(cache) == 3
+    with pytest.raises(KeyError, match="'add a green ball' was not among the run's instructions"):
+        cache(["add a green ball"])

@@ -115,7 +115,9 @@ def load_pipeline(
     `precision`: "auto" runs the transformer and text encoder in bfloat16 on a GPU (norms and modulation stay
     float32, the VAE stays float32, as for Wan) and everything in float32 on a CPU; or "float32" / "bfloat16".
     `memory`: a `vera_engine.acceleration.memory.MemoryOptions` placing the components on `device` (offloading, VAE tiling);
-    without it every component goes to `device`. `attention_backend`: a diffusers attention backend name for the
+    without it every component goes to `device`, except on CUDA, where `MemoryOptions()` applies (the text encoder
+    in pinned host memory, swapped in to encode; pass `MemoryOptions(text_encoder_offload="none")` to keep it
+    there). `attention_backend`: a diffusers attention backend name for the
     joint attention (`native`, `_native_cudnn`, `flash`, `_flash_3`, `sage`, ...), or "auto" / None for the one
     `acceleration.backends.choose_attention_backend` picks for the device (`$VERA_ATTENTION_BACKEND` overrides it).
     `compile_blocks`: compile the repeated MoT block with `torch.compile(fullgraph=True)` (the first job pays the
@@ -146,9 +148,11 @@ def load_pipeline(
     check_safetensors_only(folder)
     pipe = VeraPipeline.from_pretrained(folder, dtype=torch_dtype)
     pipe.set_progress_bar_config(disable=True)
-    if memory is not None:
-        from vera_engine.acceleration.memory import apply_memory_options
+    from vera_engine.acceleration.memory import apply_memory_options, default_memory_options
 
+    # Without options a CUDA pipeline still gets the default ones: its text encoder visits the GPU only to encode.
+    memory = default_memory_options(memory, device or ("cuda" if on_gpu else "cpu"))
+    if memory is not None:
         apply_memory_options(pipe, memory, device or ("cuda" if on_gpu else "cpu"))
     elif device:
         pipe.to(device)

@@ -86,7 +86,13 @@ def _encode_clip(pipe: Any, item: Mapping[str, Any], device: torch.device) -> di
 def _text_states(pipe: Any, prompt: str, device: torch.device) -> torch.Tensor:
     """The prompt's text states, trimmed to its tokens (the rest are zero by Wan's convention and padded back)."""
     with torch.no_grad():
-        states = pipe.encode_prompt(prompt, device, torch.float32)[0].cpu()
+        return trimmed_text_states(pipe.encode_prompt(prompt, device, torch.float32)[0].cpu())
+
+
+def trimmed_text_states(states: torch.Tensor) -> torch.Tensor:
+    """`(max_sequence_length, dim)` text states without the zero rows past the prompt's tokens (Wan's convention
+    zeroes them); `F.pad` with zero rows restores them exactly. A umT5 state is 512 x 4096 values, a prompt a few
+    dozen tokens: what a cache of many instructions stores."""
     used = int(states.abs().amax(dim=-1).gt(0).nonzero().max()) + 1 if states.abs().amax() > 0 else 1
     return states[:used].contiguous()
 

@@ -541,9 +541,14 @@ class PromptCache:
     """Text-encoder states per instruction: the encoder is frozen (as in the paper), so each is computed once.
 
     Bounded (`max_entries`, least recently used dropped first) and kept in host memory in `storage_dtype`
-    (bfloat16 for a bf16 run: the text projection consumes them in bf16 under autocast anyway; at umT5 size a state
-    is 512 x 4096 values), moved to `device` per batch. A frozen encoder that does not live on `device` (a bf16 run
-    keeps it in host memory: umT5-XXL is 11.4 GB) is moved there to encode a batch's new instructions and back.
+    (bfloat16 for a bf16 run: the text projection consumes them in bf16 under autocast anyway), trimmed to the
+    prompt's tokens (`cache.trimmed_text_states`: at umT5 size a state is 512 x 4096 values, a prompt a few dozen
+    tokens) and padded back with zeros per batch, moved to `device` per batch. A frozen encoder that does not live
+    on `device` (a bf16 run keeps it in host memory: umT5-XXL is 11.4 GB) is moved there to encode a batch's new
+    instructions and back.
+
+    `fill(prompts)` encodes every instruction a run can draw once, up front, and keeps them all (never evicted):
+    `train` then drops the encoder (`_drop_frozen_text_encoder`), and an instruction outside the table is refused.
     """
 
     def __init__(
@@ -559,34 +564,84 @@ class PromptCache:
         self.pipe, self.device, self.dtype = pipe, device, dtype
         self.max_entries = max_entries
         self.storage_dtype = storage_dtype or dtype
+        self.filled = False
         self._states: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._length = 0
 
     def __len__(self) -> int:
         return len(self._states)
 
-    def __call__(self, prompts: list[str]) -> torch.Tensor:
+    def _encode(self, prompts: list[str]) -> None:
+        from vera_engine.training.cache import trimmed_text_states
+
         missing = list(dict.fromkeys(p for p in prompts if p not in self._states))
-        if missing:
-            encoder = self.pipe.text_encoder
-            home = encoder.device
-            visiting = home != self.device
+        if not missing:
+            return
+        if self.filled:
+            raise KeyError(
+                f"instruction {missing[0]!r} was not among the run's instructions encoded before the text encoder "
+                "was dropped; the dataset handed out an instruction its instructions() does not list"
+            )
+        encoder = self.pipe.text_encoder
+        home = encoder.device
+        visiting = home != self.device
+        if visiting:
+            encoder.to(self.device)
+        try:
+            with torch.no_grad():
+                for prompt in missing:
+                    states = self.pipe.encode_prompt(prompt, self.device, self.dtype)[0]
+                    self._length = states.shape[0]
+                    stored = states.to(device="cpu", dtype=self.storage_dtype)
+                    self._states[prompt] = trimmed_text_states(stored)
+        finally:
             if visiting:
-                encoder.to(self.device)
-            try:
-                with torch.no_grad():
-                    for prompt in missing:
-                        states = self.pipe.encode_prompt(prompt, self.device, self.dtype)[0]
-                        self._states[prompt] = states.to(device="cpu", dtype=self.storage_dtype)
-            finally:
-                if visiting:
-                    encoder.to(home)
+                encoder.to(home)
+
+    def fill(self, prompts: list[str]) -> None:
+        """Encode every one of `prompts` now and keep them all, so that the encoder is no longer needed."""
+        self._encode(prompts)
+        self.max_entries = max(self.max_entries, len(self._states))
+        self.filled = True
+
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        self._encode(prompts)
         batch = []
         for prompt in prompts:
             self._states.move_to_end(prompt)
-            batch.append(self._states[prompt])
+            states = self._states[prompt]
+            batch.append(F.pad(states, (0, 0, 0, self._length - states.shape[0])))
         while len(self._states) > self.max_entries:
             self._states.popitem(last=False)
         return torch.stack(batch).to(device=self.device, dtype=self.dtype, non_blocking=True)
+
+
+def _drop_frozen_text_encoder(run: "_Run", prompts: PromptCache, instructions: list[str]) -> Path | None:
+    """Encode every instruction the run can draw (the dataset's, and the empty one of text dropout) into `prompts`,
+    then drop the frozen text encoder: the steps hold no encoder (umT5-XXL: 11.4 GB in bf16, on the device or in
+    host memory). As `train --cache` does, checkpoints copy its folder in (`cache.complete_pipeline_folder`): process
+    0 saves it once here, exactly as a checkpoint would have. Returns that folder (removed when the run ends)."""
+    config, dist, pipe = run.config, run.dist, run.pipe
+    # Encoded under the autocast the steps would have encoded them under: the same states as encoding lazily.
+    with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=run.use_bf16):
+        prompts.fill([*instructions, ""])
+    folder = None
+    if dist.is_main:
+        out = Path(config.out)
+        folder = out.with_name(f".{out.name}.text_encoder")
+        if folder.exists():
+            shutil.rmtree(folder)
+        pipe.text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
+        (folder / "model_index.json").write_text(
+            json.dumps({"text_encoder": list(pipe.config["text_encoder"])})
+        )
+        pipe.unloaded_components_from = str(folder)
+    on_device = pipe.text_encoder.device.type != "cpu"
+    pipe.register_modules(text_encoder=None)
+    gc.collect()
+    if on_device and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return folder
 
 
 def shifted_sigmas(u: torch.Tensor, shift: float) -> torch.Tensor:
@@ -660,26 +715,22 @@ def encode_batch(
     generator: torch.Generator,
     device: torch.device,
 ) -> dict[str, torch.Tensor]:
-    """Latents of a loader batch (videos in [0, 1], channels first) and the per-sample mask keep flags."""
+    """Latents of a loader batch (videos in [0, 1], channels first) and the per-sample mask keep flags.
 
-    def encode(video: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return pipe.encode_video(codec_input(video.to(device)))
-
+    The five videos of every sample go through the codec in one call (one batch of 5 x B clips): one VAE launch
+    per step instead of five, with the same latents (each clip is encoded on its own inside the batch; bit-equal
+    on the CPU, tests/test_train.py). `train --cache` reads stored latents and makes no encode at all.
+    """
     drop = torch.tensor([mask_dropout.get(task, 0.0) for task in batch["task"]])
     keep = (torch.rand(len(drop), generator=generator) >= drop) & batch["has_mask"].cpu()
-    alpha = encode(batch["alpha"])
+    names = ("edit", "alpha", "composite", "source", "mask")
+    keys = ("edit", "alpha", "composite", "input", "mask")
+    with torch.no_grad():
+        videos = torch.cat([codec_input(batch[key].to(device)) for key in keys])
+        latents = dict(zip(names, pipe.encode_video(videos).chunk(len(keys)), strict=True))
     # Where the edit is, on the latent grid (whatever the codec's compression): for weighing the loss there.
-    region = F.adaptive_max_pool3d((batch["alpha"].to(device) > 0).float(), tuple(alpha.shape[2:]))
-    return {
-        "region": region,
-        "edit": encode(batch["edit"]),
-        "alpha": alpha,
-        "composite": encode(batch["composite"]),
-        "source": encode(batch["input"]),
-        "mask": encode(batch["mask"]),
-        "mask_keep": keep.to(device=device, dtype=torch.float32),
-    }
+    region = F.adaptive_max_pool3d((batch["alpha"].to(device) > 0).float(), tuple(latents["alpha"].shape[2:]))
+    return {"region": region, **latents, "mask_keep": keep.to(device=device, dtype=torch.float32)}
 
 
 def save_state(stem: Path, state: Any) -> None:
@@ -1223,6 +1274,10 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     prompts = PromptCache(
         pipe, dist.device, run.model.dtype, storage_dtype=torch.bfloat16 if run.use_bf16 else None
     )
+    # A frozen encoder reads a fixed set of instructions: encode them all now and drop it (with a trained one, keep it).
+    encoder_folder = None
+    if pipe.text_encoder is not None and not run.text_parameters:
+        encoder_folder = _drop_frozen_text_encoder(run, prompts, dataset.instructions())
     pending_log: list[dict[str, Any]] = []
     bar = tqdm(
         total=config.steps, initial=run.start_step, disable=not (progress and dist.is_main), desc="train"
@@ -1281,6 +1336,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     del run.train_model
     gc.collect()
     dist.close()
+    if encoder_folder is not None:
+        shutil.rmtree(encoder_folder, ignore_errors=True)
     return {
         "steps": step,
         "seconds": elapsed,
