@@ -16,7 +16,8 @@ from vera_engine.tools.cli import build_parser
 from vera_engine.tools.config_cli import add_config_arguments, config_from_arguments, given
 
 # What `vera-engine serve --spool S` meant before the flags were made from ServeConfig (read off the hand-written
-# argparse it replaced). `lora` was None there: no adapter, as the empty list is now.
+# argparse it replaced). `lora` was None there: no adapter, as the empty list is now. `text_encoder_offload` was
+# "none" there; "auto" since issue 27 item 6 (the text encoder off the GPU between encodes on CUDA).
 TODAYS_DEFAULTS = {
     "model": "default",
     "host": "127.0.0.1",
@@ -26,7 +27,7 @@ TODAYS_DEFAULTS = {
     "lora": [],
     "attention_backend": None,
     "compile": None,
-    "text_encoder_offload": "none",
+    "text_encoder_offload": "auto",
     "group_offload": None,
     "offload_to_disk": None,
     "offload_stream": None,

@@ -571,7 +571,7 @@ def test_serve_parser_plugs_into_a_cli(tmp_path: Path) -> None:
 def test_serve_speed_and_memory_flags_are_checked(tmp_path: Path, capsys) -> None:
     import argparse
 
-    from vera_engine.acceleration.memory import MemoryOptions
+    from vera_engine.acceleration.memory import TEXT_ENCODER_OFFLOAD, MemoryOptions
     from vera_engine.service.serve import ServeConfig, add_serve_parser, memory_options, run_serve
     from vera_engine.tools.config_cli import config_from_arguments
 
@@ -582,8 +582,14 @@ def test_serve_speed_and_memory_flags_are_checked(tmp_path: Path, capsys) -> Non
             ServeConfig, parser.parse_args(["--spool", str(tmp_path / "spool"), *flags])
         )
 
-    # The flag's default keeps the text encoder resident ("none"), which is not MemoryOptions()'s "auto".
-    assert memory_options(parse()) == MemoryOptions(text_encoder_offload="none")
+    # The flag's default is MemoryOptions()'s ("auto": swapped in to encode on CUDA, resident elsewhere), so no
+    # options are passed and load_pipeline places the pipeline with its defaults (issue 27 item 6).
+    assert memory_options(parse()) is None
+    assert memory_options(parse("--text-encoder-offload", "none")) == MemoryOptions(
+        text_encoder_offload="none"
+    )
+    choices = next(a for a in parser._actions if a.dest == "text_encoder_offload").choices
+    assert tuple(choices) == TEXT_ENCODER_OFFLOAD  # written beside the flag so --help does not load torch
     assert memory_options(parse("--group-offload", "2", "--text-encoder-offload", "cpu", "--vae-tiling")) == (
         MemoryOptions(
             text_encoder_offload="cpu", group_offload="block", num_blocks_per_group=2, vae_tiling=True

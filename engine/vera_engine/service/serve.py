@@ -86,10 +86,12 @@ class ServeConfig:
         help="torch.compile the repeated MoT block (the first job compiles; default: on for CUDA without offloading)",
     )
     text_encoder_offload: str = _setting(
-        "none",
+        "auto",
         group=_SPEED,
-        choices=("none", "cpu", "swap"),
-        help="cpu: the text encoder stays on the CPU and encodes there; swap: it visits the GPU only to encode",
+        # acceleration.memory.TEXT_ENCODER_OFFLOAD (not imported: it loads torch, and `--help` should not).
+        choices=("auto", "none", "cpu", "swap"),
+        help="auto: swap on CUDA, none elsewhere; none: the text encoder stays on the device; cpu: it stays on the "
+        "CPU and encodes there; swap: it visits the GPU only to encode, from pinned memory on CUDA",
     )
     group_offload: int | None = _setting(
         None,
@@ -212,7 +214,7 @@ def memory_options(config: ServeConfig) -> MemoryOptions | None:
     if config.group_offload is not None and config.group_offload < 1:
         raise ValueError(f"--group-offload {config.group_offload}: expected 1 or more MoT blocks at a time")
     if config.model_cpu_offload and (
-        config.group_offload is not None or config.text_encoder_offload != "none"
+        config.group_offload is not None or config.text_encoder_offload not in ("auto", "none")
     ):
         raise ValueError(
             "--model-cpu-offload moves whole components itself: drop --group-offload / --text-encoder-offload"
