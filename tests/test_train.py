@@ -722,3 +722,25 @@ def test_prompt_cache_table_refuses_instructions_it_was_not_filled_with():
     assert len(cache) == 3
     with pytest.raises(KeyError, match="'add a green ball' was not among the run's instructions"):
         cache(["add a green ball"])
+
+
+def test_too_many_instructions_to_encode_up_front_keep_the_encoder(
+    dataset_dir, tmp_path, monkeypatch, caplog
+):
+    """The up-front encode is bounded in host memory: a dataset whose instructions would not fit keeps the frozen
+    encoder and encodes lazily (as before), saying why and which route drops it."""
+    from vera_engine.training import train as train_module
+
+    encoder_during_steps: list = []
+    step = train_module._train_step
+
+    def recording_step(run, batch, index, prompts):
+        encoder_during_steps.append(run.pipe.text_encoder)
+        return step(run, batch, index, prompts)
+
+    monkeypatch.setattr(train_module, "_train_step", recording_step)
+    monkeypatch.setattr(train_module, "UP_FRONT_TEXT_BYTES", 1024)
+    with caplog.at_level("WARNING", logger="vera_engine.training.train"):
+        train(_tiny_config(dataset_dir, tmp_path / "run", steps=2, save_every=2), progress=False)
+    assert len(encoder_during_steps) == 2 and all(e is not None for e in encoder_during_steps)
+    assert "too many to encode up front" in caplog.text and "vera-engine cache" in caplog.text

@@ -17,6 +17,7 @@ Output: a pipeline folder (`VeraPipeline.from_pretrained` loads it; the transfor
 
 import gc
 import json
+import logging
 import os
 import random
 import shutil
@@ -39,6 +40,8 @@ from vera_engine.models.transformer_vera import (
 from vera_engine.pipelines.model_store import make_files_shareable
 from vera_engine.pipelines.pipeline_vera import codec_input
 from vera_engine.training.recipe import DEFAULT_BRANCH_LR_SCALES, DEFAULT_MASK_DROPOUT
+
+logger = logging.getLogger(__name__)
 
 # Vera-only parameters train with the branch whose tokens they are added to.
 _CONDITION_OWNERS = {
@@ -614,6 +617,23 @@ class PromptCache:
         while len(self._states) > self.max_entries:
             self._states.popitem(last=False)
         return torch.stack(batch).to(device=self.device, dtype=self.dtype, non_blocking=True)
+
+
+UP_FRONT_TEXT_BYTES = 4 * 1024**3
+"""Host memory the up-front encode of a frozen text encoder's instructions may take (counted untrimmed, the most
+they can take). Beyond it (a large real dataset at umT5 size: 4 MiB a state in bf16 before trimming) the encoder
+stays and encodes lazily, and `vera-engine cache` is the route that drops it."""
+
+
+def _up_front_text_bytes(pipe: Any, count: int, dtype: torch.dtype) -> int:
+    """The most `count` encoded instructions can take: max_sequence_length x the encoder's width each."""
+    width = getattr(pipe.text_encoder.config, "d_model", None) or pipe.text_encoder.config.hidden_size
+    return (
+        count
+        * int(pipe.config.max_sequence_length)
+        * int(width)
+        * torch.empty((), dtype=dtype).element_size()
+    )
 
 
 def _drop_frozen_text_encoder(run: "_Run", prompts: PromptCache, instructions: list[str]) -> Path | None:
@@ -1277,7 +1297,20 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     # A frozen encoder reads a fixed set of instructions: encode them all now and drop it (with a trained one, keep it).
     encoder_folder = None
     if pipe.text_encoder is not None and not run.text_parameters:
-        encoder_folder = _drop_frozen_text_encoder(run, prompts, dataset.instructions())
+        instructions = dataset.instructions()
+        if (
+            _up_front_text_bytes(pipe, len(set(instructions)) + 1, prompts.storage_dtype)
+            <= UP_FRONT_TEXT_BYTES
+        ):
+            encoder_folder = _drop_frozen_text_encoder(run, prompts, instructions)
+        elif dist.is_main:
+            logger.warning(
+                "%d distinct instructions: too many to encode up front within %s GiB of host memory; the frozen "
+                "text encoder stays loaded and encodes them as they come (vera-engine cache encodes them once, "
+                "on disk, and trains without the encoder)",
+                len(set(instructions)),
+                UP_FRONT_TEXT_BYTES / 1024**3,
+            )
     pending_log: list[dict[str, Any]] = []
     bar = tqdm(
         total=config.steps, initial=run.start_step, disable=not (progress and dist.is_main), desc="train"
