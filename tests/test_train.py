@@ -709,7 +709,7 @@ def test_trained_text_encoder_is_kept(dataset_dir, tmp_path, monkeypatch):
 
 
 def test_prompt_cache_table_refuses_instructions_it_was_not_filled_with():
-    from vera_engine.training.train import PromptCache
+    from vera_engine.training.train import PromptCache, _up_front_text_bytes
 
     pipe = build_random_pipeline("tiny", seed=0)
     cpu = torch.device("cpu")
@@ -722,6 +722,9 @@ def test_prompt_cache_table_refuses_instructions_it_was_not_filled_with():
     assert len(cache) == 3
     with pytest.raises(KeyError, match="'add a green ball' was not among the run's instructions"):
         cache(["add a green ball"])
+    # The bound on the up-front encode counts what the table holds: each state trimmed to its tokens.
+    held = sum(states.numel() * states.element_size() for states in cache._states.values())
+    assert _up_front_text_bytes(pipe, ["add a red ball", "add a blue ball", ""], torch.float32) == held
 
 
 def test_too_many_instructions_to_encode_up_front_keep_the_encoder(

@@ -620,20 +620,22 @@ class PromptCache:
 
 
 UP_FRONT_TEXT_BYTES = 4 * 1024**3
-"""Host memory the up-front encode of a frozen text encoder's instructions may take (counted untrimmed, the most
-they can take). Beyond it (a large real dataset at umT5 size: 4 MiB a state in bf16 before trimming) the encoder
-stays and encodes lazily, and `vera-engine cache` is the route that drops it."""
+"""Host memory the up-front encode of a frozen text encoder's instructions may take. Beyond it (a very large real
+dataset) the encoder stays and encodes lazily, and `vera-engine cache` is the route that drops it."""
 
 
-def _up_front_text_bytes(pipe: Any, count: int, dtype: torch.dtype) -> int:
-    """The most `count` encoded instructions can take: max_sequence_length x the encoder's width each."""
+def _up_front_text_bytes(pipe: Any, prompts: list[str], dtype: torch.dtype) -> int:
+    """What `prompts`' encoded states take in `PromptCache`'s table: each trimmed to its tokens (counted with the
+    pipeline's own tokenizer, as `encode_prompts` reads them) x the encoder's width."""
     width = getattr(pipe.text_encoder.config, "d_model", None) or pipe.text_encoder.config.hidden_size
-    return (
-        count
-        * int(pipe.config.max_sequence_length)
-        * int(width)
-        * torch.empty((), dtype=dtype).element_size()
-    )
+    ids = pipe.tokenizer(
+        [pipe.encoder_text(prompt) for prompt in prompts],
+        max_length=pipe.config.max_sequence_length,
+        truncation=True,
+        add_special_tokens=True,
+    ).input_ids
+    tokens = sum(max(1, len(row)) for row in ids)
+    return tokens * int(width) * torch.empty((), dtype=dtype).element_size()
 
 
 def _drop_frozen_text_encoder(run: "_Run", prompts: PromptCache, instructions: list[str]) -> Path | None:
@@ -1298,17 +1300,15 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     encoder_folder = None
     if pipe.text_encoder is not None and not run.text_parameters:
         instructions = dataset.instructions()
-        if (
-            _up_front_text_bytes(pipe, len(set(instructions)) + 1, prompts.storage_dtype)
-            <= UP_FRONT_TEXT_BYTES
-        ):
+        distinct = [*dict.fromkeys([*instructions, ""])]  # and the empty one of text dropout
+        if _up_front_text_bytes(pipe, distinct, prompts.storage_dtype) <= UP_FRONT_TEXT_BYTES:
             encoder_folder = _drop_frozen_text_encoder(run, prompts, instructions)
         elif dist.is_main:
             logger.warning(
                 "%d distinct instructions: too many to encode up front within %s GiB of host memory; the frozen "
                 "text encoder stays loaded and encodes them as they come (vera-engine cache encodes them once, "
                 "on disk, and trains without the encoder)",
-                len(set(instructions)),
+                len(distinct),
                 UP_FRONT_TEXT_BYTES / 1024**3,
             )
     pending_log: list[dict[str, Any]] = []
