@@ -31,6 +31,7 @@ from vera_engine.service.store import JobStore
 from vera_engine.service.testing import PassThroughRunner
 from vera_plugin.client import EngineClient, EngineError
 from vera_proto.vera.v1 import engine_pb2 as pb
+from vera_proto.vera.v1 import engine_pb2_grpc
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -228,12 +229,14 @@ def test_client_disconnect_mid_upload_leaves_nothing(make_harness) -> None:
         yield from requests[:3]
         release.wait(20)  # hold the stream open mid-frame until the test hangs up
 
-    future = h.client._stub.Submit.future(stream())
+    channel = grpc.insecure_channel(h.address)  # a raw stream, as a client dying mid-upload leaves it
+    future = engine_pb2_grpc.EngineStub(channel).Submit.future(stream())
     incoming = h.spool / "incoming"
     wait_for(lambda: any(p.is_dir() and any(p.iterdir()) for p in incoming.iterdir()), what="upload on disk")
     future.cancel()
     release.set()
     wait_for(lambda: not list(incoming.iterdir()), what="upload removed")
+    channel.close()
     assert h.client.list_jobs() == []
     assert not list((h.spool / "jobs").iterdir())
 
