@@ -88,12 +88,6 @@ def test_demo_runs_the_whole_product_and_shows_every_edit(demo):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="the shipped vera-tiny (v1) moves every object left to right whatever the words say; vera-tiny v2 "
-    "(slot tokens, generator v4) is training to read them (issue 22). Strict: this fails the suite the day a "
-    "checkpoint follows the words, so the demo's claim is updated with it.",
-)
 def test_demo_shots_on_one_plate_move_the_way_their_words_say(demo):
     _, _, layers_of = demo
     directions = []

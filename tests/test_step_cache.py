@@ -23,7 +23,7 @@ from vera_engine.acceleration.step_cache import (
 
 STEPS = 10
 # Strengths that skip on the shipped model at 10 steps, and the ones that mean "never skip".
-SKIPPING = {"first_block": "first_block:0.2", "mag": "mag:0.12", "taylorseer": "taylorseer:2"}
+SKIPPING = {"first_block": "first_block:0.3", "mag": "mag:0.12", "taylorseer": "taylorseer:2"}
 EXACT = {"first_block": "first_block:0", "mag": "mag:0", "taylorseer": "taylorseer:1"}
 
 
@@ -180,8 +180,14 @@ def test_each_cache_skips_blocks_with_a_bounded_error(calibrated, clip, uncached
     assert counter.calls == STEPS * len(pipe.transformer.blocks) * 3
     assert counter.skipped_fraction >= 0.1, f"{SKIPPING[name]} skipped {counter.skipped_fraction:.1%}"
     reference = uncached[guidance]
+    # The edit compared premultiplied, as it is delivered: where the matte is 0 its straight colour is filler no
+    # layer shows (vera-tiny v2's filler moves by 0.12-0.16 under mag:0.12 / taylorseer:2 at guidance 3, its
+    # premultiplied edit by 0.015 / 0.007).
     for layer in ("edit", "alpha", "composite"):
-        error = np.abs(getattr(out, layer) - getattr(reference, layer))
+        got, want = getattr(out, layer), getattr(reference, layer)
+        if layer == "edit":
+            got, want = got * out.alpha[..., None], want * reference.alpha[..., None]
+        error = np.abs(got - want)
         assert error.max() > 0, f"{layer} unchanged although blocks were skipped"
         # A few per cent of the layers' [0, 1] range (mag:0.06 on the shipped model's matte: 0.058).
         assert error.mean() < 0.08, f"{layer} mean abs error {error.mean():.3g}"

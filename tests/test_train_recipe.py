@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 
 from vera_engine.pipelines.model_store import SHIPPED_MODEL_DIR
-from vera_engine.pipelines.presets import PRESETS, VERA_TINY, build_random_pipeline, preset_of_transformer
+from vera_engine.pipelines.presets import (
+    PRESETS,
+    VERA_TINY,
+    VERA_TINY_V2,
+    build_random_pipeline,
+    preset_of_transformer,
+)
 from vera_engine.tools.cli import main
 from vera_engine.training.data import generate_dataset
 from vera_engine.training.train import TrainConfig
@@ -27,7 +33,7 @@ def small_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_a_model_is_matched_to_the_preset_it_was_built_from(tmp_path: Path) -> None:
     shipped = json.loads((SHIPPED_MODEL_DIR / "transformer" / "config.json").read_text())
-    assert preset_of_transformer(shipped) is VERA_TINY
+    assert preset_of_transformer(shipped) is VERA_TINY_V2  # the shipped checkpoint is vera-tiny v2
     build_random_pipeline("tiny").transformer.save_config(tmp_path)
     assert preset_of_transformer(json.loads((tmp_path / "config.json").read_text())) is PRESETS["tiny"]
     assert preset_of_transformer({**shipped, "num_layers": 5}) is None
@@ -75,7 +81,8 @@ def test_init_default_is_the_shipped_model_with_its_recipe(captured_config, tmp_
     assert main([*base, "--init", "default"]) == 0
     config = captured_config[-1]
     assert Path(config.init) == SHIPPED_MODEL_DIR
-    assert (config.learning_rate, config.text_encoder_lr_scale, config.batch_size) == (5e-4, 1.0, 8)
+    # The shipped model's own recipe: vera-tiny v2's.
+    assert (config.learning_rate, config.text_encoder_lr_scale, config.batch_size) == (1e-3, 1.0, 8)
     assert main([*base, "--init", str(tmp_path / "nothing")]) == 2
     assert "is not a Vera pipeline folder" in capsys.readouterr().err
 
@@ -91,7 +98,7 @@ def test_init_default_trains_and_its_weights_are_readable_by_others(
     finally:
         os.umask(umask)
     saved = json.loads((out / "training" / "config.json").read_text())
-    assert saved["init"] == str(SHIPPED_MODEL_DIR) and saved["learning_rate"] == 5e-4
+    assert saved["init"] == str(SHIPPED_MODEL_DIR) and saved["learning_rate"] == 1e-3
     assert saved["text_encoder_lr_scale"] == 1.0
     # safetensors writes owner-only files; a trained model is shared like any file (umask 022: mode 644).
     modes = {str(p.relative_to(out)): stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*") if p.is_file()}

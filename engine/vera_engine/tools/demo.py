@@ -28,9 +28,9 @@ FIRST_FRAME = 1001
 # mirrored words ask for the opposite motion); a new checkpoint may need new picks, and tests/test_demo.py says so
 # when it does. (name, task, seed, mirrored instruction)
 DEMO_SCENES: tuple[tuple[str, str, int, bool], ...] = (
-    ("object-addition", "object_addition", 22, False),
-    ("object-addition-mirrored", "object_addition", 22, True),
-    ("background-change", "background_change", 7, False),
+    ("object-addition", "object_addition", 20, False),
+    ("object-addition-mirrored", "object_addition", 20, True),
+    ("background-change", "background_change", 0, False),
 )
 
 
