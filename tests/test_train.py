@@ -646,6 +646,21 @@ def test_encode_batch_makes_one_codec_call_equal_to_five(dataset_dir, codec):
             assert torch.equal(latents[name], alone), name
 
 
+def _record_text_encoder_per_step(monkeypatch) -> list:
+    """The pipeline's text encoder as each training step sees it (None once a frozen one is dropped)."""
+    from vera_engine.training import train as train_module
+
+    seen: list = []
+    step = train_module._train_step
+
+    def recording_step(run, batch, index, prompts):
+        seen.append(run.pipe.text_encoder)
+        return step(run, batch, index, prompts)
+
+    monkeypatch.setattr(train_module, "_train_step", recording_step)
+    return seen
+
+
 def test_frozen_text_encoder_is_encoded_up_front_and_dropped(dataset_dir, tmp_path, monkeypatch):
     """Issue 27 item 11: with a frozen encoder, the run encodes every instruction once and holds no encoder while
     it trains; the losses, the weights and the saved folder are exactly those of a run that kept the encoder and
@@ -654,14 +669,7 @@ def test_frozen_text_encoder_is_encoded_up_front_and_dropped(dataset_dir, tmp_pa
 
     from vera_engine.training import train as train_module
 
-    encoder_during_steps: list = []
-    step = train_module._train_step
-
-    def recording_step(run, batch, index, prompts):
-        encoder_during_steps.append(run.pipe.text_encoder)
-        return step(run, batch, index, prompts)
-
-    monkeypatch.setattr(train_module, "_train_step", recording_step)
+    encoder_during_steps = _record_text_encoder_per_step(monkeypatch)
     settings = dict(steps=3, save_every=3, text_dropout=0.5)
     progress = False
     train(_tiny_config(dataset_dir, tmp_path / "upfront", **settings), progress=progress)
@@ -734,14 +742,7 @@ def test_too_many_instructions_to_encode_up_front_keep_the_encoder(
     encoder and encodes lazily (as before), saying why and which route drops it."""
     from vera_engine.training import train as train_module
 
-    encoder_during_steps: list = []
-    step = train_module._train_step
-
-    def recording_step(run, batch, index, prompts):
-        encoder_during_steps.append(run.pipe.text_encoder)
-        return step(run, batch, index, prompts)
-
-    monkeypatch.setattr(train_module, "_train_step", recording_step)
+    encoder_during_steps = _record_text_encoder_per_step(monkeypatch)
     monkeypatch.setattr(train_module, "UP_FRONT_TEXT_BYTES", 1024)
     with caplog.at_level("WARNING", logger="vera_engine.training.train"):
         train(_tiny_config(dataset_dir, tmp_path / "run", steps=2, save_every=2), progress=False)
